@@ -1,0 +1,73 @@
+"""``build_loaders``: the training and validation loaders for a pair of datasets.
+
+Small image sets on a GPU go through ``DeviceLoader`` (decoded once, augmented on the device);
+everything else through a torch ``DataLoader``. Both yield (float32 images, int64 labels); the
+DataLoader's batches are still on the CPU (pinned on CUDA, so the trainer can copy them with
+``non_blocking=True``), the DeviceLoader's are already on the device.
+"""
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .on_device import DeviceLoader, UnsupportedTransform, augmentation_from_transform, dataset_transform
+
+# "auto" puts a training set on the device up to this many images of at most this side.
+AUTO_MAX_IMAGES = 100_000
+AUTO_MAX_SIDE = 64
+
+
+def _as_choice(on_device: Union[str, bool]) -> Union[str, bool]:
+    """True / False / "auto"; strings as a config file might spell them are accepted too."""
+    if isinstance(on_device, bool):
+        return on_device
+    text = str(on_device).strip().lower()
+    if text in ("auto", "true", "false"):
+        return {"true": True, "false": False}.get(text, "auto")
+    raise ValueError(f"on_device must be true, false or 'auto', got {on_device!r}")
+
+
+def fits_on_device(dataset: Dataset) -> bool:
+    """Small enough, small images, and a transform the device loader can reproduce."""
+    if len(dataset) > AUTO_MAX_IMAGES:
+        return False
+    image = dataset[0][0]
+    if not isinstance(image, torch.Tensor) or max(image.shape[-2:]) > AUTO_MAX_SIDE:
+        return False
+    try:
+        augmentation_from_transform(dataset_transform(dataset), image.shape[-2:])
+    except UnsupportedTransform:
+        return False
+    return True
+
+
+def build_loaders(train_ds: Dataset, val_ds: Dataset, batch_size: int, num_workers: int = 0,
+                  device: Union[str, torch.device] = "cpu", on_device: Union[str, bool] = "auto",
+                  seed: int = 0, *, val_batch_size: Union[int, None] = None, drop_last: bool = False,
+                  channels_last: bool = False):
+    """(train_loader, val_loader).
+
+    on_device: True -> DeviceLoaders; False -> DataLoaders; "auto" -> DeviceLoaders when ``device``
+        is CUDA and the training set has at most 100k images of at most 64 pixels a side.
+    num_workers: DataLoader workers (kept alive between epochs), or the decoding processes of the
+        one-time decode for DeviceLoaders.
+    seed: fixes the training order (and, for DeviceLoaders, the augmentation).
+    drop_last: drop the last incomplete training batch. channels_last: DeviceLoaders only.
+    """
+    device = torch.device(device)
+    choice = _as_choice(on_device)
+    if choice == "auto":
+        choice = device.type == "cuda" and fits_on_device(train_ds)
+    val_batch_size = val_batch_size or batch_size
+    if choice:
+        common = dict(device=device, channels_last=channels_last, seed=seed, num_workers=num_workers)
+        return (DeviceLoader.from_dataset(train_ds, batch_size, train=True, drop_last=drop_last, **common),
+                DeviceLoader.from_dataset(val_ds, val_batch_size, train=False, **common))
+
+    common = dict(num_workers=num_workers, pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
+    train_loader = DataLoader(train_ds, batch_size, shuffle=True, drop_last=drop_last,
+                              generator=torch.Generator().manual_seed(seed), **common)
+    val_loader = DataLoader(val_ds, val_batch_size, shuffle=False, **common)
+    return train_loader, val_loader

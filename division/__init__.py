@@ -1,0 +1,23 @@
+"""DIVISION: training with activations kept in dual precision, usable without Hydra or wandb.
+
+    import division
+    method = division.build_method("division", block_size=8, bits=2)
+    ledger = division.ByteLedger()
+    method.attach(model, ledger=ledger)      # in place; state_dict unchanged
+    loss = criterion(model(x), y); loss.backward()
+    print(ledger.plain_bytes / ledger.stored_bytes)
+
+Lower level: ``compress_activations(model, codec)`` with any ``ActivationCodec``.
+"""
+from .codec import ActivationCodec, Packed, RawCodec, SaveContext
+from .compressor import ActivationCompressor, compress_activations
+from .ledger import ByteLedger, LedgerEntry
+from .methods import TrainingMethod, CodecMethod, build_method, method_names, register_method
+from .packing import SUPPORTED_BITS, pack_bits, packed_nbytes, unpack_bits
+
+__all__ = [
+    "ActivationCodec", "Packed", "RawCodec", "SaveContext", "ActivationCompressor",
+    "compress_activations", "ByteLedger", "LedgerEntry", "TrainingMethod", "CodecMethod",
+    "build_method", "method_names", "register_method", "SUPPORTED_BITS", "pack_bits",
+    "packed_nbytes", "unpack_bits",
+]

@@ -1,0 +1,34 @@
+"""Choice of codec implementation: the plain-PyTorch reference, or fused GPU kernels when present.
+
+``backend="torch"`` is the reference and the CPU path. ``backend="triton"`` asks for the fused
+kernels (an error if they cannot run here); ``backend="auto"`` takes them on a CUDA machine with
+Triton and falls back to the reference elsewhere. Both produce the same stored format.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from .codec import ActivationCodec
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def triton_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None \
+        and importlib.util.find_spec("division.triton_codec") is not None
+
+
+def division_codec(backend: str = "auto", **knobs) -> ActivationCodec:
+    if backend not in BACKENDS:
+        raise ValueError(f"method.backend={backend!r} is not one of {BACKENDS}")
+    use_triton = backend == "triton" or (backend == "auto" and triton_available())
+    if use_triton:
+        if not triton_available():
+            raise RuntimeError("method.backend=triton needs CUDA and the triton package; "
+                               "use method.backend=torch (the reference) on this machine")
+        from .triton_codec import TritonDivisionCodec
+        return TritonDivisionCodec(**knobs)
+    from .dual_precision import DivisionCodec
+    return DivisionCodec(**knobs)

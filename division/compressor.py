@@ -1,0 +1,246 @@
+"""Make autograd keep compressed activations for an unmodified model.
+
+``compress_activations(model, codec)`` installs hooks and returns an ``ActivationCompressor``:
+- a forward pre-hook on the root enters ``torch.autograd.graph.saved_tensors_hooks`` for the
+  duration of a training forward pass (nothing happens in eval mode or under ``no_grad``);
+- pre/post hooks on the leaf modules it knows (conv, norm, linear, ReLU, dropout, max-pool) keep a
+  stack of "who is saving now", so the pack hook can choose the storage for each saved tensor:
+  conv / norm / linear inputs go through the codec, ReLU outputs and dropout noise become exact 1-bit
+  masks, max-pool indices become uint8 window offsets and its input needs no storage;
+  parameters, tiny tensors and anything saved elsewhere are kept as they are.
+The model itself is untouched: same modules, same ``state_dict``. ``remove()`` uninstalls.
+
+A tensor saved twice (a ResNet block input read by conv1 and by the downsample conv) is encoded and
+stored once. The cache that makes this possible is keyed by the tensor's identity, which is held
+by a weak reference: an entry dies with its tensor, so a new tensor that reuses the freed memory
+(same pointer, shape and version) can never be mistaken for it. The version counter guards
+in-place changes between the two saves.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .codec import ActivationCodec, Packed, RawCodec, SaveContext
+from .exact import (BoolMaskCodec, DropoutMaskCodec, MaxPoolIndexCodec, ReluMaskCodec,
+                    ShapeOnlyCodec)
+from .ledger import ByteLedger, LedgerEntry
+
+# Module families whose saved input goes through the activation codec.
+ACTIVATION_KINDS = ("conv", "norm", "linear")
+
+_MODULE_KINDS: tuple[tuple[tuple[type, ...], str], ...] = (
+    ((nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), "conv"),
+    ((nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm), "norm"),
+    ((nn.Linear,), "linear"),
+    ((nn.ReLU,), "relu"),
+    ((nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d), "dropout"),
+    ((nn.MaxPool2d,), "maxpool"),
+)
+
+
+def module_kind(module: nn.Module) -> Optional[str]:
+    for types, kind in _MODULE_KINDS:
+        if isinstance(module, types):
+            return kind
+    return None
+
+
+@dataclass
+class _Frame:
+    """The module currently running forward, as the pack hook needs to see it."""
+
+    name: str
+    kind: str
+    module: nn.Module
+    input: Optional[torch.Tensor]
+    param_shapes: tuple = field(default_factory=tuple)
+
+
+@dataclass
+class _CacheEntry:
+    ref: weakref.ref
+    version: int
+    packed: Packed
+
+
+_RAW = RawCodec()
+_BOOL = BoolMaskCodec()
+_RELU = ReluMaskCodec()
+_DROPOUT = DropoutMaskCodec()
+_SHAPE_ONLY = ShapeOnlyCodec()
+
+
+class ActivationCompressor:
+    """Hooks that store a model's saved activations through a codec. Build with ``compress_activations``.
+
+    codec: what conv / norm / linear inputs are stored with; ``None`` keeps them raw (plain
+        autograd, useful to run the ledger alone).
+    exact_masks: store ReLU / dropout / max-pool tensors in their exact compact forms.
+    min_numel: tensors with fewer elements are kept as they are (per-channel statistics, biases).
+    ledger: a ``ByteLedger`` to record every save into; reset at the start of each forward.
+    """
+
+    def __init__(self, model: nn.Module, codec: Optional[ActivationCodec], *, exact_masks: bool = True,
+                 min_numel: int = 1024, ledger: Optional[ByteLedger] = None):
+        self.model = model
+        self.codec = codec
+        self.exact_masks = exact_masks
+        self.min_numel = min_numel
+        self.ledger = ledger
+        self._stack: list[_Frame] = []
+        self._cache: dict[tuple[int, int], _CacheEntry] = {}
+        self._plain_seen: dict[int, weakref.ref] = {}
+        self._hooks_ctx: Optional[torch.autograd.graph.saved_tensors_hooks] = None
+        self._handles = []
+        self._install()
+
+    # ----------------------------------------------------------------------------------- install
+    def _install(self) -> None:
+        self._handles.append(self.model.register_forward_pre_hook(self._enter_step))
+        self._handles.append(self.model.register_forward_hook(self._exit_step, always_call=True))
+        for name, module in self.model.named_modules():
+            kind = module_kind(module)
+            if kind is None:
+                continue
+            self._handles.append(module.register_forward_pre_hook(self._make_push(name, kind)))
+            self._handles.append(module.register_forward_hook(self._pop, always_call=True))
+
+    def remove(self) -> None:
+        """Uninstall every hook; the model is back to plain autograd."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self) -> "ActivationCompressor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    # ----------------------------------------------------------------------------- forward hooks
+    def _active(self) -> bool:
+        return self._hooks_ctx is not None
+
+    def _enter_step(self, module, args) -> None:
+        if self._active() or not (module.training and torch.is_grad_enabled()):
+            return
+        self._cache.clear()
+        self._plain_seen.clear()
+        if self.ledger is not None:
+            self.ledger.reset()
+        self._hooks_ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
+        self._hooks_ctx.__enter__()
+
+    def _exit_step(self, module, args, output) -> None:
+        if self._hooks_ctx is None:
+            return
+        self._hooks_ctx.__exit__(None, None, None)
+        self._hooks_ctx = None
+        self._stack.clear()
+        self._cache.clear()
+        self._plain_seen.clear()
+
+    def _make_push(self, name: str, kind: str):
+        def push(module, args):
+            if self._active():
+                first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+                shapes = tuple(p.shape for p in module.parameters(recurse=False))
+                self._stack.append(_Frame(name, kind, module, first, shapes))
+        return push
+
+    def _pop(self, module, args, output) -> None:
+        if self._stack and self._stack[-1].module is module:
+            self._stack.pop()
+
+    # ---------------------------------------------------------------------------------- pack hook
+    def _pack(self, t: torch.Tensor):
+        if isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter):
+            # parameters (and views of them, e.g. Linear's weight.t()) are model memory;
+            # autograd keeps a reference, never a copy
+            return t
+        frame = self._stack[-1] if self._stack else None
+        codec = self._choose_codec(t, frame)
+        key = (id(t), id(codec))
+        entry = self._cache.get(key)
+        shared = entry is not None and entry.ref() is t and entry.version == t._version
+        if shared:
+            packed = entry.packed
+        else:
+            packed = codec.encode(t, SaveContext(frame.name, frame.kind) if frame else None)
+            self._cache[key] = _CacheEntry(weakref.ref(t, self._forget(key)), t._version, packed)
+        if self.ledger is not None:
+            self._record(t, frame, packed, shared)
+        return packed
+
+    def _forget(self, key):
+        cache = self._cache
+
+        def drop(ref):
+            entry = cache.get(key)
+            if entry is not None and entry.ref is ref:
+                del cache[key]
+        return drop
+
+    def _choose_codec(self, t: torch.Tensor, frame: Optional[_Frame]) -> ActivationCodec:
+        if frame is None or t.numel() < self.min_numel:
+            return _RAW
+        kind = frame.kind
+        if self.exact_masks:
+            if t.dtype == torch.bool:
+                return _BOOL
+            if kind == "relu" and t.is_floating_point():
+                return _RELU
+            if kind == "dropout" and t.is_floating_point():
+                return _DROPOUT
+            if kind == "maxpool":
+                return self._maxpool_codec(t, frame)
+        if kind in ACTIVATION_KINDS and self.codec is not None and self._is_input(t, frame):
+            return self.codec
+        return _RAW
+
+    @staticmethod
+    def _is_input(t: torch.Tensor, frame: _Frame) -> bool:
+        """Is ``t`` the module's input (itself, or its autocast copy) rather than a weight copy?"""
+        if not t.is_floating_point() or frame.input is None:
+            return False
+        if t is frame.input:
+            return True
+        return t.shape == frame.input.shape and t.shape not in frame.param_shapes
+
+    def _maxpool_codec(self, t: torch.Tensor, frame: _Frame) -> ActivationCodec:
+        m = frame.module
+        if t.dtype == torch.int64 and t.dim() == 4 and frame.input is not None \
+                and MaxPoolIndexCodec.fits(m.kernel_size):
+            return MaxPoolIndexCodec(m.kernel_size, m.stride, m.padding, m.dilation, frame.input.shape[-1])
+        if t.is_floating_point() and frame.input is not None and t.shape == frame.input.shape:
+            return _SHAPE_ONLY
+        return _RAW
+
+    def _record(self, t: torch.Tensor, frame: Optional[_Frame], packed: Packed, shared: bool) -> None:
+        ref = self._plain_seen.get(id(t))
+        plain_seen = ref is not None and ref() is t
+        if not plain_seen:
+            self._plain_seen[id(t)] = weakref.ref(t)
+        self.ledger.record(LedgerEntry(
+            layer=frame.name if frame else "",
+            kind=frame.kind if frame else "other",
+            codec="shared" if shared else packed.codec.name,
+            shape=tuple(t.shape),
+            dtype=str(t.dtype).replace("torch.", ""),
+            plain_bytes=0 if plain_seen else t.numel() * t.element_size(),
+            stored_bytes=0 if shared else packed.nbytes,
+        ))
+
+
+def _unpack(packed):
+    return packed.unpack() if isinstance(packed, Packed) else packed
+
+
+def compress_activations(model: nn.Module, codec: Optional[ActivationCodec], **kwargs) -> ActivationCompressor:
+    """Install compressed activation storage on ``model`` (in place) and return the handle."""
+    return ActivationCompressor(model, codec, **kwargs)

@@ -1,0 +1,153 @@
+"""Exact (lossless for backward) storage of the tensors that ReLU, dropout and max-pooling save.
+
+These layers do not need the activation's values, only which elements were kept or chosen:
+- ReLU's backward reads its output only through ``output > 0``: a 1-bit mask is exact.
+- Dropout's backward reads its noise, which is 0 or one scale: a 1-bit mask plus the scale.
+- Max-pooling's backward reads the argmax indices (int64) and the input only for its shape: the
+  argmax position inside the window fits in a uint8, and the input needs no storage at all.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .codec import ActivationCodec, Packed, SaveContext
+from .packing import pack_mask, packed_nbytes, unpack_mask
+
+
+class BoolMaskCodec(ActivationCodec):
+    """A bool tensor (e.g. CUDA dropout's mask) at 1 bit per element."""
+
+    name = "bool_mask"
+
+    def encode(self, x: torch.Tensor, ctx: Optional[SaveContext] = None) -> Packed:
+        return Packed(self, {"bits": pack_mask(x)}, {"shape": x.shape})
+
+    def decode(self, packed: Packed) -> torch.Tensor:
+        return unpack_mask(packed.tensors["bits"], packed.meta["shape"])
+
+    def closed_form_nbytes(self, shape, dtype) -> int:
+        return packed_nbytes(math.prod(shape), 1)
+
+
+class ReluMaskCodec(ActivationCodec):
+    """ReLU's saved output as ``output > 0``; decodes to 0/1 in the output's dtype.
+
+    ``threshold_backward(grad, result, 0)`` only tests ``result > 0``, so 0/1 gives exact gradients.
+    """
+
+    name = "relu_mask"
+
+    def encode(self, x: torch.Tensor, ctx: Optional[SaveContext] = None) -> Packed:
+        meta = {"shape": x.shape, "dtype": x.dtype, "channels_last": _is_channels_last(x)}
+        return Packed(self, {"bits": pack_mask(x > 0)}, meta)
+
+    def decode(self, packed: Packed) -> torch.Tensor:
+        out = unpack_mask(packed.tensors["bits"], packed.meta["shape"]).to(packed.meta["dtype"])
+        return _restore_format(out, packed.meta["channels_last"])
+
+    def closed_form_nbytes(self, shape, dtype) -> int:
+        return packed_nbytes(math.prod(shape), 1)
+
+
+class DropoutMaskCodec(ActivationCodec):
+    """Dropout's float noise (0 or 1 / (1 - p)) as a 1-bit mask plus the scale as a 0-d tensor.
+
+    The scale stays on the device (no host sync in the forward pass).
+    """
+
+    name = "dropout_mask"
+
+    def encode(self, x: torch.Tensor, ctx: Optional[SaveContext] = None) -> Packed:
+        meta = {"shape": x.shape, "dtype": x.dtype, "channels_last": _is_channels_last(x)}
+        return Packed(self, {"bits": pack_mask(x != 0), "scale": x.amax()}, meta)
+
+    def decode(self, packed: Packed) -> torch.Tensor:
+        mask = unpack_mask(packed.tensors["bits"], packed.meta["shape"])
+        out = mask.to(packed.meta["dtype"]) * packed.tensors["scale"]
+        return _restore_format(out, packed.meta["channels_last"])
+
+    def closed_form_nbytes(self, shape, dtype) -> int:
+        return packed_nbytes(math.prod(shape), 1) + dtype.itemsize
+
+
+class ShapeOnlyCodec(ActivationCodec):
+    """A tensor whose values backward never reads (max-pooling's input): no storage at all.
+
+    Decodes to a zero-strided view of one zero, which carries the shape, dtype and device.
+    """
+
+    name = "shape_only"
+
+    def encode(self, x: torch.Tensor, ctx: Optional[SaveContext] = None) -> Packed:
+        return Packed(self, {}, {"shape": x.shape, "dtype": x.dtype, "device": x.device})
+
+    def decode(self, packed: Packed) -> torch.Tensor:
+        m = packed.meta
+        return torch.zeros((), dtype=m["dtype"], device=m["device"]).expand(m["shape"])
+
+    def closed_form_nbytes(self, shape, dtype) -> int:
+        return 0
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+class MaxPoolIndexCodec(ActivationCodec):
+    """MaxPool2d's int64 argmax indices as the position inside the pooling window (uint8).
+
+    The flat index into the input plane is rebuilt from the output position, the window geometry
+    and the stored offset, so decoding is exact. Windows with more than 256 positions are not
+    representable; the compressor keeps those indices raw.
+    """
+
+    name = "maxpool_index"
+
+    def __init__(self, kernel_size, stride, padding, dilation, input_width: int):
+        self.kernel = _pair(kernel_size)
+        self.stride = _pair(stride if stride is not None else kernel_size)
+        self.padding = _pair(padding)
+        self.dilation = _pair(dilation)
+        self.input_width = int(input_width)
+
+    @staticmethod
+    def fits(kernel_size) -> bool:
+        kh, kw = _pair(kernel_size)
+        return kh * kw <= 256
+
+    def _window_starts(self, out_h: int, out_w: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        hs = torch.arange(out_h, device=device) * self.stride[0] - self.padding[0]
+        ws = torch.arange(out_w, device=device) * self.stride[1] - self.padding[1]
+        return hs.view(-1, 1), ws.view(1, -1)
+
+    def encode(self, x: torch.Tensor, ctx: Optional[SaveContext] = None) -> Packed:
+        hs, ws = self._window_starts(x.shape[-2], x.shape[-1], x.device)
+        row = torch.div(x, self.input_width, rounding_mode="floor")
+        col = x - row * self.input_width
+        dh = torch.div(row - hs, self.dilation[0], rounding_mode="floor")
+        dw = torch.div(col - ws, self.dilation[1], rounding_mode="floor")
+        offset = (dh * self.kernel[1] + dw).to(torch.uint8)
+        return Packed(self, {"offset": offset}, {"channels_last": _is_channels_last(x)})
+
+    def decode(self, packed: Packed) -> torch.Tensor:
+        offset = packed.tensors["offset"].long()
+        hs, ws = self._window_starts(offset.shape[-2], offset.shape[-1], offset.device)
+        dh = torch.div(offset, self.kernel[1], rounding_mode="floor")
+        dw = offset - dh * self.kernel[1]
+        row = hs + dh * self.dilation[0]
+        col = ws + dw * self.dilation[1]
+        return _restore_format(row * self.input_width + col, packed.meta["channels_last"])
+
+    def closed_form_nbytes(self, shape, dtype) -> int:
+        return math.prod(shape)
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _restore_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x

@@ -1,0 +1,75 @@
+"""The byte ledger: exactly what a method keeps for backward, next to what plain autograd would keep.
+
+One entry per saved tensor of a training step. ``stored_bytes`` is the storage of the tensors the
+method actually holds (``Packed.nbytes``); ``plain_bytes`` is what plain autograd would hold for the
+same save (the tensor's own bytes, counted once per tensor, since autograd saves by reference).
+Parameters are left out of both: they are model memory, not activation memory.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class LedgerEntry:
+    layer: str          # module name that saved the tensor ("" outside any tracked module)
+    kind: str           # module family: conv, bn, linear, relu, dropout, maxpool, other
+    codec: str          # how it is stored: division, relu_mask, raw, shared (stored once elsewhere), ...
+    shape: tuple
+    dtype: str
+    plain_bytes: int
+    stored_bytes: int
+
+
+class ByteLedger:
+    """Collects ``LedgerEntry`` rows; ``reset`` starts a new step."""
+
+    def __init__(self) -> None:
+        self.entries: list[LedgerEntry] = []
+
+    def reset(self) -> None:
+        self.entries = []
+
+    def record(self, entry: LedgerEntry) -> None:
+        self.entries.append(entry)
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(e.stored_bytes for e in self.entries)
+
+    @property
+    def plain_bytes(self) -> int:
+        return sum(e.plain_bytes for e in self.entries)
+
+    @property
+    def ratio(self) -> float:
+        """How many times fewer bytes than plain autograd (plain / stored)."""
+        return self.plain_bytes / self.stored_bytes if self.stored_bytes else float("inf")
+
+    def by_layer(self) -> list[dict]:
+        """Per-layer totals in first-save order: layer, kind, plain_bytes, stored_bytes, tensors."""
+        rows: dict[str, dict] = {}
+        for e in self.entries:
+            row = rows.setdefault(e.layer, {"layer": e.layer, "kind": e.kind, "plain_bytes": 0,
+                                            "stored_bytes": 0, "tensors": 0})
+            row["plain_bytes"] += e.plain_bytes
+            row["stored_bytes"] += e.stored_bytes
+            row["tensors"] += 1
+        return list(rows.values())
+
+    def by_codec(self) -> dict[str, dict[str, int]]:
+        """Totals per storage kind: how many bytes went to masks, DIVISION, raw tensors, ..."""
+        out: dict[str, dict[str, int]] = defaultdict(lambda: {"plain_bytes": 0, "stored_bytes": 0, "tensors": 0})
+        for e in self.entries:
+            out[e.codec]["plain_bytes"] += e.plain_bytes
+            out[e.codec]["stored_bytes"] += e.stored_bytes
+            out[e.codec]["tensors"] += 1
+        return dict(out)
+
+    def summary(self) -> dict:
+        return {"plain_bytes": self.plain_bytes, "stored_bytes": self.stored_bytes,
+                "ratio": self.ratio, "tensors": len(self.entries)}
+
+    def as_rows(self) -> list[dict]:
+        return [asdict(e) for e in self.entries]

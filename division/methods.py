@@ -1,0 +1,104 @@
+"""Training methods: how a model keeps its activations for backward.
+
+A method is applied to a model in place (``attach``) and, for the step, may wrap forward+backward in a
+context (``step_context``: swap uses one). Every method can feed a ``ByteLedger`` so that memory is
+reported the same way for all of them. ``build_method(name, **knobs)`` is the one entry point the
+runners use; ``register_method`` adds new ones (the baselines register themselves).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Optional
+
+from torch import nn
+
+from .codec import ActivationCodec
+from .compressor import ActivationCompressor, compress_activations
+from .ledger import ByteLedger
+
+
+class TrainingMethod:
+    """Plain autograd (``method=none``); the base class of every other method."""
+
+    name = "none"
+
+    def __init__(self) -> None:
+        self.compressor: Optional[ActivationCompressor] = None
+
+    def attach(self, model: nn.Module, ledger: Optional[ByteLedger] = None) -> nn.Module:
+        """Apply the method to ``model`` in place and return the module to train.
+
+        With a ledger, plain autograd's saves are recorded too (kept raw, counted once per tensor).
+        """
+        if ledger is not None:
+            self.compressor = compress_activations(model, None, exact_masks=False, ledger=ledger)
+        return model
+
+    def detach(self) -> None:
+        if self.compressor is not None:
+            self.compressor.remove()
+            self.compressor = None
+
+    def step_context(self):
+        """Context around one training step's forward and backward."""
+        return contextlib.nullcontext()
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        """Called after each optimizer step (adaptive methods refresh their state here)."""
+
+    def describe(self) -> dict[str, Any]:
+        """The record fields of this method: ``method``, ``block_size``, ``bits`` (null where none)."""
+        return {"method": self.name, "block_size": None, "bits": None}
+
+
+class CodecMethod(TrainingMethod):
+    """Conv / norm / linear inputs through ``codec``; exact masks for ReLU, dropout and max-pooling."""
+
+    def __init__(self, name: str, codec: ActivationCodec, *, exact_masks: bool = True,
+                 min_numel: int = 1024) -> None:
+        super().__init__()
+        self.name = name
+        self.codec = codec
+        self.exact_masks = exact_masks
+        self.min_numel = min_numel
+
+    def attach(self, model: nn.Module, ledger: Optional[ByteLedger] = None) -> nn.Module:
+        self.compressor = compress_activations(model, self.codec, exact_masks=self.exact_masks,
+                                               min_numel=self.min_numel, ledger=ledger)
+        return model
+
+    def describe(self) -> dict[str, Any]:
+        knobs = self.codec.describe()
+        return {"method": self.name, "block_size": knobs.get("block_size"), "bits": knobs.get("bits")}
+
+
+def _division(block_size: int = 8, bits: int = 2, rounding: str = "stochastic", keep_lfc: bool = True,
+              keep_hfc: bool = True, simulate: bool = False, backend: str = "auto", **_) -> TrainingMethod:
+    from .backends import division_codec
+    codec = division_codec(backend=backend, block_size=block_size, bits=bits, rounding=rounding,
+                           keep_lfc=keep_lfc, keep_hfc=keep_hfc, simulate=simulate)
+    return CodecMethod("division", codec)
+
+
+_REGISTRY: dict[str, Callable[..., TrainingMethod]] = {
+    "none": lambda **_: TrainingMethod(),
+    "division": _division,
+}
+
+
+def register_method(name: str, factory: Callable[..., TrainingMethod]) -> None:
+    _REGISTRY[name] = factory
+
+
+def method_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_method(name: str, **knobs) -> TrainingMethod:
+    """Build a method by name; unknown knobs for that method are ignored (configs carry extras)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(method_names())}")
+    return _REGISTRY[name](**knobs)
+
+
+from . import baselines  # noqa: E402,F401  registers blpa, acgc, actnn, checkpoint, swap

@@ -1,0 +1,60 @@
+"""Bit packing of small unsigned codes into uint8 storage (8 // bits codes per byte).
+
+Codes are packed along the flattened tensor: code i lands in byte i // per_byte at bit offset
+(i % per_byte) * bits. The byte count is exactly ceil(numel * bits / 8), which the ledger tests rely on.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+SUPPORTED_BITS = (1, 2, 4, 8)
+
+
+def packed_nbytes(numel: int, bits: int) -> int:
+    """Bytes that ``pack_bits`` uses for ``numel`` codes of ``bits`` bits each."""
+    return math.ceil(numel * bits / 8)
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes in [0, 2**bits) into a flat uint8 tensor."""
+    _check_bits(bits)
+    flat = codes.reshape(-1).to(torch.uint8)
+    if bits == 8:
+        return flat
+    per_byte = 8 // bits
+    pad = (-flat.numel()) % per_byte
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    lanes = flat.view(-1, per_byte)
+    out = lanes[:, 0].clone()
+    for i in range(1, per_byte):
+        out |= lanes[:, i] << (bits * i)
+    return out
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """Inverse of ``pack_bits``: the first ``numel`` codes as a flat uint8 tensor."""
+    _check_bits(bits)
+    if bits == 8:
+        return packed[:numel]
+    per_byte = 8 // bits
+    mask = (1 << bits) - 1
+    shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
+    lanes = (packed.unsqueeze(1) >> shifts) & mask
+    return lanes.reshape(-1)[:numel]
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean tensor as 1 bit per element."""
+    return pack_bits(mask.reshape(-1).to(torch.uint8), 1)
+
+
+def unpack_mask(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    return unpack_bits(packed, 1, math.prod(shape)).view(shape).bool()

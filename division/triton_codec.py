@@ -1,0 +1,822 @@
+"""DIVISION's codec with fused Triton kernels: the GPU fast path of ``dual_precision.DivisionCodec``.
+
+``TritonDivisionCodec`` takes the reference's constructor and writes the reference's stored format
+(``Packed.tensors`` = lfc / codes / mn / step, same meta), so either codec decodes the other's
+``Packed``. It runs two kernels:
+
+encode (one launch, one program per group of ``G`` consecutive channels of one sample):
+    pass 1  reads x once, block-row by block-row, as a [G, kh, WB, kw] tile: block sums -> block
+            means (fp32, divided by each block's count of valid elements) -> rounded to bf16 and
+            stored as the LFC; HFC = x - LFC(bf16) on the fly; running per-plane min / max.
+            Then mn (bf16 rounded down) and step = (max - mn) / (2^Q - 1) (bf16 rounded up), stored.
+    pass 2  walks the same planes in flat NCHW order as a [G, E / PB, PB] tile (PB = 8 // Q codes
+            per byte), re-reads x (the program read it moments ago: mostly L2 hits), gathers the
+            stored LFC cell of each element, quantizes ``floor((hfc - mn) / step + u)`` with u drawn
+            in the kernel (stochastic) or 0.5 (nearest), packs PB codes per byte, stores the bytes.
+            A plane whose code count is not a multiple of PB shares its first byte with the plane
+            before: each row is shifted so bytes line up, and the shared bytes are OR-ed together
+            after the loop (``MISALIGNED``), so no byte is written twice.
+decode (one launch, same program mapping): per block row, a [G, kh, WB, kw] tile: one LFC load per
+    block, one byte load per element, unpack -> ``lfc + (mn + code * step)`` -> cast -> store in the
+    output's memory format (contiguous or channels_last).
+
+Inputs are read through (sample, channel, flattened-HW) strides, so channels_last (NHWC) tensors
+are read in place (G neighbouring channels are contiguous in memory) and decoded straight into a
+channels_last output; codes stay in logical NCHW order as the format requires.
+
+Arithmetic matches the reference operation for operation (fp32, IEEE division ``div_rn``,
+round-to-nearest-even bf16 done with integer ops so that Triton's CPU interpreter, which truncates
+on ``.to(bfloat16)``, agrees with the GPU), so with ``rounding="nearest"`` the fast path writes the
+reference's bytes whenever the block sums come out identical (always for inputs whose sums are exact
+in fp32; otherwise a block mean may differ by one bf16 ulp and a few codes by one).
+
+Random numbers for stochastic rounding are a counter-based hash of (seed, NCHW element index)
+(``RNG_HASH``, 24-bit uniforms, 3 integer multiplies per element) or Triton's Philox
+``tl.rand`` (``RNG_PHILOX``). The 31-bit seed of each encode is drawn from a CPU torch.Generator
+(no GPU sync): the codec's generator when it lives on the CPU, else a private CPU stream seeded
+from the codec generator's ``initial_seed()`` (or ``torch.initial_seed()`` when there is none), so
+``torch.manual_seed(s)`` before building the codec makes runs reproducible. The draws differ from
+the reference's ``torch.rand`` draws, so stochastic codes differ from the reference's (same
+distribution: unbiased, |error| < step).
+
+Fallback to the reference (``super()``): CPU tensors (unless Triton's interpreter is active, see
+``TRITON_INTERPRET``), inputs that are not 4-D fp32 / bf16 / fp16 contiguous or channels_last,
+``keep_lfc=False``, ``keep_hfc=False``, ``simulate=True``, single-element maps, maps with fewer
+elements than codes per byte, block sizes that are neither a power of two nor cover the whole axis
+(``block_size=6`` on a 14-wide map), and channel counts with no admissible group size.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .codec import Packed, SaveContext
+from .dual_precision import LAYOUT_MAPS, DivisionCodec, Geometry, _memory_format
+from .packing import packed_nbytes
+
+RNG_HASH = 0
+RNG_PHILOX = 1
+
+_FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_INT32_LIMIT = 2 ** 31 - 2 ** 20  # element / code indices stay below this in int32 mode
+
+
+def interpreting() -> bool:
+    """True when Triton's interpreter runs the kernels (TRITON_INTERPRET=1 when this module loaded)."""
+    return _INTERPRET
+
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# =================================================================================== the kernels
+@triton.jit
+def _to_bf16(x, EXACT: tl.constexpr):
+    """fp32 -> bf16, round to nearest even. The GPU cast does it; Triton's interpreter truncates,
+    so under EXACT the rounding is done with integer ops first (the cast is then exact)."""
+    if EXACT:
+        b = x.to(tl.int32, bitcast=True)
+        b = b + 0x7FFF + ((b >> 16) & 1)
+        b = b & -65536
+        x = b.to(tl.float32, bitcast=True)
+    return x.to(tl.bfloat16)
+
+
+@triton.jit
+def _cast_out(val, out_ptr, EXACT: tl.constexpr):
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        return _to_bf16(val, EXACT)
+    else:
+        return val.to(out_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _bf16_directed(x, UP: tl.constexpr):
+    """fp32 -> bf16 value rounded toward +inf (UP) or -inf, as fp32: the reference's bf16_directed."""
+    b = x.to(tl.int32, bitcast=True)
+    low = b & 0xFFFF
+    trunc = b - low
+    if UP:
+        wrong = (low != 0) & (x > 0)
+    else:
+        wrong = (low != 0) & (x < 0)
+    b = tl.where(wrong, trunc + 0x10000, trunc)
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _quotient(a, b, rcp, EXACT: tl.constexpr):
+    """a / b. EXACT: correctly rounded (``div_rn``, as torch's division; used for nearest rounding,
+    whose codes must match the reference bit for bit). Otherwise (stochastic rounding, where one
+    ulp is far below the noise) a * (1/b) refined by one fma correction: 3 FP32 instructions
+    instead of div.rn's ~10, within about one ulp."""
+    if EXACT:
+        return tl.math.div_rn(a, b)
+    else:
+        q = a * rcp
+        r = tl.fma(-q, b, a)
+        return tl.fma(r, rcp, q)
+
+
+@triton.jit
+def _lane_uniform(seed, bctr, jl, PB: tl.constexpr, RNG: tl.constexpr):
+    """U[0, 1) for code lane ``jl`` (0..PB-1) of byte ``bctr`` (uint32 global byte index).
+
+    RNG 0: one 32-bit hash per byte (golden-ratio spread + seed, then Wellons' lowbias32), spread
+    to the byte's lanes by distinct odd multipliers (each lane is exactly uniform: a bijection of
+    the hash); the top 23 bits become the mantissa of a float in [1, 2). No int->float conversion.
+    RNG 1: Triton's Philox ``tl.rand`` on the element index (slower, reference quality).
+    """
+    if RNG == 0:
+        h = bctr * 0x9E3779B1 + seed.to(tl.uint32)
+        h ^= h >> 16
+        h *= 0x21F0AAAD
+        h ^= h >> 15
+        h *= 0x735A2D97
+        h ^= h >> 15
+        if PB > 1:
+            h = h * (jl.to(tl.uint32) * 0xB0A3E85A + 1)
+        return ((h >> 9) | 0x3F800000).to(tl.float32, bitcast=True) - 1.0
+    else:
+        return tl.rand(seed, (bctr * PB + jl.to(tl.uint32)).to(tl.int32, bitcast=True))
+
+
+@triton.jit
+def _code_float(code):
+    """Small non-negative int32 -> fp32 without a conversion instruction (2^23 magic)."""
+    return (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, seed, C, CG,
+                   H: tl.constexpr, W: tl.constexpr, HW: tl.constexpr,
+                   KH: tl.constexpr, KW: tl.constexpr, HB: tl.constexpr, WB: tl.constexpr,
+                   TKH: tl.constexpr, TKW: tl.constexpr, WBC: tl.constexpr, NWC: tl.constexpr,
+                   FULL_H: tl.constexpr, FULL_W: tl.constexpr,
+                   G: tl.constexpr, E: tl.constexpr, EB: tl.constexpr, NK: tl.constexpr,
+                   PB: tl.constexpr, Q: tl.constexpr, LEVELS: tl.constexpr,
+                   STOCHASTIC: tl.constexpr, RNG: tl.constexpr, ROW: tl.constexpr,
+                   MISALIGNED: tl.constexpr, CL: tl.constexpr, INT64: tl.constexpr,
+                   EXACT: tl.constexpr, MODE: tl.constexpr):
+    pid = tl.program_id(0)
+    if INT64:
+        pid = pid.to(tl.int64)
+    n = pid // CG
+    c0 = (pid - n * CG) * G
+    p0 = pid * G                                   # first plane (n * C + c0) of this program
+    g = tl.arange(0, G)
+    if CL:   # NHWC memory: G neighbouring channels are contiguous, an element step is C
+        x_base = x_ptr + n * (HW * C) + c0
+        sE = C
+    else:    # NCHW memory: each plane is contiguous
+        x_base = x_ptr + p0 * HW
+        sE = 1
+    wl = tl.arange(0, WBC)
+    lfc_base = lfc_ptr + (p0 + g)[:, None] * (HB * WB)   # [G, 1]
+
+    # ---------------------------------------------------------------- pass 1: LFC and HFC range
+    if MODE == 1:
+        # Row loop: tile [G, WBC, TKW] = one image row of WBC blocks of G planes; the KH rows of a
+        # block row are unrolled and accumulated elementwise (sum, min, max of x), then reduced
+        # over TKW only. min / max of the HFC per block follow from min / max of x, because
+        # fl(a - lf) is monotone in a: min(fl(x - lf)) == fl(min(x) - lf), bit for bit.
+        g3 = g[:, None, None]
+        j3 = tl.arange(0, TKW)[None, None, :]
+        if CL:
+            x_rows = x_base + g3
+        else:
+            x_rows = x_base + g3 * HW
+        acc_lo = tl.full([G, WBC], float("inf"), tl.float32)
+        acc_hi = tl.full([G, WBC], float("-inf"), tl.float32)
+        for hb in range(HB):
+            rows = tl.minimum(H - hb * KH, KH)
+            for wc in range(NWC):
+                wb = tl.minimum(wc * WBC + wl, WB - 1)
+                ww = wb[None, :, None] * KW + j3
+                if not FULL_W:
+                    cm = (j3 < KW) & (ww < W) & (g3 < G)
+                ssum = tl.zeros([G, WBC, TKW], tl.float32)
+                lo = tl.full([G, WBC, TKW], float("inf"), tl.float32)
+                hi = tl.full([G, WBC, TKW], float("-inf"), tl.float32)
+                for i in tl.static_range(KH):
+                    hh = hb * KH + i
+                    ptrs = x_rows + (hh * W + ww) * sE
+                    if FULL_H and FULL_W:
+                        xv = tl.load(ptrs, eviction_policy="evict_last").to(tl.float32)
+                        lo = tl.minimum(lo, xv)
+                        hi = tl.maximum(hi, xv)
+                    else:
+                        if FULL_H:
+                            m = cm
+                        elif FULL_W:
+                            m = (hh < H) & (g3 < G) & (j3 < TKW)
+                        else:
+                            m = cm & (hh < H)
+                        xv = tl.load(ptrs, mask=m, other=0.0, eviction_policy="evict_last").to(tl.float32)
+                        lo = tl.minimum(lo, tl.where(m, xv, float("inf")))
+                        hi = tl.maximum(hi, tl.where(m, xv, float("-inf")))
+                    ssum += xv
+                cnt = (rows * tl.minimum(W - wb * KW, KW)).to(tl.float32)
+                lf16 = _to_bf16(tl.math.div_rn(tl.sum(ssum, axis=2), cnt[None, :]), EXACT)
+                tl.store(lfc_base + hb * WB + (wc * WBC + wl)[None, :], lf16,
+                         mask=(g[:, None] < G) & ((wc * WBC + wl) < WB)[None, :])
+                lf = lf16.to(tl.float32)
+                acc_lo = tl.minimum(acc_lo, tl.min(lo, axis=2) - lf)
+                acc_hi = tl.maximum(acc_hi, tl.max(hi, axis=2) - lf)
+        mn_acc = tl.min(acc_lo, axis=1)
+        mx_acc = tl.max(acc_hi, axis=1)
+    else:
+        # Tile [G, TKH, WBC, TKW]: G planes x one block row x WBC blocks. Block columns past WB repeat
+        # the last block (same sums, same HFC), so they need no mask; partial blocks are masked.
+        gi = g[:, None, None, None]
+        ii = tl.arange(0, TKH)[None, :, None, None]
+        jj = tl.arange(0, TKW)[None, None, None, :]
+        if CL:
+            x_planes = x_base + gi
+        else:
+            x_planes = x_base + gi * HW
+        mn_acc = tl.full([G], float("inf"), tl.float32)
+        mx_acc = tl.full([G], float("-inf"), tl.float32)
+        for hb in range(HB):
+            hh = hb * KH + ii
+            rows = tl.minimum(H - hb * KH, KH)
+            for wc in range(NWC):
+                wb = tl.minimum(wc * WBC + wl, WB - 1)
+                ww = wb[None, None, :, None] * KW + jj
+                ptrs = x_planes + (hh * W + ww) * sE
+                if FULL_H and FULL_W:
+                    xv = tl.load(ptrs, eviction_policy="evict_last").to(tl.float32)
+                else:
+                    m = (ii < KH) & (hh < H) & (jj < KW) & (ww < W)
+                    xv = tl.load(ptrs, mask=m, other=0.0, eviction_policy="evict_last").to(tl.float32)
+                sums = tl.sum(tl.sum(xv, axis=3), axis=1)                  # [G, WBC]
+                cnt = (rows * tl.minimum(W - wb * KW, KW)).to(tl.float32)  # valid elements per block
+                lf16 = _to_bf16(tl.math.div_rn(sums, cnt[None, :]), EXACT)
+                tl.store(lfc_base + hb * WB + (wc * WBC + wl)[None, :], lf16,
+                         mask=(g[:, None] < G) & ((wc * WBC + wl) < WB)[None, :])
+                hfc = xv - lf16.to(tl.float32)[:, None, :, None]
+                if FULL_H and FULL_W:
+                    lo = tl.min(tl.min(tl.min(hfc, axis=3), axis=2), axis=1)
+                    hi = tl.max(tl.max(tl.max(hfc, axis=3), axis=2), axis=1)
+                else:
+                    lo = tl.min(tl.min(tl.min(tl.where(m, hfc, float("inf")), axis=3), axis=2), axis=1)
+                    hi = tl.max(tl.max(tl.max(tl.where(m, hfc, float("-inf")), axis=3), axis=2), axis=1)
+                mn_acc = tl.minimum(mn_acc, lo)
+                mx_acc = tl.maximum(mx_acc, hi)
+
+    mn_s = _bf16_directed(mn_acc, False)
+    step_s = _bf16_directed(tl.math.div_rn(mx_acc - mn_s, LEVELS * 1.0), True)
+    tl.store(mn_ptr + p0 + g, mn_s.to(tl.bfloat16))
+    tl.store(step_ptr + p0 + g, step_s.to(tl.bfloat16))
+    safe = tl.where(step_s > 0, step_s, 1.0)       # constant map: every code is 0
+    rcp = tl.math.div_rn(1.0, safe)
+    tl.debug_barrier()  # the LFC stored above is read back below by other threads of this program
+
+    # ------------------------------------------------------- pass 2: quantize and pack the HFC
+    if ROW and MODE == 1:
+        # Row loop, byte-aligned rows: tile [G, WBC, TKW // PB, PB] per image row.
+        g4 = g[:, None, None, None]
+        jb = tl.arange(0, TKW // PB)[None, None, :, None]
+        jl = tl.arange(0, PB)[None, None, None, :]
+        jb3 = tl.arange(0, TKW // PB)[None, None, :]
+        if CL:
+            x_rows4 = x_base + g4
+        else:
+            x_rows4 = x_base + g4 * HW
+        mn4 = mn_s[:, None, None, None]
+        st4 = safe[:, None, None, None]
+        rc4 = rcp[:, None, None, None]
+        code_rows = (p0 + g[:, None, None]) * (HW // PB)                  # [G, 1, 1]
+        for hb in range(HB):
+            for wc in range(NWC):
+                wb = tl.minimum(wc * WBC + wl, WB - 1)
+                live = (g[:, None, None] < G) & ((wc * WBC + wl) < WB)[None, :, None]
+                ww = wb[None, :, None, None] * KW + jb * PB + jl
+                if not FULL_W:
+                    cm = (jb * PB < KW) & (ww < W) & (g4 < G)
+                    live = live & (jb3 * PB < KW) & (wb[None, :, None] * KW + jb3 * PB < W)
+                lf = tl.load(lfc_base + hb * WB + wb[None, :]).to(tl.float32)[:, :, None, None]
+                for i in tl.static_range(KH):
+                    hh = hb * KH + i
+                    ptrs = x_rows4 + (hh * W + ww) * sE
+                    if FULL_H and FULL_W:
+                        xv = tl.load(ptrs, eviction_policy="evict_first").to(tl.float32)
+                    else:
+                        if FULL_W:
+                            m = (hh < H) & (g4 < G) & (jl < PB)
+                        elif FULL_H:
+                            m = cm
+                        else:
+                            m = cm & (hh < H)
+                        xv = tl.load(ptrs, mask=m, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                    v = _quotient((xv - lf) - mn4, st4, rc4, EXACT or not STOCHASTIC)
+                    bidx = code_rows + hh * (W // PB) + wb[None, :, None] * (KW // PB) + jb3
+                    if STOCHASTIC:
+                        if INT64:
+                            bctr = bidx.to(tl.uint32)
+                        else:
+                            bctr = bidx.to(tl.uint32, bitcast=True)
+                        v = v + _lane_uniform(seed, bctr[:, :, :, None], jl, PB, RNG)
+                    else:
+                        v = v + 0.5
+                    code = tl.minimum(tl.maximum(v, 0.0), LEVELS * 1.0).to(tl.int32)
+                    byte = tl.sum(code << (jl * Q), axis=3)                   # [G, WBC, TKW // PB]
+                    if FULL_H:
+                        keep = live
+                    else:
+                        keep = live & (hh < H)
+                    tl.store(codes_ptr + bidx, byte.to(tl.uint8), mask=keep)
+    elif ROW:
+        # W and the block width are multiples of PB: a byte holds PB neighbours of one block row.
+        # Tile [G, TKH, WBC, TKW // PB, PB], same walk as pass 1, LFC read per block.
+        g5 = g[:, None, None, None, None]
+        i5 = tl.arange(0, TKH)[None, :, None, None, None]
+        jb = tl.arange(0, TKW // PB)[None, None, None, :, None]
+        jl = tl.arange(0, PB)[None, None, None, None, :]
+        if CL:
+            x_planes5 = x_base + g5
+        else:
+            x_planes5 = x_base + g5 * HW
+        mn5 = mn_s[:, None, None, None, None]
+        st5 = safe[:, None, None, None, None]
+        rc5 = rcp[:, None, None, None, None]
+        code_planes = (p0 + g[:, None, None, None]) * (HW // PB)      # [G, 1, 1, 1] byte index
+        i4 = tl.arange(0, TKH)[None, :, None, None]
+        jb4 = tl.arange(0, TKW // PB)[None, None, None, :]
+        for hb in range(HB):
+            hh = hb * KH + i5
+            for wc in range(NWC):
+                wb = tl.minimum(wc * WBC + wl, WB - 1)
+                ww = wb[None, None, :, None, None] * KW + jb * PB + jl
+                ptrs = x_planes5 + (hh * W + ww) * sE
+                if FULL_H and FULL_W:
+                    xv = tl.load(ptrs, eviction_policy="evict_first").to(tl.float32)
+                else:
+                    m = (i5 < KH) & (hh < H) & (jb * PB < KW) & (ww < W)
+                    xv = tl.load(ptrs, mask=m, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                lf = tl.load(lfc_base + hb * WB + wb[None, :]).to(tl.float32)   # [G, WBC]
+                a = (xv - lf[:, None, :, None, None]) - mn5
+                v = _quotient(a, st5, rc5, EXACT or not STOCHASTIC)
+                hh4 = hb * KH + i4
+                bidx = code_planes + hh4 * (W // PB) + wb[None, None, :, None] * (KW // PB) + jb4
+                if STOCHASTIC:
+                    if INT64:
+                        bctr = bidx.to(tl.uint32)
+                    else:
+                        bctr = bidx.to(tl.uint32, bitcast=True)
+                    v = v + _lane_uniform(seed, bctr[:, :, :, :, None], jl, PB, RNG)
+                else:
+                    v = v + 0.5
+                code = tl.minimum(tl.maximum(v, 0.0), LEVELS * 1.0).to(tl.int32)  # floor: v >= 0
+                byte = tl.sum(code << (jl * Q), axis=4)                         # [G, TKH, WBC, TKW//PB]
+                keep = (g[:, None, None, None] < G) & ((wc * WBC + wl) < WB)[None, None, :, None]
+                if not (FULL_H and FULL_W):
+                    keep = keep & (i4 < KH) & (hh4 < H) & (jb4 * PB < KW) \
+                        & (wb[None, None, :, None] * KW + jb4 * PB < W)
+                tl.store(codes_ptr + bidx, byte.to(tl.uint8), mask=keep)
+    else:
+        # Flat NCHW order per plane: tile [G, EB, PB] over columns; element e of plane g sits at
+        # column e + s_g, s_g = (g * HW) % PB, so columns group into whole bytes of the output.
+        g2 = g[:, None]
+        g3 = g[:, None, None]
+        eb2 = tl.arange(0, EB)[None, :]
+        eb3 = tl.arange(0, EB)[None, :, None]
+        j3 = tl.arange(0, PB)[None, None, :]
+        if MISALIGNED:
+            s2 = (g2 * HW) % PB
+            s3 = s2[:, :, None]
+            end2 = s2 + HW                         # one past the plane's last column
+            row_bytes = (p0 * HW) // PB + (g2 * HW - s2) // PB
+        else:
+            end2 = HW
+            row_bytes = (p0 * HW) // PB + g2 * (HW // PB)
+        if CL:
+            x_planes3 = x_base + g3
+        else:
+            x_planes3 = x_base + g3 * HW
+        lfc_planes3 = lfc_base[:, :, None]
+        mn3 = mn_s[:, None, None]
+        st3 = safe[:, None, None]
+        rc3 = rcp[:, None, None]
+        head = tl.zeros([G], tl.int32)
+        tail = tl.zeros([G], tl.int32)
+        for k in range(NK):
+            if MISALIGNED:
+                e = k * E + eb3 * PB + j3 - s3     # in-plane element of each column
+                ok = (e >= 0) & (e < HW)
+                e = tl.where(ok, e, 0)
+            else:
+                e = k * E + eb3 * PB + j3
+                ok = (e < HW) & (g3 < G)
+            xv = tl.load(x_planes3 + e * sE, mask=ok, other=0.0,
+                         eviction_policy="evict_first").to(tl.float32)
+            hh = e // W
+            wc_ = e - hh * W
+            lf = tl.load(lfc_planes3 + (hh // KH) * WB + wc_ // KW, mask=ok, other=0.0).to(tl.float32)
+            v = _quotient((xv - lf) - mn3, st3, rc3, EXACT or not STOCHASTIC)
+            bcol = k * EB + eb2
+            if STOCHASTIC:
+                bidx = row_bytes + bcol
+                if INT64:
+                    bctr = bidx.to(tl.uint32)
+                else:
+                    bctr = bidx.to(tl.uint32, bitcast=True)
+                v = v + _lane_uniform(seed, bctr[:, :, None], j3, PB, RNG)
+            else:
+                v = v + 0.5
+            code = tl.minimum(tl.maximum(v, 0.0), LEVELS * 1.0).to(tl.int32)
+            code = tl.where(ok, code, 0)
+            byte = tl.sum(code << (j3 * Q), axis=2)    # [G, EB]
+            wmask = (bcol + 1) * PB <= end2
+            if MISALIGNED:
+                wmask = wmask & ((bcol > 0) | (s2 == 0))
+                head += tl.sum(tl.where(bcol == 0, byte, 0), axis=1)
+                tail += tl.sum(tl.where(bcol == end2 // PB, byte, 0), axis=1)
+            tl.store(codes_ptr + row_bytes + bcol, byte.to(tl.uint8), mask=wmask)
+        if MISALIGNED:
+            # A byte shared by plane g - 1 (its tail) and plane g (its head): OR the two halves.
+            prev = tl.sum(tl.where(g[:, None] == g[None, :] + 1, tail[None, :], 0), axis=1)
+            sg = (g * HW) % PB
+            first = codes_ptr + (p0 * HW) // PB + (g * HW - sg) // PB
+            tl.store(first, (head | prev).to(tl.uint8), mask=sg != 0)
+
+
+@triton.jit
+def _decode_kernel(codes_ptr, lfc_ptr, mn_ptr, step_ptr, out_ptr, C, CG,
+                   H: tl.constexpr, W: tl.constexpr, HW: tl.constexpr,
+                   KH: tl.constexpr, KW: tl.constexpr, HB: tl.constexpr, WB: tl.constexpr,
+                   TKH: tl.constexpr, TKW: tl.constexpr, WBC: tl.constexpr, NWC: tl.constexpr,
+                   FULL_H: tl.constexpr, FULL_W: tl.constexpr,
+                   G: tl.constexpr, PB: tl.constexpr, Q: tl.constexpr, LEVELS: tl.constexpr,
+                   ROW: tl.constexpr, CL: tl.constexpr, INT64: tl.constexpr, EXACT: tl.constexpr):
+    pid = tl.program_id(0)
+    if INT64:
+        pid = pid.to(tl.int64)
+    n = pid // CG
+    c0 = (pid - n * CG) * G
+    p0 = pid * G
+    g = tl.arange(0, G)
+    if CL:
+        out_base = out_ptr + n * (HW * C) + c0
+        sE = C
+    else:
+        out_base = out_ptr + p0 * HW
+        sE = 1
+    wl = tl.arange(0, WBC)
+    lfc_base = lfc_ptr + (p0 + g)[:, None] * (HB * WB)
+    mn = tl.load(mn_ptr + p0 + g).to(tl.float32)
+    step = tl.load(step_ptr + p0 + g).to(tl.float32)
+    if ROW:
+        # Tile [G, TKH, WBC, TKW // PB, PB]: one byte load per PB codes.
+        g5 = g[:, None, None, None, None]
+        i5 = tl.arange(0, TKH)[None, :, None, None, None]
+        jb = tl.arange(0, TKW // PB)[None, None, None, :, None]
+        jl = tl.arange(0, PB)[None, None, None, None, :]
+        i4 = tl.arange(0, TKH)[None, :, None, None]
+        jb4 = tl.arange(0, TKW // PB)[None, None, None, :]
+        if CL:
+            out_planes = out_base + g5
+        else:
+            out_planes = out_base + g5 * HW
+        mn5 = mn[:, None, None, None, None]
+        st5 = step[:, None, None, None, None]
+        code_planes = (p0 + g[:, None, None, None]) * (HW // PB)
+        for hb in range(HB):
+            hh = hb * KH + i5
+            hh4 = hb * KH + i4
+            for wc in range(NWC):
+                wb = tl.minimum(wc * WBC + wl, WB - 1)
+                lf = tl.load(lfc_base + hb * WB + wb[None, :]).to(tl.float32)
+                bidx = code_planes + hh4 * (W // PB) + wb[None, None, :, None] * (KW // PB) + jb4
+                live4 = (g[:, None, None, None] < G) & ((wc * WBC + wl) < WB)[None, None, :, None]
+                if not (FULL_H and FULL_W):
+                    live4 = live4 & (i4 < KH) & (hh4 < H) & (jb4 * PB < KW) \
+                        & (wb[None, None, :, None] * KW + jb4 * PB < W)
+                byte = tl.load(codes_ptr + bidx, mask=live4, other=0).to(tl.int32)
+                code = (byte[:, :, :, :, None] >> (jl * Q)) & LEVELS
+                val = lf[:, None, :, None, None] + (mn5 + _code_float(code) * st5)
+                ww = wb[None, None, :, None, None] * KW + jb * PB + jl
+                live = live4[:, :, :, :, None] & (jl < PB)
+                tl.store(out_planes + (hh * W + ww) * sE, _cast_out(val, out_ptr, EXACT), mask=live)
+    else:
+        # Tile [G, TKH, WBC, TKW], one byte load per element (planes or rows not byte-aligned).
+        gi = g[:, None, None, None]
+        ii = tl.arange(0, TKH)[None, :, None, None]
+        jj = tl.arange(0, TKW)[None, None, None, :]
+        if CL:
+            out_planes = out_base + gi
+        else:
+            out_planes = out_base + gi * HW
+        mn4 = mn[:, None, None, None]
+        st4 = step[:, None, None, None]
+        code_base = (p0 + gi) * HW
+        for hb in range(HB):
+            hh = hb * KH + ii
+            for wc in range(NWC):
+                wb = tl.minimum(wc * WBC + wl, WB - 1)
+                ww = wb[None, None, :, None] * KW + jj
+                m = (ii < KH) & (hh < H) & (jj < KW) & (ww < W) \
+                    & ((wc * WBC + wl) < WB)[None, None, :, None]
+                e = hh * W + ww
+                lf = tl.load(lfc_base + hb * WB + wb[None, :]).to(tl.float32)
+                ci = code_base + e
+                byte = tl.load(codes_ptr + ci // PB, mask=m, other=0).to(tl.int32)
+                code = (byte >> ((ci % PB) * Q).to(tl.int32)) & LEVELS
+                val = lf[:, None, :, None] + (mn4 + _code_float(code) * st4)
+                tl.store(out_planes + e * sE, _cast_out(val, out_ptr, EXACT), mask=m)
+
+
+# ===================================================================================== planning
+def _pow2(v: int) -> int:
+    return 1 << max(0, (int(v) - 1).bit_length())
+
+
+def _is_pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Launch parameters of both kernels for one (shape, dtype, format, bits, block size)."""
+
+    n: int
+    c: int
+    h: int
+    w: int
+    kh: int
+    kw: int
+    hb: int
+    wb: int
+    tkh: int
+    tkw: int
+    wbc: int          # block columns per 4-D tile (decode, encode mode 0)
+    nwc: int          # 4-D tiles per block row
+    rwbc: int         # block columns per row tile (encode mode 1)
+    rnwc: int         # row tiles per image row
+    full_h: bool      # no partial block rows (no row masks)
+    full_w: bool      # no partial block columns (no column masks)
+    g: int            # planes (channels of one sample) per program
+    e: int            # flat pass 2: columns per step
+    nk: int           # flat pass 2: steps
+    pb: int           # codes per byte
+    bits: int
+    row: bool         # byte-aligned rows: pass 2 walks rows (else flat NCHW order)
+    misaligned: bool  # planes do not start on a byte boundary (flat pass 2)
+    int64: bool
+    channels_last: bool
+    mode: int         # encode structure: 1 row loop, 0 4-D block-row tiles
+    dec_row: bool     # decode one byte load per PB codes (5-D tile) instead of per element
+    enc_warps: int
+    dec_warps: int
+
+    @property
+    def grid(self) -> tuple[int]:
+        return (self.n * self.c // self.g,)
+
+    def _common(self) -> dict[str, Any]:
+        return dict(H=self.h, W=self.w, HW=self.h * self.w, KH=self.kh, KW=self.kw, HB=self.hb,
+                    WB=self.wb, TKH=self.tkh, TKW=self.tkw, FULL_H=self.full_h,
+                    FULL_W=self.full_w, G=self.g, PB=self.pb, Q=self.bits,
+                    LEVELS=2 ** self.bits - 1, CL=self.channels_last, INT64=self.int64,
+                    EXACT=_INTERPRET)
+
+    def encode_constexprs(self) -> dict[str, Any]:
+        wbc, nwc = (self.rwbc, self.rnwc) if self.mode == 1 else (self.wbc, self.nwc)
+        return dict(self._common(), WBC=wbc, NWC=nwc, E=self.e, EB=self.e // self.pb, NK=self.nk,
+                    ROW=self.row, MISALIGNED=self.misaligned, MODE=self.mode)
+
+    def decode_constexprs(self) -> dict[str, Any]:
+        return dict(self._common(), WBC=self.wbc, NWC=self.nwc, ROW=self.dec_row)
+
+
+# Tunables (the benchmark overrides them to compare; docs/kernels.md records the choice).
+TUNING: dict[str, Any] = {
+    "max_tile": 2048,          # elements of one pass-1 / pass-2 / decode tile
+    "group_bytes": 65536,      # input bytes per program (G planes): pass 2 re-reads them from L2
+    "min_programs_per_sm": 4,  # keep the grid at least this many programs per SM
+    "cl_min_bytes": 64,        # channels_last: G * itemsize, contiguous bytes per pixel read
+    "enc_warps": 0,            # 0: by tile size
+    "dec_warps": 0,
+    "rng": RNG_HASH,
+    "g": 0,                    # force a group size (0: choose)
+    "force_int64": False,      # 64-bit index arithmetic even for small tensors (tests that path)
+    "force_flat": False,       # pass 2 in flat NCHW order even where rows are byte-aligned
+    "encode_mode": 1,          # 1: row loop (elementwise accumulation), 0: 4-D block-row tiles
+    "max_row_tile": 512,       # elements of one row tile (encode mode 1)
+    "decode_row": False,       # decode: one byte load per PB codes (5-D tile)
+}
+
+
+@functools.lru_cache(maxsize=512)
+def _plan(n: int, c: int, h: int, w: int, kh: int, kw: int, bits: int, itemsize: int,
+          channels_last: bool, sms: int, tuning_key: tuple) -> Optional[Plan]:
+    tun = dict(tuning_key)
+    hw = h * w
+    pb = 8 // bits
+    if hw <= 1 or hw < pb:
+        return None
+    hb, wb = -(-h // kh), -(-w // kw)
+    if not ((_is_pow2(kh) or hb == 1) and (_is_pow2(kw) or wb == 1)):
+        return None
+    tkh, tkw = _pow2(kh), _pow2(kw)
+    full_h = h % kh == 0 and tkh == kh
+    full_w = w % kw == 0 and tkw == kw
+    row = w % pb == 0 and kw % pb == 0 and not tun["force_flat"]
+    max_tile = tun["max_tile"]
+    block_tile = tkh * tkw
+    aligned = [gs for gs in (128, 64, 32, 16, 8, 4, 2, 1) if c % gs == 0 and (gs * hw) % pb == 0]
+    if not aligned:
+        return None
+    cands = [gs for gs in aligned if gs * block_tile <= max_tile] or aligned[-1:]
+    if tun["g"]:
+        cands = [gs for gs in aligned if gs == tun["g"]] or cands
+    planes = n * c
+    min_prog = tun["min_programs_per_sm"] * sms
+    fits = [gs for gs in cands if gs * hw * itemsize <= tun["group_bytes"]] or [cands[-1]]
+    gsel = next((gs for gs in fits if planes // gs >= min_prog), fits[-1])
+    if channels_last and gsel * itemsize < tun["cl_min_bytes"]:
+        # NHWC reads move G * itemsize contiguous bytes per pixel: prefer whole 32-byte sectors.
+        wider = [gs for gs in cands if gs > gsel and planes // gs >= sms]
+        good = [gs for gs in wider if gs * itemsize >= tun["cl_min_bytes"]]
+        if good or wider:
+            gsel = min(good) if good else max(wider)
+    twb = _pow2(wb)
+    wbc = max(1, min(twb, max_tile // (gsel * block_tile)))
+    wbc = 1 << (wbc.bit_length() - 1)
+    nwc = -(-wb // wbc)
+    rwbc = max(1, min(twb, tun["max_row_tile"] // (gsel * tkw)))
+    rwbc = 1 << (rwbc.bit_length() - 1)
+    rnwc = -(-wb // rwbc)
+    misaligned = hw % pb != 0
+    span = hw + (pb - 1 if misaligned else 0)
+    # Flat pass 2 (rows not byte-aligned): columns per step E, a power of two minimising a cost
+    # model of the loop, nk * (max(tile, 1024) + 256): padding costs work, tiny steps overhead.
+    options = []
+    e = pb
+    while True:
+        nk = -(-span // e)
+        options.append((nk * (max(gsel * e, 1024) + 256), -e, nk))
+        if e >= span or e * 2 > max(max_tile // gsel, pb):
+            break
+        e *= 2
+    _, e, nk = min(options)
+    e = -e
+    int64 = planes * hw >= _INT32_LIMIT or bool(tun["force_int64"])
+    mode = int(tun["encode_mode"])
+    tile = gsel * tkh * wbc * tkw
+    warps = 8 if tile >= 4096 else 4 if tile >= 1024 else 2
+    if mode == 1:
+        row_tile = gsel * rwbc * tkw
+        enc_warps = 4 if row_tile >= 1024 else 2 if row_tile >= 256 else 1
+        if not row:
+            enc_warps = max(enc_warps, 8 if gsel * e >= 4096 else 4 if gsel * e >= 1024 else 2)
+    else:
+        flat_warps = 8 if gsel * e >= 4096 else 4 if gsel * e >= 1024 else 2
+        enc_warps = warps if row else max(warps, flat_warps)
+    enc_warps = tun["enc_warps"] or enc_warps
+    dec_warps = tun["dec_warps"] or warps
+    return Plan(n, c, h, w, kh, kw, hb, wb, tkh, tkw, wbc, nwc, rwbc, rnwc, full_h, full_w, gsel, e,
+                nk, pb, bits, row, misaligned, int64, channels_last, mode, bool(tun["decode_row"]) and row,
+                enc_warps, dec_warps)
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _device_ok(t: torch.Tensor) -> bool:
+    return t.is_cuda or (_INTERPRET and t.device.type == "cpu")
+
+
+def _layout(x: torch.Tensor) -> Optional[bool]:
+    """False: contiguous NCHW; True: channels_last (NHWC); None: neither."""
+    if x.is_contiguous():
+        return False
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return True
+    return None
+
+
+# ====================================================================================== codec
+class TritonDivisionCodec(DivisionCodec):
+    """``DivisionCodec`` whose encode / decode run fused Triton kernels on CUDA 4-D inputs.
+
+    Same constructor and stored format as the reference; see the module docstring for what runs
+    where and what falls back. ``rng`` picks the in-kernel random numbers (RNG_HASH or RNG_PHILOX);
+    None takes ``TUNING["rng"]``.
+    """
+
+    def __init__(self, block_size: int = 8, bits: int = 2, rounding: str = "stochastic",
+                 keep_lfc: bool = True, keep_hfc: bool = True, simulate: bool = False,
+                 generator: Optional[torch.Generator] = None, rng: Optional[int] = None):
+        super().__init__(block_size=block_size, bits=bits, rounding=rounding, keep_lfc=keep_lfc,
+                         keep_hfc=keep_hfc, simulate=simulate, generator=generator)
+        if rng not in (None, RNG_HASH, RNG_PHILOX):
+            raise ValueError(f"rng must be None, RNG_HASH or RNG_PHILOX, got {rng!r}")
+        self.rng = rng
+        self._seed_key: Optional[int] = None
+        self._seed_gen: Optional[torch.Generator] = None
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "backend": "triton"}
+
+    def __repr__(self) -> str:
+        return "Triton" + super().__repr__()
+
+    # ------------------------------------------------------------------------------- planning
+    def plan_for(self, shape, dtype: torch.dtype, channels_last: bool, device) -> Optional[Plan]:
+        """The launch plan for a 4-D input of this shape, or None if it takes the reference path."""
+        if len(shape) != 4 or dtype not in _FAST_DTYPES:
+            return None
+        geom = self.geometry(shape, dtype)
+        if geom.layout != LAYOUT_MAPS:
+            return None
+        dev = torch.device(device)
+        sms = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device()) \
+            if dev.type == "cuda" else 1
+        return _plan(geom.n, geom.c, geom.h, geom.w, geom.kh, geom.kw, self.bits, dtype.itemsize,
+                     bool(channels_last), sms, tuple(sorted(TUNING.items())))
+
+    def _fast(self) -> bool:
+        return self.keep_lfc and self.keep_hfc and not self.simulate
+
+    def draw_seed(self) -> int:
+        """A 31-bit seed for one encode, from a CPU generator (no device synchronisation)."""
+        gen = self.generator
+        if gen is not None and gen.device.type == "cpu":
+            return int(torch.randint(0, 2 ** 31 - 1, (1,), generator=gen).item())
+        key = gen.initial_seed() if gen is not None else torch.initial_seed()
+        if self._seed_gen is None or self._seed_key != key:
+            self._seed_gen = torch.Generator()
+            self._seed_gen.manual_seed(key)
+            self._seed_key = key
+        return int(torch.randint(0, 2 ** 31 - 1, (1,), generator=self._seed_gen).item())
+
+    # ------------------------------------------------------------------------- encode / decode
+    def encode(self, x: torch.Tensor, ctx: Optional[SaveContext] = None) -> Packed:
+        plan = None
+        if self._fast() and isinstance(x, torch.Tensor) and x.dim() == 4 and _device_ok(x):
+            cl = _layout(x)
+            if cl is not None:
+                plan = self.plan_for(x.shape, x.dtype, cl, x.device)
+        if plan is None:
+            return super().encode(x, ctx)
+        geom: Geometry = self.geometry(x.shape, x.dtype)
+        meta = {"layout": geom.layout, "shape": x.shape, "dtype": x.dtype,
+                "memory_format": _memory_format(x), "geometry": geom, "bits": self.bits,
+                "has_lfc": True, "has_hfc": True, "simulated": False}
+        tensors = self._encode_kernel(x, plan)
+        return Packed(self, tensors, meta)
+
+    def _encode_kernel(self, x: torch.Tensor, plan: Plan,
+                       seed: Optional[int] = None) -> dict[str, torch.Tensor]:
+        n, c, h, w = plan.n, plan.c, plan.h, plan.w
+        dev = x.device
+        lfc = torch.empty((n, c, plan.hb, plan.wb), dtype=torch.bfloat16, device=dev)
+        codes = torch.empty(packed_nbytes(n * c * h * w, plan.bits), dtype=torch.uint8, device=dev)
+        mn = torch.empty((n, c), dtype=torch.bfloat16, device=dev)
+        step = torch.empty((n, c), dtype=torch.bfloat16, device=dev)
+        stochastic = self.rounding == "stochastic"
+        if seed is None:
+            seed = self.draw_seed() if stochastic else 0
+        rng = TUNING["rng"] if self.rng is None else self.rng
+        _encode_kernel[plan.grid](
+            x, lfc, codes, mn, step, seed, c, c // plan.g,
+            STOCHASTIC=stochastic, RNG=rng,
+            num_warps=plan.enc_warps, **plan.encode_constexprs())
+        return {"lfc": lfc, "codes": codes, "mn": mn, "step": step}
+
+    def decode(self, packed: Packed) -> torch.Tensor:
+        t, m = packed.tensors, packed.meta
+        plan = None
+        if (m.get("layout") == LAYOUT_MAPS and not m.get("simulated") and m.get("has_lfc")
+                and m.get("has_hfc") and set(t) >= {"lfc", "codes", "mn", "step"}
+                and all(_device_ok(v) and v.is_contiguous() for v in t.values())
+                and t["lfc"].dtype == torch.bfloat16 and t["codes"].dtype == torch.uint8):
+            plan = self.plan_for(m["shape"], m["dtype"], m["memory_format"] == "channels_last",
+                                 t["codes"].device)
+            if plan is not None and plan.bits != m["bits"]:
+                plan = None  # a Packed from a codec with other bits: let the reference read it
+        if plan is None:
+            return super().decode(packed)
+        return self._decode_kernel(t, m["dtype"], plan)
+
+    def _decode_kernel(self, t: dict[str, torch.Tensor], dtype: torch.dtype, plan: Plan) -> torch.Tensor:
+        n, c, h, w = plan.n, plan.c, plan.h, plan.w
+        fmt = torch.channels_last if plan.channels_last else torch.contiguous_format
+        out = torch.empty((n, c, h, w), dtype=dtype, device=t["codes"].device, memory_format=fmt)
+        _decode_kernel[plan.grid](
+            t["codes"], t["lfc"], t["mn"], t["step"], out, c, c // plan.g,
+            num_warps=plan.dec_warps, **plan.decode_constexprs())
+        return out
+
+
+__all__ = ["TritonDivisionCodec", "Plan", "TUNING", "RNG_HASH", "RNG_PHILOX", "interpreting"]

@@ -1,0 +1,29 @@
+"""The single entry point: ``python main.py [overrides]`` (``-m`` for sweeps). See README.md."""
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from runners.checks import ConfigError
+from runners.job import run_job
+from runners.summary import print_summary
+
+log = logging.getLogger("main")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    try:
+        record = run_job(cfg, HydraConfig.get().runtime.output_dir)
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc)
+        sys.exit(2)
+    print_summary(record)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Building the run's parts from the composed config: device, model, data, method, autocast."""
+from __future__ import annotations
+
+import contextlib
+import random
+
+import torch
+from omegaconf import OmegaConf
+
+import division
+from data import build_datasets, build_loaders
+from models import MODEL_INFO, build_model as _build_model
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(cfg) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device, and DIVISION's stochastic rounding
+    try:
+        import numpy as np
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+def method_knobs(cfg) -> dict:
+    knobs = OmegaConf.to_container(cfg.method, resolve=True)
+    knobs.pop("name")
+    return knobs
+
+
+def build_method(cfg) -> division.TrainingMethod:
+    return division.build_method(cfg.method.name, **method_knobs(cfg))
+
+
+def method_record_fields(method: division.TrainingMethod) -> dict:
+    """B and Q as the method ended the run (adaptive methods such as ACGC choose bits as they go)."""
+    described = method.describe()
+    return {"block_size": described["block_size"], "bits": described["bits"]}
+
+
+def dataset_kwargs(cfg) -> dict:
+    kwargs = OmegaConf.to_container(cfg.dataset, resolve=True)
+    kwargs.pop("name")
+    kwargs.setdefault("seed", int(cfg.seed))
+    return kwargs
+
+
+def build_data(cfg, device: torch.device):
+    """(train_loader, val_loader, info) for the configured dataset."""
+    kwargs = dataset_kwargs(cfg)
+    train_ds, val_ds, info = build_datasets(cfg.dataset.name, **kwargs)
+    train_loader, val_loader = build_loaders(
+        train_ds, val_ds, batch_size=int(cfg.batch_size), num_workers=int(kwargs.get("num_workers", 0)),
+        device=device, on_device=kwargs.get("on_device", "auto"), seed=int(cfg.seed),
+        channels_last=bool(cfg.channels_last))
+    return train_loader, val_loader, info
+
+
+def build_model(cfg, num_classes: int, device: torch.device) -> torch.nn.Module:
+    model = _build_model(cfg.model.name, num_classes=num_classes).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def model_image_size(cfg) -> int:
+    return MODEL_INFO[cfg.model.name]["image_size"]
+
+
+def autocast(cfg, device: torch.device):
+    """Autocast for bf16/fp16 (the same for every method in a comparison); nothing for fp32."""
+    if cfg.precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[cfg.precision])

@@ -1,0 +1,104 @@
+"""One job, whatever its mode: validate, seed, run the mode's runner, write the record everywhere.
+
+The record is written in every case: ``ok``, ``oom`` (a CUDA out-of-memory error is a result, and a
+sweep goes on) or ``error`` (written, then the error is raised again so the job fails visibly).
+"""
+from __future__ import annotations
+
+import gc
+import importlib
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from omegaconf import OmegaConf
+
+from .build import build_method, resolve_device, seed_everything
+from .checks import validate
+from .record import new_record, write_record
+from .tracking import derive_group, start_logger
+
+log = logging.getLogger(__name__)
+
+MODES = ("train", "memory", "speed", "report")
+
+
+class JobEnv:
+    """What a runner gets besides the config: where to write, on which device, and the logger."""
+
+    def __init__(self, run_dir: Path, device: torch.device, logger, record: dict[str, Any]):
+        self.run_dir = run_dir
+        self.device = device
+        self.logger = logger
+        self.record = record  # the common fields; runners read them, the job writes them
+
+
+def _runner(mode: str) -> Callable[[Any, JobEnv], dict[str, Any]]:
+    return importlib.import_module(f"runners.{mode}").run
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def run_job(cfg, run_dir: str | Path) -> dict[str, Any]:
+    """Run one job and return its record (also written to results.json and the results store)."""
+    validate(cfg)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(int(cfg.seed))
+    device = resolve_device(cfg)
+    method_fields = build_method(cfg).describe() if cfg.mode.name != "report" else \
+        {"method": cfg.method.name, "block_size": None, "bits": None}
+    record = new_record(cfg, run_dir, method_fields)
+    record["device"] = device.type
+    record["group"] = derive_group(cfg)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    resume_id = _previous_run_id(run_dir) if cfg.get("resume") else None
+    logger = start_logger(cfg, str(run_dir), record, resume_id=resume_id)
+    record["wandb_run_id"] = logger.run_id
+    if logger.run_id:
+        (run_dir / "wandb_run_id").write_text(logger.run_id)
+    start = time.perf_counter()
+    failure: BaseException | None = None
+    try:
+        record.update(_runner(cfg.mode.name)(cfg, JobEnv(run_dir, device, logger, record)))
+        record["status"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - every outcome is recorded
+        if is_oom(exc):
+            record["status"] = "oom"
+            log.warning("out of memory: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        else:
+            record["status"] = "error"
+            failure = exc
+        record["error"] = f"{type(exc).__name__}: {exc}"
+    record["duration_s"] = round(time.perf_counter() - start, 3)
+    json_path, row_path = write_record(record, run_dir, _results_dir(cfg))
+    logger.summary(record)
+    logger.finish(exit_code=0 if record["status"] != "error" else 1)
+    log.info("record: %s (store row %s)", json_path, row_path)
+    if failure is not None:
+        raise failure
+    return record
+
+
+def _results_dir(cfg) -> Path:
+    path = Path(cfg.results_dir)
+    if path.is_absolute():
+        return path
+    try:
+        from hydra.utils import to_absolute_path
+        return Path(to_absolute_path(str(path)))
+    except ValueError:  # outside a Hydra app: relative to the working directory
+        return path.resolve()
+
+
+def _previous_run_id(run_dir: Path):
+    """The wandb run id of an earlier attempt in this directory, so a resumed run continues it."""
+    path = run_dir / "wandb_run_id"
+    return path.read_text().strip() if path.exists() else None

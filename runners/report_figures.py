@@ -1,0 +1,130 @@
+"""The report's figures as PNG bytes (matplotlib, Agg: no display needed), from the grids of report_tables.
+
+Figures are rendered to memory so the same bytes go to ``<key>.png``, into the HTML dashboard as a data
+URI, and to the logger.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import matplotlib
+
+matplotlib.use("Agg")  # before pyplot: a headless job must never look for a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from .report_tables import Grid, Heatmap, history, method_label, method_sort_key, setting_label  # noqa: E402
+
+_DPI = 110
+_MAX_ANNOTATED_BARS = 48  # above this the ratio labels overlap and only clutter
+
+
+@dataclass
+class Figure:
+    key: str
+    title: str
+    png: bytes
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=_DPI, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _colors(n: int):
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def grid_bars(grid: Grid, ylabel: str, title: str, ratio_fmt: str) -> Figure:
+    """Grouped bars: one group per column (model / batch), one bar per method; OOM marked at the base."""
+    methods, cols = grid.row_labels, grid.col_labels
+    width = 0.8 / max(len(methods), 1)
+    fig, ax = plt.subplots(figsize=(min(14.0, max(6.0, 0.4 * len(cols) * max(1, len(methods)) + 2)), 4.2))
+    x = np.arange(len(cols))
+    annotate = len(methods) * len(cols) <= _MAX_ANNOTATED_BARS
+    top = max([c.value for c in grid.cells.values() if c.value is not None], default=1.0)
+    for i, (method, color) in enumerate(zip(methods, _colors(len(methods)))):
+        offsets = x - 0.4 + width * (i + 0.5)
+        heights = []
+        for col in cols:
+            cell = grid.cells.get((method, col))
+            heights.append(cell.value if cell and cell.value is not None else 0.0)
+        ax.bar(offsets, heights, width, label=method, color=color)
+        for xo, col in zip(offsets, cols):
+            cell = grid.cells.get((method, col))
+            if cell is None:
+                continue
+            if cell.value is None and cell.status in ("oom", "error"):
+                ax.text(xo, top * 0.01, "OOM" if cell.status == "oom" else "err", rotation=90, ha="center",
+                        va="bottom", fontsize=7, color="crimson")
+            elif annotate and cell.ratio is not None:
+                ax.text(xo, cell.value, ratio_fmt.format(cell.ratio), ha="center", va="bottom", fontsize=7,
+                        rotation=90 if len(methods) > 4 else 0)
+    ax.set_xticks(x, cols, rotation=20 if len(cols) > 4 else 0, ha="right" if len(cols) > 4 else "center")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.set_ylim(0, top * 1.15)
+    ax.grid(axis="y", alpha=0.3)
+    # Outside the axes, on the right: with a dozen sweep points inside it would cover the bars.
+    ax.legend(fontsize=8, ncol=1 if len(methods) <= 12 else 2, loc="upper left", bbox_to_anchor=(1.0, 1.0),
+              frameon=False)
+    return Figure(f"{grid.key}_bars", title, _png(fig))
+
+
+def accuracy_bars(grid: Grid) -> Figure:
+    return grid_bars(grid, "val top-1 (%)", "Final validation top-1 per method", "{:+.1f}")
+
+
+def training_curves(rows: list[dict[str, Any]]) -> Optional[Figure]:
+    """Validation top-1 against epoch, one panel per model / data set, one line per run."""
+    # A curve needs two evaluated epochs; one-epoch runs are in the accuracy table and bars already.
+    runs = [r for r in rows if r.get("mode") == "train" and sum("val_top1" in h for h in history(r)) >= 2]
+    if not runs:
+        return None
+    settings = sorted({setting_label(r) for r in runs})
+    fig, axes = plt.subplots(1, len(settings), figsize=(5.2 * len(settings), 3.8), squeeze=False)
+    for ax, setting in zip(axes[0], settings):
+        members = sorted((r for r in runs if setting_label(r) == setting), key=method_sort_key)
+        for r, color in zip(members, _colors(len(members))):
+            points = [(h.get("epoch"), h["val_top1"]) for h in history(r) if "val_top1" in h]
+            points = [(int(e) if e is not None else i + 1, v) for i, (e, v) in enumerate(points)]
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o" if len(points) < 30 else None,
+                    markersize=3, label=method_label(r), color=color)
+        ax.set_title(setting)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("val top-1 (%)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, frameon=False, loc="upper left" if len(members) > 8 else "best",
+                  bbox_to_anchor=(1.0, 1.0) if len(members) > 8 else None)
+    return Figure("training_curves", "Validation top-1 per epoch", _png(fig))
+
+
+def heatmap(h: Heatmap) -> Figure:
+    data = np.array([[h.values.get((b, q)) if h.values.get((b, q)) is not None else np.nan for q in h.bits]
+                     for b in h.blocks], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.2 * len(h.bits) + 2.6, 0.8 * len(h.blocks) + 1.8))
+    masked = np.ma.masked_invalid(data)
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")  # grey: a grid point without a value
+    image = ax.imshow(masked, cmap=cmap, aspect="auto")
+    finite = data[np.isfinite(data)]
+    middle = (finite.min() + finite.max()) / 2 if finite.size else 0
+    for i, b in enumerate(h.blocks):
+        for j, q in enumerate(h.bits):
+            v = data[i, j]
+            text = h.fmt.format(v) if np.isfinite(v) else ("n/a" if (b, q) in h.values else "")
+            ax.text(j, i, text, ha="center", va="center", fontsize=9,
+                    color="black" if not np.isfinite(v) or v > middle else "white")
+    ax.set_xticks(range(len(h.bits)), [f"Q={q}" for q in h.bits])
+    ax.set_yticks(range(len(h.blocks)), [f"B={b}" for b in h.blocks])
+    ax.set_xlabel("bits for the high-frequency residual (Q)")
+    ax.set_ylabel("block size (B)")
+    ax.set_title(h.title, fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    return Figure(h.key, h.title, _png(fig))

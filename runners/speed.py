@@ -1,0 +1,90 @@
+"""mode=speed: images per second of full training steps on a fixed batch already on the device.
+
+The step is ``mode=train``'s (forward and loss under the same autocast, zero_grad, backward through
+the GradScaler, optimizer step, ``method.after_step``), built by the memory runner's ``build_bench``
+without a byte ledger, so no bookkeeping is timed. ``speed.warmup`` steps run untimed (cuDNN
+algorithm choice, allocator caches, optimizer state), then each of ``speed.steps`` steps is timed on
+its own: between CUDA events on the GPU (the GPU's time, idle gaps waiting for the host included),
+with ``time.perf_counter`` on CPU. The median step gives ``images_per_sec``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from .gpu_memory import free_after_oom
+from .job import is_oom
+from .memory import Bench, build_bench, train_step
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg, env) -> dict[str, Any]:
+    device = env.device
+    try:
+        step_ms = time_steps(cfg, device)
+    except Exception as exc:
+        if is_oom(exc):  # recorded as "oom" by the job; free the GPU first so a sweep can go on
+            free_after_oom(exc, device)
+        raise
+    median = percentile(step_ms, 0.5)
+    fields = {
+        "images_per_sec": int(cfg.batch_size) / (median / 1000.0),
+        "step_ms_median": median,
+        "step_ms_p10": percentile(step_ms, 0.1),
+        "step_ms_p90": percentile(step_ms, 0.9),
+        "steps_timed": len(step_ms),
+        "warmup_steps": int(cfg.speed.warmup),
+        "timer": "cuda_events" if device.type == "cuda" else "perf_counter",
+        "step_ms": step_ms,
+    }
+    log.info("speed: %.1f images/s, step %.2f ms (p10 %.2f, p90 %.2f) over %d steps",
+             fields["images_per_sec"], median, fields["step_ms_p10"], fields["step_ms_p90"], len(step_ms))
+    return fields
+
+
+def time_steps(cfg, device: torch.device) -> list[float]:
+    """Milliseconds of each timed step, after the warm-up steps."""
+    bench = build_bench(cfg, device, int(cfg.batch_size), ledger=None)
+    try:
+        for _ in range(int(cfg.speed.warmup)):
+            train_step(bench, cfg, device)
+        timer = _cuda_step_ms if device.type == "cuda" else _cpu_step_ms
+        return timer(bench, cfg, device, int(cfg.speed.steps))
+    finally:
+        bench.close()
+
+
+def _cuda_step_ms(bench: Bench, cfg, device: torch.device, steps: int) -> list[float]:
+    # Events are recorded on the stream and read after one final synchronize, so timing adds no
+    # host-device synchronisation between steps (the steps queue up as they do in training).
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(steps)]
+    torch.cuda.synchronize(device)
+    for start, end in events:
+        start.record()
+        train_step(bench, cfg, device)
+        end.record()
+    torch.cuda.synchronize(device)
+    return [start.elapsed_time(end) for start, end in events]
+
+
+def _cpu_step_ms(bench: Bench, cfg, device: torch.device, steps: int) -> list[float]:
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        train_step(bench, cfg, device)
+        times.append((time.perf_counter() - start) * 1000.0)
+    return times
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between the closest ranks (numpy's default), for 0 <= q <= 1."""
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)

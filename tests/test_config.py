@@ -1,0 +1,76 @@
+"""The configuration interface: every group option composes, bad values stop with a clear message."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runners.checks import ConfigError, validate
+from runners.job import run_job
+from tests.helpers import compose_config, group_options, run_main
+
+GROUPS = ("model", "dataset", "method", "mode", "logger")
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_option_of_every_group_composes(group):
+    options = group_options(group)
+    assert options, f"conf/{group} has no options"
+    for option in options:
+        cfg = compose_config([f"{group}={option}"])
+        assert cfg[group].name == option
+
+
+def test_defaults_are_the_embedded_cpu_job():
+    cfg = compose_config([])
+    assert (cfg.model.name, cfg.dataset.name, cfg.method.name, cfg.mode.name) == \
+        ("resnet20", "synthetic", "division", "train")
+    assert (cfg.method.block_size, cfg.method.bits) == (8, 2)
+    assert cfg.logger.mode == "offline"
+    assert cfg.results_dir.startswith("outputs/")
+    validate(cfg)
+
+
+def test_experiment_presets_compose():
+    for preset in group_options("experiment"):
+        cfg = compose_config([f"experiment={preset}"])
+        assert cfg.mode.name in ("train", "memory", "speed", "report")
+
+
+@pytest.mark.parametrize("override, key, allowed", [
+    ("method.bits=3", "method.bits", "1, 2, 4, 8"),
+    ("method.bits=16", "method.bits", "1, 2, 4, 8"),
+    ("method.block_size=0", "method.block_size", ">= 1"),
+    ("batch_size=0", "batch_size", ">= 1"),
+    ("precision=fp64", "precision", "fp32, bf16 or fp16"),
+    ("device=tpu", "device", "auto, cpu or cuda"),
+])
+def test_bad_values_are_rejected_with_key_value_and_allowed(override, key, allowed, tmp_path):
+    cfg = compose_config([override, f"results_dir={tmp_path}/store", "logger=none"])
+    with pytest.raises(ConfigError) as info:
+        run_job(cfg, tmp_path / "run")
+    message = str(info.value)
+    value = override.split("=", 1)[1]
+    assert key in message and value in message and allowed in message
+    assert not (tmp_path / "store").exists(), "nothing may be written before validation passes"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_cuda_is_rejected(tmp_path):
+    cfg = compose_config(["device=cuda", "logger=none"])
+    with pytest.raises(ConfigError, match="device='cuda'.*CUDA is not available"):
+        validate(cfg)
+
+
+def test_main_exits_with_clear_message_on_bad_bits(tmp_path):
+    proc = run_main(["method.bits=3", f"hydra.run.dir={tmp_path}/run", f"results_dir={tmp_path}/store",
+                     "logger=none"])
+    assert proc.returncode == 2
+    assert "method.bits=3" in proc.stderr + proc.stdout
+    assert "1, 2, 4, 8" in proc.stderr + proc.stdout
+
+
+def test_unknown_group_option_lists_the_available_ones(tmp_path):
+    proc = run_main(["model=resnet9000", f"hydra.run.dir={tmp_path}/run"])
+    assert proc.returncode != 0
+    out = proc.stderr + proc.stdout
+    assert "resnet9000" in out and "resnet20" in out and "resnet50" in out

@@ -1,0 +1,122 @@
+"""Model zoo: published sizes, forward/backward at the native input size, hook visibility."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from models import MODEL_INFO, MODEL_NAMES, build_model
+
+# Published parameter counts and how exactly they are published.
+# CIFAR models (10 classes): He et al. 2015 (ResNet-20: 0.27M), He et al. 2016 "Identity Mappings"
+# (ResNet-164: 1.7M), the common CIFAR ResNet-18 (11.2M) and DenseNet-121 (7.0M).
+# ImageNet models (1000 classes): torchvision's model documentation, exact.
+PUBLISHED_CIFAR_10 = {"resnet20": 0.27e6, "resnet18": 11.2e6, "resnet164": 1.7e6, "densenet121": 7.0e6}
+PUBLISHED_IMAGENET_1000 = {"resnet50": 25_557_032, "densenet161": 28_681_000, "wrn50_2": 68_883_240}
+CIFAR_TOLERANCE = 0.02  # the papers round to two or three significant digits
+
+# Exact counts of this implementation, for the README (10 / 100 classes).
+EXACT = {
+    "resnet20": (269_722, 275_572),
+    "resnet18": (11_173_962, 11_220_132),
+    "resnet164": (1_703_258, 1_726_388),
+    "densenet121": (6_956_298, 7_048_548),
+    "resnet50": (23_528_522, 23_712_932),
+    "densenet161": (26_494_090, 26_692_900),
+    "wrn50_2": (66_854_730, 67_039_140),
+}
+
+SLOW = {"densenet161", "wrn50_2"}  # over a second each on two CPU cores; marked slow
+
+
+def count_parameters(name: str, num_classes: int) -> int:
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        model = build_model(name, num_classes)
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_registry_is_consistent():
+    assert set(MODEL_NAMES) == set(MODEL_INFO) == set(EXACT)
+    for name, info in MODEL_INFO.items():
+        assert info["family"] in ("cifar", "imagenet")
+        assert info["image_size"] == (32 if info["family"] == "cifar" else 224)
+
+
+def test_unknown_model_lists_the_choices():
+    with pytest.raises(ValueError) as error:
+        build_model("resnet-18", 10)
+    for name in MODEL_NAMES:
+        assert name in str(error.value)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_CIFAR_10))
+def test_cifar_parameter_count_matches_the_paper(name):
+    count = count_parameters(name, 10)
+    print(f"{name}: {count:,} parameters (10 classes)")
+    assert abs(count - PUBLISHED_CIFAR_10[name]) <= CIFAR_TOLERANCE * PUBLISHED_CIFAR_10[name]
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_IMAGENET_1000))
+def test_imagenet_parameter_count_matches_torchvision(name):
+    assert count_parameters(name, 1000) == PUBLISHED_IMAGENET_1000[name]
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_exact_parameter_counts(name):
+    counts = (count_parameters(name, 10), count_parameters(name, 100))
+    print(f"{name}: {counts[0]:,} (10 classes), {counts[1]:,} (100 classes)")
+    assert counts == EXACT[name]
+
+
+def _forward_backward(name: str, num_classes: int = 10) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, num_classes)
+    size = MODEL_INFO[name]["image_size"]
+    images = torch.randn(2, 3, size, size)
+    start = time.perf_counter()
+    logits = model(images)
+    assert logits.shape == (2, num_classes)
+    nn.functional.cross_entropy(logits, torch.tensor([0, 1])).backward()
+    print(f"{name}: forward + backward at {size}x{size}, batch 2: {time.perf_counter() - start:.2f} s")
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"parameters without a gradient: {missing[:5]}"
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", [n for n in MODEL_NAMES if n not in SLOW])
+def test_forward_backward(name):
+    _forward_backward(name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SLOW))
+def test_forward_backward_large(name):
+    _forward_backward(name)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet18", "resnet164", "densenet121", "resnet50"])
+def test_every_relu_is_a_module(name, monkeypatch):
+    """An activation compressor built on module hooks must see every ReLU: count the functional
+    calls and check that each one happened inside an nn.ReLU module."""
+    model = build_model(name, 10)
+    module_calls, functional_calls = [0], [0]
+    for module in model.modules():
+        if isinstance(module, nn.ReLU):
+            module.register_forward_pre_hook(lambda *_: module_calls.__setitem__(0, module_calls[0] + 1))
+    real_relu = nn.functional.relu
+
+    def counting_relu(*args, **kwargs):
+        functional_calls[0] += 1
+        return real_relu(*args, **kwargs)
+
+    monkeypatch.setattr(nn.functional, "relu", counting_relu)
+    size = MODEL_INFO[name]["image_size"]
+    model(torch.randn(2, 3, size, size))
+    assert functional_calls[0] > 0
+    assert functional_calls[0] == module_calls[0]
+
+
+def test_hundred_classes_head():
+    assert build_model("resnet20", 100)(torch.randn(2, 3, 32, 32)).shape == (2, 100)

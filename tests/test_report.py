@@ -1,0 +1,285 @@
+"""mode=report on fabricated records: the paper-shaped tables, figures, filters, dashboard and edge cases."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import re
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+
+from runners import report
+from runners.checks import ConfigError
+from runners.record import write_record
+from runners.report_filter import WhereFilter, select_rows
+from runners.tracking import NullLogger
+
+ROOT = Path(__file__).resolve().parents[1]
+GIB = 2 ** 30
+
+
+@pytest.fixture(autouse=True)
+def _wandb_in_tmp(tmp_path, monkeypatch):
+    # Nothing here starts wandb, but keep it off $HOME and the network should that ever change.
+    for var in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb-home" / var.lower()))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+
+
+class RecordingLogger(NullLogger):
+    def __init__(self):
+        self.tables: dict[str, tuple[list, list]] = {}
+        self.images: dict[str, str] = {}
+
+    def log_table(self, key, columns, rows):
+        self.tables[key] = (columns, rows)
+
+    def log_image(self, key, path):
+        self.images[key] = path
+
+
+_CLOCK = iter(range(10 ** 6))
+
+
+def record(**fields) -> dict:
+    base = dict(run_id=uuid.uuid4().hex[:12], mode="memory", model="resnet50", dataset="synthetic", method="none",
+                block_size=None, bits=None, batch_size=64, device="cuda", precision="fp32", seed=0, group="paper",
+                status="ok", error=None, run_dir="/nowhere", duration_s=1.0, wandb_run_id=None)
+    base["started_at"] = f"2026-01-01T00:{next(_CLOCK):06d}"
+    base.update(fields)
+    if base["method"] == "division" and base["block_size"] is None:
+        base.update(block_size=8, bits=2)
+    return base
+
+
+def fill(store: Path, records: list[dict]) -> None:
+    for r in records:
+        write_record(r, store.parent / "runs" / r["run_id"], store)
+
+
+def paper_memory_records() -> list[dict]:
+    """The paper's ResNet-50 activation row shape: vanilla OOM at batch 512, DIVISION 10x smaller."""
+    out = []
+    for batch, vanilla in ((64, 5.14), (128, 10.25), (256, 20.48), (512, None)):
+        for method, factor in (("none", 1.0), ("division", 1 / 10.5), ("checkpoint", 1 / 5.7), ("actnn", 1 / 10.5)):
+            if vanilla is None and method == "none":
+                out.append(record(method=method, batch_size=batch, status="oom", error="OutOfMemoryError"))
+                continue
+            act = (vanilla or 40.96) * factor * GIB
+            out.append(record(method=method, batch_size=batch, activation_bytes=act, total_bytes=act + 0.3 * GIB,
+                              peak_bytes=act + 0.8 * GIB, ledger_bytes=act, ledger_plain_bytes=batch / 64 * 5.14 * GIB,
+                              ledger_ratio=batch / 64 * 5.14 * GIB / act))
+    return out
+
+
+def speed_records() -> list[dict]:
+    return [record(mode="speed", method=m, batch_size=b, precision="bf16", images_per_sec=v, step_ms_median=b / v * 1e3)
+            for m, values in (("none", (444, 464)), ("division", (370, 379))) for b, v in zip((64, 128), values)]
+
+
+def train_records() -> list[dict]:
+    out = []
+    for method, final in (("none", 94.9), ("division", 94.7)):
+        history = [dict(epoch=e, train_loss=1.0 / e, train_top1=80.0, val_top1=final - 3 + e, val_top5=99.0, lr=0.1,
+                        images_per_sec=900.0) for e in (1, 2, 3)]
+        out.append(record(mode="train", model="resnet18", dataset="cifar10", method=method, batch_size=256,
+                          group="cifar", epochs=3, final_val_top1=final, best_val_top1=final, final_train_loss=0.33,
+                          images_per_sec_train=900.0, history=history, ledger_plain_bytes=1e8,
+                          ledger_stored_bytes=1e7, ledger_ratio=10.0))
+    return out
+
+
+def sweep_records() -> list[dict]:
+    return [record(mode="memory", model="resnet18", dataset="cifar10", method="division", block_size=b, bits=q,
+                   batch_size=256, device="cpu", group="block_bits", activation_bytes=1e6 * q / b,
+                   ledger_bytes=1e6 * q / b, ledger_plain_bytes=3.2e7, ledger_ratio=32.0 * b / q)
+            for b in (2, 4, 8, 16) for q in (1, 2, 4, 8)]
+
+
+def run_report(store: Path, out: Path, group=None, where=None, formats=("md", "csv", "png", "html")):
+    cfg = OmegaConf.create({"results_dir": str(store),
+                            "report": {"group": group, "where": where, "formats": list(formats)}})
+    logger = RecordingLogger()
+    fields = report.run(cfg, SimpleNamespace(run_dir=out, logger=logger, device=None, record={}))
+    return fields, logger
+
+
+def md_table(markdown: str, title_start: str) -> list[list[str]]:
+    """The rows (header included) of the Markdown table under the heading that starts with title_start."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"### {title_start}"))
+    rows = []
+    for line in lines[start + 1:]:
+        if line.startswith("|"):
+            if not line.startswith("|---"):
+                rows.append([c.strip() for c in line.strip("|").split("|")])
+        elif rows:
+            break
+    return rows
+
+
+def test_memory_table_has_the_papers_shape(tmp_path):
+    store = tmp_path / "store"
+    fill(store, paper_memory_records() + [record(mode="report", method="division")])
+    fields, logger = run_report(store, tmp_path / "out")
+    assert fields["report_runs"] == 16  # the report run itself is left out
+    text = (tmp_path / "out" / "report.md").read_text()
+    rows = md_table(text, "Activation memory")
+    assert rows[0] == ["method", "resnet50 b64", "resnet50 b128", "resnet50 b256", "resnet50 b512"]
+    assert [r[0] for r in rows[1:]] == ["none", "checkpoint", "actnn", "division B8 Q2"]  # the paper's order
+    none, division = rows[1], rows[4]
+    assert none[1] == "5.14" and none[4] == "OOM"
+    assert division[1] == "0.49 (10.5x)"  # the paper's cell, in GiB with the ratio to none
+    assert division[4] == "3.90"  # no ratio where vanilla ran out of memory
+    assert "Total memory" in text and "Peak memory" in text
+    assert "report/memory_activation" in logger.tables
+    assert logger.tables["report/memory_activation"][0][0] == "method"
+    with open(tmp_path / "out" / "memory_activation.csv") as f:
+        assert list(csv.reader(f))[1][:2] == ["none", "5.14"]
+
+
+def test_throughput_accuracy_and_curves(tmp_path):
+    store = tmp_path / "store"
+    fill(store, speed_records() + train_records())
+    fields, logger = run_report(store, tmp_path / "out")
+    out = tmp_path / "out"
+    text = (out / "report.md").read_text()
+    speed = md_table(text, "Throughput")
+    assert speed[1][:2] == ["none", "444.0"] and speed[2][1] == "370.0 (0.83x)"
+    accuracy = md_table(text, "Top-1 accuracy")
+    assert accuracy[0] == ["method", "resnet18 / cifar10"]
+    assert accuracy[2] == ["division B8 Q2", "94.70 / 94.70 (-0.20)"]
+    for name in ("throughput_bars.png", "accuracy_bars.png", "training_curves.png"):
+        assert name in fields["report_files"]
+        with Image.open(out / name) as image:
+            image.verify()
+    assert set(logger.images) >= {"report/throughput_bars", "report/accuracy_bars", "report/training_curves"}
+
+
+def test_block_bits_heatmaps(tmp_path):
+    store = tmp_path / "store"
+    fill(store, sweep_records())
+    fields, _ = run_report(store, tmp_path / "out")
+    text = (tmp_path / "out" / "report.md").read_text()
+    grid = md_table(text, "memory: activation compression (ledger)")
+    assert grid[0] == ["block size \\ bits", "Q=1", "Q=2", "Q=4", "Q=8"]
+    assert [r[0] for r in grid[1:]] == ["B=2", "B=4", "B=8", "B=16"]
+    assert grid[3][2] == "128.0"  # B=8, Q=2: 32 * 8 / 2
+    heatmaps = [f for f in fields["report_files"] if f.startswith("sweep_") and f.endswith(".png")]
+    assert len(heatmaps) == 1
+    # On CPU activation_bytes is the ledger's count: one table, not the same numbers twice.
+    assert "### Activation memory" not in text and "### Activations kept for backward" in text
+
+
+def test_group_and_where_filters(tmp_path):
+    store = tmp_path / "store"
+    fill(store, paper_memory_records() + sweep_records())
+    fields, _ = run_report(store, tmp_path / "a", group="block_bits")
+    assert fields["report_runs"] == 16
+    fields, _ = run_report(store, tmp_path / "b", where="model == 'resnet50' and batch_size >= 128")
+    assert fields["report_runs"] == 12
+    text = (tmp_path / "b" / "report.md").read_text()
+    assert "resnet50 b64" not in text and "resnet50 b128" in text
+    fields, _ = run_report(store, tmp_path / "c", group="block_bits", where="bits in [1, 2] and not block_size == 16")
+    assert fields["report_runs"] == 6
+
+
+def test_where_is_a_safe_small_language():
+    rows = [dict(model="resnet50", batch_size=64, bits=None), dict(model="wrn50_2", batch_size=512, bits=2)]
+    assert select_rows(rows, None, "64 < batch_size <= 512") == rows[1:]
+    assert select_rows(rows, None, "bits == null") == rows[:1]
+    assert select_rows(rows, None, "bits >= 2") == rows[1:]  # null never orders: no TypeError
+    assert select_rows(rows, None, "model != 'resnet50' or batch_size == 64") == rows
+    assert select_rows(rows, None, "-bits < -1") == rows[1:]
+    for bad in ("__import__('os').system('true')", "model.upper() == 'X'", "open('/etc/passwd')",
+                "[r for r in model]", "batch_size + 1 > 2", "lambda: 1", "model == 'a' if 1 else 2"):
+        with pytest.raises(ConfigError, match="report.where"):
+            WhereFilter(bad, {"model", "batch_size"})
+    with pytest.raises(ConfigError, match="unknown column 'modle'"):
+        select_rows(rows, None, "modle == 'resnet50'")
+    with pytest.raises(ConfigError, match="not a valid expression"):
+        WhereFilter("model ==", {"model"})
+
+
+def test_empty_store_and_empty_selection_say_so(tmp_path):
+    fields, _ = run_report(tmp_path / "missing", tmp_path / "a")
+    assert fields["report_runs"] == 0 and "holds no runs" in fields["report_note"]
+    assert "holds no runs" in (tmp_path / "a" / "report.md").read_text()
+    assert "0 runs" in (tmp_path / "a" / "dashboard.html").read_text()
+    store = tmp_path / "store"
+    fill(store, paper_memory_records())
+    fields, _ = run_report(store, tmp_path / "b", formats=["csv"], group="nope")
+    assert fields["report_runs"] == 0 and "No run matched" in fields["report_note"]
+    assert fields["report_files"] == ["report.md"]  # whatever the formats, one file says why it is empty
+
+
+def test_only_some_fields_and_failed_runs(tmp_path):
+    store = tmp_path / "store"
+    fill(store, [record(method="none", batch_size=64, status="error", error="RuntimeError: boom"),
+                 record(method="division", batch_size=64, ledger_bytes=GIB, activation_bytes=None),
+                 record(mode="train", method="division", status="oom")])
+    fields, _ = run_report(store, tmp_path / "out")
+    assert fields["report_runs"] == 3
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert md_table(text, "Activations kept for backward")[1] == ["none", "error"]
+    assert md_table(text, "Top-1 accuracy")[1][1] == "OOM"
+
+
+def test_bad_settings_are_config_errors_before_any_file(tmp_path):
+    with pytest.raises(ConfigError, match="report.formats"):
+        run_report(tmp_path / "store", tmp_path / "out", formats=["pdf"])
+    with pytest.raises(ConfigError, match="report.where"):
+        run_report(tmp_path / "store", tmp_path / "out", where="__import__('os').system('true')")
+    assert not (tmp_path / "out").exists()
+
+
+def test_dashboard_is_self_contained(tmp_path):
+    store = tmp_path / "store"
+    fill(store, paper_memory_records() + speed_records() + train_records() + sweep_records())
+    fields, _ = run_report(store, tmp_path / "out")
+    page = (tmp_path / "out" / "dashboard.html").read_text()
+    assert "<h1>DIVISION experiment report</h1>" in page
+    assert f'id="run-count">{fields["report_runs"]} runs<' in page
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
+    assert "<script" not in page and "<link" not in page
+    images = re.findall(r'<img [^>]*src="([^"]+)"', page)
+    assert images and all(src.startswith("data:image/png;base64,") for src in images)
+    assert "division B8 Q2" in page and "<table" in page
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="headless Chromium not installed (apt-get install chromium)")
+def test_dashboard_opens_in_headless_chromium(tmp_path):
+    import subprocess
+    import sys
+    store = tmp_path / "store"
+    fill(store, paper_memory_records() + sweep_records())
+    fields, _ = run_report(store, tmp_path / "out")
+    shot = tmp_path / "dashboard.png"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_dashboard.py"),
+                           str(tmp_path / "out" / "dashboard.html"), "--runs", str(fields["report_runs"]),
+                           "--expect", "division B8 Q2", "--expect", "OOM", "--screenshot", str(shot)],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    with Image.open(shot) as image:
+        assert image.size[0] >= 800
+
+
+def test_check_dashboard_finds_problems():
+    """The checker itself, on pages that break each rule (no browser needed)."""
+    spec = importlib.util.spec_from_file_location("check_dashboard", ROOT / "scripts" / "check_dashboard.py")
+    check_dashboard = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check_dashboard)
+    page = ('<html><body><h1>x</h1><p><span id="run-count">3 runs</span></p><img src="https://e.com/a.png">'
+            '<table><tbody><tr><td>1</td></tr></tbody></table></body></html>')
+    problems = "\n".join(check_dashboard.check_dom(page, runs=4, expect=["division"]))
+    assert "run count says 3, expected 4" in problems and "https://e.com/a.png" in problems
+    assert "text not found: 'division'" in problems
+    assert check_dashboard.check_dom(page.replace("https://e.com/a.png", "data:,"), 3, []) == \
+        ["image 0 is not an inline PNG ('data:,')"]

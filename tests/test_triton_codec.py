@@ -1,0 +1,440 @@
+"""The fused Triton DIVISION codec (division/triton_codec.py) against the plain-PyTorch reference.
+
+The same checks run twice:
+- on CPU through Triton's interpreter, in a subprocess started with TRITON_INTERPRET=1 (the kernels
+  are built as interpreted functions when division.triton_codec is imported, so the variable must be
+  set before that import; a subprocess keeps it out of this test process). Tiny shapes: ~10 s.
+- on a CUDA device (``-m gpu``), with larger shapes, every dtype and memory format.
+
+Equivalence: with rounding="nearest" and inputs whose block sums are exact in fp32 (multiples of
+2^-8), the fast path must store the reference's bytes exactly (lfc, codes, mn, step) and decode to
+the same values. On random inputs the block sums' order may differ, so an LFC may move by one bf16
+ulp and a few codes by one. Stochastic rounding uses other random draws than the reference, so it is
+checked for its own properties: |error| < step, unbiased, reproducible from the seed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from division.dual_precision import DivisionCodec, upsample  # noqa: E402
+from division.packing import unpack_bits  # noqa: E402
+
+BF16_ULP = 2.0 ** -7  # relative spacing of bf16 values (upper bound)
+
+
+# ====================================================================================== helpers
+def exact_input(shape, dtype=torch.float32, channels_last=False, seed=0, device="cpu"):
+    """Multiples of 2^-8 in (-1, 1): representable in bf16 / fp16, block sums exact in fp32."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randint(-255, 256, shape, generator=g).float() / 256).to(dtype)
+    x = x.to(device)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def random_input(shape, dtype=torch.float32, channels_last=False, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * 2 + 0.5).to(dtype).to(device)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _codes(packed):
+    m = packed.meta
+    return unpack_bits(packed.tensors["codes"], m["bits"], m["geometry"].numel).long()
+
+
+def _assert_fast(codec, x):
+    from division.triton_codec import _layout
+    plan = codec.plan_for(x.shape, x.dtype, bool(_layout(x)), x.device)
+    assert plan is not None, f"expected the fused path for {tuple(x.shape)} {x.dtype}"
+    return plan
+
+
+def _assert_format(xh, x):
+    assert xh.shape == x.shape and xh.dtype == x.dtype and xh.device == x.device
+    cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    if cl:
+        assert xh.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert xh.is_contiguous()
+
+
+# =========================================================================== the shared checks
+# (shape, bits, channels_last, dtype, block_size)
+CPU_EXACT_CASES = [
+    ((2, 4, 12, 12), 2, False, torch.float32, 8),   # partial last blocks (12 = 8 + 4)
+    ((2, 8, 7, 7), 2, False, torch.float32, 8),     # H < B, 49 codes per plane: planes share bytes
+    ((1, 8, 7, 7), 1, True, torch.bfloat16, 8),     # 1 bit: 8 codes per byte, misaligned planes
+    ((1, 4, 5, 9), 4, False, torch.float16, 8),     # kh = H = 5, W = 9 (blocks 8 + 1), odd planes
+    ((2, 4, 16, 16), 2, True, torch.float32, 8),    # channels_last
+    ((1, 8, 3, 3), 8, False, torch.float32, 8),     # 8 bits: one code per byte
+    ((2, 8, 9, 7), 2, True, torch.float16, 4),      # block 4, channels_last, misaligned
+    ((1, 2, 20, 4), 2, False, torch.bfloat16, 16),  # block 16 > W
+    ((2, 4, 14, 14), 2, True, torch.float32, 8),    # rows not byte-aligned, planes aligned
+]
+
+_A, _B, _C, _D = (8, 64, 56, 56), (4, 256, 14, 14), (4, 512, 7, 7), (2, 3, 36, 36)
+GPU_EXACT_CASES = (
+    [(shape, 2, cl, torch.float32, 8) for shape in (_A, _B, _C, _D) for cl in (False, True)]
+    + [(shape, 2, cl, torch.bfloat16, 8) for shape in (_A, _C) for cl in (False, True)]
+    + [(shape, 2, cl, torch.float16, 8) for shape in (_B, _D) for cl in (False, True)]
+    + [((4, 64, 28, 28), 1, True, torch.float32, 8), ((4, 64, 7, 7), 4, False, torch.float32, 8),
+       ((4, 64, 14, 14), 8, True, torch.bfloat16, 8), ((2, 16, 112, 112), 2, False, torch.float32, 8)]
+)
+GPU_RANDOM_CASES = [(shape, 2, cl, dtype, 8) for shape in (_A, _B, _C)
+                    for dtype in (torch.float32, torch.bfloat16) for cl in (False, True)]
+
+
+def check_nearest_exact(device, cases):
+    from division.triton_codec import TritonDivisionCodec
+    for i, (shape, bits, cl, dtype, block) in enumerate(cases):
+        x = exact_input(shape, dtype, cl, seed=i, device=device)
+        ref = DivisionCodec(block_size=block, bits=bits, rounding="nearest")
+        fast = TritonDivisionCodec(block_size=block, bits=bits, rounding="nearest")
+        _assert_fast(fast, x)
+        pf, pr = fast.encode(x), ref.encode(x)
+        label = f"{shape} bits={bits} cl={cl} {dtype} B={block}"
+        assert set(pf.tensors) == set(pr.tensors) == {"lfc", "codes", "mn", "step"}, label
+        for k in pr.tensors:
+            a, b = pf.tensors[k], pr.tensors[k]
+            assert a.dtype == b.dtype and a.shape == b.shape, (label, k)
+            assert torch.equal(a, b), (label, k, (a.float() - b.float()).abs().max().item()
+                                       if a.dtype != torch.uint8 else int((a != b).sum()))
+        assert pf.meta == pr.meta, label
+        assert pf.nbytes == fast.closed_form_nbytes(x.shape, x.dtype), label
+        # decode: the fused decode of either Packed equals the reference decode
+        want = ref.decode(pr)
+        for got in (fast.decode(pf), fast.decode(pr), ref.decode(pf)):
+            _assert_format(got, x)
+            tol = 0.0 if dtype == torch.float32 else 1e-2
+            assert torch.allclose(got.float(), want.float(), rtol=tol, atol=1e-6), label
+
+
+def check_random_close(device, cases):
+    from division.triton_codec import TritonDivisionCodec
+    for i, (shape, bits, cl, dtype, block) in enumerate(cases):
+        x = random_input(shape, dtype, cl, seed=100 + i, device=device)
+        ref = DivisionCodec(block_size=block, bits=bits, rounding="nearest")
+        fast = TritonDivisionCodec(block_size=block, bits=bits, rounding="nearest")
+        _assert_fast(fast, x)
+        pf, pr = fast.encode(x), ref.encode(x)
+        label = f"{shape} bits={bits} cl={cl} {dtype}"
+        for k in ("lfc", "mn", "step"):
+            a, b = pf.tensors[k].float(), pr.tensors[k].float()
+            assert torch.allclose(a, b, rtol=BF16_ULP, atol=1e-30), (label, k)
+        ca, cb = _codes(pf), _codes(pr)
+        diff = (ca - cb).abs()
+        assert diff.max().item() <= 1, label
+        assert diff.float().mean().item() <= 1e-3, (label, diff.float().mean().item())
+        # the nearest-rounding error bound of the reference holds for the fast path
+        xh = fast.decode(pf)
+        _assert_format(xh, x)
+        step = pf.tensors["step"].float()[:, :, None, None]
+        err = (xh.float() - x.float()).abs()
+        slack = 1e-5 * x.float().abs().amax() if dtype == torch.float32 else \
+            2.0 ** -7 * x.float().abs().amax()
+        assert (err <= step / 2 + slack).all(), label
+
+
+def _frac_check(x, packed):
+    """Stochastic rounding: P(round up) equals the fractional part of v = (hfc - mn) / step."""
+    t = packed.tensors
+    g = packed.meta["geometry"]
+    hfc = x.float() - upsample(t["lfc"], g.kh, g.kw, g.h, g.w)
+    mn = t["mn"].float()[:, :, None, None]
+    step = t["step"].float()[:, :, None, None]
+    v = (hfc - mn) / step
+    codes = _codes(packed).view(v.shape).float()
+    fl = v.floor()
+    up = codes - fl
+    assert ((up == 0) | (up == 1) | ((fl < 0) & (codes == 0)) | (codes == 2 ** packed.meta["bits"] - 1)).all()
+    frac = (v - fl).flatten()
+    up = up.flatten().clamp(0, 1)
+    n = frac.numel()
+    assert abs(up.mean().item() - frac.mean().item()) < 5 * 0.5 / n ** 0.5
+    for lo in (0.0, 0.25, 0.5, 0.75):
+        sel = (frac >= lo) & (frac < lo + 0.25)
+        if sel.sum() > 200:
+            k = sel.sum().item()
+            assert abs(up[sel].mean().item() - frac[sel].mean().item()) < 5 * 0.5 / k ** 0.5, lo
+
+
+def check_stochastic(device, shape=(2, 4, 16, 16), draws=64, small=(1, 2, 8, 8)):
+    from division.triton_codec import TritonDivisionCodec
+    x = random_input(shape, torch.float32, seed=7, device=device)
+    fast = TritonDivisionCodec(bits=2, generator=torch.Generator().manual_seed(1))
+    _assert_fast(fast, x)
+    p = fast.encode(x)
+    ref_p = DivisionCodec(bits=2, rounding="nearest").encode(x)
+    for k in ("lfc", "mn", "step"):  # the stats do not depend on the rounding mode
+        assert torch.allclose(p.tensors[k].float(), ref_p.tensors[k].float(), rtol=BF16_ULP, atol=1e-30), k
+    xh = fast.decode(p)
+    step = p.tensors["step"].float()[:, :, None, None]
+    err = xh - x
+    assert (err.abs() < step + 1e-5).all(), "stochastic error must stay below one step"
+    rel = (err / step).flatten()
+    assert abs(rel.mean().item()) < 5 * 0.5 / rel.numel() ** 0.5, "biased rounding"
+    _frac_check(x, p)
+    # unbiased per element: average of many independent draws (copies of one map along the batch
+    # draw independent numbers: the counter is the element's index)
+    xs = random_input(small, torch.float32, seed=8, device=device)
+    xr = xs.repeat(draws, 1, 1, 1)
+    pr = fast.encode(xr)
+    xh = fast.decode(pr).view(draws, *small)
+    st = pr.tensors["step"].float()[: small[0], :, None, None]
+    mean_err = (xh.mean(0) - xs) / st
+    assert mean_err.abs().max().item() < 5 * 0.5 / draws ** 0.5, mean_err.abs().max().item()
+    # reproducible from the codec generator; another seed gives other codes
+    a = TritonDivisionCodec(generator=torch.Generator().manual_seed(5)).encode(x)
+    b = TritonDivisionCodec(generator=torch.Generator().manual_seed(5)).encode(x)
+    c = TritonDivisionCodec(generator=torch.Generator().manual_seed(6)).encode(x)
+    assert torch.equal(a.tensors["codes"], b.tensors["codes"])
+    assert not torch.equal(a.tensors["codes"], c.tensors["codes"])
+    # generator=None: reproducible from torch.manual_seed
+    torch.manual_seed(11)
+    d = TritonDivisionCodec().encode(x)
+    torch.manual_seed(11)
+    e = TritonDivisionCodec().encode(x)
+    assert torch.equal(d.tensors["codes"], e.tensors["codes"])
+    # the Philox variant obeys the same laws
+    from division.triton_codec import RNG_PHILOX
+    ph = TritonDivisionCodec(rng=RNG_PHILOX, generator=torch.Generator().manual_seed(2))
+    pp = ph.encode(x)
+    assert ((ph.decode(pp) - x).abs() < step + 1e-5).all()
+    _frac_check(x, pp)
+
+
+def check_fallbacks(device):
+    """Inputs and knobs the kernels do not cover take the reference path: identical results."""
+    from division.triton_codec import TritonDivisionCodec
+    x4 = random_input((2, 4, 6, 6), device=device)
+    cases = [
+        (dict(), random_input((3, 20), device=device)),                          # 2-D
+        (dict(), random_input((2, 9, 5), device=device)),                        # 3-D
+        (dict(), random_input((2, 3, 2, 4, 4), device=device)),                  # 5-D
+        (dict(), random_input((2, 4, 6, 6), device=device).double()),            # fp64
+        (dict(), x4.transpose(2, 3)),                                             # odd strides
+        (dict(), random_input((2, 4, 1, 1), device=device)),                     # 1x1 maps
+        (dict(bits=1), random_input((2, 4, 2, 2), device=device)),               # 4 < 8 codes/byte
+        (dict(block_size=6), random_input((1, 2, 14, 14), device=device)),       # kh=6, 3 blocks
+        (dict(keep_lfc=False), x4),
+        (dict(keep_hfc=False), x4),
+        (dict(simulate=True), x4),
+    ]
+    for knobs, x in cases:
+        fast = TritonDivisionCodec(rounding="nearest", **knobs)
+        ref = DivisionCodec(rounding="nearest", **knobs)
+        pf, pr = fast.encode(x), ref.encode(x)
+        assert set(pf.tensors) == set(pr.tensors), knobs
+        for k in pr.tensors:
+            assert torch.equal(pf.tensors[k], pr.tensors[k]), (knobs, tuple(x.shape), k)
+        assert torch.equal(fast.decode(pf), ref.decode(pr)), (knobs, tuple(x.shape))
+
+
+def check_int64_path(device, shape=(2, 8, 7, 7)):
+    """The 64-bit index variant (used from 2^31 elements on) computes the same bytes."""
+    from division import triton_codec as tc
+    old = tc.TUNING["force_int64"]
+    tc.TUNING["force_int64"] = True
+    try:
+        check_nearest_exact(device, [(shape, 2, False, torch.float32, 8),
+                                     ((1, 4, 16, 16), 2, True, torch.bfloat16, 8)])
+        x = random_input(shape, device=device)
+        c = tc.TritonDivisionCodec(generator=torch.Generator().manual_seed(3))
+        p = c.encode(x)
+        assert ((c.decode(p) - x).abs() < p.tensors["step"].float()[:, :, None, None] + 1e-5).all()
+    finally:
+        tc.TUNING["force_int64"] = old
+
+
+def check_tilings(device):
+    """Other tilings of the same work (tiny tiles: many block-column chunks; flat pass 2 where rows
+    are byte-aligned; forced group sizes) store the same bytes."""
+    from division import triton_codec as tc
+    row_case = ((1, 4, 12, 20), 2, True, torch.bfloat16, 4)      # byte-aligned rows, partial blocks
+    flat_case = ((1, 8, 7, 7), 2, False, torch.float32, 8)       # misaligned planes
+    old = dict(tc.TUNING)
+    try:
+        for tun, cases in (({"max_tile": 64}, [row_case, flat_case]),
+                           ({"force_flat": True}, [row_case]),
+                           ({"g": 2, "max_tile": 256}, [row_case]),
+                           ({"max_tile": 128}, [((1, 4, 14, 14), 2, True, torch.float16, 8)]),
+                           ({"encode_mode": 0, "decode_row": True}, [row_case, flat_case]),
+                           ({"encode_mode": 0, "max_tile": 64}, [row_case]),
+                           ({"max_row_tile": 16}, [row_case, ((1, 4, 9, 12), 1, False, torch.float32, 8)]),
+                           ({"enc_warps": 1, "dec_warps": 1}, [row_case, flat_case]),
+                           ({"enc_warps": 8, "dec_warps": 8, "group_bytes": 1024}, [row_case, flat_case])):
+            tc.TUNING.update(tun)
+            check_nearest_exact(device, cases)
+            tc.TUNING.clear()
+            tc.TUNING.update(old)
+    finally:
+        tc.TUNING.clear()
+        tc.TUNING.update(old)
+
+
+CPU_CHECKS = {
+    "tilings": lambda: check_tilings("cpu"),
+    "nearest_exact": lambda: check_nearest_exact("cpu", CPU_EXACT_CASES),
+    "random_close": lambda: check_random_close("cpu", [((2, 8, 20, 20), 2, False, torch.float32, 8),
+                                                       ((2, 16, 7, 7), 2, True, torch.float32, 8),
+                                                       ((1, 4, 33, 31), 4, False, torch.bfloat16, 8)]),
+    "stochastic": lambda: check_stochastic("cpu"),
+    "fallbacks": lambda: check_fallbacks("cpu"),
+    "int64_path": lambda: check_int64_path("cpu"),
+}
+
+
+def _interpreter_main(out_path: str) -> None:
+    """Entry point of the interpreter subprocess: run every CPU check, record ok / traceback."""
+    from division.triton_codec import interpreting
+    results = {}
+    if not interpreting():
+        results = {name: "TRITON_INTERPRET=1 was not in effect" for name in CPU_CHECKS}
+    else:
+        import time
+        for name, fn in CPU_CHECKS.items():
+            t0 = time.perf_counter()
+            try:
+                fn()
+                results[name] = "ok"
+            except Exception:  # noqa: BLE001 - reported to the parent test
+                results[name] = traceback.format_exc()
+            results[name + ".seconds"] = round(time.perf_counter() - t0, 2)
+    Path(out_path).write_text(json.dumps(results, indent=1))
+
+
+# ======================================================================== CPU (interpreter) tests
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("triton_interp") / "results.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[2]); "
+            "import test_triton_codec as T; T._interpreter_main(sys.argv[3])")
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT), str(Path(__file__).parent), str(out)],
+                          env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("name", list(CPU_CHECKS))
+def test_interpreter(interpreted, name):
+    assert interpreted[name] == "ok", interpreted[name]
+
+
+# ============================================================================ in-process tests
+def test_cpu_tensors_take_the_reference_path():
+    from division.triton_codec import TritonDivisionCodec, interpreting
+    if interpreting():
+        pytest.skip("this process runs the kernels through the interpreter")
+    x = random_input((2, 4, 16, 16))
+    for rounding in ("nearest", "stochastic"):
+        fast = TritonDivisionCodec(rounding=rounding, generator=torch.Generator().manual_seed(0))
+        ref = DivisionCodec(rounding=rounding, generator=torch.Generator().manual_seed(0))
+        pf, pr = fast.encode(x), ref.encode(x)
+        for k in pr.tensors:
+            assert torch.equal(pf.tensors[k], pr.tensors[k])
+
+
+def test_constructor_and_describe():
+    from division.triton_codec import TritonDivisionCodec
+    c = TritonDivisionCodec(block_size=4, bits=4, rounding="nearest")
+    assert isinstance(c, DivisionCodec)
+    assert c.describe() == {**DivisionCodec(block_size=4, bits=4, rounding="nearest").describe(),
+                            "backend": "triton"}
+    with pytest.raises(ValueError):
+        TritonDivisionCodec(bits=3)
+    with pytest.raises(ValueError):
+        TritonDivisionCodec(rng=7)
+
+
+def test_plans():
+    from division.triton_codec import TUNING, _plan
+    key = tuple(sorted(TUNING.items()))
+    p = _plan(256, 64, 56, 56, 8, 8, 2, 4, False, 132, key)
+    assert p is not None and not p.misaligned and p.g * 56 * 56 * 4 <= TUNING["group_bytes"]
+    assert p.row and p.full_h and p.full_w and p.wbc * p.nwc >= 7
+    assert p.g * p.tkh * p.wbc * p.tkw <= TUNING["max_tile"]
+    p = _plan(128, 2048, 7, 7, 7, 7, 2, 4, True, 132, key)
+    assert p is not None and p.misaligned and not p.row and (p.g * 49) % 4 == 0
+    assert p.grid[0] >= 4 * 132 and p.e * p.nk >= 49 + 3
+    assert p.g * 4 >= TUNING["cl_min_bytes"]                              # NHWC: wide pixel reads
+    p = _plan(256, 1024, 14, 14, 8, 8, 2, 2, False, 132, key)
+    assert p is not None and not p.row and not p.misaligned and not p.full_w
+    assert _plan(2, 3, 7, 7, 7, 7, 2, 4, False, 132, key) is None          # no aligned group of C=3
+    assert _plan(2, 4, 14, 14, 6, 6, 2, 4, False, 132, key) is None        # kh=6 over 3 blocks
+    assert _plan(2, 4, 1, 1, 1, 1, 2, 4, False, 132, key) is None          # 1x1: LFC only
+    assert _plan(1 << 16, 512, 128, 128, 8, 8, 2, 2, False, 132, key).int64
+
+
+def test_backend_auto_on_this_machine():
+    from division.backends import division_codec
+    codec = division_codec(backend="auto", rounding="nearest")
+    from division.triton_codec import TritonDivisionCodec
+    assert isinstance(codec, TritonDivisionCodec) == torch.cuda.is_available()
+
+
+# =================================================================================== GPU tests
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_nearest_exact():
+    check_nearest_exact("cuda", GPU_EXACT_CASES + CPU_EXACT_CASES[:4])
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_random_close():
+    check_random_close("cuda", GPU_RANDOM_CASES)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_tilings():
+    check_tilings("cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_stochastic():
+    check_stochastic("cuda", shape=(8, 64, 28, 28), draws=64, small=(2, 16, 14, 14))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_fallbacks_and_int64():
+    check_fallbacks("cuda")
+    check_int64_path("cuda", shape=(4, 64, 7, 7))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_no_host_sync_and_cross_device_generator():
+    """encode must not synchronise with the device (a CUDA generator is only read on the host)."""
+    from division.triton_codec import TritonDivisionCodec
+    x = random_input((4, 64, 28, 28), device="cuda")
+    codec = TritonDivisionCodec(generator=torch.Generator(device="cuda").manual_seed(0))
+    codec.decode(codec.encode(x))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        p = codec.encode(x)
+        codec.decode(p)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
