@@ -78,8 +78,9 @@ def _choose_transforms(transforms: Optional[str], image_size: Optional[int],
     return kind, int(image_size), stored
 
 
-def _image_side(image: Image.Image) -> int:
-    return max(image.size)
+def _stored_side(path: PathLike) -> int:
+    with Image.open(path) as image:  # reads the header only
+        return max(image.size)
 
 
 # ------------------------------------------------------------------------------------- data sets
@@ -132,7 +133,7 @@ def _imagefolder(root: Optional[PathLike] = None, image_size: Optional[int] = No
     val = tv_datasets.ImageFolder(str(val_dir))
     _check_same_classes(train.classes, val.classes, val_dir, name)
     kind, image_size, stored = _choose_transforms(
-        transforms, image_size, lambda: _image_side(Image.open(train.samples[0][0])))
+        transforms, image_size, lambda: _stored_side(train.samples[0][0]))
     train.transform = tfm.build_transforms(kind, True, image_size, stored_size=stored)
     val.transform = tfm.build_transforms(kind, False, image_size, stored_size=stored)
     return train, val, _info(num_classes, train.classes, image_size, name)
@@ -148,7 +149,7 @@ def _lmdb(root: Optional[PathLike] = None, image_size: Optional[int] = None, tra
     val = LMDBImageDataset(val_path)
     _check_same_classes(train.classes, val.classes, val_path, name)
     kind, image_size, stored = _choose_transforms(
-        transforms, image_size, lambda: _image_side(train.load_image(0)[0]))
+        transforms, image_size, lambda: max(train.load_image(0)[0].size))
     train.transform = tfm.build_transforms(kind, True, image_size, stored_size=stored)
     val.transform = tfm.build_transforms(kind, False, image_size, stored_size=stored)
     return train, val, _info(num_classes, train.classes, image_size, name)

@@ -16,6 +16,8 @@ Database layout (an LMDB environment directory, keys and values are bytes):
   re-encoding, so no quality loss and no size growth). The length and the CRC-32 make a truncated or
   damaged value detectable before the image decoder sees it.
 - ``b"__format__"``: ``b"division-lmdb-1"``.
+- ``b"__source__"``: the absolute path of the data set folder it was converted from (UTF-8), so
+  that a reader can print the exact command that completes an unfinished conversion.
 - ``b"__classes__"``: JSON list of the class names; label i is ``classes[i]``.
 - ``b"__manifest__"``: hex SHA-256 of the sorted "relative/path<TAB>label" lines of the source
   split; a resumed conversion checks it so that it never mixes two different file lists.
@@ -53,6 +55,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = b"division-lmdb-1"
 KEY_FORMAT = b"__format__"
+KEY_SOURCE = b"__source__"
 KEY_CLASSES = b"__classes__"
 KEY_MANIFEST = b"__manifest__"
 KEY_PROGRESS = b"__progress__"
@@ -197,6 +200,7 @@ def convert_split(folder: Union[str, Path], split: str, out: Optional[Union[str,
         else:
             with env.begin(write=True) as txn:
                 txn.put(KEY_FORMAT, FORMAT)
+                txn.put(KEY_SOURCE, str(Path(folder).resolve()).encode())
                 txn.put(KEY_CLASSES, json.dumps(classes).encode())
                 txn.put(KEY_MANIFEST, manifest)
                 txn.put(KEY_PROGRESS, b"0")
@@ -250,9 +254,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="stop (resumably) once this many records are stored")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for split in args.split:
-        convert_split(args.folder, split, args.out, map_size=args.map_size, overwrite=args.overwrite,
-                      commit_every=args.commit_every, stop_after=args.stop_after)
+    try:
+        for split in args.split:
+            convert_split(args.folder, split, args.out, map_size=args.map_size, overwrite=args.overwrite,
+                          commit_every=args.commit_every, stop_after=args.stop_after)
+    except (FileNotFoundError, RuntimeError) as error:  # a message for the user, not a traceback
+        log.error("folder2lmdb: %s", error)
+        return 1
     return 0
 
 

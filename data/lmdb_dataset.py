@@ -20,8 +20,8 @@ import lmdb
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .folder2lmdb import (KEY_CLASSES, KEY_LABELS, KEY_LEN, KEY_PROGRESS, LMDBRecordError, decode_labels,
-                          decode_record, record_key)
+from .folder2lmdb import (FORMAT, KEY_CLASSES, KEY_FORMAT, KEY_LABELS, KEY_LEN, KEY_PROGRESS, KEY_SOURCE,
+                          LMDBRecordError, decode_labels, decode_record, record_key)
 
 _environments: dict[str, tuple[int, lmdb.Environment]] = {}  # resolved path -> (owner pid, handle)
 _environments_lock = threading.Lock()
@@ -61,17 +61,23 @@ class LMDBImageDataset(Dataset):
             raise FileNotFoundError(f"no LMDB database at {self.path.resolve()}; write it with "
                                     f"python data/folder2lmdb.py -f FOLDER -s {self.path.stem}")
         with shared_environment(self.path).begin() as txn:
-            length, progress = txn.get(KEY_LEN), txn.get(KEY_PROGRESS)
-            classes, labels = txn.get(KEY_CLASSES), txn.get(KEY_LABELS)
-        if length is None:
+            meta = {key: txn.get(key) for key in (KEY_FORMAT, KEY_SOURCE, KEY_LEN, KEY_PROGRESS, KEY_CLASSES, KEY_LABELS)}
+        if meta[KEY_FORMAT] != FORMAT:
+            release_environment(self.path)
+            raise RuntimeError(f"{self.path.resolve()} was not written by data/folder2lmdb.py "
+                               f"(format {meta[KEY_FORMAT]!r}, expected {FORMAT!r})")
+        if meta[KEY_LEN] is None:
             release_environment(self.path)  # the user will now run the writer on it
+            progress, source = meta[KEY_PROGRESS], meta[KEY_SOURCE]
             done = f" ({progress.decode()} records so far)" if progress is not None else ""
-            raise RuntimeError(f"{self.path.resolve()} is an unfinished conversion{done}: re-run "
-                               f"python data/folder2lmdb.py -f FOLDER -s {self.path.stem} to complete it")
-        self._length = int(length)
-        self.classes: list[str] = json.loads(classes)
+            folder = source.decode() if source is not None else "FOLDER"
+            raise RuntimeError(f"{self.path.resolve()} is an unfinished conversion{done}: re-run python "
+                               f"data/folder2lmdb.py -f {folder} -s {self.path.stem} -o {self.path.parent} "
+                               f"to complete it")
+        self._length = int(meta[KEY_LEN])
+        self.classes: list[str] = json.loads(meta[KEY_CLASSES])
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
-        self.targets: list[int] = decode_labels(labels)
+        self.targets: list[int] = decode_labels(meta[KEY_LABELS])
 
     def __len__(self) -> int:
         return self._length

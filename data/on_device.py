@@ -34,7 +34,7 @@ class UnsupportedTransform(ValueError):
 
 @dataclass(frozen=True)
 class Augmentation:
-    """What the device loader does to each batch, in this order."""
+    """What the device loader does to each batch: crop, then flip, then normalise."""
 
     mean: tuple[float, ...] = (0.0, 0.0, 0.0)
     std: tuple[float, ...] = (1.0, 1.0, 1.0)
@@ -52,17 +52,19 @@ def _uniform_padding(padding) -> int:
     return int(values[0])
 
 
-def augmentation_from_transform(transform, image_size: Sequence[int]) -> Augmentation:
-    """Read crop / flip / normalisation off a torchvision transform for images of (H, W) ``image_size``."""
+def augmentation_from_transform(transform, image_size: Optional[Sequence[int]] = None) -> Augmentation:
+    """Read crop / flip / normalisation off a torchvision transform for images of (H, W)
+    ``image_size`` (None: not known yet; the crop size is then not checked)."""
     steps = transform.transforms if isinstance(transform, T.Compose) else ([] if transform is None else [transform])
     found: dict = {}
     for step in steps:
         if isinstance(step, (T.RandomCrop, T.RandomHorizontalFlip)) and "mean" in found:
             raise UnsupportedTransform(f"{step!r} comes after Normalize; the device loader normalises last")
         if isinstance(step, T.RandomCrop):
-            if tuple(step.size) != tuple(image_size) or step.padding_mode != "constant" or step.fill != 0:
+            wrong_size = image_size is not None and tuple(step.size) != tuple(image_size)
+            if wrong_size or step.padding_mode != "constant" or step.fill != 0:
                 raise UnsupportedTransform(f"{step!r}: only a zero-padded crop back to the image size "
-                                           f"{tuple(image_size)} runs on the device")
+                                           f"{image_size} runs on the device")
             found["crop_padding"] = _uniform_padding(step.padding or 0)
         elif isinstance(step, T.RandomHorizontalFlip):
             found["flip_p"] = float(step.p)
@@ -172,8 +174,10 @@ class DeviceLoader:
                      num_workers: int = 0) -> "DeviceLoader":
         """Decode ``dataset`` once (using ``num_workers`` processes) and reproduce its transform on
         the device; ``train`` shuffles each epoch (the augmentation comes from the transform itself)."""
+        transform = dataset_transform(dataset)
+        augmentation_from_transform(transform)  # refuse an unsupported recipe before decoding anything
         images, labels = decode_uint8(dataset, num_workers)
-        augmentation = augmentation_from_transform(dataset_transform(dataset), images.shape[-2:])
+        augmentation = augmentation_from_transform(transform, tuple(images.shape[-2:]))
         return cls(images, labels, batch_size, augmentation=augmentation, device=device, shuffle=train,
                    drop_last=drop_last if train else False, channels_last=channels_last, seed=seed,
                    dataset=dataset)

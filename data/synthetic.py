@@ -2,10 +2,12 @@
 
 Each class owns a fixed random prototype: a smooth (low-frequency) colour pattern plus a faint
 class colour cast. A sample is its class prototype seen through a random window (a shift of up to
-image_size / 8 pixels), with random contrast, overlaid with a random smooth distractor pattern of
-similar strength and per-pixel noise. The distractor keeps the task from being solved by averaging
-pixels: a ResNet-20 reaches roughly 50-70% validation accuracy (chance: 10%) after one epoch of
-2048 images and keeps improving over several, rather than saturating at once.
+image_size / 8 pixels), with random contrast, overlaid with a random smooth distractor pattern and
+per-pixel noise. The distractor keeps the task from being solved by averaging pixels, so accuracy
+keeps improving over several epochs instead of saturating at once. Measured with ResNet-20 on the
+default 2048 / 512 images (chance: 10%): one epoch at batch 64 (SGD, lr 0.05) reaches about 80%
+validation accuracy; at batch 128 and lr 0.1 (16 steps, too few for BatchNorm's running statistics
+to settle) about 30% after one epoch and over 90% after three.
 Everything is drawn from one seeded CPU generator, so a seed gives the same images on any machine.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ from .augment import crop_at
 
 _PATTERN_GRID = 4  # prototype detail: a 4x4 grid of random colours, smoothly interpolated
 _COLOUR_CAST = 0.3  # spread of the per-class colour offset, relative to the pattern's
-_DISTRACTOR = 1.0  # strength of the per-sample smooth pattern that is unrelated to the class
+_DISTRACTOR = 0.6  # strength of the per-sample smooth pattern that is unrelated to the class
 _PIXEL_NOISE = 0.5
 _CHUNK_ELEMENTS = 1 << 25  # floats per generation chunk: bounds the temporary memory (128 MiB)
 

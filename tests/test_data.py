@@ -319,8 +319,7 @@ def test_synthetic_is_deterministic_and_class_structured():
     assert train.images[train.labels == 0].float().std(0).mean() > 20
 
 
-@pytest.mark.slow  # a real training epoch: ~5-10 s of CPU on an idle two-core machine, much more when busy
-def test_resnet20_learns_synthetic_in_one_epoch():
+def test_resnet20_learns_synthetic_in_one_epoch():  # a real epoch: ~3 s on two idle cores
     torch.manual_seed(0)
     train, val, info = build_datasets("synthetic", seed=0)
     train_loader, val_loader = build_loaders(train, val, batch_size=64, on_device=True, seed=0)
@@ -335,7 +334,7 @@ def test_resnet20_learns_synthetic_in_one_epoch():
     model.eval()
     with torch.no_grad():
         correct = sum((model(images).argmax(1) == labels).sum().item() for images, labels in val_loader)
-    assert correct / len(val) > 0.3  # chance: 0.1; about 0.6 in practice
+    assert correct / len(val) > 0.5  # chance: 0.1; about 0.8 in practice
 
 
 # ----------------------------------------------------------------------------------- DeviceLoader
