@@ -1,13 +1,18 @@
-"""The single entry point: ``python main.py [overrides]`` (``-m`` for sweeps). See README.md."""
+"""The single entry point: ``python main.py [overrides]`` (``-m`` for sweeps). See README.md.
+
+Several processes: ``torchrun --nproc_per_node=N main.py [overrides]`` trains with DDP (runners/distributed.py).
+"""
 from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from runners import distributed
 from runners.checks import ConfigError
 from runners.job import run_job
 from runners.summary import print_summary
@@ -22,8 +27,14 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as exc:
         log.error("configuration error: %s", exc)
         sys.exit(2)
-    print_summary(record)
+    if distributed.is_main():
+        print_summary(record)
 
 
 if __name__ == "__main__":
-    main()
+    # Under torchrun all ranks must agree on one run directory before Hydra composes it.
+    sys.argv = distributed.pin_output_dir(sys.argv, Path(__file__).resolve().parent / "conf")
+    try:
+        main()
+    finally:
+        distributed.shutdown()

@@ -4,13 +4,18 @@ Small image sets on a GPU go through ``DeviceLoader`` (decoded once, augmented o
 everything else through a torch ``DataLoader``. Both yield (float32 images, int64 labels); the
 DataLoader's batches are still on the CPU (pinned on CUDA, so the trainer can copy them with
 ``non_blocking=True``), the DeviceLoader's are already on the device.
+
+Under data parallelism (``rank``, ``world_size``) each process loads its own shard. Every rank shuffles
+the training set with the same permutation, a function of (seed, epoch), and takes every world_size-th
+sample of it, so the union of the ranks' batches is the batch a single process would draw with
+``batch_size x world_size``; each validation sample goes to exactly one rank.
 """
 from __future__ import annotations
 
 from typing import Union
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from .on_device import DeviceLoader, UnsupportedTransform, augmentation_from_transform, dataset_transform
 
@@ -43,10 +48,24 @@ def fits_on_device(dataset: Dataset) -> bool:
     return True
 
 
+class EvalShard(Sampler[int]):
+    """Indices rank, rank + world_size, ...: every sample on exactly one rank, none repeated (unlike
+    DistributedSampler, which pads), so that sums over ranks count each validation sample once."""
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1):
+        self.indices = range(rank, size, world_size)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 def build_loaders(train_ds: Dataset, val_ds: Dataset, batch_size: int, num_workers: int = 0,
                   device: Union[str, torch.device] = "cpu", on_device: Union[str, bool] = "auto",
                   seed: int = 0, *, val_batch_size: Union[int, None] = None, drop_last: bool = False,
-                  channels_last: bool = False):
+                  channels_last: bool = False, rank: int = 0, world_size: int = 1):
     """(train_loader, val_loader).
 
     on_device: True -> DeviceLoaders; False -> DataLoaders; "auto" -> DeviceLoaders when ``device``
@@ -55,6 +74,9 @@ def build_loaders(train_ds: Dataset, val_ds: Dataset, batch_size: int, num_worke
         one-time decode for DeviceLoaders.
     seed: fixes the training order (and, for DeviceLoaders, the augmentation).
     drop_last: drop the last incomplete training batch. channels_last: DeviceLoaders only.
+    rank, world_size: this process's shard (see above); augmentation is drawn from ``seed + rank``.
+        The training order is then reshuffled by the trainer each epoch: ``set_epoch`` on the
+        DataLoader's sampler, a reseed of the DeviceLoader's ``order_generator``.
     """
     device = torch.device(device)
     choice = _as_choice(on_device)
@@ -62,12 +84,17 @@ def build_loaders(train_ds: Dataset, val_ds: Dataset, batch_size: int, num_worke
         choice = device.type == "cuda" and fits_on_device(train_ds)
     val_batch_size = val_batch_size or batch_size
     if choice:
-        common = dict(device=device, channels_last=channels_last, seed=seed, num_workers=num_workers)
+        common = dict(device=device, channels_last=channels_last, seed=seed + rank, order_seed=seed,
+                      num_workers=num_workers, rank=rank, world_size=world_size)
         return (DeviceLoader.from_dataset(train_ds, batch_size, train=True, drop_last=drop_last, **common),
                 DeviceLoader.from_dataset(val_ds, val_batch_size, train=False, **common))
 
     common = dict(num_workers=num_workers, pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
-    train_loader = DataLoader(train_ds, batch_size, shuffle=True, drop_last=drop_last,
-                              generator=torch.Generator().manual_seed(seed), **common)
-    val_loader = DataLoader(val_ds, val_batch_size, shuffle=False, **common)
+    # The sampler draws epoch e's permutation from seed * 1000 + e (as the DeviceLoader's order on the
+    # CPU), for one process as for many; it pads the permutation so all ranks take as many steps.
+    sampler = DistributedSampler(train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed * 1000)
+    # The generator seeds the worker processes, i.e. the per-sample augmentation: the rank's own.
+    train_loader = DataLoader(train_ds, batch_size, sampler=sampler, drop_last=drop_last,
+                              generator=torch.Generator().manual_seed(seed + rank), **common)
+    val_loader = DataLoader(val_ds, val_batch_size, sampler=EvalShard(len(val_ds), rank, world_size), **common)
     return train_loader, val_loader

@@ -138,13 +138,22 @@ class DeviceLoader:
     shuffle: a new permutation each epoch (training); otherwise the stored order (evaluation).
     augmentation: crop / flip / normalisation applied to each batch on the device.
     seed: fixes the whole sequence of epochs: permutations, crops and flips.
+    rank, world_size: this process's share of each epoch under data parallelism. Every rank draws the
+        same permutation (from ``order_seed``, default ``seed``; ``order_generator``) and takes every
+        world_size-th sample of it from ``rank``; crops and flips come from ``seed`` (``generator``), so
+        give each rank its own. A shuffling (training) loader pads the permutation by wrapping around,
+        so every rank yields the same number of batches; an evaluation loader gives each sample to
+        exactly one rank. With one process, one generator draws everything, as ``seed`` alone says.
     ``len()`` is the number of batches per epoch; ``dataset`` is the source dataset, if known.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
                  augmentation: Augmentation = Augmentation(), device: Device = "cpu", shuffle: bool = False,
                  drop_last: bool = False, channels_last: bool = False, seed: int = 0,
-                 dataset: Optional[Dataset] = None):
+                 dataset: Optional[Dataset] = None, rank: int = 0, world_size: int = 1,
+                 order_seed: Optional[int] = None):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank {rank} of {world_size}")
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"expected uint8 images of shape (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         if images.shape[0] != labels.shape[0]:
@@ -160,7 +169,10 @@ class DeviceLoader:
         self.drop_last = drop_last
         self.channels_last = channels_last
         self.dataset = dataset
+        self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.order_generator = self.generator if world_size == 1 else \
+            torch.Generator(device=self.device).manual_seed(seed if order_seed is None else order_seed)
         channels = images.shape[1]
         mean = torch.tensor(augmentation.mean, dtype=torch.float32, device=self.device).view(1, channels, 1, 1)
         std = torch.tensor(augmentation.std, dtype=torch.float32, device=self.device).view(1, channels, 1, 1)
@@ -171,7 +183,8 @@ class DeviceLoader:
     @classmethod
     def from_dataset(cls, dataset: Dataset, batch_size: int, *, device: Device = "cpu", train: bool = True,
                      drop_last: bool = False, channels_last: bool = False, seed: int = 0,
-                     num_workers: int = 0) -> "DeviceLoader":
+                     num_workers: int = 0, rank: int = 0, world_size: int = 1,
+                     order_seed: Optional[int] = None) -> "DeviceLoader":
         """Decode ``dataset`` once (using ``num_workers`` processes) and reproduce its transform on
         the device; ``train`` shuffles each epoch (the augmentation comes from the transform itself)."""
         transform = dataset_transform(dataset)
@@ -180,11 +193,15 @@ class DeviceLoader:
         augmentation = augmentation_from_transform(transform, tuple(images.shape[-2:]))
         return cls(images, labels, batch_size, augmentation=augmentation, device=device, shuffle=train,
                    drop_last=drop_last if train else False, channels_last=channels_last, seed=seed,
-                   dataset=dataset)
+                   dataset=dataset, rank=rank, world_size=world_size, order_seed=order_seed)
 
     @property
     def num_samples(self) -> int:
-        return self.images.shape[0]
+        """The samples this rank yields per epoch (all of them in one process)."""
+        total = self.images.shape[0]
+        if self.shuffle:
+            return -(-total // self.world_size)
+        return len(range(self.rank, total, self.world_size))
 
     def __len__(self) -> int:
         if self.drop_last:
@@ -192,10 +209,14 @@ class DeviceLoader:
         return -(-self.num_samples // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        total = self.images.shape[0]
         if self.shuffle:
-            order = torch.randperm(self.num_samples, generator=self.generator, device=self.device)
+            order = torch.randperm(total, generator=self.order_generator, device=self.device)
+            padded = self.num_samples * self.world_size
+            order = order.repeat(-(-padded // total))[:padded]
         else:
-            order = torch.arange(self.num_samples, device=self.device)
+            order = torch.arange(total, device=self.device)
+        order = order[self.rank::self.world_size]
         for batch in range(len(self)):
             index = order[batch * self.batch_size:(batch + 1) * self.batch_size]
             yield self._prepare(self.images[index]), self.labels[index]

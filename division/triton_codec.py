@@ -2,57 +2,65 @@
 
 ``TritonDivisionCodec`` takes the reference's constructor and writes the reference's stored format
 (``Packed.tensors`` = lfc / codes / mn / step, same meta), so either codec decodes the other's
-``Packed``. It runs two kernels:
+``Packed``. Two kernels, one launch each; a program owns ``G`` consecutive channels (planes) of one
+sample, reads x in its own memory format (NCHW, or NHWC where G neighbouring channels are
+contiguous) and writes codes in the format's logical NCHW order.
 
-encode (one launch, one program per group of ``G`` consecutive channels of one sample):
-    pass 1  reads x once, block-row by block-row, as a [G, kh, WB, kw] tile: block sums -> block
-            means (fp32, divided by each block's count of valid elements) -> rounded to bf16 and
-            stored as the LFC; HFC = x - LFC(bf16) on the fly; running per-plane min / max.
-            Then mn (bf16 rounded down) and step = (max - mn) / (2^Q - 1) (bf16 rounded up), stored.
-    pass 2  walks the same planes in flat NCHW order as a [G, E / PB, PB] tile (PB = 8 // Q codes
-            per byte), re-reads x (the program read it moments ago: mostly L2 hits), gathers the
-            stored LFC cell of each element, quantizes ``floor((hfc - mn) / step + u)`` with u drawn
-            in the kernel (stochastic) or 0.5 (nearest), packs PB codes per byte, stores the bytes.
-            A plane whose code count is not a multiple of PB shares its first byte with the plane
-            before: each row is shifted so bytes line up, and the shared bytes are OR-ed together
-            after the loop (``MISALIGNED``), so no byte is written twice.
-decode (one launch, same program mapping): per block row, a [G, kh, WB, kw] tile: one LFC load per
-    block, one byte load per element, unpack -> ``lfc + (mn + code * step)`` -> cast -> store in the
-    output's memory format (contiguous or channels_last).
+encode
+    pass 1  reads x once and produces the LFC and each plane's HFC range:
+            mode 1 (NCHW default): a row loop; tile [G, blocks, kw] = one image row, the kh rows of a
+              block row unrolled and accumulated elementwise (sum, min, max of x), reduced over kw
+              only; the HFC min / max of a block is fl(min x - lfc) / fl(max x - lfc), exact because
+              subtraction is monotone. mode 0 (NHWC default): 4-D tiles [G, kh, blocks, kw].
+            block mean = sum / count of valid elements (IEEE division), rounded to bf16 = the LFC;
+            mn = min HFC rounded down to bf16, step = (max - mn) / (2^Q - 1) rounded up to bf16.
+    pass 2  re-reads x (this program read it moments ago: L2 hits), subtracts the stored LFC and mn,
+            divides by step, adds u (stochastic) or 0.5 (nearest), clamps, packs PB = 8 // Q codes
+            per byte and stores the bytes. Rows whose width and block width are multiples of PB
+            walk block rows; other maps (7x7, 14x14 at Q=2) walk each plane in flat NCHW order,
+            shifting a plane whose first code is not on a byte boundary and OR-ing the byte it
+            shares with the previous plane after the loop (``MISALIGNED``), so no byte is written
+            twice.
+decode  4-D tiles [G, kh, blocks, kw] per block row: one LFC load per block, one byte load per
+        element (cached), unpack -> ``lfc + (mn + code * step)`` -> cast -> store in the output's
+        memory format (contiguous or channels_last).
 
-Inputs are read through (sample, channel, flattened-HW) strides, so channels_last (NHWC) tensors
-are read in place (G neighbouring channels are contiguous in memory) and decoded straight into a
-channels_last output; codes stay in logical NCHW order as the format requires.
+Arithmetic follows the reference operation by operation in fp32, so with ``rounding="nearest"`` the
+fast path stores the reference's bytes (exactly when the block sums are exact in fp32, e.g. the
+tests' inputs; otherwise a block mean may differ by one bf16 ulp and a few codes by one):
+IEEE division for block means and (nearest) for the quantization ratio; round-to-nearest-even
+bf16 done with integer ops under Triton's interpreter (whose cast truncates); and the step's
+``(max - mn) / levels`` computed as PyTorch computes it on the same device (IEEE division on the
+CPU, multiplication by the fp32 reciprocal on CUDA). With stochastic rounding the ratio is
+``a * (1/step)`` plus one fma correction (3 instructions, within about one ulp).
 
-Arithmetic matches the reference operation for operation (fp32, IEEE division ``div_rn``,
-round-to-nearest-even bf16 done with integer ops so that Triton's CPU interpreter, which truncates
-on ``.to(bfloat16)``, agrees with the GPU), so with ``rounding="nearest"`` the fast path writes the
-reference's bytes whenever the block sums come out identical (always for inputs whose sums are exact
-in fp32; otherwise a block mean may differ by one bf16 ulp and a few codes by one).
+Random numbers: one 32-bit hash per output byte of (seed, global byte index) (golden-ratio spread
++ seed, then Wellons' lowbias32), spread to the byte's PB code lanes by distinct odd multipliers;
+the top 23 bits become a float in [0, 1) (``RNG_HASH``; each lane is exactly uniform; draws depend
+only on the element's NCHW position, so a channels_last input encodes like its contiguous copy).
+``RNG_PHILOX`` uses Triton's ``tl.rand`` (1.6x slower encode on an H200). The 31-bit seed of each
+encode comes from a CPU torch.Generator (no device sync): the codec's generator when it lives on
+the CPU, else a private CPU stream seeded from the codec generator's ``initial_seed()`` (or
+``torch.initial_seed()`` when there is none), so ``torch.manual_seed(s)`` before building the codec
+makes runs reproducible. The draws differ from the reference's ``torch.rand``, so stochastic codes
+differ from the reference's (same law: unbiased, |error| < step). A CUDA graph capturing an encode
+would replay its seed.
 
-Random numbers for stochastic rounding are a counter-based hash of (seed, NCHW element index)
-(``RNG_HASH``, 24-bit uniforms, 3 integer multiplies per element) or Triton's Philox
-``tl.rand`` (``RNG_PHILOX``). The 31-bit seed of each encode is drawn from a CPU torch.Generator
-(no GPU sync): the codec's generator when it lives on the CPU, else a private CPU stream seeded
-from the codec generator's ``initial_seed()`` (or ``torch.initial_seed()`` when there is none), so
-``torch.manual_seed(s)`` before building the codec makes runs reproducible. The draws differ from
-the reference's ``torch.rand`` draws, so stochastic codes differ from the reference's (same
-distribution: unbiased, |error| < step).
-
-Fallback to the reference (``super()``): CPU tensors (unless Triton's interpreter is active, see
-``TRITON_INTERPRET``), inputs that are not 4-D fp32 / bf16 / fp16 contiguous or channels_last,
-``keep_lfc=False``, ``keep_hfc=False``, ``simulate=True``, single-element maps, maps with fewer
-elements than codes per byte, block sizes that are neither a power of two nor cover the whole axis
-(``block_size=6`` on a 14-wide map), and channel counts with no admissible group size.
+Fallback to the reference (``super()``): CPU tensors (unless Triton's interpreter is active:
+``TRITON_INTERPRET=1`` before this module is imported), inputs that are not 4-D fp32 / bf16 / fp16
+contiguous or channels_last, ``keep_lfc=False``, ``keep_hfc=False``, ``simulate=True``, maps of one
+element or fewer elements than codes per byte, block sizes that are neither a power of two nor
+cover the whole axis (``block_size=6`` on a 14-wide map), and channel counts with no admissible
+group size (C = 3 with 7x7 maps at Q = 2). Tunables: ``TUNING`` (docs/kernels.md).
 """
 from __future__ import annotations
 
 import functools
-import math
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -164,7 +172,7 @@ def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, seed, C, CG,
                    PB: tl.constexpr, Q: tl.constexpr, LEVELS: tl.constexpr,
                    STOCHASTIC: tl.constexpr, RNG: tl.constexpr, ROW: tl.constexpr,
                    MISALIGNED: tl.constexpr, CL: tl.constexpr, INT64: tl.constexpr,
-                   EXACT: tl.constexpr, MODE: tl.constexpr):
+                   EXACT: tl.constexpr, MODE: tl.constexpr, RCP_LEVELS: tl.constexpr):
     pid = tl.program_id(0)
     if INT64:
         pid = pid.to(tl.int64)
@@ -272,7 +280,15 @@ def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, seed, C, CG,
                 mx_acc = tl.maximum(mx_acc, hi)
 
     mn_s = _bf16_directed(mn_acc, False)
-    step_s = _bf16_directed(tl.math.div_rn(mx_acc - mn_s, LEVELS * 1.0), True)
+    # The reference computes (max - mn) / levels with a Python-int divisor: IEEE division on the
+    # CPU, but on CUDA PyTorch multiplies by the fp32 reciprocal (its CPU-scalar fast path), which
+    # can land one fp32 ulp higher and then round up to the next bf16 step. Each path here matches
+    # the reference on its own device (interpreter: CPU tensors; GPU: CUDA tensors).
+    if EXACT:
+        step_raw = tl.math.div_rn(mx_acc - mn_s, LEVELS * 1.0)
+    else:
+        step_raw = (mx_acc - mn_s) * RCP_LEVELS
+    step_s = _bf16_directed(step_raw, True)
     tl.store(mn_ptr + p0 + g, mn_s.to(tl.bfloat16))
     tl.store(step_ptr + p0 + g, step_s.to(tl.bfloat16))
     safe = tl.where(step_s > 0, step_s, 1.0)       # constant map: every code is 0
@@ -589,26 +605,30 @@ class Plan:
 
     def encode_constexprs(self) -> dict[str, Any]:
         wbc, nwc = (self.rwbc, self.rnwc) if self.mode == 1 else (self.wbc, self.nwc)
+        rcp = float(np.float32(1.0) / np.float32(2 ** self.bits - 1))  # torch CUDA: 1.0f / levels
         return dict(self._common(), WBC=wbc, NWC=nwc, E=self.e, EB=self.e // self.pb, NK=self.nk,
-                    ROW=self.row, MISALIGNED=self.misaligned, MODE=self.mode)
+                    ROW=self.row, MISALIGNED=self.misaligned, MODE=self.mode, RCP_LEVELS=rcp)
 
     def decode_constexprs(self) -> dict[str, Any]:
         return dict(self._common(), WBC=self.wbc, NWC=self.nwc, ROW=self.dec_row)
 
 
-# Tunables (the benchmark overrides them to compare; docs/kernels.md records the choice).
+# Tunables. Defaults are the configurations measured best on an H200 (docs/kernels.md, run 2):
+# NCHW: row-loop encode (mode 1), group_bytes 16 KiB; NHWC: 4-D tile encode (mode 0) on one warp
+# with 1024-element tiles. ``None`` / 0 means "choose by layout and tile size". The benchmark
+# overrides entries to compare variants.
 TUNING: dict[str, Any] = {
-    "max_tile": 2048,          # elements of one pass-1 / pass-2 / decode tile
-    "group_bytes": 65536,      # input bytes per program (G planes): pass 2 re-reads them from L2
+    "max_tile": None,          # elements of one 4-D tile (decode, encode mode 0); None: 2048 NCHW, 1024 NHWC
+    "group_bytes": 16384,      # input bytes per program (G planes): pass 2 re-reads them from L2
     "min_programs_per_sm": 4,  # keep the grid at least this many programs per SM
     "cl_min_bytes": 64,        # channels_last: G * itemsize, contiguous bytes per pixel read
-    "enc_warps": 0,            # 0: by tile size
+    "enc_warps": 0,            # 0: by layout and tile size
     "dec_warps": 0,
     "rng": RNG_HASH,
     "g": 0,                    # force a group size (0: choose)
     "force_int64": False,      # 64-bit index arithmetic even for small tensors (tests that path)
     "force_flat": False,       # pass 2 in flat NCHW order even where rows are byte-aligned
-    "encode_mode": 1,          # 1: row loop (elementwise accumulation), 0: 4-D block-row tiles
+    "encode_mode": None,       # 1: row loop (elementwise accumulation), 0: 4-D block-row tiles; None: 1 NCHW, 0 NHWC
     "max_row_tile": 512,       # elements of one row tile (encode mode 1)
     "decode_row": False,       # decode: one byte load per PB codes (5-D tile)
 }
@@ -629,7 +649,7 @@ def _plan(n: int, c: int, h: int, w: int, kh: int, kw: int, bits: int, itemsize:
     full_h = h % kh == 0 and tkh == kh
     full_w = w % kw == 0 and tkw == kw
     row = w % pb == 0 and kw % pb == 0 and not tun["force_flat"]
-    max_tile = tun["max_tile"]
+    max_tile = tun["max_tile"] or (1024 if channels_last else 2048)
     block_tile = tkh * tkw
     aligned = [gs for gs in (128, 64, 32, 16, 8, 4, 2, 1) if c % gs == 0 and (gs * hw) % pb == 0]
     if not aligned:
@@ -669,7 +689,7 @@ def _plan(n: int, c: int, h: int, w: int, kh: int, kw: int, bits: int, itemsize:
     _, e, nk = min(options)
     e = -e
     int64 = planes * hw >= _INT32_LIMIT or bool(tun["force_int64"])
-    mode = int(tun["encode_mode"])
+    mode = int(tun["encode_mode"]) if tun["encode_mode"] is not None else (0 if channels_last else 1)
     tile = gsel * tkh * wbc * tkw
     warps = 8 if tile >= 4096 else 4 if tile >= 1024 else 2
     if mode == 1:
@@ -677,6 +697,8 @@ def _plan(n: int, c: int, h: int, w: int, kh: int, kw: int, bits: int, itemsize:
         enc_warps = 4 if row_tile >= 1024 else 2 if row_tile >= 256 else 1
         if not row:
             enc_warps = max(enc_warps, 8 if gsel * e >= 4096 else 4 if gsel * e >= 1024 else 2)
+    elif channels_last:
+        enc_warps = 1  # NHWC: pass 1 / pass 2 transpose through shared memory; one warp syncs cheaply
     else:
         flat_warps = 8 if gsel * e >= 4096 else 4 if gsel * e >= 1024 else 2
         enc_warps = warps if row else max(warps, flat_warps)

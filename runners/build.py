@@ -11,6 +11,8 @@ import division
 from data import build_datasets, build_loaders
 from models import MODEL_INFO, build_model as _build_model
 
+from . import distributed
+
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -54,13 +56,13 @@ def dataset_kwargs(cfg) -> dict:
 
 
 def build_data(cfg, device: torch.device):
-    """(train_loader, val_loader, info) for the configured dataset."""
+    """(train_loader, val_loader, info) for the configured dataset; this rank's shard under DDP."""
     kwargs = dataset_kwargs(cfg)
     train_ds, val_ds, info = build_datasets(cfg.dataset.name, **kwargs)
     train_loader, val_loader = build_loaders(
         train_ds, val_ds, batch_size=int(cfg.batch_size), num_workers=int(kwargs.get("num_workers", 0)),
         device=device, on_device=kwargs.get("on_device", "auto"), seed=int(cfg.seed),
-        channels_last=bool(cfg.channels_last))
+        channels_last=bool(cfg.channels_last), rank=distributed.rank(), world_size=distributed.world_size())
     return train_loader, val_loader, info
 
 

@@ -2,6 +2,8 @@
 
 The record is written in every case: ``ok``, ``oom`` (a CUDA out-of-memory error is a result, and a
 sweep goes on) or ``error`` (written, then the error is raised again so the job fails visibly).
+Under torchrun every rank runs the job and only rank 0 writes (config, record, store row, tracker run);
+``world_size`` in the record says how many processes trained together (1 without torchrun).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Any, Callable
 import torch
 from omegaconf import OmegaConf
 
+from . import distributed
 from .build import build_method, resolve_device, seed_everything
 from .checks import validate
 from .record import new_record, write_record
@@ -47,17 +50,20 @@ def run_job(cfg, run_dir: str | Path) -> dict[str, Any]:
     """Run one job and return its record (also written to results.json and the results store)."""
     validate(cfg)
     run_dir = Path(run_dir)
+    device = distributed.setup(cfg, resolve_device(cfg))
+    rank, writes = distributed.rank(), distributed.is_main()
     run_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(int(cfg.seed))
-    device = resolve_device(cfg)
+    seed_everything(int(cfg.seed) + rank)  # each rank its own draws; DDP gives all ranks rank 0's model
     method_fields = build_method(cfg).describe() if cfg.mode.name != "report" else \
         {"method": cfg.method.name, "block_size": None, "bits": None}
     record = new_record(cfg, run_dir, method_fields)
     record["device"] = device.type
     record["group"] = derive_group(cfg)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    record["world_size"] = distributed.world_size()
+    if writes:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     resume_id = _previous_run_id(run_dir) if cfg.get("resume") else None
-    logger = start_logger(cfg, str(run_dir), record, resume_id=resume_id)
+    logger = start_logger(cfg, str(run_dir), record, resume_id=resume_id, rank=rank)
     record["wandb_run_id"] = logger.run_id
     if logger.run_id:
         (run_dir / "wandb_run_id").write_text(logger.run_id)
@@ -78,10 +84,11 @@ def run_job(cfg, run_dir: str | Path) -> dict[str, Any]:
             failure = exc
         record["error"] = f"{type(exc).__name__}: {exc}"
     record["duration_s"] = round(time.perf_counter() - start, 3)
-    json_path, row_path = write_record(record, run_dir, _results_dir(cfg))
+    if writes:
+        json_path, row_path = write_record(record, run_dir, _results_dir(cfg))
+        log.info("record: %s (store row %s)", json_path, row_path)
     logger.summary(record)
     logger.finish(exit_code=0 if record["status"] != "error" else 1)
-    log.info("record: %s (store row %s)", json_path, row_path)
     if failure is not None:
         raise failure
     return record

@@ -40,6 +40,13 @@ and null on CPU, where no allocator is measured:
 - ``max_batch`` (``memory.find_max_batch=true``, CUDA): the largest batch whose training steps
   fit, found by doubling from ``batch_size`` and then bisecting; ``max_batch_capped`` is true when
   the search stopped at ``memory.max_batch_limit`` without running out of memory.
+- ``peak_bytes_max`` / ``reserved_peak_bytes_max``: the largest ``peak_bytes`` /
+  ``reserved_peak_bytes`` of any rank (equal to them in one process).
+
+Under torchrun each rank measures its own GPU while the measured steps run in DDP (gradients
+all-reduced, SyncBatchNorm under ``train.sync_bn``), as ``mode=train`` trains: the figures are rank
+0's, per GPU (DDP's communication buckets count in ``runtime_bytes``). The batch search probes each
+GPU on its own, without DDP, since one GPU may run out of memory while another does not.
 """
 from __future__ import annotations
 
@@ -54,6 +61,7 @@ from torch import nn
 
 from division import ByteLedger, TrainingMethod
 
+from . import distributed
 from .build import autocast, build_method, build_model, method_record_fields, model_image_size
 from .gpu_memory import CudaMeter, free_after_oom, module_bytes, release_memory, tensor_bytes
 from .job import is_oom
@@ -99,17 +107,18 @@ def fixed_batch(cfg, batch_size: int, device: torch.device) -> tuple[torch.Tenso
 
 
 def build_bench(cfg, device: torch.device, batch_size: int, ledger: Optional[ByteLedger],
-                mark: Mark = None) -> Bench:
+                mark: Mark = None, data_parallel: bool = False) -> Bench:
     """Model, batch, method and optimizer, built as ``mode=train`` builds them.
 
     ``mark("model")`` is called once the model is on the device, before anything else is.
+    ``data_parallel``: under torchrun, train in DDP as ``mode=train`` does (a collective step).
     """
     model = build_model(cfg, int(cfg.dataset.num_classes), device)
     if mark is not None:
         mark("model")
     images, target = fixed_batch(cfg, batch_size, device)
     method = build_method(cfg)
-    model = method.attach(model, ledger=ledger)
+    model = distributed.prepare_model(model, method, cfg, device, ledger, data_parallel=data_parallel)
     model.train()
     train = cfg.train
     optimizer = torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
@@ -175,7 +184,7 @@ def measure(cfg, device: torch.device, batch_size: int) -> dict[str, Any]:
     meter = start_meter(cfg, device, batch_size) if device.type == "cuda" else None
     build_log = AllocationLog(meter) if meter else None
     ledger = ByteLedger()
-    bench = build_bench(cfg, device, batch_size, ledger, build_log)
+    bench = build_bench(cfg, device, batch_size, ledger, build_log, data_parallel=True)
     try:
         steps = int(cfg.memory.steps)
         # One log per step: the first step creates the optimizer state, the last is measured.
@@ -201,6 +210,7 @@ def measure(cfg, device: torch.device, batch_size: int) -> dict[str, Any]:
             fields.update(_allocator_fields(meter, build_log, step_logs[0], step_logs[-1], floor, fields))
         else:
             fields.update(_cpu_fields(fields))
+        fields.update(_largest_peaks(fields))
     finally:
         bench.close()
     per_image = fields["activation_bytes"]
@@ -250,6 +260,14 @@ def _allocator_fields(meter: CudaMeter, build_log: AllocationLog, first_log: All
         "peak_bytes": meter.peak_allocated(),
         "reserved_peak_bytes": meter.peak_reserved(),
     }
+
+
+def _largest_peaks(fields: dict) -> dict[str, Any]:
+    """The peaks of the rank that needed most (a collective: every rank measures)."""
+    if fields["peak_bytes"] is None:  # CPU: no allocator, on any rank
+        return {"peak_bytes_max": None, "reserved_peak_bytes_max": None}
+    peak, reserved = distributed.max_over_ranks(fields["peak_bytes"], fields["reserved_peak_bytes"])
+    return {"peak_bytes_max": int(peak), "reserved_peak_bytes_max": int(reserved)}
 
 
 def _cpu_fields(fields: dict) -> dict[str, Any]:

@@ -6,6 +6,10 @@ without a byte ledger, so no bookkeeping is timed. ``speed.warmup`` steps run un
 algorithm choice, allocator caches, optimizer state), then each of ``speed.steps`` steps is timed on
 its own: between CUDA events on the GPU (the GPU's time, idle gaps waiting for the host included),
 with ``time.perf_counter`` on CPU. The median step gives ``images_per_sec``.
+
+Under torchrun the timed steps run in DDP (gradients all-reduced), each rank timing its own GPU:
+``images_per_sec`` is the aggregate, the sum over ranks of ``batch_size / median step``, and
+``images_per_sec_per_gpu`` and the step times are rank 0's (the two are equal in one process).
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from typing import Any
 
 import torch
 
+from . import distributed
 from .gpu_memory import free_after_oom
 from .job import is_oom
 from .memory import Bench, build_bench, train_step
@@ -31,8 +36,10 @@ def run(cfg, env) -> dict[str, Any]:
             free_after_oom(exc, device)
         raise
     median = percentile(step_ms, 0.5)
+    per_gpu = int(cfg.batch_size) / (median / 1000.0)
     fields = {
-        "images_per_sec": int(cfg.batch_size) / (median / 1000.0),
+        "images_per_sec": distributed.sum_over_ranks(per_gpu)[0],
+        "images_per_sec_per_gpu": per_gpu,
         "step_ms_median": median,
         "step_ms_p10": percentile(step_ms, 0.1),
         "step_ms_p90": percentile(step_ms, 0.9),
@@ -48,7 +55,7 @@ def run(cfg, env) -> dict[str, Any]:
 
 def time_steps(cfg, device: torch.device) -> list[float]:
     """Milliseconds of each timed step, after the warm-up steps."""
-    bench = build_bench(cfg, device, int(cfg.batch_size), ledger=None)
+    bench = build_bench(cfg, device, int(cfg.batch_size), ledger=None, data_parallel=True)
     try:
         for _ in range(int(cfg.speed.warmup)):
             train_step(bench, cfg, device)

@@ -4,6 +4,11 @@ Resuming (``resume=true`` with the same ``hydra.run.dir``) restores model, optim
 scaler, RNG states, epoch count and history from ``checkpoint.pt``, which is written at the end of
 every epoch; a run killed mid-epoch redoes that epoch from the same RNG state, so it ends where an
 uninterrupted run would.
+
+Under torchrun (see ``runners.distributed``) the model trains in DDP with ``batch_size`` images per
+process; the epoch's loss, accuracy and evaluation are sums over all ranks, so the history reads as
+one run over the global batch. Rank 0 writes the checkpoint, with every rank's RNG state; resuming
+under DDP loads it on every rank (onto the CPU, then into the rank's device by ``load_state_dict``).
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import torch.nn.functional as F
 
 from division import ByteLedger
 
+from . import distributed
 from .build import autocast, build_data, build_method, build_model, method_record_fields
 from .checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint
 
@@ -38,13 +44,18 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int):
     return factor
 
 
-def set_loader_epoch(loader, seed: int, epoch: int) -> None:
-    """Make each epoch's shuffle and augmentation a function of (seed, epoch), so resume replays it."""
-    if hasattr(loader, "set_epoch"):
-        loader.set_epoch(epoch)
+def set_loader_epoch(loader, seed: int, epoch: int, rank: int = 0) -> None:
+    """Make each epoch's shuffle a function of (seed, epoch), the same on every rank, and its
+    augmentation one of (seed + rank, epoch), so that resume replays it."""
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):  # the DataLoader's DistributedSampler
+        sampler.set_epoch(epoch)
     generator = getattr(loader, "generator", None)
     if isinstance(generator, torch.Generator):
-        generator.manual_seed(seed * 1000 + epoch)
+        generator.manual_seed((seed + rank) * 1000 + epoch)
+    order = getattr(loader, "order_generator", None)  # the DeviceLoader's, when not the generator itself
+    if isinstance(order, torch.Generator) and order is not generator:
+        order.manual_seed(seed * 1000 + epoch)
 
 
 def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[torch.Tensor]:
@@ -56,7 +67,12 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[
 
 @torch.no_grad()
 def evaluate(model, loader, device, cfg) -> dict[str, float]:
-    """Top-1 / top-5 and loss on the validation split; eval mode, so no activation is compressed."""
+    """Top-1 / top-5 and loss on the validation split; eval mode, so no activation is compressed.
+
+    ``model`` is the inner model, never DDP: ranks may hold different numbers of validation batches, and
+    evaluation needs no gradient synchronisation. The sums are reduced over the ranks' shards.
+    """
+    distributed.sync_buffers(model)
     model.eval()
     total, loss_sum = 0, torch.zeros((), device=device)
     top1 = torch.zeros((), device=device, dtype=torch.long)
@@ -71,8 +87,9 @@ def evaluate(model, loader, device, cfg) -> dict[str, float]:
         top5 += c5
         total += target.numel()
     model.train()
-    return {"val_loss": loss_sum.item() / max(total, 1), "val_top1": 100.0 * top1.item() / max(total, 1),
-            "val_top5": 100.0 * top5.item() / max(total, 1)}
+    loss_sum, top1, top5, total = distributed.sum_over_ranks(loss_sum, top1, top5, total)
+    total = max(total, 1)
+    return {"val_loss": loss_sum / total, "val_top1": 100.0 * top1 / total, "val_top5": 100.0 * top5 / total}
 
 
 def _to_device(images, target, device, cfg):
@@ -91,13 +108,15 @@ def _progress(iterable, total: int, enabled: bool, desc: str):
 
 def run(cfg, env) -> dict[str, Any]:
     device = env.device
+    rank, is_main = distributed.rank(), distributed.is_main()
     train_loader, val_loader, info = build_data(cfg, device)
     model = build_model(cfg, info["num_classes"], device)
     method = build_method(cfg)
     ledger = ByteLedger()
-    model = method.attach(model, ledger=ledger)
+    net = distributed.prepare_model(model, method, cfg, device, ledger)  # SyncBN, method, DDP
+    model = distributed.unwrap(net)  # checkpoints and evaluation use the model itself, DDP only trains it
     train_cfg = cfg.train
-    optimizer = torch.optim.SGD(model.parameters(), lr=train_cfg.lr, momentum=train_cfg.momentum,
+    optimizer = torch.optim.SGD(net.parameters(), lr=train_cfg.lr, momentum=train_cfg.momentum,
                                 weight_decay=train_cfg.weight_decay, nesterov=train_cfg.nesterov)
     steps_per_epoch = len(train_loader)
     if train_cfg.max_steps_per_epoch is not None:
@@ -109,13 +128,14 @@ def run(cfg, env) -> dict[str, Any]:
     ckpt_path = Path(env.run_dir) / "checkpoint.pt"
     history: list[dict[str, Any]] = []
     start_epoch, global_step, first_step_ledger = 0, 0, None
-    if cfg.resume and ckpt_path.exists():
+    # Rank 0 decides, so that all ranks resume or none does (each rank then reads the file itself).
+    if cfg.resume and distributed.broadcast_object(ckpt_path.exists()):
         state = load_checkpoint(ckpt_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        restore_rng(state["rng"])
+        restore_rng(_rank_rng_state(state, rank, distributed.world_size()))
         start_epoch, global_step = state["epoch"], state["global_step"]
         history, first_step_ledger = state["history"], state.get("ledger")
         log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
@@ -124,26 +144,28 @@ def run(cfg, env) -> dict[str, Any]:
 
     train_seconds = sum(h["epoch_train_s"] for h in history)
     train_images = sum(h["train_images"] for h in history)
-    model.train()
+    net.train()
     for epoch in range(start_epoch, train_cfg.epochs):
-        set_loader_epoch(train_loader, int(cfg.seed), epoch)
+        set_loader_epoch(train_loader, int(cfg.seed), epoch, rank)
         epoch_start = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
-        bar = _progress(train_loader, steps_per_epoch, bool(train_cfg.progress), f"epoch {epoch + 1}/{train_cfg.epochs}")
+        seen = 0  # this rank's images; the bar shows rank 0's shard
+        bar = _progress(train_loader, steps_per_epoch, bool(train_cfg.progress) and is_main,
+                        f"epoch {epoch + 1}/{train_cfg.epochs}")
         for step, (images, target) in enumerate(bar):
             if step >= steps_per_epoch:
                 break
             images, target = _to_device(images, target, device, cfg)
             with method.step_context():
                 with autocast(cfg, device):
-                    logits = model(images)
+                    logits = net(images)
                     loss = F.cross_entropy(logits.float(), target)
-                if not torch.isfinite(loss).item():
+                # every rank stops together, before a backward whose all-reduce the others would wait for
+                if not distributed.all_ranks(torch.isfinite(loss).item()):
                     raise NonFiniteLossError(
-                        f"non-finite training loss {loss.item()} at epoch {epoch + 1}, step {step + 1} "
-                        f"(global step {global_step + 1}); "
+                        f"non-finite training loss {loss.item()} (rank {rank}) at epoch {epoch + 1}, "
+                        f"step {step + 1} (global step {global_step + 1}); "
                         + (f"the last good checkpoint {ckpt_path} is kept; " if ckpt_path.exists() else "")
                         + "lower train.lr, or use precision=fp32 (or fp16, which has a GradScaler)")
                 optimizer.zero_grad(set_to_none=True)
@@ -165,27 +187,33 @@ def run(cfg, env) -> dict[str, Any]:
                 bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{100.0 * correct.item() / seen:.1f}",
                                 img_s=f"{seen / elapsed:.0f}")
             if train_cfg.log_every and global_step % train_cfg.log_every == 0:
-                env.logger.log({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0],
+                step_loss = distributed.sum_over_ranks(loss.detach())[0] / distributed.world_size()
+                env.logger.log({"train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0],
                                 "epoch": epoch + step / steps_per_epoch}, step=global_step)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         epoch_train_s = time.perf_counter() - epoch_start
+        loss_total, correct_total, seen_total = distributed.sum_over_ranks(loss_sum, correct, seen)
+        seen = int(seen_total)  # images of all ranks: the history reads as one run of the global batch
         train_seconds += epoch_train_s
         train_images += seen
-        row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / max(seen, 1),
-               "train_top1": 100.0 * correct.item() / max(seen, 1), "lr": scheduler.get_last_lr()[0],
+        row = {"epoch": epoch + 1, "train_loss": loss_total / max(seen, 1),
+               "train_top1": 100.0 * correct_total / max(seen, 1), "lr": scheduler.get_last_lr()[0],
                "epoch_train_s": round(epoch_train_s, 3), "train_images": seen,
                "images_per_sec": seen / epoch_train_s if epoch_train_s else None}
         if (epoch + 1) % train_cfg.eval_every == 0 or epoch + 1 == train_cfg.epochs:
             row.update(evaluate(model, val_loader, device, cfg))
         history.append(row)
         env.logger.log({f"epoch/{k}": v for k, v in row.items()}, step=global_step)
+        rng_by_rank = distributed.gather_objects(rng_state())
+        if not is_main:
+            continue
         log.info("epoch %d/%d %s", epoch + 1, train_cfg.epochs,
                  " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         save_checkpoint(ckpt_path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
-            "epoch": epoch + 1, "global_step": global_step, "history": history,
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_by_rank[0],
+            "rng_by_rank": rng_by_rank, "epoch": epoch + 1, "global_step": global_step, "history": history,
             "ledger": first_step_ledger, "wandb_run_id": env.logger.run_id})
         (Path(env.run_dir) / "history.json").write_text(json.dumps(history, indent=1))
 
@@ -204,3 +232,14 @@ def run(cfg, env) -> dict[str, Any]:
         "history": history,
         **method_record_fields(method),
     }
+
+
+def _rank_rng_state(state: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
+    """This rank's RNG state from a checkpoint; rank 0's when it was written by another number of ranks."""
+    by_rank = state.get("rng_by_rank")
+    if by_rank and len(by_rank) == world_size:
+        return by_rank[rank]
+    if world_size > 1:
+        log.warning("the checkpoint was written by %d process(es), this run has %d: every rank continues "
+                    "from rank 0's random state", len(by_rank or [None]), world_size)
+    return state["rng"]

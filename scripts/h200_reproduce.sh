@@ -2,13 +2,16 @@
 # The H200 reproduction in one call: throughput, memory and accuracy runs through main.py, each stage
 # bounded in time, every record kept in one results store, then mode=report over it.
 #
-#   bash scripts/h200_reproduce.sh OUT_DIR [EPOCHS]
+#   bash scripts/h200_reproduce.sh OUT_DIR [EPOCHS] [SCALE]
+#
+# SCALE (default 1) multiplies every stage's time limit; a stage cut short keeps the records it finished.
 #
 # Needs: CUDA; hydra-core, omegaconf, antlr4 and lmdb importable; the CIFAR-10 JPEG copy in
 # .data/cifar10-jpeg (or DIVISION_CIFAR10_JPEG). wandb is not needed (logger=none).
 set -uo pipefail
 out=${1:?usage: h200_reproduce.sh OUT_DIR [EPOCHS]}
 epochs=${2:-20}
+scale=${3:-1}
 store="$out/store"
 jpeg=${DIVISION_CIFAR10_JPEG:-.data/cifar10-jpeg}
 mkdir -p "$out"
@@ -16,7 +19,7 @@ common=(logger=none device=cuda "results_dir=$store" train.progress=false)
 stage() {  # stage NAME SECONDS ARGS...: one main.py call, bounded, logged to OUT/NAME.log
   local name=$1 seconds=$2; shift 2
   echo "=== $name: python main.py $*" | tee -a "$out/commands.txt"
-  timeout "$seconds" python main.py "$@" "${common[@]}" > "$out/$name.log" 2>&1
+  timeout "$(( seconds * scale ))" python main.py "$@" "${common[@]}" > "$out/$name.log" 2>&1
   echo "=== $name exit $?" | tee -a "$out/commands.txt"
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/versions.txt"
@@ -24,19 +27,19 @@ python -c "import torch, triton, sys; print('python', sys.version.split()[0], 't
 
 # Accuracy: ResNet-18 (CIFAR variant) on the CIFAR-10 JPEG copy, same recipe and seed for none and division.
 for method in none division; do
-  stage "accuracy_$method" 200 mode=train model=resnet18 dataset=imagefolder "dataset.root=$jpeg" \
+  stage "accuracy_$method" 120 mode=train model=resnet18 dataset=imagefolder "dataset.root=$jpeg" \
     method=$method batch_size=256 train.epochs=$epochs train.lr=0.1 train.weight_decay=5e-4 \
     precision=bf16 channels_last=true seed=0 group=h200_accuracy
 done
 # Throughput: ResNet-50, bf16 autocast, channels_last, batch 128 and 256, all compressing methods.
-stage speed 150 -m mode=speed model=resnet50 dataset.image_size=224 dataset.num_classes=1000 \
+stage speed 90 -m mode=speed model=resnet50 dataset.image_size=224 dataset.num_classes=1000 \
   precision=bf16 channels_last=true batch_size=128,256 method=none,division,actnn,checkpoint,swap group=h200_speed
 # Memory (fp32, the paper's protocol): WRN-50-2 none/division, ResNet-50 division (fused kernels) and swap.
-stage memory_wrn 120 -m mode=memory model=wrn50_2 dataset.image_size=224 dataset.num_classes=1000 \
+stage memory_wrn 50 -m mode=memory model=wrn50_2 dataset.image_size=224 dataset.num_classes=1000 \
   batch_size=64,128,256,512 method=none,division group=h200_memory
-stage memory_r50 120 -m mode=memory model=resnet50 dataset.image_size=224 dataset.num_classes=1000 \
+stage memory_r50 50 -m mode=memory model=resnet50 dataset.image_size=224 dataset.num_classes=1000 \
   batch_size=64,128,256,512 method=none,division,swap group=h200_memory
-stage max_batch 150 -m mode=memory model=resnet50 dataset.image_size=224 dataset.num_classes=1000 \
+[[ "${MAX_BATCH:-1}" == 1 ]] && stage max_batch 60 -m mode=memory model=resnet50 dataset.image_size=224 dataset.num_classes=1000 \
   batch_size=256 memory.find_max_batch=true method=none,division group=h200_max_batch
 
 python main.py mode=report logger=none device=cpu "results_dir=$store" "hydra.run.dir=$out/report" > "$out/report.log" 2>&1
