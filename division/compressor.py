@@ -3,10 +3,11 @@
 ``compress_activations(model, codec)`` installs hooks and returns an ``ActivationCompressor``:
 - a forward pre-hook on the root enters ``torch.autograd.graph.saved_tensors_hooks`` for the
   duration of a training forward pass (nothing happens in eval mode or under ``no_grad``);
-- pre/post hooks on the leaf modules it knows (conv, norm, linear, ReLU, dropout, max-pool) keep a
+- pre/post hooks on the leaf modules it knows (conv, norm, linear, ReLU, dropout, max- and average-pooling) keep a
   stack of "who is saving now", so the pack hook can choose the storage for each saved tensor:
   conv / norm / linear inputs go through the codec, ReLU outputs and dropout noise become exact 1-bit
-  masks, max-pool indices become uint8 window offsets and its input needs no storage;
+  masks, max-pool indices become uint8 window offsets, and the inputs of max- and average-pooling,
+  whose backward reads only their shape, need no storage;
   parameters, tiny tensors and anything saved elsewhere are kept as they are.
 The model itself is untouched: same modules, same ``state_dict``. ``remove()`` uninstalls.
 
@@ -40,6 +41,8 @@ _MODULE_KINDS: tuple[tuple[tuple[type, ...], str], ...] = (
     ((nn.ReLU,), "relu"),
     ((nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d), "dropout"),
     ((nn.MaxPool2d,), "maxpool"),
+    ((nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+      nn.AdaptiveAvgPool3d), "avgpool"),
 )
 
 
@@ -199,6 +202,9 @@ class ActivationCompressor:
                 return _DROPOUT
             if kind == "maxpool":
                 return self._maxpool_codec(t, frame)
+            if kind == "avgpool" and t.is_floating_point() and frame.input is not None \
+                    and t.shape == frame.input.shape:
+                return _SHAPE_ONLY  # average pooling's backward reads only its input's shape
         if kind in ACTIVATION_KINDS and self.codec is not None and self._is_input(t, frame):
             return self.codec
         return _RAW

@@ -217,7 +217,7 @@ def memory_grids(rows: list[dict[str, Any]]) -> list[Grid]:
             if field_name == "activation_bytes" and activation_is_ledger(members):
                 continue  # on CPU the memory runner reports the ledger's count as activation: one table
             grid = method_grid(members, f"memory_{field_name.removesuffix('_bytes')}{suffix}", f"{title} - {context}",
-                               lambda r, f=field_name: number(r.get(f)), lambda v, base: base / v)
+                               lambda r, f=field_name: number(r.get(f)), memory_ratio)
             if field_name == "ledger_bytes":
                 _ledger_fallback_ratios(grid, members)
             unit, size = byte_unit([c.value for c in grid.cells.values() if c.value is not None])
@@ -232,6 +232,12 @@ def memory_grids(rows: list[dict[str, Any]]) -> list[Grid]:
         # Every run out of memory (or failed): still the paper's table, with OOM in its cells.
         grids += kept or candidates[:1]
     return grids
+
+
+def memory_ratio(value: float, base: float):
+    """How many times less than method none; none where the method keeps (almost) nothing on the
+    device (swap offloads everything: a ratio of millions would say nothing)."""
+    return base / value if value and value * 1000 >= base else None
 
 
 def activation_is_ledger(rows: list[dict[str, Any]]) -> bool:

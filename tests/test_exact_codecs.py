@@ -412,3 +412,24 @@ def test_division_gradient_quality():
     r8, _ = gradient_cosines(make_resnet, 8, images())
     r2, _ = gradient_cosines(make_resnet, 2, images())
     assert r8 > 0.999 and r8 > r2
+
+
+def test_average_pooling_inputs_need_no_storage_and_gradients_stay_exact():
+    """avg_pool backward reads only its input's shape: shape-only storage, bit-identical gradients."""
+    def make():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.AvgPool2d(2), nn.Conv2d(8, 8, 3, padding=1),
+                             nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True), nn.AdaptiveAvgPool2d(3),
+                             nn.Flatten(), nn.Linear(72, 10))
+    x = torch.randn(4, 3, 33, 31)
+    ref = make()
+    ref(x).sum().backward()
+    model, ledger = make(), ByteLedger()
+    compress_activations(model, RawCodec(), ledger=ledger, min_numel=1)
+    model(x).sum().backward()
+    for (name, a), (_, b) in zip(ref.named_parameters(), model.named_parameters()):
+        assert torch.equal(a.grad, b.grad), name
+    pooled = [e for e in ledger.entries if e.kind == "avgpool"]
+    assert len(pooled) == 3 and all(e.codec == "shape_only" and e.stored_bytes == 0 for e in pooled)
+    # inputs (8, 33, 31), (8, 16, 15) and (8, 9, 8) per image, fp32, batch 4
+    assert sum(e.plain_bytes for e in pooled) == 4 * (8 * 33 * 31 + 8 * 16 * 15 + 8 * 9 * 8) * 4
