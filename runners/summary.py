@@ -18,8 +18,11 @@ def summary_lines(record: dict[str, Any]) -> list[str]:
     knobs = ""
     if record.get("block_size") is not None:
         knobs = f" (B={record['block_size']}, Q={record['bits']})"
-    lines = [f"{record['mode']} | {record['model']} on {record['dataset']} | method {record['method']}{knobs}"
-             f" | {record['device']} {record['precision']} | status {record['status']}"]
+    if record["mode"] == "report":  # a report reads the store; model / method defaults mean nothing here
+        lines = [f"report | {record.get('report_runs', 0)} runs | status {record['status']}"]
+    else:
+        lines = [f"{record['mode']} | {record['model']} on {record['dataset']} | method {record['method']}{knobs}"
+                 f" | {record['device']} {record['precision']} | status {record['status']}"]
     if record.get("final_val_top1") is not None:
         lines.append(f"val top-1 {record['final_val_top1']:.2f}% (best {record['best_val_top1']:.2f}%),"
                      f" train loss {record['final_train_loss']:.4f}, {record['epochs']} epoch(s)")
