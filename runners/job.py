@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from . import distributed
 from .build import build_method, resolve_device, seed_everything
 from .checks import validate
-from .record import new_record, write_record
+from .record import new_record, resolve_results_dir, write_record
 from .tracking import derive_group, start_logger
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def run_job(cfg, run_dir: str | Path) -> dict[str, Any]:
         record["error"] = f"{type(exc).__name__}: {exc}"
     record["duration_s"] = round(time.perf_counter() - start, 3)
     if writes:
-        json_path, row_path = write_record(record, run_dir, _results_dir(cfg))
+        json_path, row_path = write_record(record, run_dir, resolve_results_dir(cfg))
         log.info("record: %s (store row %s)", json_path, row_path)
     logger.summary(record)
     logger.finish(exit_code=0 if record["status"] != "error" else 1)
@@ -93,16 +93,6 @@ def run_job(cfg, run_dir: str | Path) -> dict[str, Any]:
         raise failure
     return record
 
-
-def _results_dir(cfg) -> Path:
-    path = Path(cfg.results_dir)
-    if path.is_absolute():
-        return path
-    try:
-        from hydra.utils import to_absolute_path
-        return Path(to_absolute_path(str(path)))
-    except ValueError:  # outside a Hydra app: relative to the working directory
-        return path.resolve()
 
 
 def _previous_run_id(run_dir: Path):

@@ -91,6 +91,18 @@ def write_store_row(record: dict[str, Any], results_dir: str | Path) -> Path:
     return path
 
 
+def resolve_results_dir(cfg) -> Path:
+    """``results_dir`` as a path: relative paths are relative to the launch directory (under Hydra too)."""
+    path = Path(cfg.results_dir)
+    if path.is_absolute():
+        return path
+    try:
+        from hydra.utils import to_absolute_path
+        return Path(to_absolute_path(str(path)))
+    except ValueError:  # outside a Hydra app: relative to the working directory
+        return path.resolve()
+
+
 def read_store(results_dir: str | Path) -> list[dict[str, Any]]:
     """Every row of the store as a dict (JSON columns left as strings), oldest first."""
     store = Path(results_dir)

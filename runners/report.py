@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .checks import ConfigError
-from .record import read_store
+from .record import read_store, resolve_results_dir
 from .report_figures import Figure, accuracy_bars, grid_bars, heatmap, training_curves
 from .report_filter import select_rows
 from .report_html import render
@@ -88,17 +88,6 @@ def build_sections(rows: list[dict[str, Any]], with_figures: bool = True) -> lis
     return sections
 
 
-def _results_dir(cfg) -> Path:
-    """The store, resolved as runners.job resolves it (relative to the launch directory under Hydra)."""
-    path = Path(cfg.results_dir)
-    if path.is_absolute():
-        return path
-    try:
-        from hydra.utils import to_absolute_path
-        return Path(to_absolute_path(str(path)))
-    except ValueError:  # outside a Hydra app
-        return path.resolve()
-
 
 def _formats(cfg) -> list[str]:
     value = cfg.report.get("formats") or []
@@ -146,7 +135,7 @@ def run(cfg, env) -> dict[str, Any]:
     formats = _formats(cfg)
     group = cfg.report.get("group")
     where = cfg.report.get("where")
-    store_dir = _results_dir(cfg)
+    store_dir = resolve_results_dir(cfg)
     stored = read_store(store_dir)
     candidates = [r for r in stored if r.get("mode") != "report"]
     rows = select_rows(candidates, group, where)

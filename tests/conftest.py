@@ -24,6 +24,17 @@ def repo_root() -> Path:
     return ROOT
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small tensors: intra-op threads only add wake-up latency on a 2-core runner (CPU avg_pool2d
+    always forks), so the codec tests run single-threaded and restore the setting afterwards."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
     if torch.cuda.is_available():

@@ -25,13 +25,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
 BASELINES = ("blpa", "acgc", "actnn", "checkpoint", "swap")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: intra-op threads only add wake-up latency on a 2-core runner."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_cnn(classes: int = 10) -> nn.Sequential:

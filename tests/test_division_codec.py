@@ -28,13 +28,7 @@ ROUNDINGS = ("stochastic", "nearest")
 TOL_REL = 1e-5  # fp32 round-off allowance, relative to the map's magnitude
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add wake-up latency (CPU avg_pool2d always forks)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Shape classes: square, exact multiple, non-multiples, H < B, W < B, non-square, 1x1 maps,
 # a 1-row map, 2-D (Linear), 3-D (tokens), 5-D (Conv3d).

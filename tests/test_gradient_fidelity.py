@@ -29,13 +29,10 @@ def batch(count: int = 128):
 
 
 @pytest.fixture(scope="module")
-def reports():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small ops: thread wake-ups cost more than they save here
+def reports(one_thread):
     images, labels = batch()
-    yield {bits: gradient_fidelity(lambda: build_model("resnet20", num_classes=10), "division", images, labels,
+    return {bits: gradient_fidelity(lambda: build_model("resnet20", num_classes=10), "division", images, labels,
                                     block_size=8, bits=bits, backend="torch") for bits in (2, 8)}
-    torch.set_num_threads(threads)
 
 
 def test_gradients_are_close_to_exact(reports):

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+import division
 from models import MODEL_INFO, MODEL_NAMES, build_model
 
 # Published parameter counts and how exactly they are published.
@@ -70,9 +71,11 @@ def test_exact_parameter_counts(name):
     assert counts == EXACT[name]
 
 
-def _forward_backward(name: str, num_classes: int = 10) -> None:
+def _forward_backward(name: str, method: str, num_classes: int = 10) -> None:
     torch.manual_seed(0)
     model = build_model(name, num_classes)
+    ledger = division.ByteLedger()
+    division.build_method(method, backend="torch").attach(model, ledger=ledger)
     size = MODEL_INFO[name]["image_size"]
     images = torch.randn(2, 3, size, size)
     start = time.perf_counter()
@@ -83,17 +86,21 @@ def _forward_backward(name: str, num_classes: int = 10) -> None:
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing, f"parameters without a gradient: {missing[:5]}"
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    if method == "division":  # the activations really went through the codec
+        assert ledger.plain_bytes > 8 * ledger.stored_bytes > 0
 
 
+@pytest.mark.parametrize("method", ["none", "division"])
 @pytest.mark.parametrize("name", [n for n in MODEL_NAMES if n not in SLOW])
-def test_forward_backward(name):
-    _forward_backward(name)
+def test_forward_backward(name, method):
+    _forward_backward(name, method)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("method", ["none", "division"])
 @pytest.mark.parametrize("name", sorted(SLOW))
-def test_forward_backward_large(name):
-    _forward_backward(name)
+def test_forward_backward_large(name, method):
+    _forward_backward(name, method)
 
 
 @pytest.mark.parametrize("name", ["resnet20", "resnet18", "resnet164", "densenet121", "resnet50"])
