@@ -149,11 +149,15 @@ class ActivationCompressor:
         self._plain_seen.clear()
 
     def _make_push(self, name: str, kind: str):
+        param_shapes: Optional[tuple] = None  # read at the first call: modules may be moved or cast after install
+
         def push(module, args):
+            nonlocal param_shapes
             if self._active():
+                if param_shapes is None:
+                    param_shapes = tuple(p.shape for p in module.parameters(recurse=False))
                 first = args[0] if args and isinstance(args[0], torch.Tensor) else None
-                shapes = tuple(p.shape for p in module.parameters(recurse=False))
-                self._stack.append(_Frame(name, kind, module, first, shapes))
+                self._stack.append(_Frame(name, kind, module, first, param_shapes))
         return push
 
     def _pop(self, module, args, output) -> None:
