@@ -45,7 +45,7 @@ class ReluMaskCodec(ActivationCodec):
         return Packed(self, {"bits": pack_mask(x > 0)}, meta)
 
     def decode(self, packed: Packed) -> torch.Tensor:
-        out = unpack_mask(packed.tensors["bits"], packed.meta["shape"]).to(packed.meta["dtype"])
+        out = unpack_mask(packed.tensors["bits"], packed.meta["shape"], packed.meta["dtype"])
         return _restore_format(out, packed.meta["channels_last"])
 
     def closed_form_nbytes(self, shape, dtype) -> int:
@@ -65,8 +65,8 @@ class DropoutMaskCodec(ActivationCodec):
         return Packed(self, {"bits": pack_mask(x != 0), "scale": x.amax()}, meta)
 
     def decode(self, packed: Packed) -> torch.Tensor:
-        mask = unpack_mask(packed.tensors["bits"], packed.meta["shape"])
-        out = mask.to(packed.meta["dtype"]) * packed.tensors["scale"]
+        mask = unpack_mask(packed.tensors["bits"], packed.meta["shape"], packed.meta["dtype"])
+        out = mask * packed.tensors["scale"]
         return _restore_format(out, packed.meta["channels_last"])
 
     def closed_form_nbytes(self, shape, dtype) -> int:
