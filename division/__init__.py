@@ -11,13 +11,14 @@ Lower level: ``compress_activations(model, codec)`` with any ``ActivationCodec``
 """
 from .codec import ActivationCodec, Packed, RawCodec, SaveContext
 from .compressor import ActivationCompressor, compress_activations
+from .dual_precision import DivisionCodec
 from .ledger import ByteLedger, LedgerEntry
 from .methods import TrainingMethod, CodecMethod, build_method, method_names, register_method
 from .packing import SUPPORTED_BITS, pack_bits, packed_nbytes, unpack_bits
 
 __all__ = [
     "ActivationCodec", "Packed", "RawCodec", "SaveContext", "ActivationCompressor",
-    "compress_activations", "ByteLedger", "LedgerEntry", "TrainingMethod", "CodecMethod",
+    "compress_activations", "DivisionCodec", "ByteLedger", "LedgerEntry", "TrainingMethod", "CodecMethod",
     "build_method", "method_names", "register_method", "SUPPORTED_BITS", "pack_bits",
     "packed_nbytes", "unpack_bits",
 ]
