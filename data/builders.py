@@ -155,10 +155,10 @@ def _lmdb(root: Optional[PathLike] = None, image_size: Optional[int] = None, tra
     return train, val, _info(num_classes, train.classes, image_size, name)
 
 
-def _imagenet(root: Optional[PathLike] = None, format: str = "folder", num_classes: Optional[int] = 1000,
+def _imagenet(root: Optional[PathLike] = None, format: str = "imagefolder", num_classes: Optional[int] = 1000,
               image_size: Optional[int] = 224, transforms: Optional[str] = "imagenet", **_):
     if format not in ("folder", "imagefolder", "lmdb"):
-        raise ValueError(f"imagenet: format must be 'folder' or 'lmdb', got {format!r}")
+        raise ValueError(f"imagenet: dataset.format={format!r} is not allowed: use imagefolder or lmdb")
     build = _lmdb if format == "lmdb" else _imagefolder
     return build(root=root, image_size=image_size or 224, transforms=transforms or "imagenet",
                  num_classes=num_classes, name="imagenet")
@@ -184,7 +184,7 @@ def build_datasets(name: str, **kwargs) -> tuple[Dataset, Dataset, dict]:
     imagefolder: root with train/ and val/ (or test/); transforms="cifar"|"imagenet" (default by
         image size: "cifar" up to 64 pixels), image_size (default: the stored size, 224 for "imagenet").
     lmdb: root with train.lmdb and val.lmdb (or test.lmdb) from data/folder2lmdb.py; as imagefolder.
-    imagenet: root, format="folder"|"lmdb", num_classes=1000, image_size=224, ImageNet transforms.
+    imagenet: root, format="imagefolder"|"lmdb", num_classes=1000, image_size=224, ImageNet transforms.
     All: num_classes, if not None, must match the data.
     """
     builder = _BUILDERS.get(name)

@@ -31,7 +31,7 @@ def _as_choice(on_device: Union[str, bool]) -> Union[str, bool]:
     text = str(on_device).strip().lower()
     if text in ("auto", "true", "false"):
         return {"true": True, "false": False}.get(text, "auto")
-    raise ValueError(f"on_device must be true, false or 'auto', got {on_device!r}")
+    raise ValueError(f"dataset.on_device={on_device!r} is not allowed: use true, false or auto")
 
 
 def fits_on_device(dataset: Dataset) -> bool:

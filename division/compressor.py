@@ -149,7 +149,9 @@ class ActivationCompressor:
         self._plain_seen.clear()
 
     def _make_push(self, name: str, kind: str):
-        param_shapes: Optional[tuple] = None  # read at the first call: modules may be moved or cast after install
+        # Read at the first call, not at install: a lazy module (nn.LazyConv2d) has no parameter
+        # shapes until its own pre-hook has run on the first input.
+        param_shapes: Optional[tuple] = None
 
         def push(module, args):
             nonlocal param_shapes

@@ -23,10 +23,11 @@ class BoolMaskCodec(ActivationCodec):
     name = "bool_mask"
 
     def encode(self, x: torch.Tensor, ctx: Optional[SaveContext] = None) -> Packed:
-        return Packed(self, {"bits": pack_mask(x)}, {"shape": x.shape})
+        return Packed(self, {"bits": pack_mask(x)}, {"shape": x.shape, "channels_last": _is_channels_last(x)})
 
     def decode(self, packed: Packed) -> torch.Tensor:
-        return unpack_mask(packed.tensors["bits"], packed.meta["shape"])
+        out = unpack_mask(packed.tensors["bits"], packed.meta["shape"])
+        return _restore_format(out, packed.meta["channels_last"])
 
     def closed_form_nbytes(self, shape, dtype) -> int:
         return packed_nbytes(math.prod(shape), 1)
@@ -55,14 +56,16 @@ class ReluMaskCodec(ActivationCodec):
 class DropoutMaskCodec(ActivationCodec):
     """Dropout's float noise (0 or 1 / (1 - p)) as a 1-bit mask plus the scale as a 0-d tensor.
 
-    The scale stays on the device (no host sync in the forward pass).
+    The scale stays on the device (no host sync in the forward pass). An empty tensor has no
+    maximum; its scale is a 0 of its dtype (the same bytes, nothing to scale).
     """
 
     name = "dropout_mask"
 
     def encode(self, x: torch.Tensor, ctx: Optional[SaveContext] = None) -> Packed:
         meta = {"shape": x.shape, "dtype": x.dtype, "channels_last": _is_channels_last(x)}
-        return Packed(self, {"bits": pack_mask(x != 0), "scale": x.amax()}, meta)
+        scale = x.amax() if x.numel() else x.new_zeros(())
+        return Packed(self, {"bits": pack_mask(x != 0), "scale": scale}, meta)
 
     def decode(self, packed: Packed) -> torch.Tensor:
         mask = unpack_mask(packed.tensors["bits"], packed.meta["shape"], packed.meta["dtype"])

@@ -43,7 +43,7 @@ def compare_gradients(got: dict[str, torch.Tensor], exact: dict[str, torch.Tenso
     g_all = torch.cat([got[n].flatten().double() for n in exact])
     r_all = torch.cat([exact[n].flatten().double() for n in exact])
     return {"overall_cosine": F.cosine_similarity(g_all, r_all, dim=0).item(),
-            "overall_rel_error": ((g_all - r_all).norm() / r_all.norm()).item(),
+            "overall_rel_error": ((g_all - r_all).norm() / r_all.norm().clamp_min(1e-30)).item(),
             "worst_cosine": min(layer["cosine"] for layer in layers),
             "layers": layers}
 
@@ -60,6 +60,8 @@ def gradient_fidelity(make_model: Callable[[], nn.Module], method: str, images: 
     compressed = build_method(method, **knobs)
     model = compressed.attach(model)
     torch.manual_seed(seed + 1)  # the stochastic rounding draws
-    got = parameter_gradients(model, images, labels, compressed.step_context())
-    compressed.detach()
+    try:
+        got = parameter_gradients(model, images, labels, compressed.step_context())
+    finally:
+        compressed.detach()
     return {"method": method, **knobs, **compare_gradients(got, exact)}

@@ -49,7 +49,6 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     _check_bits(bits)
     if bits == 8:
         return packed[:numel]
-    per_byte = 8 // bits
     mask = (1 << bits) - 1
     lanes = (packed.unsqueeze(1) >> _shifts(bits, packed.device)) & mask
     return lanes.reshape(-1)[:numel]

@@ -825,8 +825,11 @@ class TritonDivisionCodec(DivisionCodec):
                 and t["lfc"].dtype == torch.bfloat16 and t["codes"].dtype == torch.uint8):
             plan = self.plan_for(m["shape"], m["dtype"], m["memory_format"] == "channels_last",
                                  t["codes"].device)
-            if plan is not None and plan.bits != m["bits"]:
-                plan = None  # a Packed from a codec with other bits: let the reference read it
+            geom: Geometry = m["geometry"]
+            if plan is not None and (plan.bits, plan.kh, plan.kw) != (m["bits"], geom.kh, geom.kw):
+                # A Packed from a codec with other bits or another block size: the plan's grid
+                # would read its LFC out of bounds. The reference reads any geometry.
+                plan = None
         if plan is None:
             return super().decode(packed)
         return self._decode_kernel(t, m["dtype"], plan)

@@ -81,7 +81,7 @@ class CifarResNet(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_channels, num_classes)
-        _init_weights(self)
+        he_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
@@ -89,7 +89,7 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def _init_weights(model: nn.Module) -> None:
+def he_init(model: nn.Module) -> None:
     """He initialisation for convs, unit BN, as in the ResNet papers."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):

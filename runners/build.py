@@ -51,6 +51,9 @@ def method_record_fields(method: division.TrainingMethod) -> dict:
 def dataset_kwargs(cfg) -> dict:
     kwargs = OmegaConf.to_container(cfg.dataset, resolve=True)
     kwargs.pop("name")
+    for key in kwargs:  # "???" (no default, e.g. dataset=lmdb's root): None, which the data sets name as unset
+        if OmegaConf.is_missing(cfg.dataset, key):
+            kwargs[key] = None
     kwargs.setdefault("seed", int(cfg.seed))
     return kwargs
 
@@ -71,6 +74,18 @@ def build_model(cfg, num_classes: int, device: torch.device) -> torch.nn.Module:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """SGD with the ``train.*`` settings: mode=train trains with it, memory and speed measure it."""
+    train = cfg.train
+    return torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
+                           weight_decay=train.weight_decay, nesterov=train.nesterov)
+
+
+def build_scaler(cfg, device: torch.device) -> torch.amp.GradScaler:
+    """fp16 needs loss scaling against gradient underflow; bf16 and fp32 do not (then it is a no-op)."""
+    return torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
 
 
 def model_image_size(cfg) -> int:

@@ -1,12 +1,13 @@
 """Atomic checkpoints and RNG state capture, so that a resumed run replays exactly."""
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .record import atomic_write
 
 
 def rng_state() -> dict[str, Any]:
@@ -32,11 +33,8 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Atomically: a run killed while saving keeps its previous checkpoint whole."""
+    atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -34,6 +34,8 @@ def validate(cfg) -> None:
     train = cfg.train
     if train.epochs < 1:
         _fail("train.epochs", train.epochs, "use an integer >= 1")
+    if train.eval_every < 1:  # the epoch loop takes it modulo
+        _fail("train.eval_every", train.eval_every, "use an integer >= 1 (evaluate every N epochs)")
     if train.max_steps_per_epoch is not None and train.max_steps_per_epoch < 1:
         _fail("train.max_steps_per_epoch", train.max_steps_per_epoch, "use null (full epochs) or an integer >= 1")
     for key in ("warmup", "steps"):

@@ -7,7 +7,6 @@ Under torchrun every rank runs the job and only rank 0 writes (config, record, s
 """
 from __future__ import annotations
 
-import gc
 import importlib
 import logging
 import time
@@ -20,22 +19,20 @@ from omegaconf import OmegaConf
 from . import distributed
 from .build import build_method, resolve_device, seed_everything
 from .checks import validate
-from .record import new_record, resolve_results_dir, write_record
+from .gpu_memory import free_after_oom
+from .record import atomic_write_bytes, new_record, resolve_results_dir, write_record
 from .tracking import derive_group, start_logger
 
 log = logging.getLogger(__name__)
-
-MODES = ("train", "memory", "speed", "report")
 
 
 class JobEnv:
     """What a runner gets besides the config: where to write, on which device, and the logger."""
 
-    def __init__(self, run_dir: Path, device: torch.device, logger, record: dict[str, Any]):
+    def __init__(self, run_dir: Path, device: torch.device, logger):
         self.run_dir = run_dir
         self.device = device
         self.logger = logger
-        self.record = record  # the common fields; runners read them, the job writes them
 
 
 def _runner(mode: str) -> Callable[[Any, JobEnv], dict[str, Any]]:
@@ -61,24 +58,22 @@ def run_job(cfg, run_dir: str | Path) -> dict[str, Any]:
     record["group"] = derive_group(cfg)
     record["world_size"] = distributed.world_size()
     if writes:
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
     resume_id = _previous_run_id(run_dir) if cfg.get("resume") else None
     logger = start_logger(cfg, str(run_dir), record, resume_id=resume_id, rank=rank)
     record["wandb_run_id"] = logger.run_id
     if logger.run_id:
-        (run_dir / "wandb_run_id").write_text(logger.run_id)
+        atomic_write_bytes(run_dir / "wandb_run_id", logger.run_id.encode())
     start = time.perf_counter()
     failure: BaseException | None = None
     try:
-        record.update(_runner(cfg.mode.name)(cfg, JobEnv(run_dir, device, logger, record)))
+        record.update(_runner(cfg.mode.name)(cfg, JobEnv(run_dir, device, logger)))
         record["status"] = "ok"
     except Exception as exc:  # noqa: BLE001 - every outcome is recorded
         if is_oom(exc):
             record["status"] = "oom"
             log.warning("out of memory: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            free_after_oom(exc, device)  # the failed step's graph must not stay on the GPU for the next job of a sweep
         else:
             record["status"] = "error"
             failure = exc
@@ -92,7 +87,6 @@ def run_job(cfg, run_dir: str | Path) -> dict[str, Any]:
     if failure is not None:
         raise failure
     return record
-
 
 
 def _previous_run_id(run_dir: Path):

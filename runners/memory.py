@@ -36,7 +36,7 @@ and null on CPU, where no allocator is measured:
   autograd would keep for the same saves (``ByteLedger``, exact, any device; the input batch is
   counted when the first layer saves it); ``ledger_ratio`` is plain / stored; ``ledger_by_codec``
   and ``ledger_layers`` break them down.
-- ``activation_bytes_per_image``: ``activation_bytes / batch_size``; ``images_per_step``: batch size.
+- ``activation_bytes_per_image``: ``activation_bytes / batch_size``.
 - ``max_batch`` (``memory.find_max_batch=true``, CUDA): the largest batch whose training steps
   fit, found by doubling from ``batch_size`` and then bisecting; ``max_batch_capped`` is true when
   the search stopped at ``memory.max_batch_limit`` without running out of memory.
@@ -62,7 +62,8 @@ from torch import nn
 from division import ByteLedger, TrainingMethod
 
 from . import distributed
-from .build import autocast, build_method, build_model, method_record_fields, model_image_size
+from .build import (autocast, build_method, build_model, build_optimizer, build_scaler, method_record_fields,
+                    model_image_size)
 from .gpu_memory import CudaMeter, free_after_oom, module_bytes, release_memory, tensor_bytes
 from .job import is_oom
 
@@ -120,11 +121,7 @@ def build_bench(cfg, device: torch.device, batch_size: int, ledger: Optional[Byt
     method = build_method(cfg)
     model = distributed.prepare_model(model, method, cfg, device, ledger, data_parallel=data_parallel)
     model.train()
-    train = cfg.train
-    optimizer = torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
-                                weight_decay=train.weight_decay, nesterov=train.nesterov)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    return Bench(model, method, optimizer, scaler, images, target)
+    return Bench(model, method, build_optimizer(cfg, model), build_scaler(cfg, device), images, target)
 
 
 def train_step(bench: Bench, cfg, device: torch.device, mark: Mark = None) -> torch.Tensor:
@@ -169,12 +166,7 @@ class AllocationLog:
 def run(cfg, env) -> dict[str, Any]:
     device = env.device
     _warn_on_image_size(cfg)
-    try:
-        fields = measure(cfg, device, int(cfg.batch_size))
-    except Exception as exc:
-        if is_oom(exc):  # the job records "oom"; free the GPU first so a sweep can go on
-            free_after_oom(exc, device)
-        raise
+    fields = measure(cfg, device, int(cfg.batch_size))  # out of memory: the job records "oom" and frees the GPU
     fields.update(_max_batch_fields(cfg, device))
     return fields
 
@@ -197,7 +189,6 @@ def measure(cfg, device: torch.device, batch_size: int) -> dict[str, Any]:
                     meter.reset_peak()
             output_bytes = tensor_bytes(train_step(bench, cfg, device, step_log))
         fields = {
-            "images_per_step": batch_size,
             "image_size": int(cfg.dataset.image_size),
             "memory_steps": steps,
             "param_bytes": module_bytes(bench.model),

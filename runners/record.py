@@ -12,7 +12,7 @@ import os
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -57,16 +57,26 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, write_to: Callable[[Path], Any]) -> None:
+    """``write_to(tmp)`` a temporary file in the same folder, then rename it to ``path``: a crash never
+    leaves half a file under ``path`` (the rename is atomic within one file system)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        write_to(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def write_json(record: dict[str, Any], run_dir: str | Path) -> Path:
     path = Path(run_dir) / "results.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(path, json.dumps(_jsonable(record), indent=2, sort_keys=False).encode())
+    atomic_write_bytes(path, json.dumps(_jsonable(record), indent=2, sort_keys=False).encode())
     return path
 
 
@@ -87,7 +97,7 @@ def write_store_row(record: dict[str, Any], results_dir: str | Path) -> Path:
     table = pa.Table.from_pylist([to_row(record)])
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
-    _atomic_write_bytes(path, sink.getvalue().to_pybytes())
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
     return path
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .checks import ConfigError
-from .record import read_store, resolve_results_dir
+from .record import atomic_write_bytes, read_store, resolve_results_dir
 from .report_figures import Figure, accuracy_bars, grid_bars, heatmap, training_curves
 from .report_filter import select_rows
 from .report_html import render
@@ -86,7 +86,6 @@ def build_sections(rows: list[dict[str, Any]], with_figures: bool = True) -> lis
                                 [heatmap(h) for h in maps] if with_figures else []))
     sections.append(Section("Runs", [runs_table(rows)]))
     return sections
-
 
 
 def _formats(cfg) -> list[str]:
@@ -156,7 +155,7 @@ def run(cfg, env) -> dict[str, Any]:
 
     def write(name: str, data: str | bytes) -> Path:
         path = out_dir / name
-        path.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
+        atomic_write_bytes(path, data if isinstance(data, bytes) else data.encode("utf-8"))
         written.append(name)
         return path
 

@@ -25,8 +25,10 @@ import torch.nn.functional as F
 from division import ByteLedger
 
 from . import distributed
-from .build import autocast, build_data, build_method, build_model, method_record_fields
+from .build import (autocast, build_data, build_method, build_model, build_optimizer, build_scaler,
+                    method_record_fields)
 from .checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint
+from .record import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -116,14 +118,13 @@ def run(cfg, env) -> dict[str, Any]:
     net = distributed.prepare_model(model, method, cfg, device, ledger)  # SyncBN, method, DDP
     model = distributed.unwrap(net)  # checkpoints and evaluation use the model itself, DDP only trains it
     train_cfg = cfg.train
-    optimizer = torch.optim.SGD(net.parameters(), lr=train_cfg.lr, momentum=train_cfg.momentum,
-                                weight_decay=train_cfg.weight_decay, nesterov=train_cfg.nesterov)
+    optimizer = build_optimizer(cfg, net)
     steps_per_epoch = len(train_loader)
     if train_cfg.max_steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, int(train_cfg.max_steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(
         steps_per_epoch * train_cfg.epochs, steps_per_epoch * train_cfg.warmup_epochs))
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    scaler = build_scaler(cfg, device)
 
     ckpt_path = Path(env.run_dir) / "checkpoint.pt"
     history: list[dict[str, Any]] = []
@@ -215,7 +216,7 @@ def run(cfg, env) -> dict[str, Any]:
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_by_rank[0],
             "rng_by_rank": rng_by_rank, "epoch": epoch + 1, "global_step": global_step, "history": history,
             "ledger": first_step_ledger, "wandb_run_id": env.logger.run_id})
-        (Path(env.run_dir) / "history.json").write_text(json.dumps(history, indent=1))
+        atomic_write_bytes(Path(env.run_dir) / "history.json", json.dumps(history, indent=1).encode())
 
     evaluated = [h for h in history if "val_top1" in h]
     return {

@@ -2,7 +2,7 @@
 parameter gradients against exact backward, for several bit widths.
 
     python scripts/gradient_fidelity.py --root ../shared/data/cifar10-jpeg --model resnet18 \
-        --images 256 --bits 1 2 4 8 --out fidelity.json
+        --images 256 --bits 1 2 4 8 --out outputs/fidelity.json
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from models import build_model  # noqa: E402
 def real_batch(root: str, count: int):
     """``count`` validation images of an ImageFolder tree, spread evenly over it (so over the classes)."""
     _, val_ds, info = build_datasets("imagefolder", root=root, transforms="cifar", num_classes=None)
-    index = torch.linspace(0, len(val_ds) - 1, count).long().tolist()  # spread over the classes
+    index = torch.linspace(0, len(val_ds) - 1, count).long().tolist()  # ImageFolder sorts by class
     images, labels = zip(*(val_ds[i] for i in index))
     return torch.stack(images), torch.tensor(labels), info["num_classes"]
 
@@ -49,7 +49,9 @@ def main() -> None:
         reports.append(r)
         print(f"{bits:>4} {r['overall_cosine']:>15.5f} {r['overall_rel_error']:>16.4f} {r['worst_cosine']:>19.4f}")
     if args.out:
-        Path(args.out).write_text(json.dumps(reports, indent=1))
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(reports, indent=1))
 
 
 if __name__ == "__main__":

@@ -5,11 +5,12 @@
 #   bash scripts/h200_reproduce.sh OUT_DIR [EPOCHS] [SCALE]
 #
 # SCALE (default 1) multiplies every stage's time limit; a stage cut short keeps the records it finished.
+# MAX_BATCH=0 skips the largest-batch search (the longest memory stage).
 #
 # Needs: CUDA; hydra-core, omegaconf, antlr4 and lmdb importable; the CIFAR-10 JPEG copy in
 # .data/cifar10-jpeg (or DIVISION_CIFAR10_JPEG). wandb is not needed (logger=none).
 set -uo pipefail
-out=${1:?usage: h200_reproduce.sh OUT_DIR [EPOCHS]}
+out=${1:?usage: h200_reproduce.sh OUT_DIR [EPOCHS] [SCALE]}
 epochs=${2:-20}
 scale=${3:-1}
 store="$out/store"

@@ -318,11 +318,18 @@ def test_checkpoint_fallback_wraps_each_child():
     torch.manual_seed(0)
     base = Residual()
     x, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 3])
-    _, ref_grads, ref_state, _ = grads_and_state(copy.deepcopy(base), None, x, y)
-    _, grads, state, method = grads_and_state(copy.deepcopy(base), "checkpoint", x, y)
+    plain_ledger, ledger = ByteLedger(), ByteLedger()
+    _, ref_grads, ref_state, _ = grads_and_state(copy.deepcopy(base), None, x, y, ledger=plain_ledger)
+    _, grads, state, _ = grads_and_state(copy.deepcopy(base), "checkpoint", x, y, ledger=ledger)
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name])
     torch.testing.assert_close(state["bn.running_mean"], ref_state["bn.running_mean"])
+    # equal gradients alone would also hold if nothing were checkpointed: every child ran under
+    # checkpoint (its inside recomputed, its input kept), and the ledger still counts plain autograd
+    recomputed = {e.layer for e in ledger.entries if e.codec == "recomputed"}
+    kept_inputs = {e.layer for e in ledger.entries if e.codec == "checkpoint_input"}
+    assert recomputed == kept_inputs == {"conv", "bn", "head"}
+    assert ledger.plain_bytes == plain_ledger.plain_bytes and ledger.stored_bytes < ledger.plain_bytes
 
 
 # ------------------------------------------------------------------------------ training, configs

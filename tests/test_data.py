@@ -290,6 +290,8 @@ def test_missing_folders_name_the_path_and_the_fix(tmp_path):
     assert str(tmp_path / "train.lmdb") in str(error.value)
     with pytest.raises(ValueError, match="dataset.root"):
         build_datasets("cifar10", root=None)
+    with pytest.raises(ValueError, match="dataset.format='tfrecord' is not allowed: use imagefolder or lmdb"):
+        build_datasets("imagenet", root=tmp_path, format="tfrecord")
 
 
 def test_unknown_dataset_lists_the_choices():
@@ -402,5 +404,5 @@ def test_build_loaders_chooses_the_path():
     train_loader, val_loader = build_loaders(train, val, 32, device="cpu", on_device="true")
     assert isinstance(train_loader, DeviceLoader) and train_loader.shuffle and not val_loader.shuffle
     assert train_loader.augmentation.crop_padding == 0  # synthetic has no augmentation to reproduce
-    with pytest.raises(ValueError, match="on_device"):
+    with pytest.raises(ValueError, match="dataset.on_device='sometimes' is not allowed"):
         build_loaders(train, val, 32, on_device="sometimes")

@@ -184,7 +184,7 @@ def test_stochastic_rounding_is_unbiased():
     # one draw's error has std <= step / 2, so the mean of 400 has std <= step / 40
     assert torch.all(bias.flatten(2).mean(-1) < step.flatten(2).mean(-1) / 20)
     assert torch.all(bias < step / 5)
-    # nearest rounding is deterministic and biased by comparison
+    # nearest rounding is deterministic: two encodes store the same codes
     near = DivisionCodec(bits=2, rounding="nearest")
     assert torch.equal(near.decode(near.encode(x)), near.decode(near.encode(x)))
 

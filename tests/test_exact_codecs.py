@@ -93,6 +93,12 @@ def test_dropout_mask_codec():
             assert torch.equal(out, t)
             assert out.is_contiguous(memory_format=torch.channels_last) == (t is not noise)
             assert packed.nbytes == c.closed_form_nbytes(t.shape, t.dtype) == math.ceil(t.numel() / 8) + 4
+    # an empty tensor has no maximum to take the scale from
+    empty = torch.empty(0, 4, dtype=torch.float16)
+    c = DropoutMaskCodec()
+    packed = c.encode(empty)
+    assert torch.equal(c.decode(packed), empty) and c.decode(packed).dtype == torch.float16
+    assert packed.nbytes == c.closed_form_nbytes(empty.shape, empty.dtype) == 2
 
 
 def test_bool_mask_codec():
@@ -103,6 +109,10 @@ def test_bool_mask_codec():
         p = c.encode(m)
         assert torch.equal(c.decode(p), m)
         assert p.nbytes == c.closed_form_nbytes(m.shape, m.dtype) == math.ceil(m.numel() / 8)
+    # CUDA dropout's mask follows a channels_last input's format; it comes back in that format
+    m = (torch.rand(2, 3, 4, 5) > 0.3).contiguous(memory_format=torch.channels_last)
+    out = BoolMaskCodec().decode(BoolMaskCodec().encode(m))
+    assert torch.equal(out, m) and out.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_shape_only_codec():

@@ -89,7 +89,7 @@ def train_records() -> list[dict]:
         out.append(record(mode="train", model="resnet18", dataset="cifar10", method=method, batch_size=256,
                           group="cifar", epochs=3, final_val_top1=final, best_val_top1=final, final_train_loss=0.33,
                           images_per_sec_train=900.0, history=history, ledger_plain_bytes=1e8,
-                          ledger_stored_bytes=1e7, ledger_ratio=10.0))
+                          ledger_bytes=1e7, ledger_ratio=10.0))
     return out
 
 
@@ -104,7 +104,7 @@ def run_report(store: Path, out: Path, group=None, where=None, formats=("md", "c
     cfg = OmegaConf.create({"results_dir": str(store),
                             "report": {"group": group, "where": where, "formats": list(formats)}})
     logger = RecordingLogger()
-    fields = report.run(cfg, SimpleNamespace(run_dir=out, logger=logger, device=None, record={}))
+    fields = report.run(cfg, SimpleNamespace(run_dir=out, logger=logger, device=None))
     return fields, logger
 
 

@@ -245,6 +245,15 @@ def check_fallbacks(device):
         for k in pr.tensors:
             assert torch.equal(pf.tensors[k], pr.tensors[k]), (knobs, tuple(x.shape), k)
         assert torch.equal(fast.decode(pf), ref.decode(pr)), (knobs, tuple(x.shape))
+    # A Packed written with another block size or bits than the decoding codec's: the codec's own
+    # plan does not fit it, so the reference must read it (the kernel would read out of bounds).
+    x = random_input((2, 4, 16, 16), device=device)
+    fast = TritonDivisionCodec(block_size=4, bits=2, rounding="nearest")
+    _assert_fast(fast, x)
+    for knobs in (dict(block_size=8), dict(block_size=4, bits=4)):
+        ref = DivisionCodec(rounding="nearest", **knobs)
+        pr = ref.encode(x)
+        assert torch.equal(fast.decode(pr), ref.decode(pr)), knobs
 
 
 def check_int64_path(device, shape=(2, 8, 7, 7)):

@@ -8,24 +8,20 @@ from __future__ import annotations
 
 import torch
 
+from ..dual_precision import bf16_directed
+
 # Smallest step any codec uses: keeps constant (e.g. all-zero) channels or groups away from 0 / 0.
 TINY = torch.finfo(torch.float32).tiny
 
 
 def bf16_up(x: torch.Tensor) -> torch.Tensor:
     """Round fp32 ``x`` to the nearest bfloat16 that is >= x (inputs must be finite)."""
-    rounded = x.to(torch.bfloat16)
-    too_small = rounded.float() < x
-    bits = rounded.view(torch.int16)
-    # bf16 is sign-magnitude: one unit up in the bit pattern moves a positive value up and a
-    # negative value toward zero, i.e. also up.
-    step = torch.where(bits >= 0, 1, -1).to(torch.int16)
-    return torch.where(too_small, bits + step, bits).view(torch.bfloat16)
+    return bf16_directed(x, "up")
 
 
 def bf16_down(x: torch.Tensor) -> torch.Tensor:
     """Round fp32 ``x`` to the nearest bfloat16 that is <= x."""
-    return -bf16_up(-x)
+    return bf16_directed(x, "down")
 
 
 def as_channels(x: torch.Tensor) -> torch.Tensor:

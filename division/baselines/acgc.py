@@ -171,7 +171,7 @@ class ACGCCodec(ActivationCodec):
 
     def encode(self, x: torch.Tensor, ctx: Optional[SaveContext] = None) -> Packed:
         if self.exact or x.numel() == 0:
-            return Packed(self, {"raw": x})
+            return Packed(self, {"raw": x.detach()})  # detach: see RawCodec.encode
         xc = as_channels(x).float()
         channels, reduce_dims, _ = channel_layout(xc)
         plan = self.plan_for(ctx.layer if ctx else None, channels)

@@ -72,7 +72,7 @@ class ActNNCodec(ActivationCodec):
 
     def encode(self, x: torch.Tensor, ctx: Optional[SaveContext] = None) -> Packed:
         if x.numel() == 0:
-            return Packed(self, {"raw": x})  # nothing to quantize; an empty tensor holds no bytes
+            return Packed(self, {"raw": x.detach()})  # empty: nothing to quantize, no bytes
         n, d = sample_layout(tuple(x.shape))
         rows = x.reshape(n, d).float()
         # The last group is padded with a copy of the sample's last element, which belongs to that

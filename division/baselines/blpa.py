@@ -68,7 +68,7 @@ class BLPACodec(ActivationCodec):
 
     def encode(self, x: torch.Tensor, ctx: Optional[SaveContext] = None) -> Packed:
         if x.numel() == 0:
-            return Packed(self, {"raw": x})  # nothing to quantize; an empty tensor holds no bytes
+            return Packed(self, {"raw": x.detach()})  # empty: nothing to quantize, no bytes
         meta = {"shape": x.shape, "dtype": x.dtype, "channels_last": _is_channels_last(x)}
         xc = as_channels(x)
         width, zero = self.grid(xc)

@@ -221,9 +221,6 @@ class CheckpointMethod(TrainingMethod):
         self._wrapped_modules, self.checkpointed, self.groups = [], [], []
         super().detach()
 
-    def describe(self) -> dict:
-        return {"method": self.name, "block_size": None, "bits": None}
-
     # ---------------------------------------------------------------------------- running
     def _grouped_forward(self, groups: list[list[Stage]]) -> Callable:
         """The host's new forward: the groups in order, all but the last under checkpoint."""
