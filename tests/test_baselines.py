@@ -19,7 +19,7 @@ from division import ByteLedger, SaveContext, build_method, compress_activations
 from division.baselines import ACGCCodec, ActNNCodec, BLPACodec, CheckpointMethod
 from division.baselines._numerics import bf16_down, bf16_up
 from division.baselines.acgc import LayerPlan
-from models import build_model
+from models import MODEL_INFO, build_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
 BASELINES = ("blpa", "acgc", "actnn", "checkpoint", "swap")
@@ -373,3 +373,31 @@ def test_bad_knobs_are_refused():
         build_method("acgc", error_bound=0)
     with pytest.raises(ValueError, match="method.segments"):
         build_method("checkpoint", segments=0)
+
+
+ALL_MODELS_FAST = ["resnet20", "resnet18", "resnet164", "densenet121", "resnet50"]
+ALL_MODELS_SLOW = ["wrn50_2", "densenet161"]
+
+
+def _method_trains_model(method_name: str, model_name: str) -> None:
+    """Two steps of one project model with one method, at a small input (CIFAR 32, ImageNet 64)."""
+    torch.manual_seed(0)
+    model = build_model(model_name, 10)
+    size = 32 if MODEL_INFO[model_name]["family"] == "cifar" else 64
+    method = build_method(method_name, backend="torch", refresh_every=1 if method_name == "acgc" else 100)
+    losses = train_steps(model, method, steps=2, batch=2, size=size, lr=0.01)
+    assert all(math.isfinite(v) for v in losses), (method_name, model_name, losses)
+    method.detach()
+
+
+@pytest.mark.parametrize("model_name", ALL_MODELS_FAST)
+@pytest.mark.parametrize("method_name", ["none", "division", *BASELINES])
+def test_every_method_trains_every_model(method_name, model_name):
+    _method_trains_model(method_name, model_name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name", ALL_MODELS_SLOW)
+@pytest.mark.parametrize("method_name", ["none", "division", *BASELINES])
+def test_every_method_trains_the_wide_models(method_name, model_name):
+    _method_trains_model(method_name, model_name)
