@@ -16,8 +16,7 @@ BACKENDS = ("auto", "torch", "triton")
 
 
 def triton_available() -> bool:
-    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None \
-        and importlib.util.find_spec("division.triton_codec") is not None
+    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
 
 
 def division_codec(backend: str = "auto", **knobs) -> ActivationCodec:

@@ -57,8 +57,7 @@ def module_kind(module: nn.Module) -> Optional[str]:
 class _Frame:
     """The module currently running forward, as the pack hook needs to see it."""
 
-    name: str
-    kind: str
+    ctx: SaveContext  # the module's name and family, made once at install and handed to the codec
     module: nn.Module
     input: Optional[torch.Tensor]
     param_shapes: tuple = field(default_factory=tuple)
@@ -152,6 +151,7 @@ class ActivationCompressor:
         # Read at the first call, not at install: a lazy module (nn.LazyConv2d) has no parameter
         # shapes until its own pre-hook has run on the first input.
         param_shapes: Optional[tuple] = None
+        ctx = SaveContext(name, kind)
 
         def push(module, args):
             nonlocal param_shapes
@@ -159,7 +159,7 @@ class ActivationCompressor:
                 if param_shapes is None:
                     param_shapes = tuple(p.shape for p in module.parameters(recurse=False))
                 first = args[0] if args and isinstance(args[0], torch.Tensor) else None
-                self._stack.append(_Frame(name, kind, module, first, param_shapes))
+                self._stack.append(_Frame(ctx, module, first, param_shapes))
         return push
 
     def _pop(self, module, args, output) -> None:
@@ -180,7 +180,7 @@ class ActivationCompressor:
         if shared:
             packed = entry.packed
         else:
-            packed = codec.encode(t, SaveContext(frame.name, frame.kind) if frame else None)
+            packed = codec.encode(t, frame.ctx if frame else None)
             self._cache[key] = _CacheEntry(weakref.ref(t, self._forget(key)), t._version, packed)
         if self.ledger is not None:
             self._record(t, frame, packed, shared)
@@ -198,7 +198,7 @@ class ActivationCompressor:
     def _choose_codec(self, t: torch.Tensor, frame: Optional[_Frame]) -> ActivationCodec:
         if frame is None or t.numel() < self.min_numel:
             return _RAW
-        kind = frame.kind
+        kind = frame.ctx.kind
         if self.exact_masks:
             if t.dtype == torch.bool:
                 return _BOOL
@@ -239,8 +239,8 @@ class ActivationCompressor:
         if not plain_seen:
             self._plain_seen[id(t)] = weakref.ref(t)
         self.ledger.record(LedgerEntry(
-            layer=frame.name if frame else "",
-            kind=frame.kind if frame else "other",
+            layer=frame.ctx.layer if frame else "",
+            kind=frame.ctx.kind if frame else "other",
             codec="shared" if shared else packed.codec.name,
             shape=tuple(t.shape),
             dtype=str(t.dtype).replace("torch.", ""),

@@ -11,11 +11,10 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data import build_datasets  # noqa: E402
+from data import build_datasets, sample_batch  # noqa: E402
 from division.fidelity import gradient_fidelity  # noqa: E402
 from models import build_model  # noqa: E402
 
@@ -23,9 +22,7 @@ from models import build_model  # noqa: E402
 def real_batch(root: str, count: int):
     """``count`` validation images of an ImageFolder tree, spread evenly over it (so over the classes)."""
     _, val_ds, info = build_datasets("imagefolder", root=root, transforms="cifar", num_classes=None)
-    index = torch.linspace(0, len(val_ds) - 1, count).long().tolist()  # ImageFolder sorts by class
-    images, labels = zip(*(val_ds[i] for i in index))
-    return torch.stack(images), torch.tensor(labels), info["num_classes"]
+    return (*sample_batch(val_ds, count), info["num_classes"])
 
 
 def main() -> None:

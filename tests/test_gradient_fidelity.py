@@ -9,9 +9,8 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
-from data import build_datasets
+from data import build_datasets, sample_batch
 from division.fidelity import gradient_fidelity
 from models import build_model
 
@@ -23,9 +22,7 @@ def batch(count: int = 128):
         _, val_ds, _ = build_datasets("imagefolder", root=root, transforms="cifar", num_classes=10)
     else:
         _, val_ds, _ = build_datasets("synthetic", num_classes=10, image_size=32, train_size=64, val_size=count)
-    index = torch.linspace(0, len(val_ds) - 1, count).long().tolist()
-    images, labels = zip(*(val_ds[i] for i in index))
-    return torch.stack(images), torch.tensor(labels)
+    return sample_batch(val_ds, count)
 
 
 @pytest.fixture(scope="module")
