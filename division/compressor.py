@@ -168,7 +168,7 @@ class ActivationCompressor:
 
     # ---------------------------------------------------------------------------------- pack hook
     def _pack(self, t: torch.Tensor):
-        if isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter):
+        if _is_parameter(t):
             # parameters (and views of them, e.g. Linear's weight.t()) are model memory;
             # autograd keeps a reference, never a copy
             return t
@@ -247,6 +247,14 @@ class ActivationCompressor:
             plain_bytes=0 if plain_seen else t.numel() * t.element_size(),
             stored_bytes=0 if shared else packed.nbytes,
         ))
+
+
+def _is_parameter(t: torch.Tensor) -> bool:
+    """Is t a parameter or a view of one? Plain tensors answer without Parameter's isinstance hook."""
+    base = t._base
+    if type(t) is torch.Tensor and (base is None or type(base) is torch.Tensor):
+        return False
+    return isinstance(t, nn.Parameter) or isinstance(base, nn.Parameter)
 
 
 def _unpack(packed):

@@ -64,6 +64,8 @@ precision); decode returns the input's dtype, shape, device and memory format (c
 """
 from __future__ import annotations
 
+import functools
+
 import math
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -114,6 +116,12 @@ class Geometry:
     @property
     def numel(self) -> int:
         return self.n * self.c * self.h * self.w
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_geometry(shape: tuple, dtype: torch.dtype, block_size: int) -> "Geometry":
+    """canonical_geometry, remembered: encode and decode ask for the same few shapes every step."""
+    return canonical_geometry(shape, dtype, block_size)
 
 
 def canonical_geometry(shape, dtype: torch.dtype, block_size: int) -> Geometry:
@@ -299,7 +307,7 @@ class DivisionCodec(ActivationCodec):
 
     # ------------------------------------------------------------------------------- geometry
     def geometry(self, shape, dtype: torch.dtype) -> Geometry:
-        return canonical_geometry(shape, dtype, self.block_size)
+        return _cached_geometry(tuple(shape), dtype, self.block_size)
 
     def _parts(self, geom: Geometry) -> tuple[bool, bool]:
         """(store the LFC, store the HFC) for this geometry; a one-element map is its own LFC."""

@@ -9,6 +9,7 @@ These layers do not need the activation's values, only which elements were kept 
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -23,11 +24,10 @@ class BoolMaskCodec(ActivationCodec):
     name = "bool_mask"
 
     def encode(self, x: torch.Tensor, ctx: Optional[SaveContext] = None) -> Packed:
-        return Packed(self, {"bits": pack_mask(x)}, {"shape": x.shape, "channels_last": _is_channels_last(x)})
+        return Packed(self, {"bits": _pack(x, nonzero=True)}, _mask_meta(x))
 
     def decode(self, packed: Packed) -> torch.Tensor:
-        out = unpack_mask(packed.tensors["bits"], packed.meta["shape"])
-        return _restore_format(out, packed.meta["channels_last"])
+        return _unpack(packed)
 
     def closed_form_nbytes(self, shape, dtype) -> int:
         return packed_nbytes(math.prod(shape), 1)
@@ -42,12 +42,10 @@ class ReluMaskCodec(ActivationCodec):
     name = "relu_mask"
 
     def encode(self, x: torch.Tensor, ctx: Optional[SaveContext] = None) -> Packed:
-        meta = {"shape": x.shape, "dtype": x.dtype, "channels_last": _is_channels_last(x)}
-        return Packed(self, {"bits": pack_mask(x > 0)}, meta)
+        return Packed(self, {"bits": _pack(x, nonzero=False)}, _mask_meta(x))
 
     def decode(self, packed: Packed) -> torch.Tensor:
-        out = unpack_mask(packed.tensors["bits"], packed.meta["shape"], packed.meta["dtype"])
-        return _restore_format(out, packed.meta["channels_last"])
+        return _unpack(packed)
 
     def closed_form_nbytes(self, shape, dtype) -> int:
         return packed_nbytes(math.prod(shape), 1)
@@ -63,17 +61,69 @@ class DropoutMaskCodec(ActivationCodec):
     name = "dropout_mask"
 
     def encode(self, x: torch.Tensor, ctx: Optional[SaveContext] = None) -> Packed:
-        meta = {"shape": x.shape, "dtype": x.dtype, "channels_last": _is_channels_last(x)}
         scale = x.amax() if x.numel() else x.new_zeros(())
-        return Packed(self, {"bits": pack_mask(x != 0), "scale": scale}, meta)
+        return Packed(self, {"bits": _pack(x, nonzero=True), "scale": scale}, _mask_meta(x))
 
     def decode(self, packed: Packed) -> torch.Tensor:
-        mask = unpack_mask(packed.tensors["bits"], packed.meta["shape"], packed.meta["dtype"])
-        out = mask * packed.tensors["scale"]
-        return _restore_format(out, packed.meta["channels_last"])
+        return _unpack(packed, packed.tensors["scale"])
 
     def closed_form_nbytes(self, shape, dtype) -> int:
         return packed_nbytes(math.prod(shape), 1) + dtype.itemsize
+
+
+# ---------------------------------------------------------------------------- the masks' bits
+# Bits follow the tensor's storage order (NHWC for a channels_last tensor), so neither direction
+# reorders memory: a channels_last mask decodes straight into a channels_last tensor. On CUDA one
+# fused Triton kernel does each direction (division/triton_masks.py); elsewhere PyTorch ops do.
+
+def _mask_meta(x: torch.Tensor) -> dict:
+    return {"shape": x.shape, "dtype": x.dtype, "channels_last": _is_channels_last(x)}
+
+
+def _storage_flat(x: torch.Tensor) -> torch.Tensor:
+    """x's elements in storage order for contiguous and channels_last tensors (a view), else in logical order."""
+    return x.permute(0, 2, 3, 1).reshape(-1) if _is_channels_last(x) else x.reshape(-1)
+
+
+def _pack(x: torch.Tensor, nonzero: bool) -> torch.Tensor:
+    fast = _fast_masks(x)
+    bits = fast.pack(x, nonzero) if fast is not None else None
+    if bits is None:
+        flat = _storage_flat(x)
+        bits = pack_mask(flat != 0 if nonzero else flat > 0)
+    return bits
+
+
+def _unpack(packed: Packed, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    bits, m = packed.tensors["bits"], packed.meta
+    shape, dtype, channels_last = m["shape"], m["dtype"], m["channels_last"]
+    fast = _fast_masks(bits)
+    out = fast.unpack(bits, shape, dtype, channels_last, scale) if fast is not None else None
+    if out is not None:
+        return out
+    if channels_last:
+        n, c, h, w = shape
+        out = unpack_mask(bits, torch.Size((n, h, w, c)), dtype).permute(0, 3, 1, 2)
+    else:
+        out = unpack_mask(bits, shape, dtype)
+    return out * scale if scale is not None else out
+
+
+_FAST = None
+
+
+def _fast_masks(t: torch.Tensor):
+    """division.triton_masks when it can run on ``t`` (CUDA with Triton, or Triton's interpreter), else None."""
+    global _FAST
+    if not t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return None  # a CPU tensor outside the interpreter: no need to import Triton
+    if _FAST is None:
+        try:
+            from . import triton_masks
+            _FAST = triton_masks
+        except ImportError:
+            _FAST = False
+    return _FAST or None
 
 
 class ShapeOnlyCodec(ActivationCodec):

@@ -39,9 +39,9 @@ Random numbers: one 32-bit hash per output byte of (seed, global byte index) (go
 the top 23 bits become a float in [0, 1) (``RNG_HASH``; each lane is exactly uniform; draws depend
 only on the element's NCHW position, so a channels_last input encodes like its contiguous copy).
 ``RNG_PHILOX`` uses Triton's ``tl.rand`` (1.6x slower encode on an H200). The 31-bit seed of each
-encode comes from a CPU torch.Generator (no device sync): the codec's generator when it lives on
-the CPU, else a private CPU stream seeded from the codec generator's ``initial_seed()`` (or
-``torch.initial_seed()`` when there is none), so ``torch.manual_seed(s)`` before building the codec
+encode is drawn on the host (no device sync): from the codec's generator when it lives on the CPU,
+else from a private host stream (Python's ``random.Random``) seeded with the codec generator's
+``initial_seed()`` (or ``torch.initial_seed()`` when there is none), so ``torch.manual_seed(s)`` before building the codec
 makes runs reproducible. The draws differ from the reference's ``torch.rand``, so stochastic codes
 differ from the reference's (same law: unbiased, |error| < step). A CUDA graph capturing an encode
 would replay its seed.
@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import functools
 import os
+import random
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -68,6 +69,7 @@ import triton.language as tl
 from .codec import Packed, SaveContext
 from .dual_precision import LAYOUT_MAPS, DivisionCodec, Geometry, _memory_format
 from .packing import packed_nbytes
+from .triton_launch import CachedLaunch, aligned
 
 RNG_HASH = 0
 RNG_PHILOX = 1
@@ -85,6 +87,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # =================================================================================== the kernels
+# Integer arguments other than the seed (C, CG) are specialised by Triton; every launch key below
+# includes the plan, which fixes them.
 @triton.jit
 def _to_bf16(x, EXACT: tl.constexpr):
     """fp32 -> bf16, round to nearest even. The GPU cast does it; Triton's interpreter truncates,
@@ -558,9 +562,13 @@ def _is_pow2(v: int) -> bool:
     return v > 0 and v & (v - 1) == 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Plan:
-    """Launch parameters of both kernels for one (shape, dtype, format, bits, block size)."""
+    """Launch parameters of both kernels for one (shape, dtype, format, bits, block size).
+
+    Compared and hashed by identity (``_plan`` makes one object per distinct input): a plan is
+    part of every launch key, and hashing thirty fields per launch would cost more than the lookup.
+    """
 
     n: int
     c: int
@@ -709,6 +717,10 @@ def _plan(n: int, c: int, h: int, w: int, kh: int, kw: int, bits: int, itemsize:
                 enc_warps, dec_warps)
 
 
+_ENCODE = CachedLaunch(_encode_kernel)
+_DECODE = CachedLaunch(_decode_kernel)
+
+
 @functools.lru_cache(maxsize=16)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -745,7 +757,8 @@ class TritonDivisionCodec(DivisionCodec):
             raise ValueError(f"rng must be None, RNG_HASH or RNG_PHILOX, got {rng!r}")
         self.rng = rng
         self._seed_key: Optional[int] = None
-        self._seed_gen: Optional[torch.Generator] = None
+        self._seed_gen: Optional[random.Random] = None
+        self._plans: dict[tuple, Optional[Plan]] = {}
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "backend": "triton"}
@@ -755,7 +768,19 @@ class TritonDivisionCodec(DivisionCodec):
 
     # ------------------------------------------------------------------------------- planning
     def plan_for(self, shape, dtype: torch.dtype, channels_last: bool, device) -> Optional[Plan]:
-        """The launch plan for a 4-D input of this shape, or None if it takes the reference path."""
+        """The launch plan for a 4-D input of this shape, or None if it takes the reference path.
+
+        Remembered per (shape, dtype, format, device, tunables): a training step asks for the same
+        few dozen plans hundreds of times.
+        """
+        key = (tuple(shape), dtype, channels_last, str(device), tuple(TUNING.values()))
+        try:
+            return self._plans[key]
+        except KeyError:
+            plan = self._plans[key] = self._make_plan(shape, dtype, channels_last, device)
+            return plan
+
+    def _make_plan(self, shape, dtype: torch.dtype, channels_last: bool, device) -> Optional[Plan]:
         if len(shape) != 4 or dtype not in _FAST_DTYPES:
             return None
         geom = self.geometry(shape, dtype)
@@ -771,16 +796,20 @@ class TritonDivisionCodec(DivisionCodec):
         return self.keep_lfc and self.keep_hfc and not self.simulate
 
     def draw_seed(self) -> int:
-        """A 31-bit seed for one encode, from a CPU generator (no device synchronisation)."""
+        """A 31-bit seed for one encode, drawn on the host (no device synchronisation).
+
+        From the codec's generator when it lives on the CPU; otherwise from a private host stream
+        seeded with the generator's ``initial_seed()`` (or ``torch.initial_seed()``): Python's
+        Mersenne Twister, since a torch draw costs more host time than the kernel launch.
+        """
         gen = self.generator
         if gen is not None and gen.device.type == "cpu":
             return int(torch.randint(0, 2 ** 31 - 1, (1,), generator=gen).item())
         key = gen.initial_seed() if gen is not None else torch.initial_seed()
         if self._seed_gen is None or self._seed_key != key:
-            self._seed_gen = torch.Generator()
-            self._seed_gen.manual_seed(key)
+            self._seed_gen = random.Random(key)
             self._seed_key = key
-        return int(torch.randint(0, 2 ** 31 - 1, (1,), generator=self._seed_gen).item())
+        return self._seed_gen.getrandbits(31)
 
     # ------------------------------------------------------------------------- encode / decode
     def encode(self, x: torch.Tensor, ctx: Optional[SaveContext] = None) -> Packed:
@@ -810,10 +839,11 @@ class TritonDivisionCodec(DivisionCodec):
         if seed is None:
             seed = self.draw_seed() if stochastic else 0
         rng = TUNING["rng"] if self.rng is None else self.rng
-        _encode_kernel[plan.grid](
-            x, lfc, codes, mn, step, seed, c, c // plan.g,
-            STOCHASTIC=stochastic, RNG=rng,
-            num_warps=plan.enc_warps, **plan.encode_constexprs())
+        # C and CG are fixed by the plan, so the plan, x's dtype and alignment and the two flags
+        # are all the specialisation there is (outputs are fresh allocations: aligned).
+        _ENCODE.launch((plan, x.dtype, aligned(x), stochastic, rng, dev.index), plan.grid,
+                       (x, lfc, codes, mn, step, seed, c, c // plan.g),
+                       lambda: dict(STOCHASTIC=stochastic, RNG=rng, **plan.encode_constexprs()), plan.enc_warps)
         return {"lfc": lfc, "codes": codes, "mn": mn, "step": step}
 
     def decode(self, packed: Packed) -> torch.Tensor:
@@ -838,9 +868,9 @@ class TritonDivisionCodec(DivisionCodec):
         n, c, h, w = plan.n, plan.c, plan.h, plan.w
         fmt = torch.channels_last if plan.channels_last else torch.contiguous_format
         out = torch.empty((n, c, h, w), dtype=dtype, device=t["codes"].device, memory_format=fmt)
-        _decode_kernel[plan.grid](
-            t["codes"], t["lfc"], t["mn"], t["step"], out, c, c // plan.g,
-            num_warps=plan.dec_warps, **plan.decode_constexprs())
+        args = (t["codes"], t["lfc"], t["mn"], t["step"], out, c, c // plan.g)
+        key = (plan, dtype, *(aligned(a) for a in args[:4]), out.device.index)
+        _DECODE.launch(key, plan.grid, args, plan.decode_constexprs, plan.dec_warps)
         return out
 
 

@@ -52,13 +52,13 @@ def time_steps(cfg, device: torch.device) -> list[float]:
     try:
         for _ in range(int(cfg.speed.warmup)):
             train_step(bench, cfg, device)
-        timer = _cuda_step_ms if device.type == "cuda" else _cpu_step_ms
+        timer = cuda_step_ms if device.type == "cuda" else _cpu_step_ms
         return timer(bench, cfg, device, int(cfg.speed.steps))
     finally:
         bench.close()
 
 
-def _cuda_step_ms(bench: Bench, cfg, device: torch.device, steps: int) -> list[float]:
+def cuda_step_ms(bench: Bench, cfg, device: torch.device, steps: int) -> list[float]:
     # Events are recorded on the stream and read after one final synchronize, so timing adds no
     # host-device synchronisation between steps (the steps queue up as they do in training).
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))

@@ -226,6 +226,8 @@ def run(cfg, env) -> dict[str, Any]:
         "best_val_top1": max(h["val_top1"] for h in evaluated) if evaluated else None,
         "final_train_loss": history[-1]["train_loss"] if history else None,
         "images_per_sec_train": train_images / train_seconds if train_seconds else None,
+        # this process's GPU (rank 0's under torchrun): model, optimizer, activations, data on device
+        "peak_bytes_per_gpu": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "ledger_plain_bytes": (first_step_ledger or {}).get("plain_bytes"),
         "ledger_bytes": (first_step_ledger or {}).get("stored_bytes"),
         "ledger_ratio": (first_step_ledger or {}).get("ratio"),

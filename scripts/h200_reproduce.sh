@@ -5,7 +5,8 @@
 #   bash scripts/h200_reproduce.sh OUT_DIR [EPOCHS] [SCALE]
 #
 # SCALE (default 1) multiplies every stage's time limit; a stage cut short keeps the records it finished.
-# MAX_BATCH=0 skips the largest-batch search (the longest memory stage).
+# MAX_BATCH=0 skips the largest-batch search (the longest memory stage); ACCURACY=0 skips the two
+# accuracy runs (the longest stages; they can run on their own, e.g. one per GPU).
 #
 # Needs: CUDA; hydra-core, omegaconf, antlr4 and lmdb importable; the CIFAR-10 JPEG copy in
 # .data/cifar10-jpeg (or DIVISION_CIFAR10_JPEG). wandb is not needed (logger=none).
@@ -20,14 +21,14 @@ common=(logger=none device=cuda "results_dir=$store" train.progress=false)
 stage() {  # stage NAME SECONDS ARGS...: one main.py call, bounded, logged to OUT/NAME.log
   local name=$1 seconds=$2; shift 2
   echo "=== $name: python main.py $*" | tee -a "$out/commands.txt"
-  timeout "$(( seconds * scale ))" python main.py "$@" "${common[@]}" > "$out/$name.log" 2>&1
+  timeout "$(awk "BEGIN { print int($seconds * $scale) }")" python main.py "$@" "${common[@]}" > "$out/$name.log" 2>&1
   echo "=== $name exit $?" | tee -a "$out/commands.txt"
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/versions.txt"
 python -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)" >> "$out/versions.txt"
 
 # Accuracy: ResNet-18 (CIFAR variant) on the CIFAR-10 JPEG copy, same recipe and seed for none and division.
-for method in none division; do
+[[ "${ACCURACY:-1}" == 1 ]] && for method in none division; do
   stage "accuracy_$method" 120 mode=train model=resnet18 dataset=imagefolder "dataset.root=$jpeg" \
     method=$method batch_size=256 train.epochs=$epochs train.lr=0.1 train.weight_decay=5e-4 \
     precision=bf16 channels_last=true seed=0 group=h200_accuracy

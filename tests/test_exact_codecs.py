@@ -72,6 +72,29 @@ def test_relu_mask_codec():
             assert p.nbytes == c.closed_form_nbytes(t.shape, dtype) == math.ceil(t.numel() / 8)
 
 
+def test_parameters_and_their_views_are_kept_by_reference():
+    """Weights (and views such as Linear's weight.t()) are model memory: the pack hook keeps them as
+    they are; plain tensors and a Parameter subclass are told apart correctly."""
+    from division.compressor import _is_parameter
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    lazy = torch.nn.parameter.UninitializedParameter()
+    assert _is_parameter(w) and _is_parameter(w.t()) and _is_parameter(lazy)
+    assert not _is_parameter(torch.randn(4, 3)) and not _is_parameter(torch.randn(4, 3).t())
+    assert not _is_parameter(w.detach() * 2)
+
+
+def test_mask_bits_follow_storage_order():
+    """A channels_last tensor's bits are laid out in its NHWC storage order (no reordering copy
+    either way), a contiguous tensor's in NCHW order; the same bytes as pack_mask of that order."""
+    torch.manual_seed(0)
+    y = torch.randn(2, 3, 5, 7)
+    cl = y.contiguous(memory_format=torch.channels_last)
+    bits_cl = ReluMaskCodec().encode(cl).tensors["bits"]
+    assert torch.equal(bits_cl, pack_mask(cl.permute(0, 2, 3, 1).reshape(-1) > 0))
+    assert torch.equal(ReluMaskCodec().encode(y).tensors["bits"], pack_mask(y.reshape(-1) > 0))
+    assert not torch.equal(bits_cl, ReluMaskCodec().encode(y).tensors["bits"])  # the orders differ here
+
+
 def test_relu_mask_gives_exact_threshold_backward():
     torch.manual_seed(0)
     x = torch.randn(4, 9)

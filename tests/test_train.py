@@ -26,6 +26,7 @@ def test_short_run_lowers_the_loss_and_checkpoints_each_epoch(tmp_path):
     assert record["status"] == "ok" and record["epochs"] == 2 and len(history) == 2
     assert history[1]["train_loss"] < history[0]["train_loss"]
     assert record["best_val_top1"] > 20.0  # 10 classes: chance is 10%
+    assert record["peak_bytes_per_gpu"] is None and record["images_per_sec_train"] > 0  # CPU: no GPU peak
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert state["epoch"] == 2 and set(state) >= {"model", "optimizer", "scheduler", "scaler", "rng", "history"}
     assert json.loads((tmp_path / "run" / "history.json").read_text()) == history

@@ -299,7 +299,60 @@ def check_tilings(device):
         tc.TUNING.update(old)
 
 
+def check_masks(device, shapes=((2, 3, 5, 7), (4, 8, 6, 6), (3, 13), (1,), (0, 4))):
+    """The fused mask kernels store the reference's bits and decode to the reference's tensors.
+
+    Odd element counts (a partial last byte), channels_last, every float dtype, bool masks and
+    dropout's scale; each codec is run through the kernels and again through the PyTorch path.
+    """
+    from division import exact
+    from division.exact import BoolMaskCodec, DropoutMaskCodec, ReluMaskCodec
+    from division.triton_masks import applies
+
+    def reference(fn):
+        saved, exact._FAST = exact._FAST, False
+        try:
+            return fn()
+        finally:
+            exact._FAST = saved
+
+    g = torch.Generator().manual_seed(0)
+    for shape in shapes:
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            base = torch.randn(shape, generator=g).to(dtype)
+            base[base.abs() < 0.3] = 0  # exact zeros: > 0 and != 0 differ on them
+            layouts = [base, base.contiguous(memory_format=torch.channels_last)] if base.dim() == 4 else [base]
+            for x in layouts:
+                x = x.to(device)
+                noise = (x != 0).to(dtype) * 2.0
+                for codec, t in ((ReluMaskCodec(), x), (DropoutMaskCodec(), noise), (BoolMaskCodec(), x > 0)):
+                    assert applies(t), (shape, t.stride())
+                    fast = codec.encode(t)
+                    ref = reference(lambda: codec.encode(t))
+                    assert torch.equal(fast.tensors["bits"], ref.tensors["bits"]), (codec.name, shape, dtype)
+                    out, out_ref = codec.decode(fast), reference(lambda: codec.decode(ref))
+                    assert out.dtype == out_ref.dtype and out.shape == t.shape
+                    assert out.stride() == out_ref.stride() == t.stride() or t.numel() == 0, (codec.name, shape)
+                    assert torch.equal(out, out_ref), (codec.name, shape, dtype)
+                    expected = {"relu_mask": (t > 0).to(dtype), "dropout_mask": t, "bool_mask": t}[codec.name]
+                    assert torch.equal(out, expected), (codec.name, shape, dtype)
+
+
+def check_direct_launch(device):
+    """A compiled kernel launched directly writes what the normal launch writes (fast path of repeat calls)."""
+    from division.triton_codec import TritonDivisionCodec
+    codec = TritonDivisionCodec(rounding="nearest")
+    x = random_input((2, 16, 16, 16), device=device)
+    first = codec.encode(x)      # compiles and launches normally
+    again = codec.encode(x)      # launches the kept compiled kernel (on a GPU)
+    for k in first.tensors:
+        assert torch.equal(first.tensors[k], again.tensors[k]), k
+    assert torch.equal(codec.decode(first), codec.decode(again))
+
+
 CPU_CHECKS = {
+    "masks": lambda: check_masks("cpu"),
+    "direct_launch": lambda: check_direct_launch("cpu"),
     "tilings": lambda: check_tilings("cpu"),
     "nearest_exact": lambda: check_nearest_exact("cpu", CPU_EXACT_CASES),
     "random_close": lambda: check_random_close("cpu", [((2, 8, 20, 20), 2, False, torch.float32, 8),
@@ -435,6 +488,20 @@ def test_gpu_stochastic():
 def test_gpu_fallbacks_and_int64():
     check_fallbacks("cuda")
     check_int64_path("cuda", shape=(4, 64, 7, 7))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_masks():
+    check_masks("cuda", shapes=((2, 3, 5, 7), (32, 64, 56, 56), (7, 13, 9, 11), (1000003,), (0, 4)))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_direct_launch():
+    from division.triton_launch import direct_launch_style
+    check_direct_launch("cuda")
+    assert direct_launch_style() in ("all", "runtime"), direct_launch_style()
 
 
 @pytest.mark.gpu

@@ -1,0 +1,118 @@
+"""Launch compiled Triton kernels without paying Triton's per-call argument binding.
+
+``kernel[grid](*args, **constexprs)`` binds every argument, specialises each one (dtype, alignment,
+integer divisibility), hashes the result and looks the kernel up: tens of microseconds of Python per
+launch. A training step of ResNet-50 launches a few hundred codec kernels, so that cost alone is
+several milliseconds of host time per step. ``CachedLaunch`` does the normal launch once per key,
+keeps the compiled kernel it returns, and launches it directly after that.
+
+The key is the caller's: it must hold everything Triton specialises on that can change between
+calls with the same constexprs, i.e. the dtype of every pointer argument and whether each pointer
+is 16-byte aligned. Integer arguments must be declared ``do_not_specialize`` in ``@triton.jit``
+(so their values, not just their divisibility, may change under one key).
+
+Under Triton's interpreter (``TRITON_INTERPRET=1``) launches return no compiled kernel; every call
+then takes the normal path.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Union
+
+import torch
+
+# How a compiled kernel's launcher takes its arguments: Triton releases differ on whether the
+# constexprs are passed along (ignored) or left out. Found on the first direct launch.
+_ALL_ARGS = "all"
+_RUNTIME_ARGS = "runtime"
+_NEVER = "none"
+_style: Optional[str] = None
+
+
+def aligned(t: torch.Tensor) -> bool:
+    """Triton specialises pointers on 16-byte alignment; part of every launch key."""
+    return t.data_ptr() % 16 == 0
+
+
+class CachedLaunch:
+    """One Triton kernel, launched through its compiled form once a key has been seen.
+
+    ``launch(key, grid, args, constexprs, num_warps)``: ``args`` are the runtime arguments in the
+    kernel's order (they come first in the signature), ``constexprs`` the keyword constexprs (a
+    dict, or a function returning one: only called when the normal launch is needed).
+    """
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self._compiled: dict[Any, tuple[Any, tuple]] = {}
+
+    def launch(self, key, grid: tuple[int, ...], args: tuple,
+               constexprs: Union[dict[str, Any], Callable[[], dict[str, Any]]], num_warps: int) -> None:
+        entry = self._compiled.get(key)
+        if entry is not None and _direct(entry, grid, args):
+            return
+        if callable(constexprs):
+            constexprs = constexprs()
+        compiled = self.kernel[grid](*args, **constexprs, num_warps=num_warps)
+        if compiled is not None and hasattr(compiled, "__getitem__") and _style != _NEVER:
+            # the constexprs in signature order, as the normal launch hands them to the launcher
+            names = self.kernel.arg_names[len(args):]
+            if set(names) == set(constexprs):
+                self._compiled[key] = (compiled, tuple(constexprs[n] for n in names))
+
+    def clear(self) -> None:
+        self._compiled.clear()
+
+
+def _current_stream(device_index: int) -> int:
+    """The raw handle of the current CUDA stream: the call Triton's own launch makes.
+    ``torch.cuda.current_stream()`` builds a Stream object first (about 10x slower)."""
+    return _raw_stream(device_index) if _raw_stream is not None \
+        else torch.cuda.current_stream(device_index).cuda_stream
+
+
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def _direct(entry, grid: tuple[int, ...], args: tuple) -> bool:
+    """Launch a compiled kernel; False (nothing launched) when this Triton's launcher refuses both styles.
+
+    This is the call ``JITFunction.run`` ends with once it has found the kernel; launch hooks
+    (``knobs.runtime.launch_enter_hook``, set by profilers such as Proton) are not called.
+    """
+    global _style
+    if _style == _NEVER:
+        return False
+    compiled, constants = entry
+    stream = _current_stream(torch.cuda.current_device())
+    g1 = grid[1] if len(grid) > 1 else 1
+    g2 = grid[2] if len(grid) > 2 else 1
+    if _style == _ALL_ARGS:
+        compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                     *args, *constants)
+        return True
+    if _style == _RUNTIME_ARGS:
+        compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                     *args)
+        return True
+    # First direct launch: the launcher parses a fixed argument tuple, so the wrong style raises
+    # TypeError before anything reaches the GPU. A Triton without these attributes never goes direct.
+    try:
+        compiled[(grid[0], g1, g2)]   # loads the module and function handles
+        run, function, metadata = compiled.run, compiled.function, compiled.packed_metadata
+    except (AttributeError, TypeError):
+        _style = _NEVER
+        return False
+    for style, full in ((_ALL_ARGS, args + constants), (_RUNTIME_ARGS, args)):
+        try:
+            run(grid[0], g1, g2, stream, function, metadata, None, None, None, *full)
+        except TypeError:
+            continue
+        _style = style
+        return True
+    _style = _NEVER
+    return False
+
+
+def direct_launch_style() -> Optional[str]:
+    """How compiled kernels are being launched: "all", "runtime", "none" (always the normal path), or None (not yet)."""
+    return _style
