@@ -65,7 +65,6 @@ precision); decode returns the input's dtype, shape, device and memory format (c
 from __future__ import annotations
 
 import functools
-
 import math
 from dataclasses import dataclass
 from typing import Any, Optional

@@ -81,7 +81,8 @@ def _mask_meta(x: torch.Tensor) -> dict:
 
 
 def _storage_flat(x: torch.Tensor) -> torch.Tensor:
-    """x's elements in storage order for contiguous and channels_last tensors (a view), else in logical order."""
+    """x's elements in storage order for contiguous and channels_last tensors (a view), else in
+    logical order (a copy)."""
     return x.permute(0, 2, 3, 1).reshape(-1) if _is_channels_last(x) else x.reshape(-1)
 
 
@@ -113,7 +114,8 @@ _FAST = None
 
 
 def _fast_masks(t: torch.Tensor):
-    """division.triton_masks when it can run on ``t`` (CUDA with Triton, or Triton's interpreter), else None."""
+    """division.triton_masks when it can run on ``t`` (CUDA with Triton, or Triton's interpreter),
+    else None."""
     global _FAST
     if not t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
         return None  # a CPU tensor outside the interpreter: no need to import Triton

@@ -41,9 +41,9 @@ only on the element's NCHW position, so a channels_last input encodes like its c
 ``RNG_PHILOX`` uses Triton's ``tl.rand`` (1.6x slower encode on an H200). The 31-bit seed of each
 encode is drawn on the host (no device sync): from the codec's generator when it lives on the CPU,
 else from a private host stream (Python's ``random.Random``) seeded with the codec generator's
-``initial_seed()`` (or ``torch.initial_seed()`` when there is none), so ``torch.manual_seed(s)`` before building the codec
-makes runs reproducible. The draws differ from the reference's ``torch.rand``, so stochastic codes
-differ from the reference's (same law: unbiased, |error| < step). A CUDA graph capturing an encode
+``initial_seed()`` (or ``torch.initial_seed()`` when there is none), so ``torch.manual_seed(s)``
+before building the codec makes runs reproducible. The draws differ from the reference's
+``torch.rand``, so stochastic codes differ from the reference's (same law: unbiased, |error| < step). A CUDA graph capturing an encode
 would replay its seed.
 
 Fallback to the reference (``super()``): CPU tensors (unless Triton's interpreter is active:
