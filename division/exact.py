@@ -9,13 +9,13 @@ These layers do not need the activation's values, only which elements were kept 
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
 
 from .codec import ActivationCodec, Packed, SaveContext
 from .packing import pack_mask, packed_nbytes, unpack_mask
+from .triton_launch import runs_here
 
 
 class BoolMaskCodec(ActivationCodec):
@@ -117,8 +117,8 @@ def _fast_masks(t: torch.Tensor):
     """division.triton_masks when it can run on ``t`` (CUDA with Triton, or Triton's interpreter),
     else None."""
     global _FAST
-    if not t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return None  # a CPU tensor outside the interpreter: no need to import Triton
+    if not runs_here(t):
+        return None  # e.g. a CPU tensor outside the interpreter: Triton is not even imported
     if _FAST is None:
         try:
             from . import triton_masks

@@ -43,8 +43,8 @@ encode is drawn on the host (no device sync): from the codec's generator when it
 else from a private host stream (Python's ``random.Random``) seeded with the codec generator's
 ``initial_seed()`` (or ``torch.initial_seed()`` when there is none), so ``torch.manual_seed(s)``
 before building the codec makes runs reproducible. The draws differ from the reference's
-``torch.rand``, so stochastic codes differ from the reference's (same law: unbiased, |error| < step). A CUDA graph capturing an encode
-would replay its seed.
+``torch.rand``, so stochastic codes differ from the reference's (same law: unbiased, |error| < step).
+A CUDA graph capturing an encode would replay its seed.
 
 Fallback to the reference (``super()``): CPU tensors (unless Triton's interpreter is active:
 ``TRITON_INTERPRET=1`` before this module is imported), inputs that are not 4-D fp32 / bf16 / fp16
@@ -56,7 +56,6 @@ group size (C = 3 with 7x7 maps at Q = 2). Tunables: ``TUNING`` (docs/kernels.md
 from __future__ import annotations
 
 import functools
-import os
 import random
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -69,21 +68,14 @@ import triton.language as tl
 from .codec import Packed, SaveContext
 from .dual_precision import LAYOUT_MAPS, DivisionCodec, Geometry, _memory_format
 from .packing import packed_nbytes
-from .triton_launch import CachedLaunch, aligned
+from .triton_launch import (INT32_LIMIT, CachedLaunch, aligned, dense_layout, interpreting,
+                            runs_here)
 
 RNG_HASH = 0
 RNG_PHILOX = 1
 
 _FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_INT32_LIMIT = 2 ** 31 - 2 ** 20  # element / code indices stay below this in int32 mode
-
-
-def interpreting() -> bool:
-    """True when Triton's interpreter runs the kernels (TRITON_INTERPRET=1 when this module loaded)."""
-    return _INTERPRET
-
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRET = interpreting()
 
 
 # =================================================================================== the kernels
@@ -696,7 +688,7 @@ def _plan(n: int, c: int, h: int, w: int, kh: int, kw: int, bits: int, itemsize:
         e *= 2
     _, e, nk = min(options)
     e = -e
-    int64 = planes * hw >= _INT32_LIMIT or bool(tun["force_int64"])
+    int64 = planes * hw >= INT32_LIMIT or bool(tun["force_int64"])
     mode = int(tun["encode_mode"]) if tun["encode_mode"] is not None else (0 if channels_last else 1)
     tile = gsel * tkh * wbc * tkw
     warps = 8 if tile >= 4096 else 4 if tile >= 1024 else 2
@@ -724,19 +716,6 @@ _DECODE = CachedLaunch(_decode_kernel)
 @functools.lru_cache(maxsize=16)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _device_ok(t: torch.Tensor) -> bool:
-    return t.is_cuda or (_INTERPRET and t.device.type == "cpu")
-
-
-def _layout(x: torch.Tensor) -> Optional[bool]:
-    """False: contiguous NCHW; True: channels_last (NHWC); None: neither."""
-    if x.is_contiguous():
-        return False
-    if x.is_contiguous(memory_format=torch.channels_last):
-        return True
-    return None
 
 
 # ====================================================================================== codec
@@ -800,7 +779,8 @@ class TritonDivisionCodec(DivisionCodec):
 
         From the codec's generator when it lives on the CPU; otherwise from a private host stream
         seeded with the generator's ``initial_seed()`` (or ``torch.initial_seed()``): Python's
-        Mersenne Twister, since a torch draw costs more host time than the kernel launch.
+        Mersenne Twister, where ``torch.randint(...).item()`` took about 10 us per encode under
+        cProfile in a ResNet-50 step (``scripts/profile_step.py``).
         """
         gen = self.generator
         if gen is not None and gen.device.type == "cpu":
@@ -814,8 +794,8 @@ class TritonDivisionCodec(DivisionCodec):
     # ------------------------------------------------------------------------- encode / decode
     def encode(self, x: torch.Tensor, ctx: Optional[SaveContext] = None) -> Packed:
         plan = None
-        if self._fast() and isinstance(x, torch.Tensor) and x.dim() == 4 and _device_ok(x):
-            cl = _layout(x)
+        if self._fast() and isinstance(x, torch.Tensor) and x.dim() == 4 and runs_here(x):
+            cl = dense_layout(x)
             if cl is not None:
                 plan = self.plan_for(x.shape, x.dtype, cl, x.device)
         if plan is None:
@@ -851,7 +831,7 @@ class TritonDivisionCodec(DivisionCodec):
         plan = None
         if (m.get("layout") == LAYOUT_MAPS and not m.get("simulated") and m.get("has_lfc")
                 and m.get("has_hfc") and set(t) >= {"lfc", "codes", "mn", "step"}
-                and all(_device_ok(v) and v.is_contiguous() for v in t.values())
+                and all(runs_here(v) and v.is_contiguous() for v in t.values())
                 and t["lfc"].dtype == torch.bfloat16 and t["codes"].dtype == torch.uint8):
             plan = self.plan_for(m["shape"], m["dtype"], m["memory_format"] == "channels_last",
                                  t["codes"].device)

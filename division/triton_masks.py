@@ -12,7 +12,6 @@ interpreter (TRITON_INTERPRET=1 before this module is imported) they also run on
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -20,12 +19,10 @@ import triton
 import triton.language as tl
 
 from .packing import packed_nbytes
-from .triton_launch import CachedLaunch, aligned
+from .triton_launch import INT32_LIMIT, CachedLaunch, aligned, dense_layout, runs_here
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_BYTES = 1024                     # output bytes (8 elements each) per program
+_BYTES = 1024  # output bytes (8 elements each) per program
 _WARPS = 4
-_INT32_LIMIT = 2 ** 31 - 2 ** 20  # element indices stay below this in int32 mode
 
 
 @triton.jit(do_not_specialize=["n"])
@@ -69,25 +66,17 @@ _PACK = CachedLaunch(_pack_kernel)
 _UNPACK = CachedLaunch(_unpack_kernel)
 
 
-def _dense_layout(x: torch.Tensor) -> Optional[bool]:
-    """False: contiguous; True: 4-D channels_last (storage in NHWC order); None: anything else."""
-    if x.is_contiguous():
-        return False
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return True
-    return None
-
-
 def applies(x: torch.Tensor) -> bool:
-    return (x.is_cuda or (_INTERPRET and x.device.type == "cpu")) and _dense_layout(x) is not None
+    return runs_here(x) and dense_layout(x) is not None
 
 
 def _launch_args(n: int) -> tuple[tuple[int], bool]:
-    return (triton.cdiv(n, 8 * _BYTES),), n >= _INT32_LIMIT
+    return (triton.cdiv(n, 8 * _BYTES),), n >= INT32_LIMIT
 
 
 def pack(x: torch.Tensor, nonzero: bool) -> Optional[torch.Tensor]:
-    """``x > 0`` (or ``x != 0`` with ``nonzero``) at one bit per element, in storage order; None if not applicable."""
+    """``x > 0`` (or ``x != 0`` with ``nonzero``) at one bit per element, in storage order;
+    None if the kernel does not apply."""
     if not applies(x):
         return None
     n = x.numel()
@@ -103,8 +92,9 @@ def pack(x: torch.Tensor, nonzero: bool) -> Optional[torch.Tensor]:
 
 def unpack(bits: torch.Tensor, shape: torch.Size, dtype: torch.dtype, channels_last: bool,
            scale: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
-    """The mask as 0 / 1 (times ``scale``) in ``dtype`` and the stored memory format; None if not applicable."""
-    if not (bits.is_cuda or (_INTERPRET and bits.device.type == "cpu")) or not bits.is_contiguous():
+    """The mask as 0 / 1 (times ``scale``) in ``dtype`` and the stored memory format;
+    None if the kernel does not apply."""
+    if not runs_here(bits) or not bits.is_contiguous():
         return None
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     out = torch.empty(shape, dtype=dtype, device=bits.device, memory_format=fmt)

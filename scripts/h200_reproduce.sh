@@ -4,7 +4,8 @@
 #
 #   bash scripts/h200_reproduce.sh OUT_DIR [EPOCHS] [SCALE]
 #
-# SCALE (default 1) multiplies every stage's time limit; a stage cut short keeps the records it finished.
+# SCALE (default 1) multiplies every stage's time limit (accuracy: 60 s + 8 s per epoch, room for
+# DIVISION's ~5 s ResNet-18 epochs on an H200); a stage cut short keeps the records it finished.
 # MAX_BATCH=0 skips the largest-batch search (the longest memory stage); ACCURACY=0 skips the two
 # accuracy runs (the longest stages; they can run on their own, e.g. one per GPU).
 #
@@ -29,7 +30,7 @@ python -c "import torch, triton, sys; print('python', sys.version.split()[0], 't
 
 # Accuracy: ResNet-18 (CIFAR variant) on the CIFAR-10 JPEG copy, same recipe and seed for none and division.
 [[ "${ACCURACY:-1}" == 1 ]] && for method in none division; do
-  stage "accuracy_$method" 120 mode=train model=resnet18 dataset=imagefolder "dataset.root=$jpeg" \
+  stage "accuracy_$method" $(( 60 + 8 * epochs )) mode=train model=resnet18 dataset=imagefolder "dataset.root=$jpeg" \
     method=$method batch_size=256 train.epochs=$epochs train.lr=0.1 train.weight_decay=5e-4 \
     precision=bf16 channels_last=true seed=0 group=h200_accuracy
 done

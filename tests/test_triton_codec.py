@@ -57,8 +57,8 @@ def _codes(packed):
 
 
 def _assert_fast(codec, x):
-    from division.triton_codec import _layout
-    plan = codec.plan_for(x.shape, x.dtype, bool(_layout(x)), x.device)
+    from division.triton_launch import dense_layout
+    plan = codec.plan_for(x.shape, x.dtype, bool(dense_layout(x)), x.device)
     assert plan is not None, f"expected the fused path for {tuple(x.shape)} {x.dtype}"
     return plan
 
