@@ -9,6 +9,7 @@
 
 Lower level: ``compress_activations(model, codec)`` with any ``ActivationCodec``.
 """
+from .backends import prepare_cuda_graph
 from .codec import ActivationCodec, Packed, RawCodec, SaveContext
 from .compressor import ActivationCompressor, compress_activations
 from .dual_precision import DivisionCodec
@@ -20,5 +21,5 @@ __all__ = [
     "ActivationCodec", "Packed", "RawCodec", "SaveContext", "ActivationCompressor",
     "compress_activations", "DivisionCodec", "ByteLedger", "LedgerEntry", "TrainingMethod", "CodecMethod",
     "build_method", "method_names", "register_method", "SUPPORTED_BITS", "pack_bits",
-    "packed_nbytes", "unpack_bits",
+    "packed_nbytes", "unpack_bits", "prepare_cuda_graph",
 ]

@@ -31,3 +31,14 @@ def division_codec(backend: str = "auto", **knobs) -> ActivationCodec:
         return TritonDivisionCodec(**knobs)
     from .dual_precision import DivisionCodec
     return DivisionCodec(**knobs)
+
+
+def prepare_cuda_graph(device) -> None:
+    """Ready the fused codec for training steps captured in a CUDA graph on ``device``.
+
+    A captured encode cannot draw a fresh seed on the host at each replay; it mixes in a device
+    counter instead, which has to exist before the capture starts.
+    """
+    if triton_available() and torch.device(device).type == "cuda":
+        from .triton_codec import prepare_graph_capture
+        prepare_graph_capture(torch.device(device))

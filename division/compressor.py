@@ -71,9 +71,6 @@ class _CacheEntry:
 
 
 _RAW = RawCodec()
-_BOOL = BoolMaskCodec()
-_RELU = ReluMaskCodec()
-_DROPOUT = DropoutMaskCodec()
 _SHAPE_ONLY = ShapeOnlyCodec()
 
 
@@ -85,13 +82,18 @@ class ActivationCompressor:
     exact_masks: store ReLU / dropout / max-pool tensors in their exact compact forms.
     min_numel: tensors with fewer elements are kept as they are (per-channel statistics, biases).
     ledger: a ``ByteLedger`` to record every save into; reset at the start of each forward.
+    exact_kernels: the exact codecs may use their fused kernels (False: the PyTorch path only).
     """
 
     def __init__(self, model: nn.Module, codec: Optional[ActivationCodec], *, exact_masks: bool = True,
-                 min_numel: int = 1024, ledger: Optional[ByteLedger] = None):
+                 min_numel: int = 1024, ledger: Optional[ByteLedger] = None, exact_kernels: bool = True):
         self.model = model
         self.codec = codec
         self.exact_masks = exact_masks
+        self.exact_kernels = exact_kernels
+        self._bool = BoolMaskCodec(exact_kernels)
+        self._relu = ReluMaskCodec(exact_kernels)
+        self._dropout = DropoutMaskCodec(exact_kernels)
         self.min_numel = min_numel
         self.ledger = ledger
         self._stack: list[_Frame] = []
@@ -201,11 +203,11 @@ class ActivationCompressor:
         kind = frame.ctx.kind
         if self.exact_masks:
             if t.dtype == torch.bool:
-                return _BOOL
+                return self._bool
             if kind == "relu" and t.is_floating_point():
-                return _RELU
+                return self._relu
             if kind == "dropout" and t.is_floating_point():
-                return _DROPOUT
+                return self._dropout
             if kind == "maxpool":
                 return self._maxpool_codec(t, frame)
             if kind == "avgpool" and t.is_floating_point() and frame.input is not None \
@@ -228,7 +230,8 @@ class ActivationCompressor:
         m = frame.module
         if t.dtype == torch.int64 and t.dim() == 4 and frame.input is not None \
                 and MaxPoolIndexCodec.fits(m.kernel_size):
-            return MaxPoolIndexCodec(m.kernel_size, m.stride, m.padding, m.dilation, frame.input.shape[-1])
+            return MaxPoolIndexCodec(m.kernel_size, m.stride, m.padding, m.dilation, frame.input.shape[-1],
+                                     kernels=self.exact_kernels)
         if t.is_floating_point() and frame.input is not None and t.shape == frame.input.shape:
             return _SHAPE_ONLY
         return _RAW

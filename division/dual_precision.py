@@ -196,7 +196,9 @@ def block_mean(x: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
 def _block_counts(size: int, k: int, device) -> torch.Tensor:
     """Valid elements in each ceiled block along one axis: k, k, ..., and the remainder."""
     counts = torch.full((-(-size // k),), float(k), device=device)
-    counts[-1] = size - (counts.numel() - 1) * k
+    # fill_ with a Python number is a kernel argument, no host-to-device copy (which a CUDA graph
+    # capture refuses from pageable memory)
+    counts[-1:].fill_(size - (counts.numel() - 1) * k)
     return counts
 
 

@@ -18,22 +18,36 @@ from .packing import pack_mask, packed_nbytes, unpack_mask
 from .triton_launch import runs_here
 
 
-class BoolMaskCodec(ActivationCodec):
+class _ExactCodec(ActivationCodec):
+    """An exact codec with a fused-kernel path (CUDA with Triton, or Triton's interpreter).
+
+    ``kernels=False`` keeps it on the PyTorch path whatever the device: ``method.backend=torch``
+    runs the reference everywhere. Both paths store the same bytes.
+    """
+
+    def __init__(self, kernels: bool = True):
+        self.kernels = bool(kernels)
+
+    def _fast(self, t: torch.Tensor):
+        return _fast_masks(t) if self.kernels else None
+
+
+class BoolMaskCodec(_ExactCodec):
     """A bool tensor (e.g. CUDA dropout's mask) at 1 bit per element."""
 
     name = "bool_mask"
 
     def encode(self, x: torch.Tensor, ctx: Optional[SaveContext] = None) -> Packed:
-        return Packed(self, {"bits": _pack(x, nonzero=True)}, _mask_meta(x))
+        return Packed(self, {"bits": _pack(x, True, self._fast(x))}, _mask_meta(x))
 
     def decode(self, packed: Packed) -> torch.Tensor:
-        return _unpack(packed)
+        return _unpack(packed, self._fast(packed.tensors["bits"]))
 
     def closed_form_nbytes(self, shape, dtype) -> int:
         return packed_nbytes(math.prod(shape), 1)
 
 
-class ReluMaskCodec(ActivationCodec):
+class ReluMaskCodec(_ExactCodec):
     """ReLU's saved output as ``output > 0``; decodes to 0/1 in the output's dtype.
 
     ``threshold_backward(grad, result, 0)`` only tests ``result > 0``, so 0/1 gives exact gradients.
@@ -42,16 +56,16 @@ class ReluMaskCodec(ActivationCodec):
     name = "relu_mask"
 
     def encode(self, x: torch.Tensor, ctx: Optional[SaveContext] = None) -> Packed:
-        return Packed(self, {"bits": _pack(x, nonzero=False)}, _mask_meta(x))
+        return Packed(self, {"bits": _pack(x, False, self._fast(x))}, _mask_meta(x))
 
     def decode(self, packed: Packed) -> torch.Tensor:
-        return _unpack(packed)
+        return _unpack(packed, self._fast(packed.tensors["bits"]))
 
     def closed_form_nbytes(self, shape, dtype) -> int:
         return packed_nbytes(math.prod(shape), 1)
 
 
-class DropoutMaskCodec(ActivationCodec):
+class DropoutMaskCodec(_ExactCodec):
     """Dropout's float noise (0 or 1 / (1 - p)) as a 1-bit mask plus the scale as a 0-d tensor.
 
     The scale stays on the device (no host sync in the forward pass). An empty tensor has no
@@ -62,10 +76,10 @@ class DropoutMaskCodec(ActivationCodec):
 
     def encode(self, x: torch.Tensor, ctx: Optional[SaveContext] = None) -> Packed:
         scale = x.amax() if x.numel() else x.new_zeros(())
-        return Packed(self, {"bits": _pack(x, nonzero=True), "scale": scale}, _mask_meta(x))
+        return Packed(self, {"bits": _pack(x, True, self._fast(x)), "scale": scale}, _mask_meta(x))
 
     def decode(self, packed: Packed) -> torch.Tensor:
-        return _unpack(packed, packed.tensors["scale"])
+        return _unpack(packed, self._fast(packed.tensors["bits"]), packed.tensors["scale"])
 
     def closed_form_nbytes(self, shape, dtype) -> int:
         return packed_nbytes(math.prod(shape), 1) + dtype.itemsize
@@ -86,8 +100,8 @@ def _storage_flat(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).reshape(-1) if _is_channels_last(x) else x.reshape(-1)
 
 
-def _pack(x: torch.Tensor, nonzero: bool) -> torch.Tensor:
-    fast = _fast_masks(x)
+def _pack(x: torch.Tensor, nonzero: bool, fast) -> torch.Tensor:
+    """``fast``: division.triton_masks, or None for the PyTorch path."""
     bits = fast.pack(x, nonzero) if fast is not None else None
     if bits is None:
         flat = _storage_flat(x)
@@ -95,10 +109,9 @@ def _pack(x: torch.Tensor, nonzero: bool) -> torch.Tensor:
     return bits
 
 
-def _unpack(packed: Packed, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _unpack(packed: Packed, fast, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     bits, m = packed.tensors["bits"], packed.meta
     shape, dtype, channels_last = m["shape"], m["dtype"], m["channels_last"]
-    fast = _fast_masks(bits)
     out = fast.unpack(bits, shape, dtype, channels_last, scale) if fast is not None else None
     if out is not None:
         return out
@@ -151,7 +164,7 @@ def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-class MaxPoolIndexCodec(ActivationCodec):
+class MaxPoolIndexCodec(_ExactCodec):
     """MaxPool2d's int64 argmax indices as the position inside the pooling window (uint8).
 
     The flat index into the input plane is rebuilt from the output position, the window geometry
@@ -161,7 +174,8 @@ class MaxPoolIndexCodec(ActivationCodec):
 
     name = "maxpool_index"
 
-    def __init__(self, kernel_size, stride, padding, dilation, input_width: int):
+    def __init__(self, kernel_size, stride, padding, dilation, input_width: int, kernels: bool = True):
+        super().__init__(kernels)
         self.kernel = _pair(kernel_size)
         self.stride = _pair(stride if stride is not None else kernel_size)
         self.padding = _pair(padding)
@@ -178,7 +192,14 @@ class MaxPoolIndexCodec(ActivationCodec):
         ws = torch.arange(out_w, device=device) * self.stride[1] - self.padding[1]
         return hs.view(-1, 1), ws.view(1, -1)
 
+    def _geometry(self) -> tuple:
+        return self.kernel, self.stride, self.padding, self.dilation, self.input_width
+
     def encode(self, x: torch.Tensor, ctx: Optional[SaveContext] = None) -> Packed:
+        fast = self._fast(x)
+        offset = fast.encode_offsets(x, self._geometry()) if fast is not None else None
+        if offset is not None:
+            return Packed(self, {"offset": offset}, {"channels_last": _is_channels_last(x)})
         hs, ws = self._window_starts(x.shape[-2], x.shape[-1], x.device)
         row = torch.div(x, self.input_width, rounding_mode="floor")
         col = x - row * self.input_width
@@ -188,6 +209,10 @@ class MaxPoolIndexCodec(ActivationCodec):
         return Packed(self, {"offset": offset}, {"channels_last": _is_channels_last(x)})
 
     def decode(self, packed: Packed) -> torch.Tensor:
+        fast = self._fast(packed.tensors["offset"])
+        indices = None if fast is None else fast.decode_offsets(packed.tensors["offset"], self._geometry())
+        if indices is not None:
+            return indices
         offset = packed.tensors["offset"].long()
         hs, ws = self._window_starts(offset.shape[-2], offset.shape[-1], offset.device)
         dh = torch.div(offset, self.kernel[1], rounding_mode="floor")

@@ -21,6 +21,10 @@ class TrainingMethod:
     """Plain autograd (``method=none``); the base class of every other method."""
 
     name = "none"
+    # Can a training step be captured in a CUDA graph and replayed (``cuda_graph=true``)? Not when
+    # the step syncs with the host, moves data off the device, or the method changes what it does
+    # between steps (a captured graph keeps doing what it did at capture).
+    cuda_graph_safe = True
 
     def __init__(self) -> None:
         self.compressor: Optional[ActivationCompressor] = None
@@ -55,16 +59,18 @@ class CodecMethod(TrainingMethod):
     """Conv / norm / linear inputs through ``codec``; exact masks for ReLU, dropout and max-pooling."""
 
     def __init__(self, name: str, codec: ActivationCodec, *, exact_masks: bool = True,
-                 min_numel: int = 1024) -> None:
+                 min_numel: int = 1024, exact_kernels: bool = True) -> None:
         super().__init__()
         self.name = name
         self.codec = codec
         self.exact_masks = exact_masks
         self.min_numel = min_numel
+        self.exact_kernels = exact_kernels  # False: the masks' PyTorch path too (backend=torch)
 
     def attach(self, model: nn.Module, ledger: Optional[ByteLedger] = None) -> nn.Module:
         self.compressor = compress_activations(model, self.codec, exact_masks=self.exact_masks,
-                                               min_numel=self.min_numel, ledger=ledger)
+                                               min_numel=self.min_numel, ledger=ledger,
+                                               exact_kernels=self.exact_kernels)
         return model
 
     def describe(self) -> dict[str, Any]:
@@ -77,7 +83,7 @@ def _division(block_size: int = 8, bits: int = 2, rounding: str = "stochastic", 
     from .backends import division_codec
     codec = division_codec(backend=backend, block_size=block_size, bits=bits, rounding=rounding,
                            keep_lfc=keep_lfc, keep_hfc=keep_hfc, simulate=simulate)
-    return CodecMethod("division", codec)
+    return CodecMethod("division", codec, exact_kernels=backend != "torch")
 
 
 _REGISTRY: dict[str, Callable[..., TrainingMethod]] = {

@@ -44,13 +44,17 @@ else from a private host stream (Python's ``random.Random``) seeded with the cod
 ``initial_seed()`` (or ``torch.initial_seed()`` when there is none), so ``torch.manual_seed(s)``
 before building the codec makes runs reproducible. The draws differ from the reference's
 ``torch.rand``, so stochastic codes differ from the reference's (same law: unbiased, |error| < step).
-A CUDA graph capturing an encode would replay its seed.
+A CUDA graph would replay a host seed frozen at capture; an encode captured in a graph therefore
+also reads a per-device int32 counter (``graph_seed_counter``) that the graph itself advances right
+before the kernel, and hashes the two: every replay draws new numbers.
 
 Fallback to the reference (``super()``): CPU tensors (unless Triton's interpreter is active:
-``TRITON_INTERPRET=1`` before this module is imported), inputs that are not 4-D fp32 / bf16 / fp16
-contiguous or channels_last, ``keep_lfc=False``, ``keep_hfc=False``, ``simulate=True``, maps of one
-element or fewer elements than codes per byte, block sizes that are neither a power of two nor
-cover the whole axis (``block_size=6`` on a 14-wide map), and channel counts with no admissible
+``TRITON_INTERPRET=1`` before this module is imported); inputs that are not fp32 / bf16 / fp16
+4-D contiguous or channels_last maps, contiguous (N, F) features or contiguous volumes (the last
+two are reshapes of their canonical maps, coded as maps; (N, L, D) sequences are transposes);
+``keep_lfc=False``, ``keep_hfc=False``, ``simulate=True``; maps of one element or fewer elements
+than codes per byte; block sizes that are neither a power of two nor cover the whole axis
+(``block_size=6`` on a 14-wide map); and channel counts with no admissible
 group size (C = 3 with 7x7 maps at Q = 2). Tunables: ``TUNING`` (docs/kernels.md).
 """
 from __future__ import annotations
@@ -66,7 +70,8 @@ import triton
 import triton.language as tl
 
 from .codec import Packed, SaveContext
-from .dual_precision import LAYOUT_MAPS, DivisionCodec, Geometry, _memory_format
+from .dual_precision import (LAYOUT_FEATURES, LAYOUT_MAPS, LAYOUT_VOLUME, DivisionCodec, Geometry,
+                             _memory_format)
 from .packing import packed_nbytes
 from .triton_launch import (INT32_LIMIT, CachedLaunch, aligned, dense_layout, interpreting,
                             runs_here)
@@ -159,7 +164,7 @@ def _code_float(code):
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, seed, C, CG,
+def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, seed_ptr, seed, C, CG,
                    H: tl.constexpr, W: tl.constexpr, HW: tl.constexpr,
                    KH: tl.constexpr, KW: tl.constexpr, HB: tl.constexpr, WB: tl.constexpr,
                    TKH: tl.constexpr, TKW: tl.constexpr, WBC: tl.constexpr, NWC: tl.constexpr,
@@ -168,7 +173,12 @@ def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, seed, C, CG,
                    PB: tl.constexpr, Q: tl.constexpr, LEVELS: tl.constexpr,
                    STOCHASTIC: tl.constexpr, RNG: tl.constexpr, ROW: tl.constexpr,
                    MISALIGNED: tl.constexpr, CL: tl.constexpr, INT64: tl.constexpr,
-                   EXACT: tl.constexpr, MODE: tl.constexpr, RCP_LEVELS: tl.constexpr):
+                   EXACT: tl.constexpr, MODE: tl.constexpr, RCP_LEVELS: tl.constexpr,
+                   SEED_PTR: tl.constexpr):
+    if SEED_PTR:
+        # Under a CUDA graph: the host's seed is frozen into the graph, so mix in a device
+        # counter that the replayed graph advances before every encode (see graph_seed_counter).
+        seed = ((tl.load(seed_ptr).to(tl.uint32) * 0x85EBCA6B + seed.to(tl.uint32)) & 0x7FFFFFFF).to(tl.int32)
     pid = tl.program_id(0)
     if INT64:
         pid = pid.to(tl.int64)
@@ -613,10 +623,10 @@ class Plan:
         return dict(self._common(), WBC=self.wbc, NWC=self.nwc, ROW=self.dec_row)
 
 
-# Tunables. Defaults are the configurations measured best on an H200 (docs/kernels.md, run 2):
+# Tunables. Defaults are the configurations measured best on an H200 (docs/kernels.md, runs 2 and 4):
 # NCHW: row-loop encode (mode 1), group_bytes 16 KiB; NHWC: 4-D tile encode (mode 0) on one warp
-# with 1024-element tiles. ``None`` / 0 means "choose by layout and tile size". The benchmark
-# overrides entries to compare variants.
+# with 1024-element tiles, and the 5-D decode. ``None`` / 0 means "choose by layout and tile size".
+# ``division.bench`` and ``scripts/tune_codec.py`` override entries to compare variants.
 TUNING: dict[str, Any] = {
     "max_tile": None,          # elements of one 4-D tile (decode, encode mode 0); None: 2048 NCHW, 1024 NHWC
     "group_bytes": 16384,      # input bytes per program (G planes): pass 2 re-reads them from L2
@@ -630,7 +640,7 @@ TUNING: dict[str, Any] = {
     "force_flat": False,       # pass 2 in flat NCHW order even where rows are byte-aligned
     "encode_mode": None,       # 1: row loop (elementwise accumulation), 0: 4-D block-row tiles; None: 1 NCHW, 0 NHWC
     "max_row_tile": 512,       # elements of one row tile (encode mode 1)
-    "decode_row": False,       # decode: one byte load per PB codes (5-D tile)
+    "decode_row": None,        # decode: one byte load per PB codes (5-D tile); None: NHWC only (run 4)
 }
 
 
@@ -704,13 +714,41 @@ def _plan(n: int, c: int, h: int, w: int, kh: int, kw: int, bits: int, itemsize:
         enc_warps = warps if row else max(warps, flat_warps)
     enc_warps = tun["enc_warps"] or enc_warps
     dec_warps = tun["dec_warps"] or warps
+    dec_row = channels_last if tun["decode_row"] is None else bool(tun["decode_row"])
     return Plan(n, c, h, w, kh, kw, hb, wb, tkh, tkw, wbc, nwc, rwbc, rnwc, full_h, full_w, gsel, e,
-                nk, pb, bits, row, misaligned, int64, channels_last, mode, bool(tun["decode_row"]) and row,
+                nk, pb, bits, row, misaligned, int64, channels_last, mode, dec_row and row,
                 enc_warps, dec_warps)
 
 
 _ENCODE = CachedLaunch(_encode_kernel)
 _DECODE = CachedLaunch(_decode_kernel)
+
+
+_GRAPH_SEEDS: dict[int, torch.Tensor] = {}
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def prepare_graph_capture(device: torch.device) -> None:
+    """Make the device counter that encodes captured in a CUDA graph mix into their seed.
+
+    Must run before the capture: a counter created inside it would be zero-filled again by every
+    replay instead of once.
+    """
+    index = _device_index(torch.device(device))
+    if index not in _GRAPH_SEEDS:
+        _GRAPH_SEEDS[index] = torch.zeros((), dtype=torch.int32, device=torch.device("cuda", index))
+
+
+def graph_seed_counter(device: torch.device) -> torch.Tensor:
+    """The counter of ``device`` (``prepare_graph_capture`` made it); advanced by each captured encode."""
+    try:
+        return _GRAPH_SEEDS[_device_index(device)]
+    except KeyError:
+        raise RuntimeError("a DIVISION encode is being captured in a CUDA graph without a seed counter: "
+                           "call division.prepare_cuda_graph(device) before the capture") from None
 
 
 @functools.lru_cache(maxsize=16)
@@ -793,22 +831,36 @@ class TritonDivisionCodec(DivisionCodec):
 
     # ------------------------------------------------------------------------- encode / decode
     def encode(self, x: torch.Tensor, ctx: Optional[SaveContext] = None) -> Packed:
-        plan = None
-        if self._fast() and isinstance(x, torch.Tensor) and x.dim() == 4 and runs_here(x):
-            cl = dense_layout(x)
-            if cl is not None:
-                plan = self.plan_for(x.shape, x.dtype, cl, x.device)
+        plan = maps = None
+        if self._fast() and isinstance(x, torch.Tensor) and runs_here(x):
+            maps, cl = self._as_maps(x)
+            if maps is not None:
+                plan = self.plan_for(maps.shape, x.dtype, cl, x.device)
         if plan is None:
             return super().encode(x, ctx)
         geom: Geometry = self.geometry(x.shape, x.dtype)
         meta = {"layout": geom.layout, "shape": x.shape, "dtype": x.dtype,
                 "memory_format": _memory_format(x), "geometry": geom, "bits": self.bits,
                 "has_lfc": True, "has_hfc": True, "simulated": False}
-        tensors = self._encode_kernel(x, plan)
+        tensors = self._encode_kernel(maps, plan)
         return Packed(self, tensors, meta)
 
-    def _encode_kernel(self, x: torch.Tensor, plan: Plan,
-                       seed: Optional[int] = None) -> dict[str, torch.Tensor]:
+    def _as_maps(self, x: torch.Tensor) -> tuple[Optional[torch.Tensor], bool]:
+        """(x as the (N, C, H, W) maps its geometry encodes, channels_last), where that is a view
+        the kernels read: 4-D contiguous or channels_last, and contiguous (N, F) features and
+        volumes, whose canonical maps are reshapes (same codes, same LFC). Else (None, False)."""
+        if x.dim() == 4:
+            cl = dense_layout(x)
+            return (x, cl) if cl is not None else (None, False)
+        geom: Geometry = self.geometry(x.shape, x.dtype)
+        if geom.layout in (LAYOUT_FEATURES, LAYOUT_VOLUME) and x.is_contiguous():
+            return x.view(geom.n, geom.c, geom.h, geom.w), False
+        return None, False
+
+    def _encode_kernel(self, x: torch.Tensor, plan: Plan, seed: Optional[int] = None,
+                       counter: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """Launch the encode. ``counter``: an int32 device scalar hashed into the seed by the kernel
+        (``(counter * 0x85EBCA6B + seed) mod 2^31``); taken, and advanced first, when capturing."""
         n, c, h, w = plan.n, plan.c, plan.h, plan.w
         dev = x.device
         lfc = torch.empty((n, c, plan.hb, plan.wb), dtype=torch.bfloat16, device=dev)
@@ -819,30 +871,38 @@ class TritonDivisionCodec(DivisionCodec):
         if seed is None:
             seed = self.draw_seed() if stochastic else 0
         rng = TUNING["rng"] if self.rng is None else self.rng
-        # C and CG are fixed by the plan, so the plan, x's dtype and alignment and the two flags
-        # are all the specialisation there is (outputs are fresh allocations: aligned).
-        _ENCODE.launch((plan, x.dtype, aligned(x), stochastic, rng, dev.index), plan.grid,
-                       (x, lfc, codes, mn, step, seed, c, c // plan.g),
-                       lambda: dict(STOCHASTIC=stochastic, RNG=rng, **plan.encode_constexprs()), plan.enc_warps)
+        if counter is None and stochastic and not _INTERPRET and torch.cuda.is_current_stream_capturing():
+            counter = graph_seed_counter(dev)
+            counter.add_(1)  # captured: each replay advances it before this encode
+        from_counter = counter is not None and stochastic
+        if counter is None:
+            counter = step  # any pointer: the kernel reads it only with SEED_PTR
+        # C and CG are fixed by the plan, so the plan, x's dtype and alignment and the flags are
+        # all the specialisation there is (outputs and the counter are fresh allocations: aligned).
+        _ENCODE.launch((plan, x.dtype, aligned(x), stochastic, rng, from_counter, dev.index), plan.grid,
+                       (x, lfc, codes, mn, step, counter, seed, c, c // plan.g),
+                       lambda: dict(STOCHASTIC=stochastic, RNG=rng, SEED_PTR=from_counter,
+                                    **plan.encode_constexprs()), plan.enc_warps)
         return {"lfc": lfc, "codes": codes, "mn": mn, "step": step}
 
     def decode(self, packed: Packed) -> torch.Tensor:
         t, m = packed.tensors, packed.meta
         plan = None
-        if (m.get("layout") == LAYOUT_MAPS and not m.get("simulated") and m.get("has_lfc")
-                and m.get("has_hfc") and set(t) >= {"lfc", "codes", "mn", "step"}
+        if (m.get("layout") in (LAYOUT_MAPS, LAYOUT_FEATURES, LAYOUT_VOLUME) and not m.get("simulated")
+                and m.get("has_lfc") and m.get("has_hfc") and set(t) >= {"lfc", "codes", "mn", "step"}
                 and all(runs_here(v) and v.is_contiguous() for v in t.values())
-                and t["lfc"].dtype == torch.bfloat16 and t["codes"].dtype == torch.uint8):
-            plan = self.plan_for(m["shape"], m["dtype"], m["memory_format"] == "channels_last",
-                                 t["codes"].device)
+                and t["lfc"].dtype == torch.bfloat16 and t["codes"].dtype == torch.uint8
+                and m["memory_format"] in (None, "channels_last")):
             geom: Geometry = m["geometry"]
+            plan = self.plan_for((geom.n, geom.c, geom.h, geom.w), m["dtype"],
+                                 m["memory_format"] == "channels_last", t["codes"].device)
             if plan is not None and (plan.bits, plan.kh, plan.kw) != (m["bits"], geom.kh, geom.kw):
                 # A Packed from a codec with other bits or another block size: the plan's grid
                 # would read its LFC out of bounds. The reference reads any geometry.
                 plan = None
         if plan is None:
             return super().decode(packed)
-        return self._decode_kernel(t, m["dtype"], plan)
+        return self._decode_kernel(t, m["dtype"], plan).view(m["shape"])
 
     def _decode_kernel(self, t: dict[str, torch.Tensor], dtype: torch.dtype, plan: Plan) -> torch.Tensor:
         n, c, h, w = plan.n, plan.c, plan.h, plan.w
@@ -854,4 +914,5 @@ class TritonDivisionCodec(DivisionCodec):
         return out
 
 
-__all__ = ["TritonDivisionCodec", "Plan", "TUNING", "RNG_HASH", "RNG_PHILOX", "interpreting"]
+__all__ = ["TritonDivisionCodec", "Plan", "TUNING", "RNG_HASH", "RNG_PHILOX", "interpreting",
+           "prepare_graph_capture", "graph_seed_counter"]

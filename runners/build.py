@@ -92,8 +92,13 @@ def model_image_size(cfg) -> int:
     return MODEL_INFO[cfg.model.name]["image_size"]
 
 
-def autocast(cfg, device: torch.device):
-    """Autocast for bf16/fp16 (the same for every method in a comparison); nothing for fp32."""
+def autocast(cfg, device: torch.device, cache_enabled: bool = True):
+    """Autocast for bf16/fp16 (the same for every method in a comparison); nothing for fp32.
+
+    ``cache_enabled=False`` for steps captured in a CUDA graph: the cache would hand the graph
+    weight copies made outside it.
+    """
     if cfg.precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[cfg.precision])
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[cfg.precision],
+                          cache_enabled=cache_enabled)

@@ -27,6 +27,8 @@ def validate(cfg) -> None:
         _fail("device", cfg.device, "use auto, cpu or cuda")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         _fail("device", cfg.device, "CUDA is not available on this machine; use device=cpu or device=auto")
+    if not isinstance(cfg.get("cuda_graph", False), bool):
+        _fail("cuda_graph", cfg.cuda_graph, "use true or false")
     if cfg.precision not in ("fp32", "bf16", "fp16"):
         _fail("precision", cfg.precision, "use fp32, bf16 or fp16")
     if cfg.logger.get("mode") not in ("offline", "online", "disabled"):

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 COMMON_FIELDS = ("run_id", "mode", "model", "dataset", "method", "block_size", "bits", "batch_size",
-                 "device", "precision", "seed", "group", "status", "error", "run_dir", "started_at",
+                 "device", "precision", "cuda_graph", "seed", "group", "status", "error", "run_dir", "started_at",
                  "duration_s")
 
 
@@ -35,6 +35,7 @@ def new_record(cfg, run_dir: str | Path, method_fields: dict[str, Any]) -> dict[
         "batch_size": int(cfg.batch_size),
         "device": None,  # filled with the resolved device (cpu / cuda) when the job starts
         "precision": cfg.precision,
+        "cuda_graph": bool(cfg.get("cuda_graph", False)),
         "seed": int(cfg.seed),
         "group": cfg.get("group"),
         "status": "running",

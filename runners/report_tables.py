@@ -117,16 +117,21 @@ def ordered_methods(rows: list[dict[str, Any]]) -> list[str]:
     return sorted(seen, key=seen.__getitem__)
 
 
-# A comparison is made within one context (data set, precision, device): the paper compares methods on
-# the same data, precision and GPU. Columns within it are model x batch size.
+# A comparison is made within one context (data set, precision, device, eager or CUDA-graph steps):
+# the paper compares methods on the same data, precision and GPU. Columns within it are model x batch size.
 CONTEXT_FIELDS = ("dataset", "precision", "device")
+
+
+def context_of(row: dict[str, Any]) -> tuple[str, ...]:
+    context = tuple(str(row.get(f)) for f in CONTEXT_FIELDS)
+    return context + ("cuda_graph",) if row.get("cuda_graph") else context
 
 
 def contexts(rows: list[dict[str, Any]]) -> list[tuple[str, str, list[dict[str, Any]]]]:
     """(key suffix, title suffix, rows) per context; empty suffixes when the selection has one context."""
     by_context: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
-        by_context.setdefault(tuple(str(row.get(f)) for f in CONTEXT_FIELDS), []).append(row)
+        by_context.setdefault(context_of(row), []).append(row)
     if len(by_context) == 1:
         (context, members), = by_context.items()
         return [("", ", ".join(context), members)]

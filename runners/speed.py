@@ -5,7 +5,9 @@ the GradScaler, optimizer step, ``method.after_step``), built by the memory runn
 without a byte ledger, so no bookkeeping is timed. ``speed.warmup`` steps run untimed (cuDNN
 algorithm choice, allocator caches, optimizer state), then each of ``speed.steps`` steps is timed on
 its own: between CUDA events on the GPU (the GPU's time, idle gaps waiting for the host included),
-with ``time.perf_counter`` on CPU. The median step gives ``images_per_sec``.
+with ``time.perf_counter`` on CPU. The median step gives ``images_per_sec``. With ``cuda_graph=true``
+forward and backward are replayed from a CUDA graph (``runners.graph_step``; the optimizer step stays
+eager), captured during the warm-up, which then lasts at least ``WARMUP_STEPS + 1`` steps.
 
 Under torchrun the timed steps run in DDP (gradients all-reduced), each rank timing its own GPU:
 ``images_per_sec`` is the aggregate, the sum over ranks of ``batch_size / median step``, and
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 
 from . import distributed
+from .graph_step import WARMUP_STEPS, CudaGraphError, GraphedStep, check_cuda_graph
 from .memory import Bench, build_bench, train_step
 
 log = logging.getLogger(__name__)
@@ -37,7 +40,7 @@ def run(cfg, env) -> dict[str, Any]:
         "step_ms_p10": percentile(step_ms, 0.1),
         "step_ms_p90": percentile(step_ms, 0.9),
         "steps_timed": len(step_ms),
-        "warmup_steps": int(cfg.speed.warmup),
+        "warmup_steps": warmup_steps(cfg),
         "timer": "cuda_events" if device.type == "cuda" else "perf_counter",
         "step_ms": step_ms,
     }
@@ -48,14 +51,35 @@ def run(cfg, env) -> dict[str, Any]:
 
 def time_steps(cfg, device: torch.device) -> list[float]:
     """Milliseconds of each timed step, after the warm-up steps."""
-    bench = build_bench(cfg, device, int(cfg.batch_size), ledger=None, data_parallel=True)
+    bench = build_speed_bench(cfg, device)
     try:
-        for _ in range(int(cfg.speed.warmup)):
+        for _ in range(warmup_steps(cfg)):
             train_step(bench, cfg, device)
         timer = cuda_step_ms if device.type == "cuda" else _cpu_step_ms
         return timer(bench, cfg, device, int(cfg.speed.steps))
     finally:
         bench.close()
+
+
+def build_speed_bench(cfg, device: torch.device) -> Bench:
+    """The bench of ``mode=train``'s step without a ledger; replayed from a CUDA graph under
+    ``cuda_graph=true``."""
+    bench = build_bench(cfg, device, int(cfg.batch_size), ledger=None, data_parallel=True)
+    if cfg.get("cuda_graph"):
+        try:
+            check_cuda_graph(cfg, bench.method, device, distributed.world_size())
+        except CudaGraphError:
+            bench.close()
+            raise
+        bench.graphed = GraphedStep(bench.model, bench.method, cfg, device, bench.scaler)
+    return bench
+
+
+def warmup_steps(cfg) -> int:
+    """``speed.warmup``, raised past the eager steps and the capture under ``cuda_graph=true``:
+    only replays are timed."""
+    warmup = int(cfg.speed.warmup)
+    return max(warmup, WARMUP_STEPS + 1) if cfg.get("cuda_graph") else warmup
 
 
 def cuda_step_ms(bench: Bench, cfg, device: torch.device, steps: int) -> list[float]:

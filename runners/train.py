@@ -28,6 +28,7 @@ from . import distributed
 from .build import (autocast, build_data, build_method, build_model, build_optimizer, build_scaler,
                     method_record_fields)
 from .checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint
+from .graph_step import GraphedStep, check_cuda_graph
 from .record import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,12 @@ def run(cfg, env) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(
         steps_per_epoch * train_cfg.epochs, steps_per_epoch * train_cfg.warmup_epochs))
     scaler = build_scaler(cfg, device)
+    graphed = None
+    if cfg.get("cuda_graph"):
+        check_cuda_graph(cfg, method, device, distributed.world_size())
+        log.warning("cuda_graph=true in training is experimental: short ResNet-18 runs ended below "
+                    "eager training (docs/results.md); use it for throughput, compare before relying on it")
+        graphed = GraphedStep(net, method, cfg, device, scaler)
 
     ckpt_path = Path(env.run_dir) / "checkpoint.pt"
     history: list[dict[str, Any]] = []
@@ -139,6 +146,8 @@ def run(cfg, env) -> dict[str, Any]:
         restore_rng(_rank_rng_state(state, rank, distributed.world_size()))
         start_epoch, global_step = state["epoch"], state["global_step"]
         history, first_step_ledger = state["history"], state.get("ledger")
+        if first_step_ledger is not None and method.compressor is not None:
+            method.compressor.ledger = None  # recorded by the first run; no bookkeeping per step
         log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
     elif cfg.resume:
         log.warning("resume=true but %s does not exist: starting from scratch", ckpt_path)
@@ -158,19 +167,20 @@ def run(cfg, env) -> dict[str, Any]:
             if step >= steps_per_epoch:
                 break
             images, target = _to_device(images, target, device, cfg)
-            with method.step_context():
-                with autocast(cfg, device):
-                    logits = net(images)
-                    loss = F.cross_entropy(logits.float(), target)
-                # every rank stops together, before a backward whose all-reduce the others would wait for
-                if not distributed.all_ranks(torch.isfinite(loss).item()):
-                    raise NonFiniteLossError(
-                        f"non-finite training loss {loss.item()} (rank {rank}) at epoch {epoch + 1}, "
-                        f"step {step + 1} (global step {global_step + 1}); "
-                        + (f"the last good checkpoint {ckpt_path} is kept; " if ckpt_path.exists() else "")
-                        + "lower train.lr, or use precision=fp32 (or fp16, which has a GradScaler)")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+            if graphed is not None:
+                # forward and backward in one replay; the check below still comes before the
+                # optimizer step, so a non-finite loss never reaches the weights
+                loss, logits = graphed(images, target)
+                _check_finite(loss, rank, epoch, step, global_step, ckpt_path)
+            else:
+                with method.step_context():
+                    with autocast(cfg, device):
+                        logits = net(images)
+                        loss = F.cross_entropy(logits.float(), target)
+                    # every rank stops together, before a backward whose all-reduce the others would wait for
+                    _check_finite(loss, rank, epoch, step, global_step, ckpt_path)
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
             if first_step_ledger is None:
                 first_step_ledger = ledger.summary()
                 if method.compressor is not None:
@@ -235,6 +245,15 @@ def run(cfg, env) -> dict[str, Any]:
         "history": history,
         **method_record_fields(method),
     }
+
+
+def _check_finite(loss: torch.Tensor, rank: int, epoch: int, step: int, global_step: int, ckpt_path: Path) -> None:
+    if not distributed.all_ranks(torch.isfinite(loss).item()):
+        raise NonFiniteLossError(
+            f"non-finite training loss {loss.item()} (rank {rank}) at epoch {epoch + 1}, "
+            f"step {step + 1} (global step {global_step + 1}); "
+            + (f"the last good checkpoint {ckpt_path} is kept; " if ckpt_path.exists() else "")
+            + "lower train.lr, or use precision=fp32 (or fp16, which has a GradScaler)")
 
 
 def _rank_rng_state(state: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:

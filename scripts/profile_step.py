@@ -10,7 +10,10 @@ and fixed batch) and writes to OUT_DIR:
   work), and the same host time with the GPU synchronised before each step. When the host time is
   close to the step time, the step is host-bound: the GPU waits for the CPU to launch work.
 - ``METHOD_ops.txt``: torch.profiler's table of ops by self CPU time and by GPU time over 3 steps;
-- ``METHOD_python.txt``: cProfile's top Python functions over 3 steps.
+- ``METHOD_python.txt``: cProfile's top Python functions over 3 steps;
+- ``METHOD_codec_calls.txt``: GPU time of every encode and decode of one step (CUDA events around
+  each call), summed per codec, direction, shape, dtype and memory format, with the bandwidth of
+  the full-size tensor each call reads or writes: which activations the codec time goes to.
 Overrides after ``--`` are main.py's (config groups and keys).
 """
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import math
 import pstats
 import statistics
 import sys
@@ -26,14 +30,14 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from runners.build import seed_everything  # noqa: E402
-from runners.memory import build_bench, train_step  # noqa: E402
-from runners.speed import cuda_step_ms  # noqa: E402
+from runners.memory import train_step  # noqa: E402
+from runners.speed import build_speed_bench, cuda_step_ms, warmup_steps  # noqa: E402
 
 
 def host_ms(bench, cfg, device, steps: int, sync_each: bool) -> float:
@@ -53,9 +57,9 @@ def profile_method(name: str, overrides: list[str], out: Path, steps: int) -> st
         cfg = compose(config_name="config", overrides=[f"method={name}", "device=cuda", *overrides])
     device = torch.device("cuda")
     seed_everything(0)
-    bench = build_bench(cfg, device, int(cfg.batch_size), ledger=None)
+    bench = build_speed_bench(cfg, device)  # cuda_graph=true among the overrides: graph replays
     try:
-        for _ in range(5):
+        for _ in range(warmup_steps(cfg)):
             train_step(bench, cfg, device)
         step = statistics.median(cuda_step_ms(bench, cfg, device, steps))
         queued = host_ms(bench, cfg, device, steps, sync_each=False)
@@ -77,11 +81,88 @@ def profile_method(name: str, overrides: list[str], out: Path, steps: int) -> st
         buf = io.StringIO()
         pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(45)
         (out / f"{name}_python.txt").write_text(buf.getvalue())
+        if bench.graphed is None:  # inside a graph replay there are no calls to time
+            (out / f"{name}_codec_calls.txt").write_text(codec_call_table(bench, cfg, device))
     finally:
         bench.close()
     b = int(cfg.batch_size)
     return (f"{name:>12}: step {step:7.2f} ms ({b / step * 1000:7.0f} img/s)  host issue {queued:7.2f} ms"
             f"  host from idle GPU {idle:7.2f} ms")
+
+
+def codec_call_table(bench, cfg, device) -> str:
+    """GPU time of the encodes and decodes of one step, summed per codec, direction, shape, dtype
+    and memory format. Each call runs in a ``record_function`` range named after it; the profiler
+    adds up the GPU time of the kernels launched in each range (host gaps are not counted)."""
+    originals = {}
+    depth = [0]  # a fast codec falling back to its reference base class is one call, not two
+    calls: dict[str, list[int]] = {}  # label -> [calls, full-size bytes]
+
+    def labelled(kind: str, fn):
+        def call(self, *a, **k):
+            if depth[0]:
+                return fn(self, *a, **k)
+            label, nbytes = _call_label(self.name, kind, a[0])
+            entry = calls.setdefault(label, [0, 0])
+            entry[0] += 1
+            entry[1] += nbytes
+            depth[0] += 1
+            try:
+                with record_function(label):
+                    return fn(self, *a, **k)
+            finally:
+                depth[0] -= 1
+        return call
+
+    for cls in {type(c) for c in _codec_classes()}:
+        originals[cls] = (cls.__dict__.get("encode"), cls.__dict__.get("decode"))
+        cls.encode = labelled("encode", cls.encode)
+        cls.decode = labelled("decode", cls.decode)
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            train_step(bench, cfg, device)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+    finally:
+        for cls, (enc, dec) in originals.items():
+            for attr, fn in (("encode", enc), ("decode", dec)):
+                if fn is None:
+                    delattr(cls, attr)
+                else:
+                    setattr(cls, attr, fn)
+    gpu_us = {e.key: e.device_time_total for e in prof.key_averages() if e.key in calls}
+    rows = sorted(((gpu_us.get(label, 0.0) / 1000.0, label) for label in calls), reverse=True)
+    total = sum(ms for ms, _ in rows)
+    lines = [f"encodes and decodes of one step: {total:.2f} ms of GPU time",
+             f"{'ms':>8} {'calls':>5} {'GB/s':>7}  codec direction shape dtype format (GB/s: full-size tensor bytes / time)"]
+    for ms, label in rows:
+        n, nbytes = calls[label]
+        lines.append(f"{ms:8.3f} {n:5d} {nbytes / ms / 1e6 if ms else 0:7.0f}  {label}")
+    return "\n".join(lines) + "\n"
+
+
+def _call_label(codec: str, kind: str, arg) -> tuple[str, int]:
+    """("codec kind shape dtype format", full-size bytes) of an encode's input or a decode's Packed."""
+    if isinstance(arg, torch.Tensor):
+        shape, dtype = tuple(arg.shape), arg.dtype
+        cl = arg.dim() == 4 and arg.is_contiguous(memory_format=torch.channels_last) and not arg.is_contiguous()
+    else:
+        meta, first = arg.meta, next(iter(arg.tensors.values()), None)
+        # max-pool offsets keep no shape: they decode to int64 indices of their own shape
+        shape = tuple(meta.get("shape", first.shape if first is not None else ()))
+        dtype = meta.get("dtype", torch.int64)
+        cl = meta.get("channels_last") or meta.get("memory_format") == "channels_last"
+    nbytes = math.prod(shape) * dtype.itemsize
+    return f"{codec} {kind} {shape} {str(dtype).replace('torch.', '')} {'NHWC' if cl else 'NCHW'}", nbytes
+
+
+def _codec_classes():
+    """One instance of every codec class a compressing method can pick."""
+    from division import exact
+    from division.dual_precision import DivisionCodec
+    from division.triton_codec import TritonDivisionCodec
+    return [exact.BoolMaskCodec(), exact.DropoutMaskCodec(), exact.ReluMaskCodec(), exact.ShapeOnlyCodec(),
+            exact.MaxPoolIndexCodec(2, 2, 0, 1, 8), TritonDivisionCodec(), DivisionCodec()]
 
 
 def main() -> None:

@@ -460,3 +460,22 @@ def test_average_pooling_inputs_need_no_storage_and_gradients_stay_exact():
     assert len(pooled) == 3 and all(e.codec == "shape_only" and e.stored_bytes == 0 for e in pooled)
     # inputs (8, 33, 31), (8, 16, 15) and (8, 9, 8) per image, fp32, batch 4
     assert sum(e.plain_bytes for e in pooled) == 4 * (8 * 33 * 31 + 8 * 16 * 15 + 8 * 9 * 8) * 4
+
+
+def test_backend_torch_keeps_the_exact_codecs_on_the_pytorch_path(monkeypatch):
+    """method.backend=torch is the reference everywhere: the masks and max-pool offsets too."""
+    import division
+    from division import exact
+    calls = []
+    monkeypatch.setattr(exact, "_fast_masks", lambda t: calls.append(t) or None)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.MaxPool2d(2), torch.nn.Conv2d(8, 8, 3, padding=1))
+    x = torch.randn(2, 3, 16, 16)
+    for backend, kernels in (("torch", False), ("auto", True)):
+        method = division.build_method("division", backend=backend)
+        method.attach(model)
+        assert method.compressor._relu.kernels is kernels
+        calls.clear()
+        model(x).sum().backward()
+        assert bool(calls) is kernels  # the kernel path is not even asked for under backend=torch
+        method.detach()

@@ -191,6 +191,8 @@ def check_stochastic(device, shape=(2, 4, 16, 16), draws=64, small=(1, 2, 8, 8))
     rel = (err / step).flatten()
     assert abs(rel.mean().item()) < 5 * 0.5 / rel.numel() ** 0.5, "biased rounding"
     _frac_check(x, p)
+    pcl = fast.encode(x.contiguous(memory_format=torch.channels_last))
+    _frac_check(x, pcl)
     # unbiased per element: average of many independent draws (copies of one map along the batch
     # draw independent numbers: the counter is the element's index)
     xs = random_input(small, torch.float32, seed=8, device=device)
@@ -212,8 +214,19 @@ def check_stochastic(device, shape=(2, 4, 16, 16), draws=64, small=(1, 2, 8, 8))
     torch.manual_seed(11)
     e = TritonDivisionCodec().encode(x)
     assert torch.equal(d.tensors["codes"], e.tensors["codes"])
-    # the Philox variant obeys the same laws
+    # draws follow the NCHW position: a channels_last input (another kernel structure) gets the
+    # codes of its contiguous copy under the same seed, for both random-number generators
     from division.triton_codec import RNG_PHILOX
+    xs = random_input((2, 4, 16, 16), torch.float32, seed=9, device=device)
+    for rng in (None, RNG_PHILOX):
+        codec = TritonDivisionCodec(rng=rng)
+        xcl = xs.contiguous(memory_format=torch.channels_last)
+        plan_cl = codec.plan_for(xcl.shape, xcl.dtype, True, xcl.device)
+        plan = codec.plan_for(xs.shape, xs.dtype, False, xs.device)
+        assert plan_cl.mode != plan.mode
+        assert torch.equal(codec._encode_kernel(xcl, plan_cl, seed=99)["codes"],
+                           codec._encode_kernel(xs, plan, seed=99)["codes"]), rng
+    # the Philox variant obeys the same laws
     ph = TritonDivisionCodec(rng=RNG_PHILOX, generator=torch.Generator().manual_seed(2))
     pp = ph.encode(x)
     assert ((ph.decode(pp) - x).abs() < step + 1e-5).all()
@@ -225,9 +238,8 @@ def check_fallbacks(device):
     from division.triton_codec import TritonDivisionCodec
     x4 = random_input((2, 4, 6, 6), device=device)
     cases = [
-        (dict(), random_input((3, 20), device=device)),                          # 2-D
-        (dict(), random_input((2, 9, 5), device=device)),                        # 3-D
-        (dict(), random_input((2, 3, 2, 4, 4), device=device)),                  # 5-D
+        (dict(), random_input((2, 9, 5), device=device)),                        # 3-D (a transpose)
+        (dict(), random_input((2, 3, 2, 4, 4), device=device).transpose(1, 2)),  # 5-D, not contiguous
         (dict(), random_input((2, 4, 6, 6), device=device).double()),            # fp64
         (dict(), x4.transpose(2, 3)),                                             # odd strides
         (dict(), random_input((2, 4, 1, 1), device=device)),                     # 1x1 maps
@@ -254,6 +266,25 @@ def check_fallbacks(device):
         ref = DivisionCodec(rounding="nearest", **knobs)
         pr = ref.encode(x)
         assert torch.equal(fast.decode(pr), ref.decode(pr)), knobs
+
+
+def check_feature_and_volume_views(device):
+    """(N, F) features and contiguous volumes are reshapes of their canonical maps: the kernels
+    code them, byte for byte as the reference, and decode to the input's shape."""
+    from division.triton_codec import TritonDivisionCodec
+    for shape, dtype in (((3, 20), torch.float32), ((4, 96), torch.bfloat16), ((2, 3, 2, 4, 4), torch.float32)):
+        x = random_input(shape, device=device).to(dtype)
+        fast = TritonDivisionCodec(rounding="nearest")
+        ref = DivisionCodec(rounding="nearest")
+        geom = fast.geometry(x.shape, x.dtype)
+        assert fast.plan_for((geom.n, geom.c, geom.h, geom.w), x.dtype, False, x.device) is not None, shape
+        pf, pr = fast.encode(x), ref.encode(x)
+        assert pf.meta["layout"] == pr.meta["layout"] != "maps"
+        for k in pr.tensors:
+            assert torch.equal(pf.tensors[k], pr.tensors[k]), (shape, k)
+        out = fast.decode(pf)
+        assert out.shape == x.shape and out.dtype == x.dtype
+        assert torch.equal(out, ref.decode(pr)), shape
 
 
 def check_int64_path(device, shape=(2, 8, 7, 7)):
@@ -299,22 +330,25 @@ def check_tilings(device):
         tc.TUNING.update(old)
 
 
-def check_masks(device, shapes=((2, 3, 5, 7), (4, 8, 6, 6), (3, 13), (1,), (0, 4))):
+def _exact_reference(fn):
+    """``fn()`` with division/exact.py's PyTorch path, the Triton kernels switched off."""
+    from division import exact
+    saved, exact._FAST = exact._FAST, False
+    try:
+        return fn()
+    finally:
+        exact._FAST = saved
+
+
+def check_masks(device, shapes=((2, 3, 5, 7), (4, 8, 6, 6), (3, 13), (1,), (0, 4), (2, 64, 8, 8))):
     """The fused mask kernels store the reference's bits and decode to the reference's tensors.
 
     Odd element counts (a partial last byte), channels_last, every float dtype, bool masks and
     dropout's scale; each codec is run through the kernels and again through the PyTorch path.
     """
-    from division import exact
     from division.exact import BoolMaskCodec, DropoutMaskCodec, ReluMaskCodec
     from division.triton_masks import applies
-
-    def reference(fn):
-        saved, exact._FAST = exact._FAST, False
-        try:
-            return fn()
-        finally:
-            exact._FAST = saved
+    reference = _exact_reference
 
     g = torch.Generator().manual_seed(0)
     for shape in shapes:
@@ -350,8 +384,53 @@ def check_direct_launch(device):
     assert torch.equal(codec.decode(first), codec.decode(again))
 
 
+def check_maxpool_offsets(device):
+    """The offset kernels store the reference's uint8 window offsets and rebuild the exact int64
+    indices, for R50's 3x3/2 pad 1 window, 2x2/2, dilation and ragged sizes, NCHW and NHWC."""
+    import torch.nn.functional as F
+    from division.exact import MaxPoolIndexCodec
+    reference = _exact_reference
+
+    g = torch.Generator().manual_seed(0)
+    for shape, kernel, stride, padding, dilation in (((2, 3, 12, 12), 3, 2, 1, 1), ((2, 5, 9, 7), 2, 2, 0, 1),
+                                                      ((1, 4, 11, 13), 3, 1, 1, 2), ((2, 8, 16, 16), 2, 2, 0, 1)):
+        x = torch.randn(shape, generator=g).to(device)
+        for cl in (False, True):
+            xin = x.contiguous(memory_format=torch.channels_last) if cl else x
+            _, idx = F.max_pool2d(xin, kernel, stride, padding, dilation, return_indices=True)
+            codec = MaxPoolIndexCodec(kernel, stride, padding, dilation, shape[-1])
+            fast, ref = codec.encode(idx), reference(lambda: codec.encode(idx))
+            assert torch.equal(fast.tensors["offset"], ref.tensors["offset"]), (shape, cl)
+            assert fast.tensors["offset"].stride() == idx.stride() or idx.numel() <= 1
+            out = codec.decode(fast)
+            assert torch.equal(out, idx), (shape, cl)
+            assert out.stride() == idx.stride()
+
+
+def check_seed_counter(device):
+    """An encode that reads its seed from a device counter (as captured in a CUDA graph) draws what
+    an ordinary encode draws with the documented mix of counter and seed; new counter, new draws."""
+    from division.triton_codec import TritonDivisionCodec
+    codec = TritonDivisionCodec()
+    x = random_input((2, 16, 16, 16), device=device)
+    plan = codec.plan_for(x.shape, x.dtype, False, x.device)
+    seed = 12345
+    for count in (1, 7, 2 ** 31 - 5):
+        counter = torch.tensor(count, dtype=torch.int32, device=device)
+        mixed = (count * 0x85EBCA6B + seed) % 2 ** 31
+        from_counter = codec._encode_kernel(x, plan, seed=seed, counter=counter)
+        plain = codec._encode_kernel(x, plan, seed=mixed)
+        assert torch.equal(from_counter["codes"], plain["codes"]), count
+        assert int(counter) == count  # the kernel reads the counter, never writes it
+    one = codec._encode_kernel(x, plan, seed=seed, counter=torch.tensor(1, dtype=torch.int32, device=device))
+    two = codec._encode_kernel(x, plan, seed=seed, counter=torch.tensor(2, dtype=torch.int32, device=device))
+    assert not torch.equal(one["codes"], two["codes"])
+
+
 CPU_CHECKS = {
     "masks": lambda: check_masks("cpu"),
+    "seed_counter": lambda: check_seed_counter("cpu"),
+    "maxpool_offsets": lambda: check_maxpool_offsets("cpu"),
     "direct_launch": lambda: check_direct_launch("cpu"),
     "tilings": lambda: check_tilings("cpu"),
     "nearest_exact": lambda: check_nearest_exact("cpu", CPU_EXACT_CASES),
@@ -360,6 +439,7 @@ CPU_CHECKS = {
                                                        ((1, 4, 33, 31), 4, False, torch.bfloat16, 8)]),
     "stochastic": lambda: check_stochastic("cpu"),
     "fallbacks": lambda: check_fallbacks("cpu"),
+    "feature_views": lambda: check_feature_and_volume_views("cpu"),
     "int64_path": lambda: check_int64_path("cpu"),
 }
 
@@ -435,7 +515,8 @@ def test_plans():
     assert p.row and p.full_h and p.full_w and p.wbc * p.nwc >= 7 and p.mode == 1
     assert p.g * p.tkh * p.wbc * p.tkw <= (TUNING["max_tile"] or 2048)
     p = _plan(256, 64, 56, 56, 8, 8, 2, 2, True, 132, key)
-    assert p is not None and p.channels_last and p.mode == 0 and p.enc_warps == 1 and p.g * 2 >= 32
+    assert p is not None and p.channels_last and p.g * 2 >= 32 and p.dec_row
+    assert p.mode == 0 and p.enc_warps == 1
     p = _plan(128, 2048, 7, 7, 7, 7, 2, 4, True, 132, key)
     assert p is not None and p.misaligned and not p.row and (p.g * 49) % 4 == 0
     assert p.grid[0] >= 4 * 132 and p.e * p.nk >= 49 + 3
@@ -487,6 +568,7 @@ def test_gpu_stochastic():
 @needs_cuda
 def test_gpu_fallbacks_and_int64():
     check_fallbacks("cuda")
+    check_feature_and_volume_views("cuda")
     check_int64_path("cuda", shape=(4, 64, 7, 7))
 
 
@@ -494,6 +576,13 @@ def test_gpu_fallbacks_and_int64():
 @needs_cuda
 def test_gpu_masks():
     check_masks("cuda", shapes=((2, 3, 5, 7), (32, 64, 56, 56), (7, 13, 9, 11), (1000003,), (0, 4)))
+    check_maxpool_offsets("cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_seed_counter():
+    check_seed_counter("cuda")
 
 
 @pytest.mark.gpu

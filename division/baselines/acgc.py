@@ -290,6 +290,7 @@ class _LayerProbe:
 
 class ACGCMethod(CodecMethod):
     """AC-GC-like adaptive widths; see the module docstring for the schedule and the derivation."""
+    cuda_graph_safe = False  # widths change between steps; a graph would keep the captured ones
 
     def __init__(self, refresh_every: int = 100, error_bound: float = 0.1, history: int = 10,
                  initial_bits: int = INITIAL_BITS, min_numel: int = 1024):

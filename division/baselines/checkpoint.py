@@ -178,6 +178,7 @@ class CheckpointMethod(TrainingMethod):
     """Checkpoint the model's stages in ``segments`` groups; see the module docstring."""
 
     name = "checkpoint"
+    cuda_graph_safe = False  # recomputation stashes and restores the RNG state through the host
 
     def __init__(self, segments: int = 4):
         super().__init__()

@@ -48,6 +48,7 @@ class SwapMethod(TrainingMethod):
     """Saved activations live in (pinned, on CUDA) host memory between forward and backward."""
 
     name = "swap"
+    cuda_graph_safe = False  # copies to host memory: a graph cannot own pageable or pinned host buffers
 
     def __init__(self, pin_memory: Optional[bool] = None):
         super().__init__()
