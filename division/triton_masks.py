@@ -26,15 +26,21 @@ _BYTES = 1024  # output bytes (8 elements each) per program
 _WARPS = 4
 
 
-@triton.jit(do_not_specialize=["n"])
-def _pack_kernel(x_ptr, bits_ptr, n, NONZERO: tl.constexpr, BYTES: tl.constexpr, INT64: tl.constexpr,
-                 EVEN: tl.constexpr):
+@triton.jit
+def _byte_tile(BYTES: tl.constexpr, INT64: tl.constexpr):
+    """This program's tile [BYTES, 8]: stored bytes b, bit lanes j, element indices 8 b + j."""
     pid = tl.program_id(0)
     if INT64:
         pid = pid.to(tl.int64)
     b = pid * BYTES + tl.arange(0, BYTES)
     j = tl.arange(0, 8)
-    idx = b[:, None] * 8 + j[None, :]
+    return b, j, b[:, None] * 8 + j[None, :]
+
+
+@triton.jit(do_not_specialize=["n"])
+def _pack_kernel(x_ptr, bits_ptr, n, NONZERO: tl.constexpr, BYTES: tl.constexpr, INT64: tl.constexpr,
+                 EVEN: tl.constexpr):
+    b, j, idx = _byte_tile(BYTES, INT64)
     # EVEN: n is a multiple of the tile, so no bounds mask: a mask of unknown alignment would split
     # the loads and stores into single elements
     if EVEN:
@@ -58,12 +64,7 @@ def _unpack_kernel(bits_ptr, out_ptr, scale_ptr, n, HAS_SCALE: tl.constexpr, BYT
                    INT64: tl.constexpr, EVEN: tl.constexpr):
     # Tile [BYTES, 8]: each row is one stored byte and the 8 elements it covers, contiguous in the
     # output, so a thread loads its byte once and stores 8 elements at once (no mask when EVEN).
-    pid = tl.program_id(0)
-    if INT64:
-        pid = pid.to(tl.int64)
-    b = pid * BYTES + tl.arange(0, BYTES)
-    j = tl.arange(0, 8)
-    idx = b[:, None] * 8 + j[None, :]
+    b, j, idx = _byte_tile(BYTES, INT64)
     if EVEN:
         byte = tl.load(bits_ptr + b).to(tl.int32)
     else:
