@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import division
 from models import build_model
+from runners.build import autocast
 from runners.checks import ConfigError
 from runners.graph_step import CudaGraphError, GraphedStep, check_cuda_graph
 from runners.job import run_job
@@ -156,26 +157,38 @@ def test_gpu_graphed_division_draws_new_numbers_each_replay():
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("method_name, knobs", [("none", {}), ("division", {"rounding": "nearest"})])
-def test_gpu_graphed_training_follows_eager_training(method_name, knobs):
+@pytest.mark.parametrize("fast", [False, True], ids=["fp32", "bf16_channels_last"])
+def test_gpu_graphed_training_follows_eager_training(method_name, knobs, fast):
     """SGD with momentum and weight decay over changing batches: the graph's steps and eager steps
-    end at the same weights and BatchNorm statistics (TF32 tolerance). DIVISION with nearest
-    rounding is deterministic, so any difference would come from the replay, not from the noise."""
+    end at the same weights and BatchNorm statistics. DIVISION with nearest rounding is
+    deterministic, so a difference would come from the replay, not from the rounding noise; bf16
+    with channels_last runs the kernels of the throughput and accuracy runs."""
     model, plain, method, images, target = _models_and_batch(method_name, **knobs)
     if method_name != "none":
         division.build_method(method_name, **knobs).attach(plain)
-    graphed = GraphedStep(model, method, cfg_for(), torch.device("cuda"), warmup=2)
+    cfg = cfg_for(*(["precision=bf16", "channels_last=true"] if fast else []))
+    if fast:
+        for m in (model, plain):
+            m.to(memory_format=torch.channels_last)
+    graphed = GraphedStep(model, method, cfg, torch.device("cuda"), warmup=2)
     opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4) for m in (model, plain)]
     for step in range(8):
         x, y = _other_batch(images, target, seed=10 + step)
+        if fast:
+            x = x.contiguous(memory_format=torch.channels_last)
         graphed(x, y)
         opts[0].step()
-        _eager_grads(plain, x, y)
+        plain.zero_grad(set_to_none=True)
+        with autocast(cfg, torch.device("cuda")):
+            loss = F.cross_entropy(plain(x).float(), y)
+        loss.backward()
         opts[1].step()
     assert graphed.replays == 6
+    tol = dict(rtol=5e-2, atol=5e-3) if fast else dict(rtol=2e-2, atol=2e-3)
     for a, b in zip(model.parameters(), plain.parameters()):
-        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+        torch.testing.assert_close(a, b, **tol)
     for a, b in zip(model.buffers(), plain.buffers()):
-        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-3)
+        torch.testing.assert_close(a.float(), b.float(), **tol)
 
 
 @pytest.mark.gpu
