@@ -37,6 +37,9 @@ done
 # Throughput: ResNet-50, bf16 autocast, channels_last, batch 128 and 256, all compressing methods.
 stage speed 90 -m mode=speed model=resnet50 dataset.image_size=224 dataset.num_classes=1000 \
   precision=bf16 channels_last=true batch_size=128,256 method=none,division,actnn,checkpoint,swap group=h200_speed
+# The same with forward and backward replayed from CUDA graphs (methods that can be captured).
+stage speed_graph 60 -m mode=speed model=resnet50 dataset.image_size=224 dataset.num_classes=1000 \
+  precision=bf16 channels_last=true batch_size=128,256 method=none,division cuda_graph=true group=h200_speed
 # Memory (fp32, the paper's protocol): WRN-50-2 none/division, ResNet-50 division (fused kernels) and swap.
 stage memory_wrn 50 -m mode=memory model=wrn50_2 dataset.image_size=224 dataset.num_classes=1000 \
   batch_size=64,128,256,512 method=none,division group=h200_memory
