@@ -92,6 +92,16 @@ def model_image_size(cfg) -> int:
     return MODEL_INFO[cfg.model.name]["image_size"]
 
 
+def forward_loss(model, images: torch.Tensor, target: torch.Tensor, cfg, device: torch.device,
+                 cache_enabled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, loss) of one training forward pass: the model under ``autocast``, cross-entropy in
+    fp32. Every training step (mode=train, memory, speed, CUDA-graph capture) computes it here."""
+    with autocast(cfg, device, cache_enabled=cache_enabled):
+        logits = model(images)
+        loss = torch.nn.functional.cross_entropy(logits.float(), target)
+    return logits, loss
+
+
 def autocast(cfg, device: torch.device, cache_enabled: bool = True):
     """Autocast for bf16/fp16 (the same for every method in a comparison); nothing for fp32.
 

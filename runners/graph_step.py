@@ -24,12 +24,12 @@ import logging
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import division
 
-from .build import autocast
+from . import distributed
+from .build import forward_loss
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class GraphedStep:
 
     def __init__(self, model: nn.Module, method: division.TrainingMethod, cfg, device: torch.device,
                  scaler: Optional[torch.amp.GradScaler] = None, warmup: int = WARMUP_STEPS):
-        check_cuda_graph(cfg, method, device, world_size=1)
+        check_cuda_graph(cfg, method, device, distributed.world_size())
         self.model = model
         self.method = method
         self.cfg = cfg
@@ -95,9 +95,7 @@ class GraphedStep:
     # ------------------------------------------------------------------------------ internals
     def _forward_backward(self, images: torch.Tensor, target: torch.Tensor):
         with self.method.step_context():
-            with autocast(self.cfg, self.device, cache_enabled=False):
-                logits = self.model(images)
-                loss = F.cross_entropy(logits.float(), target)
+            logits, loss = forward_loss(self.model, images, target, self.cfg, self.device, cache_enabled=False)
             scaled = self.scaler.scale(loss) if self.scaler is not None else loss
             scaled.backward()
         return loss, logits

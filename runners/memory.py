@@ -56,14 +56,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from division import ByteLedger, TrainingMethod
 
 from . import distributed
-from .build import (autocast, build_method, build_model, build_optimizer, build_scaler, method_record_fields,
-                    model_image_size)
+from .build import (build_method, build_model, build_optimizer, build_scaler, forward_loss,
+                    method_record_fields, model_image_size)
 from .gpu_memory import CudaMeter, free_after_oom, module_bytes, release_memory, tensor_bytes
 from .job import is_oom
 
@@ -138,9 +137,7 @@ def train_step(bench: Bench, cfg, device: torch.device, mark: Mark = None) -> to
         _, logits = bench.graphed(bench.images, bench.target)
     else:
         with bench.method.step_context():
-            with autocast(cfg, device):
-                logits = bench.model(bench.images)
-                loss = F.cross_entropy(logits.float(), bench.target)
+            logits, loss = forward_loss(bench.model, bench.images, bench.target, cfg, device)
             if mark is not None:
                 mark("forward")
             bench.optimizer.zero_grad(set_to_none=True)

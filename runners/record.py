@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 COMMON_FIELDS = ("run_id", "mode", "model", "dataset", "method", "block_size", "bits", "batch_size",
-                 "device", "precision", "cuda_graph", "seed", "group", "status", "error", "run_dir", "started_at",
-                 "duration_s")
+                 "device", "precision", "cuda_graph", "seed", "group", "status", "error", "run_dir",
+                 "started_at", "duration_s")
 
 
 def new_record(cfg, run_dir: str | Path, method_fields: dict[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from . import distributed
-from .graph_step import WARMUP_STEPS, CudaGraphError, GraphedStep, check_cuda_graph
+from .graph_step import WARMUP_STEPS, CudaGraphError, GraphedStep
 from .memory import Bench, build_bench, train_step
 
 log = logging.getLogger(__name__)
@@ -67,11 +67,10 @@ def build_speed_bench(cfg, device: torch.device) -> Bench:
     bench = build_bench(cfg, device, int(cfg.batch_size), ledger=None, data_parallel=True)
     if cfg.get("cuda_graph"):
         try:
-            check_cuda_graph(cfg, bench.method, device, distributed.world_size())
+            bench.graphed = GraphedStep(bench.model, bench.method, cfg, device, bench.scaler)
         except CudaGraphError:
-            bench.close()
+            bench.close()  # the method's hooks would outlive the refused job
             raise
-        bench.graphed = GraphedStep(bench.model, bench.method, cfg, device, bench.scaler)
     return bench
 
 

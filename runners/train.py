@@ -26,9 +26,9 @@ from division import ByteLedger
 
 from . import distributed
 from .build import (autocast, build_data, build_method, build_model, build_optimizer, build_scaler,
-                    method_record_fields)
+                    forward_loss, method_record_fields)
 from .checkpoint import load_checkpoint, restore_rng, rng_state, save_checkpoint
-from .graph_step import GraphedStep, check_cuda_graph
+from .graph_step import GraphedStep
 from .record import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -128,10 +128,9 @@ def run(cfg, env) -> dict[str, Any]:
     scaler = build_scaler(cfg, device)
     graphed = None
     if cfg.get("cuda_graph"):
-        check_cuda_graph(cfg, method, device, distributed.world_size())
+        graphed = GraphedStep(net, method, cfg, device, scaler)  # refuses CPU, DDP, unsafe methods
         log.warning("cuda_graph=true in training is experimental: short ResNet-18 runs ended below "
                     "eager training (docs/results.md); use it for throughput, compare before relying on it")
-        graphed = GraphedStep(net, method, cfg, device, scaler)
 
     ckpt_path = Path(env.run_dir) / "checkpoint.pt"
     history: list[dict[str, Any]] = []
@@ -174,9 +173,7 @@ def run(cfg, env) -> dict[str, Any]:
                 _check_finite(loss, rank, epoch, step, global_step, ckpt_path)
             else:
                 with method.step_context():
-                    with autocast(cfg, device):
-                        logits = net(images)
-                        loss = F.cross_entropy(logits.float(), target)
+                    logits, loss = forward_loss(net, images, target, cfg, device)
                     # every rank stops together, before a backward whose all-reduce the others would wait for
                     _check_finite(loss, rank, epoch, step, global_step, ckpt_path)
                     optimizer.zero_grad(set_to_none=True)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import division
 from models import build_model
-from runners.build import autocast
+from runners.build import forward_loss
 from runners.checks import ConfigError
 from runners.graph_step import CudaGraphError, GraphedStep, check_cuda_graph
 from runners.job import run_job
@@ -179,9 +179,7 @@ def test_gpu_graphed_training_follows_eager_training(method_name, knobs, fast):
         graphed(x, y)
         opts[0].step()
         plain.zero_grad(set_to_none=True)
-        with autocast(cfg, torch.device("cuda")):
-            loss = F.cross_entropy(plain(x).float(), y)
-        loss.backward()
+        forward_loss(plain, x, y, cfg, torch.device("cuda"))[1].backward()
         opts[1].step()
     assert graphed.replays == 6
     tol = dict(rtol=5e-2, atol=5e-3) if fast else dict(rtol=2e-2, atol=2e-3)
