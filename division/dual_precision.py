@@ -48,13 +48,17 @@ one bf16 ulp of ``mn`` spread over the levels). Inputs must be finite.
 Stored format (what ``encode`` keeps; a Triton kernel may replace encode/decode on CUDA as long as
 it keeps this format):
     Packed.tensors = {"lfc":   bf16 (N, C, Hb, Wb)       (absent when keep_lfc=False),
-                      "codes": uint8, flat, ceil(N*C*H*W*Q/8) bytes (absent when no HFC is kept),
+                      "codes": uint8, flat, ceil(N*C*H*W*Q/8) bytes (absent when no HFC is kept):
+                               8/Q codes per byte, W-neighbours of one map row, bytes in NCHW
+                               order; or, with meta codes_order="nhwc" (the fused kernels, for
+                               channels_last maps whose rows are whole bytes), the same bytes in
+                               (N, H, W*Q/8, C) order, so each store from an NHWC tile is contiguous,
                       "mn":    bf16 (N, C),
                       "step":  bf16 (N, C)}
     simulate=True:  {"x_hat": the fake-quantized reconstruction, input dtype and shape}
     raw inputs:     {"x": the input itself}
     Packed.meta    = {"layout", "shape", "dtype", "memory_format", "geometry", "bits",
-                      "has_lfc", "has_hfc"}
+                      "has_lfc", "has_hfc"[, "codes_order"]}
 Bytes per element for an fp32 (N, C, H, W) map, B = 8, Q = 2: Q/8 + 2/B^2 + 4/(H*W), with ceil'd
 block counts and ceil(numel * Q / 8) code bytes; ``closed_form_nbytes`` gives it exactly.
 
@@ -85,6 +89,9 @@ LAYOUT_SEQUENCE = "sequence"  # 3-D (N, L, D) -> (N, D, L, 1)
 LAYOUT_VOLUME = "volume"      # k-D, k >= 5 (N, C, D, ..., H, W) -> (N, C * D * ..., H, W)
 
 _BF16_BYTES = 2
+
+CODES_NCHW = "nchw"  # Packed.meta["codes_order"]: absent means NCHW
+CODES_NHWC = "nhwc"
 
 
 # ------------------------------------------------------------------------------ canonical view
@@ -256,6 +263,15 @@ def quantize(hfc: torch.Tensor, bits: int, rounding: str,
     return codes, mn_s, step_s
 
 
+def codes_in_nchw_order(codes: torch.Tensor, meta: dict) -> torch.Tensor:
+    """The packed code bytes of a Packed in NCHW order, whichever order they were stored in."""
+    if meta.get("codes_order", CODES_NCHW) == CODES_NCHW:
+        return codes
+    geom: Geometry = meta["geometry"]
+    row_bytes = geom.w * meta["bits"] // 8
+    return codes.view(geom.n, geom.h, row_bytes, geom.c).permute(0, 3, 1, 2).reshape(-1)
+
+
 def dequantize(codes: torch.Tensor, mn: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     """fp32 mn + code * step for (N, C, H, W) codes and (N, C) stats."""
     return torch.addcmul(mn.float()[:, :, None, None], codes.float(), step.float()[:, :, None, None])
@@ -359,7 +375,8 @@ class DivisionCodec(ActivationCodec):
         if m["has_lfc"]:
             x4 = upsample(t["lfc"], geom.kh, geom.kw, geom.h, geom.w)
         if m["has_hfc"]:
-            codes = unpack_bits(t["codes"], m["bits"], geom.numel).view(geom.n, geom.c, geom.h, geom.w)
+            codes = unpack_bits(codes_in_nchw_order(t["codes"], m), m["bits"], geom.numel)
+            codes = codes.view(geom.n, geom.c, geom.h, geom.w)
             hfc = dequantize(codes, t["mn"], t["step"])
             x4 = hfc if x4 is None else x4 + hfc
         return from_canonical(x4, geom, m["shape"], m["dtype"], m["memory_format"])

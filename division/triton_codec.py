@@ -70,8 +70,8 @@ import triton
 import triton.language as tl
 
 from .codec import Packed, SaveContext
-from .dual_precision import (LAYOUT_FEATURES, LAYOUT_MAPS, LAYOUT_VOLUME, DivisionCodec, Geometry,
-                             _memory_format)
+from .dual_precision import (CODES_NCHW, CODES_NHWC, LAYOUT_FEATURES, LAYOUT_MAPS, LAYOUT_VOLUME,
+                             DivisionCodec, Geometry, _memory_format)
 from .packing import packed_nbytes
 from .triton_launch import (INT32_LIMIT, CachedLaunch, aligned, dense_layout, interpreting,
                             runs_here)
@@ -163,8 +163,21 @@ def _code_float(code):
     return (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
+@triton.jit
+def _code_offset(bidx, n, c0, g, hh4, wb, jb4, C, H: tl.constexpr, W: tl.constexpr, KW: tl.constexpr,
+                 PB: tl.constexpr, CODES_CL: tl.constexpr):
+    """Where the code byte of logical (NCHW-order) index ``bidx`` is stored, for a 4-D tile
+    [G, TKH, WBC, TKW // PB]: at ``bidx`` itself, or (CODES_CL) in (N, H, W / PB, C) order, where
+    the G channels of one byte position are neighbours (whole-sector stores from NHWC tiles)."""
+    if CODES_CL:
+        return ((n * H + hh4) * (W // PB) + wb[None, None, :, None] * (KW // PB) + jb4) * C \
+            + (c0 + g)[:, None, None, None]
+    else:
+        return bidx
+
+
 @triton.jit(do_not_specialize=["seed"])
-def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, seed_ptr, seed, C, CG,
+def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_ptr, seed, C, CG,
                    H: tl.constexpr, W: tl.constexpr, HW: tl.constexpr,
                    KH: tl.constexpr, KW: tl.constexpr, HB: tl.constexpr, WB: tl.constexpr,
                    TKH: tl.constexpr, TKW: tl.constexpr, WBC: tl.constexpr, NWC: tl.constexpr,
@@ -174,12 +187,15 @@ def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, seed_ptr, seed, 
                    STOCHASTIC: tl.constexpr, RNG: tl.constexpr, ROW: tl.constexpr,
                    MISALIGNED: tl.constexpr, CL: tl.constexpr, INT64: tl.constexpr,
                    EXACT: tl.constexpr, MODE: tl.constexpr, RCP_LEVELS: tl.constexpr,
-                   SEED_PTR: tl.constexpr):
+                   SEED_PTR: tl.constexpr, PHASE: tl.constexpr, SPLIT: tl.constexpr,
+                   SPLIT_P2: tl.constexpr, HBS: tl.constexpr, CODES_CL: tl.constexpr):
     if SEED_PTR:
         # Under a CUDA graph: the host's seed is frozen into the graph, so mix in a device
         # counter that the replayed graph advances before every encode (see graph_seed_counter).
         seed = ((tl.load(seed_ptr).to(tl.uint32) * 0x85EBCA6B + seed.to(tl.uint32)) & 0x7FFFFFFF).to(tl.int32)
     pid = tl.program_id(0)
+    s = tl.program_id(1)                           # chunk of block rows (split planes)
+    hb0 = s * HBS                                  # this program's block rows: hb0 .. hb0 + HBS - 1
     if INT64:
         pid = pid.to(tl.int64)
     n = pid // CG
@@ -196,278 +212,302 @@ def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, seed_ptr, seed, 
     lfc_base = lfc_ptr + (p0 + g)[:, None] * (HB * WB)   # [G, 1]
 
     # ---------------------------------------------------------------- pass 1: LFC and HFC range
-    if MODE == 1:
-        # Row loop: tile [G, WBC, TKW] = one image row of WBC blocks of G planes; the KH rows of a
-        # block row are unrolled and accumulated elementwise (sum, min, max of x), then reduced
-        # over TKW only. min / max of the HFC per block follow from min / max of x, because
-        # fl(a - lf) is monotone in a: min(fl(x - lf)) == fl(min(x) - lf), bit for bit.
-        g3 = g[:, None, None]
-        j3 = tl.arange(0, TKW)[None, None, :]
-        if CL:
-            x_rows = x_base + g3
+    if PHASE != 2:
+        if MODE == 1:
+            # Row loop: tile [G, WBC, TKW] = one image row of WBC blocks of G planes; the KH rows of a
+            # block row are unrolled and accumulated elementwise (sum, min, max of x), then reduced
+            # over TKW only. min / max of the HFC per block follow from min / max of x, because
+            # fl(a - lf) is monotone in a: min(fl(x - lf)) == fl(min(x) - lf), bit for bit.
+            g3 = g[:, None, None]
+            j3 = tl.arange(0, TKW)[None, None, :]
+            if CL:
+                x_rows = x_base + g3
+            else:
+                x_rows = x_base + g3 * HW
+            acc_lo = tl.full([G, WBC], float("inf"), tl.float32)
+            acc_hi = tl.full([G, WBC], float("-inf"), tl.float32)
+            for hbi in range(HBS):
+                hb = hb0 + hbi
+                rows = tl.minimum(H - hb * KH, KH)
+                for wc in range(NWC):
+                    wb = tl.minimum(wc * WBC + wl, WB - 1)
+                    ww = wb[None, :, None] * KW + j3
+                    if not FULL_W:
+                        cm = (j3 < KW) & (ww < W) & (g3 < G)
+                    ssum = tl.zeros([G, WBC, TKW], tl.float32)
+                    lo = tl.full([G, WBC, TKW], float("inf"), tl.float32)
+                    hi = tl.full([G, WBC, TKW], float("-inf"), tl.float32)
+                    for i in tl.static_range(KH):
+                        hh = hb * KH + i
+                        ptrs = x_rows + (hh * W + ww) * sE
+                        if FULL_H and FULL_W:
+                            xv = tl.load(ptrs, eviction_policy="evict_last").to(tl.float32)
+                            lo = tl.minimum(lo, xv)
+                            hi = tl.maximum(hi, xv)
+                        else:
+                            if FULL_H:
+                                m = cm
+                            elif FULL_W:
+                                m = (hh < H) & (g3 < G) & (j3 < TKW)
+                            else:
+                                m = cm & (hh < H)
+                            xv = tl.load(ptrs, mask=m, other=0.0, eviction_policy="evict_last").to(tl.float32)
+                            lo = tl.minimum(lo, tl.where(m, xv, float("inf")))
+                            hi = tl.maximum(hi, tl.where(m, xv, float("-inf")))
+                        ssum += xv
+                    cnt = (rows * tl.minimum(W - wb * KW, KW)).to(tl.float32)
+                    lf16 = _to_bf16(tl.math.div_rn(tl.sum(ssum, axis=2), cnt[None, :]), EXACT)
+                    tl.store(lfc_base + hb * WB + (wc * WBC + wl)[None, :], lf16,
+                             mask=(g[:, None] < G) & ((wc * WBC + wl) < WB)[None, :])
+                    lf = lf16.to(tl.float32)
+                    acc_lo = tl.minimum(acc_lo, tl.min(lo, axis=2) - lf)
+                    acc_hi = tl.maximum(acc_hi, tl.max(hi, axis=2) - lf)
+            mn_acc = tl.min(acc_lo, axis=1)
+            mx_acc = tl.max(acc_hi, axis=1)
         else:
-            x_rows = x_base + g3 * HW
-        acc_lo = tl.full([G, WBC], float("inf"), tl.float32)
-        acc_hi = tl.full([G, WBC], float("-inf"), tl.float32)
-        for hb in range(HB):
-            rows = tl.minimum(H - hb * KH, KH)
-            for wc in range(NWC):
-                wb = tl.minimum(wc * WBC + wl, WB - 1)
-                ww = wb[None, :, None] * KW + j3
-                if not FULL_W:
-                    cm = (j3 < KW) & (ww < W) & (g3 < G)
-                ssum = tl.zeros([G, WBC, TKW], tl.float32)
-                lo = tl.full([G, WBC, TKW], float("inf"), tl.float32)
-                hi = tl.full([G, WBC, TKW], float("-inf"), tl.float32)
-                for i in tl.static_range(KH):
-                    hh = hb * KH + i
-                    ptrs = x_rows + (hh * W + ww) * sE
+            # Tile [G, TKH, WBC, TKW]: G planes x one block row x WBC blocks. Block columns past WB repeat
+            # the last block (same sums, same HFC), so they need no mask; partial blocks are masked.
+            gi = g[:, None, None, None]
+            ii = tl.arange(0, TKH)[None, :, None, None]
+            jj = tl.arange(0, TKW)[None, None, None, :]
+            if CL:
+                x_planes = x_base + gi
+            else:
+                x_planes = x_base + gi * HW
+            mn_acc = tl.full([G], float("inf"), tl.float32)
+            mx_acc = tl.full([G], float("-inf"), tl.float32)
+            for hbi in range(HBS):
+                hb = hb0 + hbi
+                hh = hb * KH + ii
+                rows = tl.minimum(H - hb * KH, KH)
+                for wc in range(NWC):
+                    wb = tl.minimum(wc * WBC + wl, WB - 1)
+                    ww = wb[None, None, :, None] * KW + jj
+                    ptrs = x_planes + (hh * W + ww) * sE
                     if FULL_H and FULL_W:
                         xv = tl.load(ptrs, eviction_policy="evict_last").to(tl.float32)
-                        lo = tl.minimum(lo, xv)
-                        hi = tl.maximum(hi, xv)
                     else:
-                        if FULL_H:
-                            m = cm
-                        elif FULL_W:
-                            m = (hh < H) & (g3 < G) & (j3 < TKW)
-                        else:
-                            m = cm & (hh < H)
+                        m = (ii < KH) & (hh < H) & (jj < KW) & (ww < W)
                         xv = tl.load(ptrs, mask=m, other=0.0, eviction_policy="evict_last").to(tl.float32)
-                        lo = tl.minimum(lo, tl.where(m, xv, float("inf")))
-                        hi = tl.maximum(hi, tl.where(m, xv, float("-inf")))
-                    ssum += xv
-                cnt = (rows * tl.minimum(W - wb * KW, KW)).to(tl.float32)
-                lf16 = _to_bf16(tl.math.div_rn(tl.sum(ssum, axis=2), cnt[None, :]), EXACT)
-                tl.store(lfc_base + hb * WB + (wc * WBC + wl)[None, :], lf16,
-                         mask=(g[:, None] < G) & ((wc * WBC + wl) < WB)[None, :])
-                lf = lf16.to(tl.float32)
-                acc_lo = tl.minimum(acc_lo, tl.min(lo, axis=2) - lf)
-                acc_hi = tl.maximum(acc_hi, tl.max(hi, axis=2) - lf)
-        mn_acc = tl.min(acc_lo, axis=1)
-        mx_acc = tl.max(acc_hi, axis=1)
-    else:
-        # Tile [G, TKH, WBC, TKW]: G planes x one block row x WBC blocks. Block columns past WB repeat
-        # the last block (same sums, same HFC), so they need no mask; partial blocks are masked.
-        gi = g[:, None, None, None]
-        ii = tl.arange(0, TKH)[None, :, None, None]
-        jj = tl.arange(0, TKW)[None, None, None, :]
-        if CL:
-            x_planes = x_base + gi
-        else:
-            x_planes = x_base + gi * HW
-        mn_acc = tl.full([G], float("inf"), tl.float32)
-        mx_acc = tl.full([G], float("-inf"), tl.float32)
-        for hb in range(HB):
-            hh = hb * KH + ii
-            rows = tl.minimum(H - hb * KH, KH)
-            for wc in range(NWC):
-                wb = tl.minimum(wc * WBC + wl, WB - 1)
-                ww = wb[None, None, :, None] * KW + jj
-                ptrs = x_planes + (hh * W + ww) * sE
-                if FULL_H and FULL_W:
-                    xv = tl.load(ptrs, eviction_policy="evict_last").to(tl.float32)
-                else:
-                    m = (ii < KH) & (hh < H) & (jj < KW) & (ww < W)
-                    xv = tl.load(ptrs, mask=m, other=0.0, eviction_policy="evict_last").to(tl.float32)
-                sums = tl.sum(tl.sum(xv, axis=3), axis=1)                  # [G, WBC]
-                cnt = (rows * tl.minimum(W - wb * KW, KW)).to(tl.float32)  # valid elements per block
-                lf16 = _to_bf16(tl.math.div_rn(sums, cnt[None, :]), EXACT)
-                tl.store(lfc_base + hb * WB + (wc * WBC + wl)[None, :], lf16,
-                         mask=(g[:, None] < G) & ((wc * WBC + wl) < WB)[None, :])
-                hfc = xv - lf16.to(tl.float32)[:, None, :, None]
-                if FULL_H and FULL_W:
-                    lo = tl.min(tl.min(tl.min(hfc, axis=3), axis=2), axis=1)
-                    hi = tl.max(tl.max(tl.max(hfc, axis=3), axis=2), axis=1)
-                else:
-                    lo = tl.min(tl.min(tl.min(tl.where(m, hfc, float("inf")), axis=3), axis=2), axis=1)
-                    hi = tl.max(tl.max(tl.max(tl.where(m, hfc, float("-inf")), axis=3), axis=2), axis=1)
-                mn_acc = tl.minimum(mn_acc, lo)
-                mx_acc = tl.maximum(mx_acc, hi)
+                    sums = tl.sum(tl.sum(xv, axis=3), axis=1)                  # [G, WBC]
+                    cnt = (rows * tl.minimum(W - wb * KW, KW)).to(tl.float32)  # valid elements per block
+                    lf16 = _to_bf16(tl.math.div_rn(sums, cnt[None, :]), EXACT)
+                    tl.store(lfc_base + hb * WB + (wc * WBC + wl)[None, :], lf16,
+                             mask=(g[:, None] < G) & ((wc * WBC + wl) < WB)[None, :])
+                    hfc = xv - lf16.to(tl.float32)[:, None, :, None]
+                    if FULL_H and FULL_W:
+                        lo = tl.min(tl.min(tl.min(hfc, axis=3), axis=2), axis=1)
+                        hi = tl.max(tl.max(tl.max(hfc, axis=3), axis=2), axis=1)
+                    else:
+                        lo = tl.min(tl.min(tl.min(tl.where(m, hfc, float("inf")), axis=3), axis=2), axis=1)
+                        hi = tl.max(tl.max(tl.max(tl.where(m, hfc, float("-inf")), axis=3), axis=2), axis=1)
+                    mn_acc = tl.minimum(mn_acc, lo)
+                    mx_acc = tl.maximum(mx_acc, hi)
 
-    mn_s = _bf16_directed(mn_acc, False)
-    # The reference computes (max - mn) / levels with a Python-int divisor: IEEE division on the
-    # CPU, but on CUDA PyTorch multiplies by the fp32 reciprocal (its CPU-scalar fast path), which
-    # can land one fp32 ulp higher and then round up to the next bf16 step. Each path here matches
-    # the reference on its own device (interpreter: CPU tensors; GPU: CUDA tensors).
-    if EXACT:
-        step_raw = tl.math.div_rn(mx_acc - mn_s, LEVELS * 1.0)
+    if PHASE == 1:
+        # Split plane, first kernel: this chunk's HFC range; the second kernel reduces them.
+        part = part_ptr + ((p0 + g) * SPLIT + s) * 2
+        tl.store(part, mn_acc)
+        tl.store(part + 1, mx_acc)
     else:
-        step_raw = (mx_acc - mn_s) * RCP_LEVELS
-    step_s = _bf16_directed(step_raw, True)
-    tl.store(mn_ptr + p0 + g, mn_s.to(tl.bfloat16))
-    tl.store(step_ptr + p0 + g, step_s.to(tl.bfloat16))
-    safe = tl.where(step_s > 0, step_s, 1.0)       # constant map: every code is 0
-    rcp = tl.math.div_rn(1.0, safe)
-    tl.debug_barrier()  # the LFC stored above is read back below by other threads of this program
-
-    # ------------------------------------------------------- pass 2: quantize and pack the HFC
-    if ROW and MODE == 1:
-        # Row loop, byte-aligned rows: tile [G, WBC, TKW // PB, PB] per image row.
-        g4 = g[:, None, None, None]
-        jb = tl.arange(0, TKW // PB)[None, None, :, None]
-        jl = tl.arange(0, PB)[None, None, None, :]
-        jb3 = tl.arange(0, TKW // PB)[None, None, :]
-        if CL:
-            x_rows4 = x_base + g4
+        if PHASE == 2:
+            # Split plane, second kernel: the plane's HFC range from every chunk's (min is exact,
+            # so this is the fused kernel's range bit for bit).
+            sp = tl.arange(0, SPLIT_P2)[None, :]
+            part = part_ptr + ((p0 + g)[:, None] * SPLIT + sp) * 2
+            mn_acc = tl.min(tl.load(part, mask=sp < SPLIT, other=float("inf")), axis=1)
+            mx_acc = tl.max(tl.load(part + 1, mask=sp < SPLIT, other=float("-inf")), axis=1)
+        mn_s = _bf16_directed(mn_acc, False)
+        # The reference computes (max - mn) / levels with a Python-int divisor: IEEE division on the
+        # CPU, but on CUDA PyTorch multiplies by the fp32 reciprocal (its CPU-scalar fast path), which
+        # can land one fp32 ulp higher and then round up to the next bf16 step. Each path here matches
+        # the reference on its own device (interpreter: CPU tensors; GPU: CUDA tensors).
+        if EXACT:
+            step_raw = tl.math.div_rn(mx_acc - mn_s, LEVELS * 1.0)
         else:
-            x_rows4 = x_base + g4 * HW
-        mn4 = mn_s[:, None, None, None]
-        st4 = safe[:, None, None, None]
-        rc4 = rcp[:, None, None, None]
-        code_rows = (p0 + g[:, None, None]) * (HW // PB)                  # [G, 1, 1]
-        for hb in range(HB):
-            for wc in range(NWC):
-                wb = tl.minimum(wc * WBC + wl, WB - 1)
-                live = (g[:, None, None] < G) & ((wc * WBC + wl) < WB)[None, :, None]
-                ww = wb[None, :, None, None] * KW + jb * PB + jl
-                if not FULL_W:
-                    cm = (jb * PB < KW) & (ww < W) & (g4 < G)
-                    live = live & (jb3 * PB < KW) & (wb[None, :, None] * KW + jb3 * PB < W)
-                lf = tl.load(lfc_base + hb * WB + wb[None, :]).to(tl.float32)[:, :, None, None]
-                for i in tl.static_range(KH):
-                    hh = hb * KH + i
-                    ptrs = x_rows4 + (hh * W + ww) * sE
+            step_raw = (mx_acc - mn_s) * RCP_LEVELS
+        step_s = _bf16_directed(step_raw, True)
+        tl.store(mn_ptr + p0 + g, mn_s.to(tl.bfloat16))
+        tl.store(step_ptr + p0 + g, step_s.to(tl.bfloat16))
+        safe = tl.where(step_s > 0, step_s, 1.0)       # constant map: every code is 0
+        rcp = tl.math.div_rn(1.0, safe)
+        tl.debug_barrier()  # the LFC stored above is read back below by other threads of this program
+
+        # ------------------------------------------------------- pass 2: quantize and pack the HFC
+        if ROW and MODE == 1:
+            # Row loop, byte-aligned rows: tile [G, WBC, TKW // PB, PB] per image row.
+            g4 = g[:, None, None, None]
+            jb = tl.arange(0, TKW // PB)[None, None, :, None]
+            jl = tl.arange(0, PB)[None, None, None, :]
+            jb3 = tl.arange(0, TKW // PB)[None, None, :]
+            if CL:
+                x_rows4 = x_base + g4
+            else:
+                x_rows4 = x_base + g4 * HW
+            mn4 = mn_s[:, None, None, None]
+            st4 = safe[:, None, None, None]
+            rc4 = rcp[:, None, None, None]
+            code_rows = (p0 + g[:, None, None]) * (HW // PB)                  # [G, 1, 1]
+            for hbi in range(HBS):
+                hb = hb0 + hbi
+                for wc in range(NWC):
+                    wb = tl.minimum(wc * WBC + wl, WB - 1)
+                    live = (g[:, None, None] < G) & ((wc * WBC + wl) < WB)[None, :, None]
+                    ww = wb[None, :, None, None] * KW + jb * PB + jl
+                    if not FULL_W:
+                        cm = (jb * PB < KW) & (ww < W) & (g4 < G)
+                        live = live & (jb3 * PB < KW) & (wb[None, :, None] * KW + jb3 * PB < W)
+                    lf = tl.load(lfc_base + hb * WB + wb[None, :]).to(tl.float32)[:, :, None, None]
+                    for i in tl.static_range(KH):
+                        hh = hb * KH + i
+                        ptrs = x_rows4 + (hh * W + ww) * sE
+                        if FULL_H and FULL_W:
+                            xv = tl.load(ptrs, eviction_policy="evict_first").to(tl.float32)
+                        else:
+                            if FULL_W:
+                                m = (hh < H) & (g4 < G) & (jl < PB)
+                            elif FULL_H:
+                                m = cm
+                            else:
+                                m = cm & (hh < H)
+                            xv = tl.load(ptrs, mask=m, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                        v = _quotient((xv - lf) - mn4, st4, rc4, EXACT or not STOCHASTIC)
+                        bidx = code_rows + hh * (W // PB) + wb[None, :, None] * (KW // PB) + jb3
+                        if STOCHASTIC:
+                            if INT64:
+                                bctr = bidx.to(tl.uint32)
+                            else:
+                                bctr = bidx.to(tl.uint32, bitcast=True)
+                            v = v + _lane_uniform(seed, bctr[:, :, :, None], jl, PB, RNG)
+                        else:
+                            v = v + 0.5
+                        code = tl.minimum(tl.maximum(v, 0.0), LEVELS * 1.0).to(tl.int32)
+                        byte = tl.sum(code << (jl * Q), axis=3)                   # [G, WBC, TKW // PB]
+                        if FULL_H:
+                            keep = live
+                        else:
+                            keep = live & (hh < H)
+                        if CODES_CL:
+                            sidx = ((n * H + hh) * (W // PB) + wb[None, :, None] * (KW // PB) + jb3) * C \
+                                + (c0 + g)[:, None, None]
+                        else:
+                            sidx = bidx
+                        tl.store(codes_ptr + sidx, byte.to(tl.uint8), mask=keep)
+        elif ROW:
+            # W and the block width are multiples of PB: a byte holds PB neighbours of one block row.
+            # Tile [G, TKH, WBC, TKW // PB, PB], same walk as pass 1, LFC read per block.
+            g5 = g[:, None, None, None, None]
+            i5 = tl.arange(0, TKH)[None, :, None, None, None]
+            jb = tl.arange(0, TKW // PB)[None, None, None, :, None]
+            jl = tl.arange(0, PB)[None, None, None, None, :]
+            if CL:
+                x_planes5 = x_base + g5
+            else:
+                x_planes5 = x_base + g5 * HW
+            mn5 = mn_s[:, None, None, None, None]
+            st5 = safe[:, None, None, None, None]
+            rc5 = rcp[:, None, None, None, None]
+            code_planes = (p0 + g[:, None, None, None]) * (HW // PB)      # [G, 1, 1, 1] byte index
+            i4 = tl.arange(0, TKH)[None, :, None, None]
+            jb4 = tl.arange(0, TKW // PB)[None, None, None, :]
+            for hbi in range(HBS):
+                hb = hb0 + hbi
+                hh = hb * KH + i5
+                for wc in range(NWC):
+                    wb = tl.minimum(wc * WBC + wl, WB - 1)
+                    ww = wb[None, None, :, None, None] * KW + jb * PB + jl
+                    ptrs = x_planes5 + (hh * W + ww) * sE
                     if FULL_H and FULL_W:
                         xv = tl.load(ptrs, eviction_policy="evict_first").to(tl.float32)
                     else:
-                        if FULL_W:
-                            m = (hh < H) & (g4 < G) & (jl < PB)
-                        elif FULL_H:
-                            m = cm
-                        else:
-                            m = cm & (hh < H)
+                        m = (i5 < KH) & (hh < H) & (jb * PB < KW) & (ww < W)
                         xv = tl.load(ptrs, mask=m, other=0.0, eviction_policy="evict_first").to(tl.float32)
-                    v = _quotient((xv - lf) - mn4, st4, rc4, EXACT or not STOCHASTIC)
-                    bidx = code_rows + hh * (W // PB) + wb[None, :, None] * (KW // PB) + jb3
+                    lf = tl.load(lfc_base + hb * WB + wb[None, :]).to(tl.float32)   # [G, WBC]
+                    a = (xv - lf[:, None, :, None, None]) - mn5
+                    v = _quotient(a, st5, rc5, EXACT or not STOCHASTIC)
+                    hh4 = hb * KH + i4
+                    bidx = code_planes + hh4 * (W // PB) + wb[None, None, :, None] * (KW // PB) + jb4
                     if STOCHASTIC:
                         if INT64:
                             bctr = bidx.to(tl.uint32)
                         else:
                             bctr = bidx.to(tl.uint32, bitcast=True)
-                        v = v + _lane_uniform(seed, bctr[:, :, :, None], jl, PB, RNG)
+                        v = v + _lane_uniform(seed, bctr[:, :, :, :, None], jl, PB, RNG)
                     else:
                         v = v + 0.5
-                    code = tl.minimum(tl.maximum(v, 0.0), LEVELS * 1.0).to(tl.int32)
-                    byte = tl.sum(code << (jl * Q), axis=3)                   # [G, WBC, TKW // PB]
-                    if FULL_H:
-                        keep = live
-                    else:
-                        keep = live & (hh < H)
-                    tl.store(codes_ptr + bidx, byte.to(tl.uint8), mask=keep)
-    elif ROW:
-        # W and the block width are multiples of PB: a byte holds PB neighbours of one block row.
-        # Tile [G, TKH, WBC, TKW // PB, PB], same walk as pass 1, LFC read per block.
-        g5 = g[:, None, None, None, None]
-        i5 = tl.arange(0, TKH)[None, :, None, None, None]
-        jb = tl.arange(0, TKW // PB)[None, None, None, :, None]
-        jl = tl.arange(0, PB)[None, None, None, None, :]
-        if CL:
-            x_planes5 = x_base + g5
+                    code = tl.minimum(tl.maximum(v, 0.0), LEVELS * 1.0).to(tl.int32)  # floor: v >= 0
+                    byte = tl.sum(code << (jl * Q), axis=4)                         # [G, TKH, WBC, TKW//PB]
+                    keep = (g[:, None, None, None] < G) & ((wc * WBC + wl) < WB)[None, None, :, None]
+                    if not (FULL_H and FULL_W):
+                        keep = keep & (i4 < KH) & (hh4 < H) & (jb4 * PB < KW) \
+                            & (wb[None, None, :, None] * KW + jb4 * PB < W)
+                    tl.store(codes_ptr + _code_offset(bidx, n, c0, g, hh4, wb, jb4, C, H, W, KW, PB, CODES_CL),
+                             byte.to(tl.uint8), mask=keep)
         else:
-            x_planes5 = x_base + g5 * HW
-        mn5 = mn_s[:, None, None, None, None]
-        st5 = safe[:, None, None, None, None]
-        rc5 = rcp[:, None, None, None, None]
-        code_planes = (p0 + g[:, None, None, None]) * (HW // PB)      # [G, 1, 1, 1] byte index
-        i4 = tl.arange(0, TKH)[None, :, None, None]
-        jb4 = tl.arange(0, TKW // PB)[None, None, None, :]
-        for hb in range(HB):
-            hh = hb * KH + i5
-            for wc in range(NWC):
-                wb = tl.minimum(wc * WBC + wl, WB - 1)
-                ww = wb[None, None, :, None, None] * KW + jb * PB + jl
-                ptrs = x_planes5 + (hh * W + ww) * sE
-                if FULL_H and FULL_W:
-                    xv = tl.load(ptrs, eviction_policy="evict_first").to(tl.float32)
+            # Flat NCHW order per plane: tile [G, EB, PB] over columns; element e of plane g sits at
+            # column e + s_g, s_g = (g * HW) % PB, so columns group into whole bytes of the output.
+            g2 = g[:, None]
+            g3 = g[:, None, None]
+            eb2 = tl.arange(0, EB)[None, :]
+            eb3 = tl.arange(0, EB)[None, :, None]
+            j3 = tl.arange(0, PB)[None, None, :]
+            if MISALIGNED:
+                s2 = (g2 * HW) % PB
+                s3 = s2[:, :, None]
+                end2 = s2 + HW                         # one past the plane's last column
+                row_bytes = (p0 * HW) // PB + (g2 * HW - s2) // PB
+            else:
+                end2 = HW
+                row_bytes = (p0 * HW) // PB + g2 * (HW // PB)
+            if CL:
+                x_planes3 = x_base + g3
+            else:
+                x_planes3 = x_base + g3 * HW
+            lfc_planes3 = lfc_base[:, :, None]
+            mn3 = mn_s[:, None, None]
+            st3 = safe[:, None, None]
+            rc3 = rcp[:, None, None]
+            head = tl.zeros([G], tl.int32)
+            tail = tl.zeros([G], tl.int32)
+            for k in range(NK):
+                if MISALIGNED:
+                    e = k * E + eb3 * PB + j3 - s3     # in-plane element of each column
+                    ok = (e >= 0) & (e < HW)
+                    e = tl.where(ok, e, 0)
                 else:
-                    m = (i5 < KH) & (hh < H) & (jb * PB < KW) & (ww < W)
-                    xv = tl.load(ptrs, mask=m, other=0.0, eviction_policy="evict_first").to(tl.float32)
-                lf = tl.load(lfc_base + hb * WB + wb[None, :]).to(tl.float32)   # [G, WBC]
-                a = (xv - lf[:, None, :, None, None]) - mn5
-                v = _quotient(a, st5, rc5, EXACT or not STOCHASTIC)
-                hh4 = hb * KH + i4
-                bidx = code_planes + hh4 * (W // PB) + wb[None, None, :, None] * (KW // PB) + jb4
+                    e = k * E + eb3 * PB + j3
+                    ok = (e < HW) & (g3 < G)
+                xv = tl.load(x_planes3 + e * sE, mask=ok, other=0.0,
+                             eviction_policy="evict_first").to(tl.float32)
+                hh = e // W
+                wc_ = e - hh * W
+                lf = tl.load(lfc_planes3 + (hh // KH) * WB + wc_ // KW, mask=ok, other=0.0).to(tl.float32)
+                v = _quotient((xv - lf) - mn3, st3, rc3, EXACT or not STOCHASTIC)
+                bcol = k * EB + eb2
                 if STOCHASTIC:
+                    bidx = row_bytes + bcol
                     if INT64:
                         bctr = bidx.to(tl.uint32)
                     else:
                         bctr = bidx.to(tl.uint32, bitcast=True)
-                    v = v + _lane_uniform(seed, bctr[:, :, :, :, None], jl, PB, RNG)
+                    v = v + _lane_uniform(seed, bctr[:, :, None], j3, PB, RNG)
                 else:
                     v = v + 0.5
-                code = tl.minimum(tl.maximum(v, 0.0), LEVELS * 1.0).to(tl.int32)  # floor: v >= 0
-                byte = tl.sum(code << (jl * Q), axis=4)                         # [G, TKH, WBC, TKW//PB]
-                keep = (g[:, None, None, None] < G) & ((wc * WBC + wl) < WB)[None, None, :, None]
-                if not (FULL_H and FULL_W):
-                    keep = keep & (i4 < KH) & (hh4 < H) & (jb4 * PB < KW) \
-                        & (wb[None, None, :, None] * KW + jb4 * PB < W)
-                tl.store(codes_ptr + bidx, byte.to(tl.uint8), mask=keep)
-    else:
-        # Flat NCHW order per plane: tile [G, EB, PB] over columns; element e of plane g sits at
-        # column e + s_g, s_g = (g * HW) % PB, so columns group into whole bytes of the output.
-        g2 = g[:, None]
-        g3 = g[:, None, None]
-        eb2 = tl.arange(0, EB)[None, :]
-        eb3 = tl.arange(0, EB)[None, :, None]
-        j3 = tl.arange(0, PB)[None, None, :]
-        if MISALIGNED:
-            s2 = (g2 * HW) % PB
-            s3 = s2[:, :, None]
-            end2 = s2 + HW                         # one past the plane's last column
-            row_bytes = (p0 * HW) // PB + (g2 * HW - s2) // PB
-        else:
-            end2 = HW
-            row_bytes = (p0 * HW) // PB + g2 * (HW // PB)
-        if CL:
-            x_planes3 = x_base + g3
-        else:
-            x_planes3 = x_base + g3 * HW
-        lfc_planes3 = lfc_base[:, :, None]
-        mn3 = mn_s[:, None, None]
-        st3 = safe[:, None, None]
-        rc3 = rcp[:, None, None]
-        head = tl.zeros([G], tl.int32)
-        tail = tl.zeros([G], tl.int32)
-        for k in range(NK):
+                code = tl.minimum(tl.maximum(v, 0.0), LEVELS * 1.0).to(tl.int32)
+                code = tl.where(ok, code, 0)
+                byte = tl.sum(code << (j3 * Q), axis=2)    # [G, EB]
+                wmask = (bcol + 1) * PB <= end2
+                if MISALIGNED:
+                    wmask = wmask & ((bcol > 0) | (s2 == 0))
+                    head += tl.sum(tl.where(bcol == 0, byte, 0), axis=1)
+                    tail += tl.sum(tl.where(bcol == end2 // PB, byte, 0), axis=1)
+                tl.store(codes_ptr + row_bytes + bcol, byte.to(tl.uint8), mask=wmask)
             if MISALIGNED:
-                e = k * E + eb3 * PB + j3 - s3     # in-plane element of each column
-                ok = (e >= 0) & (e < HW)
-                e = tl.where(ok, e, 0)
-            else:
-                e = k * E + eb3 * PB + j3
-                ok = (e < HW) & (g3 < G)
-            xv = tl.load(x_planes3 + e * sE, mask=ok, other=0.0,
-                         eviction_policy="evict_first").to(tl.float32)
-            hh = e // W
-            wc_ = e - hh * W
-            lf = tl.load(lfc_planes3 + (hh // KH) * WB + wc_ // KW, mask=ok, other=0.0).to(tl.float32)
-            v = _quotient((xv - lf) - mn3, st3, rc3, EXACT or not STOCHASTIC)
-            bcol = k * EB + eb2
-            if STOCHASTIC:
-                bidx = row_bytes + bcol
-                if INT64:
-                    bctr = bidx.to(tl.uint32)
-                else:
-                    bctr = bidx.to(tl.uint32, bitcast=True)
-                v = v + _lane_uniform(seed, bctr[:, :, None], j3, PB, RNG)
-            else:
-                v = v + 0.5
-            code = tl.minimum(tl.maximum(v, 0.0), LEVELS * 1.0).to(tl.int32)
-            code = tl.where(ok, code, 0)
-            byte = tl.sum(code << (j3 * Q), axis=2)    # [G, EB]
-            wmask = (bcol + 1) * PB <= end2
-            if MISALIGNED:
-                wmask = wmask & ((bcol > 0) | (s2 == 0))
-                head += tl.sum(tl.where(bcol == 0, byte, 0), axis=1)
-                tail += tl.sum(tl.where(bcol == end2 // PB, byte, 0), axis=1)
-            tl.store(codes_ptr + row_bytes + bcol, byte.to(tl.uint8), mask=wmask)
-        if MISALIGNED:
-            # A byte shared by plane g - 1 (its tail) and plane g (its head): OR the two halves.
-            prev = tl.sum(tl.where(g[:, None] == g[None, :] + 1, tail[None, :], 0), axis=1)
-            sg = (g * HW) % PB
-            first = codes_ptr + (p0 * HW) // PB + (g * HW - sg) // PB
-            tl.store(first, (head | prev).to(tl.uint8), mask=sg != 0)
+                # A byte shared by plane g - 1 (its tail) and plane g (its head): OR the two halves.
+                prev = tl.sum(tl.where(g[:, None] == g[None, :] + 1, tail[None, :], 0), axis=1)
+                sg = (g * HW) % PB
+                first = codes_ptr + (p0 * HW) // PB + (g * HW - sg) // PB
+                tl.store(first, (head | prev).to(tl.uint8), mask=sg != 0)
 
 
 @triton.jit
@@ -477,8 +517,10 @@ def _decode_kernel(codes_ptr, lfc_ptr, mn_ptr, step_ptr, out_ptr, C, CG,
                    TKH: tl.constexpr, TKW: tl.constexpr, WBC: tl.constexpr, NWC: tl.constexpr,
                    FULL_H: tl.constexpr, FULL_W: tl.constexpr,
                    G: tl.constexpr, PB: tl.constexpr, Q: tl.constexpr, LEVELS: tl.constexpr,
-                   ROW: tl.constexpr, CL: tl.constexpr, INT64: tl.constexpr, EXACT: tl.constexpr):
+                   ROW: tl.constexpr, CL: tl.constexpr, INT64: tl.constexpr, EXACT: tl.constexpr,
+                   HBS: tl.constexpr, CODES_CL: tl.constexpr):
     pid = tl.program_id(0)
+    hb0 = tl.program_id(1) * HBS                   # this program's block rows: hb0 .. hb0 + HBS - 1
     if INT64:
         pid = pid.to(tl.int64)
     n = pid // CG
@@ -510,7 +552,8 @@ def _decode_kernel(codes_ptr, lfc_ptr, mn_ptr, step_ptr, out_ptr, C, CG,
         mn5 = mn[:, None, None, None, None]
         st5 = step[:, None, None, None, None]
         code_planes = (p0 + g[:, None, None, None]) * (HW // PB)
-        for hb in range(HB):
+        for hbi in range(HBS):
+            hb = hb0 + hbi
             hh = hb * KH + i5
             hh4 = hb * KH + i4
             for wc in range(NWC):
@@ -521,7 +564,8 @@ def _decode_kernel(codes_ptr, lfc_ptr, mn_ptr, step_ptr, out_ptr, C, CG,
                 if not (FULL_H and FULL_W):
                     live4 = live4 & (i4 < KH) & (hh4 < H) & (jb4 * PB < KW) \
                         & (wb[None, None, :, None] * KW + jb4 * PB < W)
-                byte = tl.load(codes_ptr + bidx, mask=live4, other=0).to(tl.int32)
+                byte = tl.load(codes_ptr + _code_offset(bidx, n, c0, g, hh4, wb, jb4, C, H, W, KW, PB, CODES_CL),
+                               mask=live4, other=0).to(tl.int32)
                 code = (byte[:, :, :, :, None] >> (jl * Q)) & LEVELS
                 val = lf[:, None, :, None, None] + (mn5 + _code_float(code) * st5)
                 ww = wb[None, None, :, None, None] * KW + jb * PB + jl
@@ -539,7 +583,8 @@ def _decode_kernel(codes_ptr, lfc_ptr, mn_ptr, step_ptr, out_ptr, C, CG,
         mn4 = mn[:, None, None, None]
         st4 = step[:, None, None, None]
         code_base = (p0 + gi) * HW
-        for hb in range(HB):
+        for hbi in range(HBS):
+            hb = hb0 + hbi
             hh = hb * KH + ii
             for wc in range(NWC):
                 wb = tl.minimum(wc * WBC + wl, WB - 1)
@@ -601,26 +646,41 @@ class Plan:
     dec_row: bool     # decode one byte load per PB codes (5-D tile) instead of per element
     enc_warps: int
     dec_warps: int
+    enc_hbs: int      # block rows per encode program; < hb: split planes, two kernels (phases 1, 2)
+    dec_hbs: int      # block rows per decode program
+    codes_cl: bool    # code bytes stored in (N, H, W / PB, C) order (channels_last input, aligned rows)
 
     @property
-    def grid(self) -> tuple[int]:
-        return (self.n * self.c // self.g,)
+    def enc_split(self) -> int:
+        return self.hb // self.enc_hbs
+
+    def encode_grid(self) -> tuple[int, int]:
+        return (self.n * self.c // self.g, self.enc_split)
+
+    def decode_grid(self) -> tuple[int, int]:
+        return (self.n * self.c // self.g, self.hb // self.dec_hbs)
+
+    def encode_phases(self) -> tuple[int, ...]:
+        """0: one fused kernel; (1, 2): split planes, HFC range by chunk, then quantization."""
+        return (0,) if self.enc_split == 1 else (1, 2)
 
     def _common(self) -> dict[str, Any]:
         return dict(H=self.h, W=self.w, HW=self.h * self.w, KH=self.kh, KW=self.kw, HB=self.hb,
                     WB=self.wb, TKH=self.tkh, TKW=self.tkw, FULL_H=self.full_h,
                     FULL_W=self.full_w, G=self.g, PB=self.pb, Q=self.bits,
                     LEVELS=2 ** self.bits - 1, CL=self.channels_last, INT64=self.int64,
-                    EXACT=_INTERPRET)
+                    EXACT=_INTERPRET, CODES_CL=self.codes_cl)
 
-    def encode_constexprs(self) -> dict[str, Any]:
+    def encode_constexprs(self, phase: int = 0) -> dict[str, Any]:
         wbc, nwc = (self.rwbc, self.rnwc) if self.mode == 1 else (self.wbc, self.nwc)
         rcp = float(np.float32(1.0) / np.float32(2 ** self.bits - 1))  # torch CUDA: 1.0f / levels
         return dict(self._common(), WBC=wbc, NWC=nwc, E=self.e, EB=self.e // self.pb, NK=self.nk,
-                    ROW=self.row, MISALIGNED=self.misaligned, MODE=self.mode, RCP_LEVELS=rcp)
+                    ROW=self.row, MISALIGNED=self.misaligned, MODE=self.mode, RCP_LEVELS=rcp,
+                    PHASE=phase, SPLIT=self.enc_split, SPLIT_P2=_pow2(self.enc_split),
+                    HBS=self.enc_hbs)
 
     def decode_constexprs(self) -> dict[str, Any]:
-        return dict(self._common(), WBC=self.wbc, NWC=self.nwc, ROW=self.dec_row)
+        return dict(self._common(), WBC=self.wbc, NWC=self.nwc, ROW=self.dec_row, HBS=self.dec_hbs)
 
 
 # Tunables. Defaults are the configurations measured best on an H200 (docs/kernels.md, runs 2 and 4):
@@ -641,7 +701,23 @@ TUNING: dict[str, Any] = {
     "encode_mode": None,       # 1: row loop (elementwise accumulation), 0: 4-D block-row tiles; None: 1 NCHW, 0 NHWC
     "max_row_tile": 512,       # elements of one row tile (encode mode 1)
     "decode_row": None,        # decode: one byte load per PB codes (5-D tile); None: NHWC only (run 4)
+    "codes_nhwc": True,        # channels_last input, byte-aligned rows: codes in (N, H, W/PB, C) order
+    "split_warps_per_sm": 32,  # split planes into chunks of block rows until the grid has this
+                               # many warps per SM (0: never split)
 }
+
+
+def _rows_per_program(hb: int, programs: int, warps: int, sms: int, want_warps_per_sm: int) -> int:
+    """Block rows per program: all of them (no split) unless the grid is too small to keep the
+    GPU's memory system busy; then the most rows (a divisor of hb, so chunks are equal) that give
+    at least ``want_warps_per_sm`` warps per SM, or 1."""
+    if want_warps_per_sm <= 0:
+        return hb
+    want = want_warps_per_sm * sms
+    for rows in sorted((d for d in range(1, hb + 1) if hb % d == 0), reverse=True):
+        if programs * (hb // rows) * warps >= want:
+            return rows
+    return 1
 
 
 @functools.lru_cache(maxsize=512)
@@ -671,9 +747,11 @@ def _plan(n: int, c: int, h: int, w: int, kh: int, kw: int, bits: int, itemsize:
     min_prog = tun["min_programs_per_sm"] * sms
     fits = [gs for gs in cands if gs * hw * itemsize <= tun["group_bytes"]] or [cands[-1]]
     gsel = next((gs for gs in fits if planes // gs >= min_prog), fits[-1])
+    codes_cl = bool(tun["codes_nhwc"]) and channels_last and row
     if channels_last and gsel * itemsize < tun["cl_min_bytes"]:
-        # NHWC reads move G * itemsize contiguous bytes per pixel: prefer whole 32-byte sectors.
-        wider = [gs for gs in cands if gs > gsel and planes // gs >= sms]
+        # NHWC reads move G * itemsize contiguous bytes per pixel (and NHWC-ordered codes G bytes
+        # per store): prefer whole 32-byte sectors, with NHWC codes even past the tile size.
+        wider = [gs for gs in (aligned if codes_cl else cands) if gs > gsel and planes // gs >= sms]
         good = [gs for gs in wider if gs * itemsize >= tun["cl_min_bytes"]]
         if good or wider:
             gsel = min(good) if good else max(wider)
@@ -715,9 +793,16 @@ def _plan(n: int, c: int, h: int, w: int, kh: int, kw: int, bits: int, itemsize:
     enc_warps = tun["enc_warps"] or enc_warps
     dec_warps = tun["dec_warps"] or warps
     dec_row = channels_last if tun["decode_row"] is None else bool(tun["decode_row"])
+    # A program owns whole planes because the quantization range is per plane. Large NHWC planes
+    # then leave a grid of a few warps per SM; splitting a plane into chunks of block rows costs a
+    # second launch (the range of every chunk first, then the quantization) and buys parallelism.
+    # Only byte-aligned rows split: the flat pass 2 walks a whole plane. Decode splits freely.
+    groups = planes // gsel
+    enc_hbs = _rows_per_program(hb, groups, enc_warps, sms, tun["split_warps_per_sm"]) if row else hb
+    dec_hbs = _rows_per_program(hb, groups, dec_warps, sms, tun["split_warps_per_sm"])
     return Plan(n, c, h, w, kh, kw, hb, wb, tkh, tkw, wbc, nwc, rwbc, rnwc, full_h, full_w, gsel, e,
                 nk, pb, bits, row, misaligned, int64, channels_last, mode, dec_row and row,
-                enc_warps, dec_warps)
+                enc_warps, dec_warps, enc_hbs, dec_hbs, codes_cl and dec_row)
 
 
 _ENCODE = CachedLaunch(_encode_kernel)
@@ -842,6 +927,8 @@ class TritonDivisionCodec(DivisionCodec):
         meta = {"layout": geom.layout, "shape": x.shape, "dtype": x.dtype,
                 "memory_format": _memory_format(x), "geometry": geom, "bits": self.bits,
                 "has_lfc": True, "has_hfc": True, "simulated": False}
+        if plan.codes_cl:
+            meta["codes_order"] = CODES_NHWC
         tensors = self._encode_kernel(maps, plan)
         return Packed(self, tensors, meta)
 
@@ -877,12 +964,17 @@ class TritonDivisionCodec(DivisionCodec):
         from_counter = counter is not None and stochastic
         if counter is None:
             counter = step  # any pointer: the kernel reads it only with SEED_PTR
+        phases = plan.encode_phases()
+        # split planes: each chunk's HFC (min, max), written by phase 1 and reduced by phase 2
+        part = torch.empty((n * c * plan.enc_split * 2,), dtype=torch.float32, device=dev) \
+            if len(phases) > 1 else step
         # C and CG are fixed by the plan, so the plan, x's dtype and alignment and the flags are
         # all the specialisation there is (outputs and the counter are fresh allocations: aligned).
-        _ENCODE.launch((plan, x.dtype, aligned(x), stochastic, rng, from_counter, dev.index), plan.grid,
-                       (x, lfc, codes, mn, step, counter, seed, c, c // plan.g),
-                       lambda: dict(STOCHASTIC=stochastic, RNG=rng, SEED_PTR=from_counter,
-                                    **plan.encode_constexprs()), plan.enc_warps)
+        for phase in phases:
+            _ENCODE.launch((plan, phase, x.dtype, aligned(x), stochastic, rng, from_counter, dev.index),
+                           plan.encode_grid(), (x, lfc, codes, mn, step, part, counter, seed, c, c // plan.g),
+                           lambda: dict(STOCHASTIC=stochastic, RNG=rng, SEED_PTR=from_counter,
+                                        **plan.encode_constexprs(phase)), plan.enc_warps)
         return {"lfc": lfc, "codes": codes, "mn": mn, "step": step}
 
     def decode(self, packed: Packed) -> torch.Tensor:
@@ -900,6 +992,8 @@ class TritonDivisionCodec(DivisionCodec):
                 # A Packed from a codec with other bits or another block size: the plan's grid
                 # would read its LFC out of bounds. The reference reads any geometry.
                 plan = None
+            if plan is not None and plan.codes_cl != (m.get("codes_order", CODES_NCHW) == CODES_NHWC):
+                plan = None  # codes in the other byte order (another codec's or tuning's): reference
         if plan is None:
             return super().decode(packed)
         return self._decode_kernel(t, m["dtype"], plan).view(m["shape"])
@@ -910,7 +1004,7 @@ class TritonDivisionCodec(DivisionCodec):
         out = torch.empty((n, c, h, w), dtype=dtype, device=t["codes"].device, memory_format=fmt)
         args = (t["codes"], t["lfc"], t["mn"], t["step"], out, c, c // plan.g)
         key = (plan, dtype, *(aligned(a) for a in args[:4]), out.device.index)
-        _DECODE.launch(key, plan.grid, args, plan.decode_constexprs, plan.dec_warps)
+        _DECODE.launch(key, plan.decode_grid(), args, plan.decode_constexprs, plan.dec_warps)
         return out
 
 

@@ -154,15 +154,26 @@ def test_gpu_graphed_division_draws_new_numbers_each_replay():
     assert _cosine(_grads(model), exact) > floor
 
 
+@pytest.fixture
+def deterministic_cudnn():
+    saved = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True
+    yield
+    torch.backends.cudnn.deterministic = saved
+
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("method_name, knobs", [("none", {}), ("division", {"rounding": "nearest"})])
 @pytest.mark.parametrize("fast", [False, True], ids=["fp32", "bf16_channels_last"])
-def test_gpu_graphed_training_follows_eager_training(method_name, knobs, fast):
+def test_gpu_graphed_training_follows_eager_training(method_name, knobs, fast, deterministic_cudnn):
     """SGD with momentum and weight decay over changing batches: the graph's steps and eager steps
-    end at the same weights and BatchNorm statistics. DIVISION with nearest rounding is
+    end at the same weights and BatchNorm statistics, bit for bit. DIVISION with nearest rounding is
     deterministic, so a difference would come from the replay, not from the rounding noise; bf16
-    with channels_last runs the kernels of the throughput and accuracy runs."""
+    with channels_last runs the kernels of the throughput and accuracy runs. cuDNN runs its
+    deterministic algorithms: with the default ones, fp32 weight gradients differ in the last bits
+    from run to run (atomics), and eight SGD steps on this small model grow that to 1e-2 in the
+    weights, between two eager runs as much as between graph and eager."""
     model, plain, method, images, target = _models_and_batch(method_name, **knobs)
     if method_name != "none":
         division.build_method(method_name, **knobs).attach(plain)
@@ -182,11 +193,10 @@ def test_gpu_graphed_training_follows_eager_training(method_name, knobs, fast):
         forward_loss(plain, x, y, cfg, torch.device("cuda"))[1].backward()
         opts[1].step()
     assert graphed.replays == 6
-    tol = dict(rtol=5e-2, atol=5e-3) if fast else dict(rtol=2e-2, atol=2e-3)
-    for a, b in zip(model.parameters(), plain.parameters()):
-        torch.testing.assert_close(a, b, **tol)
-    for a, b in zip(model.buffers(), plain.buffers()):
-        torch.testing.assert_close(a.float(), b.float(), **tol)
+    for a, b in zip(list(model.parameters()) + list(model.buffers()),
+                    list(plain.parameters()) + list(plain.buffers())):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), _models_and_batch("none")[0].parameters()))
 
 
 @pytest.mark.gpu

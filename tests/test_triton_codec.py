@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from division.dual_precision import DivisionCodec, upsample  # noqa: E402
+from division.dual_precision import DivisionCodec, codes_in_nchw_order, upsample  # noqa: E402
 from division.packing import unpack_bits  # noqa: E402
 
 BF16_ULP = 2.0 ** -7  # relative spacing of bf16 values (upper bound)
@@ -53,7 +53,7 @@ def random_input(shape, dtype=torch.float32, channels_last=False, seed=0, device
 
 def _codes(packed):
     m = packed.meta
-    return unpack_bits(packed.tensors["codes"], m["bits"], m["geometry"].numel).long()
+    return unpack_bits(codes_in_nchw_order(packed.tensors["codes"], m), m["bits"], m["geometry"].numel).long()
 
 
 def _assert_fast(codec, x):
@@ -61,6 +61,11 @@ def _assert_fast(codec, x):
     plan = codec.plan_for(x.shape, x.dtype, bool(dense_layout(x)), x.device)
     assert plan is not None, f"expected the fused path for {tuple(x.shape)} {x.dtype}"
     return plan
+
+
+def _tuning(name):
+    from division.triton_codec import TUNING
+    return TUNING[name]
 
 
 def _assert_format(xh, x):
@@ -104,19 +109,25 @@ def check_nearest_exact(device, cases):
         x = exact_input(shape, dtype, cl, seed=i, device=device)
         ref = DivisionCodec(block_size=block, bits=bits, rounding="nearest")
         fast = TritonDivisionCodec(block_size=block, bits=bits, rounding="nearest")
-        _assert_fast(fast, x)
+        plan = _assert_fast(fast, x)
         pf, pr = fast.encode(x), ref.encode(x)
         label = f"{shape} bits={bits} cl={cl} {dtype} B={block}"
         assert set(pf.tensors) == set(pr.tensors) == {"lfc", "codes", "mn", "step"}, label
+        meta = dict(pf.meta)
+        # channels_last maps with byte-aligned rows: the same bytes, stored in NHWC order
+        assert meta.pop("codes_order", "nchw") == ("nhwc" if plan.codes_cl else "nchw"), label
+        assert plan.codes_cl == (cl and plan.row and _tuning("codes_nhwc")), label
         bad = {}
         for k in pr.tensors:
             a, b = pf.tensors[k], pr.tensors[k]
+            if k == "codes":
+                a = codes_in_nchw_order(a, pf.meta)
             assert a.dtype == b.dtype and a.shape == b.shape, (label, k)
             if not torch.equal(a, b):
                 where = (a != b).nonzero()[:4].tolist()
                 bad[k] = (int((a != b).sum()), where)
         assert not bad, (label, "differing elements (count, first indices):", bad)
-        assert pf.meta == pr.meta, label
+        assert meta == pr.meta, label
         assert pf.nbytes == fast.closed_form_nbytes(x.shape, x.dtype), label
         # decode: the fused decode of either Packed equals the reference decode
         want = ref.decode(pr)
@@ -224,7 +235,9 @@ def check_stochastic(device, shape=(2, 4, 16, 16), draws=64, small=(1, 2, 8, 8))
         plan_cl = codec.plan_for(xcl.shape, xcl.dtype, True, xcl.device)
         plan = codec.plan_for(xs.shape, xs.dtype, False, xs.device)
         assert plan_cl.mode != plan.mode
-        assert torch.equal(codec._encode_kernel(xcl, plan_cl, seed=99)["codes"],
+        meta = {"codes_order": "nhwc" if plan_cl.codes_cl else "nchw", "bits": 2,
+                "geometry": codec.geometry(xs.shape, xs.dtype)}
+        assert torch.equal(codes_in_nchw_order(codec._encode_kernel(xcl, plan_cl, seed=99)["codes"], meta),
                            codec._encode_kernel(xs, plan, seed=99)["codes"]), rng
     # the Philox variant obeys the same laws
     ph = TritonDivisionCodec(rng=RNG_PHILOX, generator=torch.Generator().manual_seed(2))
@@ -320,11 +333,46 @@ def check_tilings(device):
                            ({"max_row_tile": 16}, [row_case, ((1, 4, 9, 12), 1, False, torch.float32, 8)]),
                            ({"enc_warps": 1, "dec_warps": 1}, [row_case, flat_case]),
                            ({"encode_mode": 1}, [row_case, ((1, 8, 7, 7), 4, True, torch.float16, 8)]),
-                           ({"enc_warps": 8, "dec_warps": 8, "group_bytes": 1024}, [row_case, flat_case])):
+                           ({"enc_warps": 8, "dec_warps": 8, "group_bytes": 1024}, [row_case, flat_case]),
+                           ({"split_warps_per_sm": 0}, [row_case, ((2, 4, 16, 16), 2, False, torch.float32, 8)]),
+                           ({"split_warps_per_sm": 1 << 20}, [row_case, flat_case]),
+                           ({"codes_nhwc": False}, [row_case, ((2, 4, 16, 16), 2, True, torch.float32, 8)])):
             tc.TUNING.update(tun)
             check_nearest_exact(device, cases)
             tc.TUNING.clear()
             tc.TUNING.update(old)
+    finally:
+        tc.TUNING.clear()
+        tc.TUNING.update(old)
+
+
+def check_split_planes(device, cases=None):
+    """A plane split into chunks of block rows (two kernels: each chunk's HFC range, then the
+    quantization) stores the bytes of the one-kernel encode, also with stochastic rounding (the
+    draws follow the byte index), and the split decode writes the same maps."""
+    from division import triton_codec as tc
+    cases = cases or [((2, 4, 40, 16), 2, True, torch.bfloat16, 8),    # 5 block rows
+                      ((1, 4, 12, 20), 2, False, torch.float32, 4),    # 3 rows, partial blocks
+                      ((2, 8, 28, 28), 4, True, torch.float16, 8)]     # partial last block row
+    old = dict(tc.TUNING)
+    try:
+        for shape, bits, cl, dtype, block in cases:
+            x = random_input(shape, dtype, cl, seed=3, device=device)
+            out = {}
+            for label, warps in (("fused", 0), ("split", 1 << 20)):
+                tc.TUNING.update(split_warps_per_sm=warps)
+                for rounding in ("nearest", "stochastic"):
+                    codec = tc.TritonDivisionCodec(block_size=block, bits=bits, rounding=rounding)
+                    plan = _assert_fast(codec, x)
+                    assert plan.encode_phases() == ((0,) if label == "fused" else (1, 2)), (shape, label)
+                    assert (plan.dec_hbs == plan.hb) == (label == "fused"), (shape, label)
+                    t = codec._encode_kernel(x, plan, seed=12345)
+                    out[label, rounding] = (t, codec._decode_kernel(t, dtype, plan))
+            for rounding in ("nearest", "stochastic"):
+                (tf, xf), (ts, xs) = out["fused", rounding], out["split", rounding]
+                for k in tf:
+                    assert torch.equal(tf[k], ts[k]), (shape, rounding, k)
+                assert torch.equal(xf, xs) and xs.stride() == xf.stride(), (shape, rounding)
     finally:
         tc.TUNING.clear()
         tc.TUNING.update(old)
@@ -433,6 +481,7 @@ CPU_CHECKS = {
     "maxpool_offsets": lambda: check_maxpool_offsets("cpu"),
     "direct_launch": lambda: check_direct_launch("cpu"),
     "tilings": lambda: check_tilings("cpu"),
+    "split_planes": lambda: check_split_planes("cpu"),
     "nearest_exact": lambda: check_nearest_exact("cpu", CPU_EXACT_CASES),
     "random_close": lambda: check_random_close("cpu", [((2, 8, 20, 20), 2, False, torch.float32, 8),
                                                        ((2, 16, 7, 7), 2, True, torch.float32, 8),
@@ -519,7 +568,7 @@ def test_plans():
     assert p.mode == 0 and p.enc_warps == 1
     p = _plan(128, 2048, 7, 7, 7, 7, 2, 4, True, 132, key)
     assert p is not None and p.misaligned and not p.row and (p.g * 49) % 4 == 0
-    assert p.grid[0] >= 4 * 132 and p.e * p.nk >= 49 + 3
+    assert p.encode_grid()[0] >= 4 * 132 and p.e * p.nk >= 49 + 3
     assert p.g * 4 >= 32                                                  # NHWC: wide pixel reads
     p = _plan(256, 1024, 14, 14, 8, 8, 2, 2, False, 132, key)
     assert p is not None and not p.row and not p.misaligned and not p.full_w
@@ -556,6 +605,15 @@ def test_gpu_random_close():
 @needs_cuda
 def test_gpu_tilings():
     check_tilings("cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_split_planes():
+    check_split_planes("cuda")
+    check_split_planes("cuda", [((16, 64, 56, 56), 2, True, torch.bfloat16, 8),
+                                ((8, 512, 28, 28), 2, True, torch.bfloat16, 8),
+                                ((8, 64, 56, 56), 2, False, torch.float32, 8)])
 
 
 @pytest.mark.gpu
