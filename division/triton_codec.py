@@ -2,9 +2,17 @@
 
 ``TritonDivisionCodec`` takes the reference's constructor and writes the reference's stored format
 (``Packed.tensors`` = lfc / codes / mn / step, same meta), so either codec decodes the other's
-``Packed``. Two kernels, one launch each; a program owns ``G`` consecutive channels (planes) of one
-sample, reads x in its own memory format (NCHW, or NHWC where G neighbouring channels are
-contiguous) and writes codes in the format's logical NCHW order.
+``Packed``. Two kernels; a program owns ``G`` consecutive channels (planes) of one sample, reads x
+in its own memory format (NCHW, or NHWC where G neighbouring channels are contiguous) and writes
+codes in NCHW order, or, for channels_last maps whose rows are whole bytes, in NHWC order: the byte
+of codes (n, c, h, w .. w + PB - 1) at ((n * H + h) * W / PB + w / PB) * C + c, so G channels store
+G contiguous bytes (``meta["codes_order"] = "nhwc"``; the reference decodes both orders).
+
+Split planes: where N * C / G programs leave the GPU with few warps per SM (large NHWC planes), a
+plane group is split into chunks of block rows (a second grid axis). The encode then takes two
+launches: phase 1 runs pass 1 on its chunk and writes the chunk's HFC (min, max); phase 2 reduces
+the chunks' ranges (exactly the one-launch range), writes mn / step from chunk 0 and runs pass 2 on
+its chunk. The decode needs no range and just walks its chunk.
 
 encode
     pass 1  reads x once and produces the LFC and each plane's HFC range:
@@ -31,13 +39,15 @@ tests' inputs; otherwise a block mean may differ by one bf16 ulp and a few codes
 IEEE division for block means and (nearest) for the quantization ratio; round-to-nearest-even
 bf16 done with integer ops under Triton's interpreter (whose cast truncates); and the step's
 ``(max - mn) / levels`` computed as PyTorch computes it on the same device (IEEE division on the
-CPU, multiplication by the fp32 reciprocal on CUDA). With stochastic rounding the ratio is
-``a * (1/step)`` plus one fma correction (3 instructions, within about one ulp).
+CPU, multiplication by the fp32 reciprocal on CUDA). With stochastic rounding the ratio is one fma
+per element, ``fma(x, 1/step, -(lfc + mn)/step)`` (off by about 2^-24 |x| / step of a step; with
+``TUNING["fma_quantize"] = False``, ``(x - lfc - mn) * (1/step)`` plus one fma correction).
 
 Random numbers: one 32-bit hash per output byte of (seed, global byte index) (golden-ratio spread
 + seed, then Wellons' lowbias32), spread to the byte's PB code lanes by distinct odd multipliers;
 the top 23 bits become a float in [0, 1) (``RNG_HASH``; each lane is exactly uniform; draws depend
 only on the element's NCHW position, so a channels_last input encodes like its contiguous copy).
+Draws follow the logical (NCHW) byte index also when codes are stored in NHWC order.
 ``RNG_PHILOX`` uses Triton's ``tl.rand`` (1.6x slower encode on an H200). The 31-bit seed of each
 encode is drawn on the host (no device sync): from the codec's generator when it lives on the CPU,
 else from a private host stream (Python's ``random.Random``) seeded with the codec generator's
@@ -188,7 +198,8 @@ def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_p
                    MISALIGNED: tl.constexpr, CL: tl.constexpr, INT64: tl.constexpr,
                    EXACT: tl.constexpr, MODE: tl.constexpr, RCP_LEVELS: tl.constexpr,
                    SEED_PTR: tl.constexpr, PHASE: tl.constexpr, SPLIT: tl.constexpr,
-                   SPLIT_P2: tl.constexpr, HBS: tl.constexpr, CODES_CL: tl.constexpr):
+                   SPLIT_P2: tl.constexpr, HBS: tl.constexpr, CODES_CL: tl.constexpr,
+                   FMA_Q: tl.constexpr):
     if SEED_PTR:
         # Under a CUDA graph: the host's seed is frozen into the graph, so mix in a device
         # counter that the replayed graph advances before every encode (see graph_seed_counter).
@@ -294,13 +305,16 @@ def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_p
                     lf16 = _to_bf16(tl.math.div_rn(sums, cnt[None, :]), EXACT)
                     tl.store(lfc_base + hb * WB + (wc * WBC + wl)[None, :], lf16,
                              mask=(g[:, None] < G) & ((wc * WBC + wl) < WB)[None, :])
-                    hfc = xv - lf16.to(tl.float32)[:, None, :, None]
+                    # HFC range of each block from the range of x (exact: see mode 1), then over blocks
                     if FULL_H and FULL_W:
-                        lo = tl.min(tl.min(tl.min(hfc, axis=3), axis=2), axis=1)
-                        hi = tl.max(tl.max(tl.max(hfc, axis=3), axis=2), axis=1)
+                        xlo = tl.min(tl.min(xv, axis=3), axis=1)
+                        xhi = tl.max(tl.max(xv, axis=3), axis=1)
                     else:
-                        lo = tl.min(tl.min(tl.min(tl.where(m, hfc, float("inf")), axis=3), axis=2), axis=1)
-                        hi = tl.max(tl.max(tl.max(tl.where(m, hfc, float("-inf")), axis=3), axis=2), axis=1)
+                        xlo = tl.min(tl.min(tl.where(m, xv, float("inf")), axis=3), axis=1)
+                        xhi = tl.max(tl.max(tl.where(m, xv, float("-inf")), axis=3), axis=1)
+                    lf = lf16.to(tl.float32)
+                    lo = tl.min(xlo - lf, axis=1)
+                    hi = tl.max(xhi - lf, axis=1)
                     mn_acc = tl.minimum(mn_acc, lo)
                     mx_acc = tl.maximum(mx_acc, hi)
 
@@ -371,7 +385,10 @@ def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_p
                             else:
                                 m = cm & (hh < H)
                             xv = tl.load(ptrs, mask=m, other=0.0, eviction_policy="evict_first").to(tl.float32)
-                        v = _quotient((xv - lf) - mn4, st4, rc4, EXACT or not STOCHASTIC)
+                        if FMA_Q:
+                            v = tl.fma(xv, rc4, -((lf + mn4) * rc4))
+                        else:
+                            v = _quotient((xv - lf) - mn4, st4, rc4, EXACT or not STOCHASTIC)
                         bidx = code_rows + hh * (W // PB) + wb[None, :, None] * (KW // PB) + jb3
                         if STOCHASTIC:
                             if INT64:
@@ -423,8 +440,12 @@ def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_p
                         m = (i5 < KH) & (hh < H) & (jb * PB < KW) & (ww < W)
                         xv = tl.load(ptrs, mask=m, other=0.0, eviction_policy="evict_first").to(tl.float32)
                     lf = tl.load(lfc_base + hb * WB + wb[None, :]).to(tl.float32)   # [G, WBC]
-                    a = (xv - lf[:, None, :, None, None]) - mn5
-                    v = _quotient(a, st5, rc5, EXACT or not STOCHASTIC)
+                    if FMA_Q:
+                        off = -((lf + mn_s[:, None]) * rcp[:, None])                 # [G, WBC]
+                        v = tl.fma(xv, rc5, off[:, None, :, None, None])
+                    else:
+                        a = (xv - lf[:, None, :, None, None]) - mn5
+                        v = _quotient(a, st5, rc5, EXACT or not STOCHASTIC)
                     hh4 = hb * KH + i4
                     bidx = code_planes + hh4 * (W // PB) + wb[None, None, :, None] * (KW // PB) + jb4
                     if STOCHASTIC:
@@ -482,7 +503,10 @@ def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_p
                 hh = e // W
                 wc_ = e - hh * W
                 lf = tl.load(lfc_planes3 + (hh // KH) * WB + wc_ // KW, mask=ok, other=0.0).to(tl.float32)
-                v = _quotient((xv - lf) - mn3, st3, rc3, EXACT or not STOCHASTIC)
+                if FMA_Q:
+                    v = tl.fma(xv, rc3, -((lf + mn3) * rc3))
+                else:
+                    v = _quotient((xv - lf) - mn3, st3, rc3, EXACT or not STOCHASTIC)
                 bcol = k * EB + eb2
                 if STOCHASTIC:
                     bidx = row_bytes + bcol
@@ -649,6 +673,7 @@ class Plan:
     enc_hbs: int      # block rows per encode program; < hb: split planes, two kernels (phases 1, 2)
     dec_hbs: int      # block rows per decode program
     codes_cl: bool    # code bytes stored in (N, H, W / PB, C) order (channels_last input, aligned rows)
+    fma_q: bool       # stochastic rounding: v = fma(x, 1/step, -(lfc + mn)/step), one instruction
 
     @property
     def enc_split(self) -> int:
@@ -701,6 +726,8 @@ TUNING: dict[str, Any] = {
     "encode_mode": None,       # 1: row loop (elementwise accumulation), 0: 4-D block-row tiles; None: 1 NCHW, 0 NHWC
     "max_row_tile": 512,       # elements of one row tile (encode mode 1)
     "decode_row": None,        # decode: one byte load per PB codes (5-D tile); None: NHWC only (run 4)
+    "fma_quantize": True,      # stochastic: (x - lfc - mn) / step as one fma per element; off by
+                               # about 2^-24 * |x| / step of a step (5 instructions otherwise)
     "codes_nhwc": True,        # channels_last input, byte-aligned rows: codes in (N, H, W/PB, C) order
     "split_warps_per_sm": 32,  # split planes into chunks of block rows until the grid has this
                                # many warps per SM (0: never split)
@@ -802,7 +829,7 @@ def _plan(n: int, c: int, h: int, w: int, kh: int, kw: int, bits: int, itemsize:
     dec_hbs = _rows_per_program(hb, groups, dec_warps, sms, tun["split_warps_per_sm"])
     return Plan(n, c, h, w, kh, kw, hb, wb, tkh, tkw, wbc, nwc, rwbc, rnwc, full_h, full_w, gsel, e,
                 nk, pb, bits, row, misaligned, int64, channels_last, mode, dec_row and row,
-                enc_warps, dec_warps, enc_hbs, dec_hbs, codes_cl and dec_row)
+                enc_warps, dec_warps, enc_hbs, dec_hbs, codes_cl and dec_row, bool(tun["fma_quantize"]))
 
 
 _ENCODE = CachedLaunch(_encode_kernel)
@@ -974,7 +1001,8 @@ class TritonDivisionCodec(DivisionCodec):
             _ENCODE.launch((plan, phase, x.dtype, aligned(x), stochastic, rng, from_counter, dev.index),
                            plan.encode_grid(), (x, lfc, codes, mn, step, part, counter, seed, c, c // plan.g),
                            lambda: dict(STOCHASTIC=stochastic, RNG=rng, SEED_PTR=from_counter,
-                                        **plan.encode_constexprs(phase)), plan.enc_warps)
+                                        FMA_Q=stochastic and plan.fma_q, **plan.encode_constexprs(phase)),
+                           plan.enc_warps)
         return {"lfc": lfc, "codes": codes, "mn": mn, "step": step}
 
     def decode(self, packed: Packed) -> torch.Tensor:

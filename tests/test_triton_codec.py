@@ -239,11 +239,20 @@ def check_stochastic(device, shape=(2, 4, 16, 16), draws=64, small=(1, 2, 8, 8))
                 "geometry": codec.geometry(xs.shape, xs.dtype)}
         assert torch.equal(codes_in_nchw_order(codec._encode_kernel(xcl, plan_cl, seed=99)["codes"], meta),
                            codec._encode_kernel(xs, plan, seed=99)["codes"]), rng
-    # the Philox variant obeys the same laws
-    ph = TritonDivisionCodec(rng=RNG_PHILOX, generator=torch.Generator().manual_seed(2))
-    pp = ph.encode(x)
-    assert ((ph.decode(pp) - x).abs() < step + 1e-5).all()
-    _frac_check(x, pp)
+    # the Philox variant, and the ratio computed as a correctly rounded quotient instead of one
+    # fma, obey the same laws
+    from division import triton_codec as tc
+    saved = tc.TUNING["fma_quantize"]
+    try:
+        for rng, fma in ((RNG_PHILOX, True), (None, False)):
+            tc.TUNING["fma_quantize"] = fma
+            ph = TritonDivisionCodec(rng=rng, generator=torch.Generator().manual_seed(2))
+            assert ph.plan_for(x.shape, x.dtype, False, x.device).fma_q == fma
+            pp = ph.encode(x)
+            assert ((ph.decode(pp) - x).abs() < step + 1e-5).all()
+            _frac_check(x, pp)
+    finally:
+        tc.TUNING["fma_quantize"] = saved
 
 
 def check_fallbacks(device):
@@ -473,6 +482,31 @@ def check_seed_counter(device):
     one = codec._encode_kernel(x, plan, seed=seed, counter=torch.tensor(1, dtype=torch.int32, device=device))
     two = codec._encode_kernel(x, plan, seed=seed, counter=torch.tensor(2, dtype=torch.int32, device=device))
     assert not torch.equal(one["codes"], two["codes"])
+    # Replays of one captured encode: same host seed, counter advanced by the encodes of a step
+    # between them. Each element rounds up with the probability of its fractional part on average
+    # over the replays (unbiased per element, not only over the tensor), and one replay's
+    # decisions are uncorrelated with the next one's.
+    x = random_input((1, 4, 16, 16), device=device)
+    plan = codec.plan_for(x.shape, x.dtype, False, x.device)
+    replays, encodes_per_step = 24, 107
+    ups = []
+    for r in range(replays):
+        counter = torch.tensor(1 + r * encodes_per_step, dtype=torch.int32, device=device)
+        t = codec._encode_kernel(x, plan, seed=seed, counter=counter)
+        g = codec.geometry(x.shape, x.dtype)
+        v = ((x.float() - upsample(t["lfc"], g.kh, g.kw, g.h, g.w)) - t["mn"].float()[:, :, None, None]) \
+            / t["step"].float()[:, :, None, None]
+        codes = unpack_bits(t["codes"], codec.bits, g.numel).view(v.shape).float()
+        ups.append((codes - v.floor()).clamp(0, 1).flatten())
+    ups = torch.stack(ups)                                   # [replays, elements]
+    frac = (v - v.floor()).flatten()
+    interior = (v.flatten() > 0) & (v.flatten() < 2 ** codec.bits - 1)
+    dev = ups[:, interior] - frac[interior]
+    assert dev.mean(0).abs().max().item() < 5 * 0.5 / replays ** 0.5
+    assert abs(dev.mean().item()) < 5 * 0.5 / dev.numel() ** 0.5
+    z = dev / dev.std()
+    corr = (z[1:] * z[:-1]).mean().item()
+    assert abs(corr) < 5 / (z[1:].numel()) ** 0.5, corr
 
 
 CPU_CHECKS = {
