@@ -675,18 +675,23 @@ class Plan:
     codes_cl: bool    # code bytes stored in (N, H, W / PB, C) order (channels_last input, aligned rows)
     fma_q: bool       # stochastic rounding: v = fma(x, 1/step, -(lfc + mn)/step), one instruction
 
-    @property
+    # Derived once per plan (every launch reads them); cached_property writes the instance dict,
+    # which a frozen dataclass allows.
+    @functools.cached_property
     def enc_split(self) -> int:
         return self.hb // self.enc_hbs
 
+    @functools.cached_property
     def encode_grid(self) -> tuple[int, int]:
         return (self.n * self.c // self.g, self.enc_split)
 
+    @functools.cached_property
     def decode_grid(self) -> tuple[int, int]:
         return (self.n * self.c // self.g, self.hb // self.dec_hbs)
 
+    @functools.cached_property
     def encode_phases(self) -> tuple[int, ...]:
-        """0: one fused kernel; (1, 2): split planes, HFC range by chunk, then quantization."""
+        """(0,): one fused kernel; (1, 2): split planes, HFC range by chunk, then quantization."""
         return (0,) if self.enc_split == 1 else (1, 2)
 
     def _common(self) -> dict[str, Any]:
@@ -991,7 +996,7 @@ class TritonDivisionCodec(DivisionCodec):
         from_counter = counter is not None and stochastic
         if counter is None:
             counter = step  # any pointer: the kernel reads it only with SEED_PTR
-        phases = plan.encode_phases()
+        phases = plan.encode_phases
         # split planes: each chunk's HFC (min, max), written by phase 1 and reduced by phase 2
         part = torch.empty((n * c * plan.enc_split * 2,), dtype=torch.float32, device=dev) \
             if len(phases) > 1 else step
@@ -999,7 +1004,7 @@ class TritonDivisionCodec(DivisionCodec):
         # all the specialisation there is (outputs and the counter are fresh allocations: aligned).
         for phase in phases:
             _ENCODE.launch((plan, phase, x.dtype, aligned(x), stochastic, rng, from_counter, dev.index),
-                           plan.encode_grid(), (x, lfc, codes, mn, step, part, counter, seed, c, c // plan.g),
+                           plan.encode_grid, (x, lfc, codes, mn, step, part, counter, seed, c, c // plan.g),
                            lambda: dict(STOCHASTIC=stochastic, RNG=rng, SEED_PTR=from_counter,
                                         FMA_Q=stochastic and plan.fma_q, **plan.encode_constexprs(phase)),
                            plan.enc_warps)
@@ -1032,7 +1037,7 @@ class TritonDivisionCodec(DivisionCodec):
         out = torch.empty((n, c, h, w), dtype=dtype, device=t["codes"].device, memory_format=fmt)
         args = (t["codes"], t["lfc"], t["mn"], t["step"], out, c, c // plan.g)
         key = (plan, dtype, *(aligned(a) for a in args[:4]), out.device.index)
-        _DECODE.launch(key, plan.decode_grid(), args, plan.decode_constexprs, plan.dec_warps)
+        _DECODE.launch(key, plan.decode_grid, args, plan.decode_constexprs, plan.dec_warps)
         return out
 
 

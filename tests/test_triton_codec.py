@@ -373,7 +373,7 @@ def check_split_planes(device, cases=None):
                 for rounding in ("nearest", "stochastic"):
                     codec = tc.TritonDivisionCodec(block_size=block, bits=bits, rounding=rounding)
                     plan = _assert_fast(codec, x)
-                    assert plan.encode_phases() == ((0,) if label == "fused" else (1, 2)), (shape, label)
+                    assert plan.encode_phases == ((0,) if label == "fused" else (1, 2)), (shape, label)
                     assert (plan.dec_hbs == plan.hb) == (label == "fused"), (shape, label)
                     t = codec._encode_kernel(x, plan, seed=12345)
                     out[label, rounding] = (t, codec._decode_kernel(t, dtype, plan))
@@ -600,9 +600,15 @@ def test_plans():
     p = _plan(256, 64, 56, 56, 8, 8, 2, 2, True, 132, key)
     assert p is not None and p.channels_last and p.g * 2 >= 32 and p.dec_row
     assert p.mode == 0 and p.enc_warps == 1
+    # NHWC: 64-byte pixel reads, codes stored in NHWC order; a grid of 512 one-warp programs is
+    # split into the 7 block rows of each plane (two encode launches)
+    assert p.g == 32 and p.codes_cl and p.enc_hbs == 1 and p.encode_phases == (1, 2)
+    assert p.encode_grid == (256 * 64 // 32, 7) and p.decode_grid[0] * p.decode_grid[1] * p.dec_warps >= 32 * 132
+    q = _plan(256, 64, 56, 56, 8, 8, 2, 4, False, 132, key)   # NCHW fp32: 16k programs, one launch
+    assert q.encode_phases == (0,) and q.encode_grid[1] == 1 and not q.codes_cl
     p = _plan(128, 2048, 7, 7, 7, 7, 2, 4, True, 132, key)
     assert p is not None and p.misaligned and not p.row and (p.g * 49) % 4 == 0
-    assert p.encode_grid()[0] >= 4 * 132 and p.e * p.nk >= 49 + 3
+    assert p.encode_grid[0] >= 4 * 132 and p.e * p.nk >= 49 + 3
     assert p.g * 4 >= 32                                                  # NHWC: wide pixel reads
     p = _plan(256, 1024, 14, 14, 8, 8, 2, 2, False, 132, key)
     assert p is not None and not p.row and not p.misaligned and not p.full_w
