@@ -174,14 +174,14 @@ def _code_float(code):
 
 
 @triton.jit
-def _code_offset(bidx, n, c0, g, hh4, wb, jb4, C, H: tl.constexpr, W: tl.constexpr, KW: tl.constexpr,
-                 PB: tl.constexpr, CODES_CL: tl.constexpr):
-    """Where the code byte of logical (NCHW-order) index ``bidx`` is stored, for a 4-D tile
-    [G, TKH, WBC, TKW // PB]: at ``bidx`` itself, or (CODES_CL) in (N, H, W / PB, C) order, where
-    the G channels of one byte position are neighbours (whole-sector stores from NHWC tiles)."""
+def _code_offset(bidx, n, hh, col, chan, C, H: tl.constexpr, W: tl.constexpr, PB: tl.constexpr,
+                 CODES_CL: tl.constexpr):
+    """Where the code byte of logical (NCHW-order) index ``bidx`` is stored: at ``bidx`` itself, or
+    (CODES_CL) in (N, H, W / PB, C) order, where the G channels of one byte position are neighbours
+    (whole-sector stores from NHWC tiles). ``hh`` (row), ``col`` (byte column in the row) and
+    ``chan`` (channel) are shaped to broadcast to ``bidx``'s tile."""
     if CODES_CL:
-        return ((n * H + hh4) * (W // PB) + wb[None, None, :, None] * (KW // PB) + jb4) * C \
-            + (c0 + g)[:, None, None, None]
+        return ((n * H + hh) * (W // PB) + col) * C + chan
     else:
         return bidx
 
@@ -404,11 +404,8 @@ def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_p
                             keep = live
                         else:
                             keep = live & (hh < H)
-                        if CODES_CL:
-                            sidx = ((n * H + hh) * (W // PB) + wb[None, :, None] * (KW // PB) + jb3) * C \
-                                + (c0 + g)[:, None, None]
-                        else:
-                            sidx = bidx
+                        sidx = _code_offset(bidx, n, hh, wb[None, :, None] * (KW // PB) + jb3,
+                                            (c0 + g)[:, None, None], C, H, W, PB, CODES_CL)
                         tl.store(codes_ptr + sidx, byte.to(tl.uint8), mask=keep)
         elif ROW:
             # W and the block width are multiples of PB: a byte holds PB neighbours of one block row.
@@ -462,8 +459,9 @@ def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_p
                     if not (FULL_H and FULL_W):
                         keep = keep & (i4 < KH) & (hh4 < H) & (jb4 * PB < KW) \
                             & (wb[None, None, :, None] * KW + jb4 * PB < W)
-                    tl.store(codes_ptr + _code_offset(bidx, n, c0, g, hh4, wb, jb4, C, H, W, KW, PB, CODES_CL),
-                             byte.to(tl.uint8), mask=keep)
+                    sidx = _code_offset(bidx, n, hh4, wb[None, None, :, None] * (KW // PB) + jb4,
+                                        (c0 + g)[:, None, None, None], C, H, W, PB, CODES_CL)
+                    tl.store(codes_ptr + sidx, byte.to(tl.uint8), mask=keep)
         else:
             # Flat NCHW order per plane: tile [G, EB, PB] over columns; element e of plane g sits at
             # column e + s_g, s_g = (g * HW) % PB, so columns group into whole bytes of the output.
@@ -588,8 +586,9 @@ def _decode_kernel(codes_ptr, lfc_ptr, mn_ptr, step_ptr, out_ptr, C, CG,
                 if not (FULL_H and FULL_W):
                     live4 = live4 & (i4 < KH) & (hh4 < H) & (jb4 * PB < KW) \
                         & (wb[None, None, :, None] * KW + jb4 * PB < W)
-                byte = tl.load(codes_ptr + _code_offset(bidx, n, c0, g, hh4, wb, jb4, C, H, W, KW, PB, CODES_CL),
-                               mask=live4, other=0).to(tl.int32)
+                sidx = _code_offset(bidx, n, hh4, wb[None, None, :, None] * (KW // PB) + jb4,
+                                    (c0 + g)[:, None, None, None], C, H, W, PB, CODES_CL)
+                byte = tl.load(codes_ptr + sidx, mask=live4, other=0).to(tl.int32)
                 code = (byte[:, :, :, :, None] >> (jl * Q)) & LEVELS
                 val = lf[:, None, :, None, None] + (mn5 + _code_float(code) * st5)
                 ww = wb[None, None, :, None, None] * KW + jb * PB + jl
