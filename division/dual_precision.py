@@ -51,8 +51,8 @@ it keeps this format):
                       "codes": uint8, flat, ceil(N*C*H*W*Q/8) bytes (absent when no HFC is kept):
                                8/Q codes per byte, W-neighbours of one map row, bytes in NCHW
                                order; or, with meta codes_order="nhwc" (the fused kernels, for
-                               channels_last maps whose rows are whole bytes), the same bytes in
-                               (N, H, W*Q/8, C) order, so each store from an NHWC tile is contiguous,
+                               channels_last maps whose planes are whole bytes), the same bytes in
+                               (N, H*W*Q/8, C) order, so each store from an NHWC tile is contiguous,
                       "mn":    bf16 (N, C),
                       "step":  bf16 (N, C)}
     simulate=True:  {"x_hat": the fake-quantized reconstruction, input dtype and shape}
@@ -268,8 +268,8 @@ def codes_in_nchw_order(codes: torch.Tensor, meta: dict) -> torch.Tensor:
     if meta.get("codes_order", CODES_NCHW) == CODES_NCHW:
         return codes
     geom: Geometry = meta["geometry"]
-    row_bytes = geom.w * meta["bits"] // 8
-    return codes.view(geom.n, geom.h, row_bytes, geom.c).permute(0, 3, 1, 2).reshape(-1)
+    plane_bytes = geom.h * geom.w * meta["bits"] // 8
+    return codes.view(geom.n, plane_bytes, geom.c).permute(0, 2, 1).reshape(-1)
 
 
 def dequantize(codes: torch.Tensor, mn: torch.Tensor, step: torch.Tensor) -> torch.Tensor:

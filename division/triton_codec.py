@@ -4,15 +4,16 @@
 (``Packed.tensors`` = lfc / codes / mn / step, same meta), so either codec decodes the other's
 ``Packed``. Two kernels; a program owns ``G`` consecutive channels (planes) of one sample, reads x
 in its own memory format (NCHW, or NHWC where G neighbouring channels are contiguous) and writes
-codes in NCHW order, or, for channels_last maps whose rows are whole bytes, in NHWC order: the byte
-of codes (n, c, h, w .. w + PB - 1) at ((n * H + h) * W / PB + w / PB) * C + c, so G channels store
-G contiguous bytes (``meta["codes_order"] = "nhwc"``; the reference decodes both orders).
+codes in NCHW order, or, for channels_last maps whose planes are whole bytes, in NHWC order: byte
+b of plane (n, c) (its codes of elements b * PB .. b * PB + PB - 1 in NCHW order) at
+(n * H * W / PB + b) * C + c, so G channels store G contiguous bytes (``meta["codes_order"] =
+"nhwc"``; the reference decodes both orders).
 
 Split planes: where N * C / G programs leave the GPU with few warps per SM (large NHWC planes), a
-plane group is split into chunks of block rows (a second grid axis). The encode then takes two
-launches: phase 1 runs pass 1 on its chunk and writes the chunk's HFC (min, max); phase 2 reduces
-the chunks' ranges (exactly the one-launch range), writes mn / step from chunk 0 and runs pass 2 on
-its chunk. The decode needs no range and just walks its chunk.
+plane group is split into chunks of block rows (one program each, the chunks of a group neighbours
+on a 1-D grid). The encode then takes two launches: phase 1 runs pass 1 on its chunk and writes the
+chunk's HFC (min, max); phase 2 reduces the chunks' ranges (exactly the one-launch range), writes
+mn / step from chunk 0 and runs pass 2 on its chunk. The decode needs no range and just walks its chunk.
 
 encode
     pass 1  reads x once and produces the LFC and each plane's HFC range:
@@ -174,16 +175,24 @@ def _code_float(code):
 
 
 @triton.jit
-def _code_offset(bidx, n, hh, col, chan, C, H: tl.constexpr, W: tl.constexpr, PB: tl.constexpr,
-                 CODES_CL: tl.constexpr):
+def _code_offset(bidx, n, eb, chan, C, HWB: tl.constexpr, CODES_CL: tl.constexpr):
     """Where the code byte of logical (NCHW-order) index ``bidx`` is stored: at ``bidx`` itself, or
-    (CODES_CL) in (N, H, W / PB, C) order, where the G channels of one byte position are neighbours
-    (whole-sector stores from NHWC tiles). ``hh`` (row), ``col`` (byte column in the row) and
+    (CODES_CL) in (N, H * W / PB, C) order, where the G channels of one byte position are neighbours
+    (whole-sector stores from NHWC tiles). ``eb`` (the byte's index within its plane, of HWB) and
     ``chan`` (channel) are shaped to broadcast to ``bidx``'s tile."""
     if CODES_CL:
-        return ((n * H + hh) * (W // PB) + col) * C + chan
+        return (n * HWB + eb) * C + chan
     else:
         return bidx
+
+
+@triton.jit
+def _program(SPLIT: tl.constexpr):
+    """(plane group, chunk) of this program on a 1-D grid of groups * SPLIT: the chunks of a group
+    are adjacent, so programs that run together read neighbouring rows."""
+    lin = tl.program_id(0)
+    group = lin // SPLIT
+    return group, lin - group * SPLIT
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -204,8 +213,7 @@ def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_p
         # Under a CUDA graph: the host's seed is frozen into the graph, so mix in a device
         # counter that the replayed graph advances before every encode (see graph_seed_counter).
         seed = ((tl.load(seed_ptr).to(tl.uint32) * 0x85EBCA6B + seed.to(tl.uint32)) & 0x7FFFFFFF).to(tl.int32)
-    pid = tl.program_id(0)
-    s = tl.program_id(1)                           # chunk of block rows (split planes)
+    pid, s = _program(SPLIT)                     # plane group, chunk of block rows (split planes)
     hb0 = s * HBS                                  # this program's block rows: hb0 .. hb0 + HBS - 1
     if INT64:
         pid = pid.to(tl.int64)
@@ -404,8 +412,8 @@ def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_p
                             keep = live
                         else:
                             keep = live & (hh < H)
-                        sidx = _code_offset(bidx, n, hh, wb[None, :, None] * (KW // PB) + jb3,
-                                            (c0 + g)[:, None, None], C, H, W, PB, CODES_CL)
+                        sidx = _code_offset(bidx, n, hh * (W // PB) + wb[None, :, None] * (KW // PB) + jb3,
+                                            (c0 + g)[:, None, None], C, HW // PB, CODES_CL)
                         tl.store(codes_ptr + sidx, byte.to(tl.uint8), mask=keep)
         elif ROW:
             # W and the block width are multiples of PB: a byte holds PB neighbours of one block row.
@@ -459,8 +467,8 @@ def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_p
                     if not (FULL_H and FULL_W):
                         keep = keep & (i4 < KH) & (hh4 < H) & (jb4 * PB < KW) \
                             & (wb[None, None, :, None] * KW + jb4 * PB < W)
-                    sidx = _code_offset(bidx, n, hh4, wb[None, None, :, None] * (KW // PB) + jb4,
-                                        (c0 + g)[:, None, None, None], C, H, W, PB, CODES_CL)
+                    sidx = _code_offset(bidx, n, hh4 * (W // PB) + wb[None, None, :, None] * (KW // PB) + jb4,
+                                        (c0 + g)[:, None, None, None], C, HW // PB, CODES_CL)
                     tl.store(codes_ptr + sidx, byte.to(tl.uint8), mask=keep)
         else:
             # Flat NCHW order per plane: tile [G, EB, PB] over columns; element e of plane g sits at
@@ -523,7 +531,9 @@ def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_p
                     wmask = wmask & ((bcol > 0) | (s2 == 0))
                     head += tl.sum(tl.where(bcol == 0, byte, 0), axis=1)
                     tail += tl.sum(tl.where(bcol == end2 // PB, byte, 0), axis=1)
-                tl.store(codes_ptr + row_bytes + bcol, byte.to(tl.uint8), mask=wmask)
+                # (CODES_CL implies whole-byte planes, so never MISALIGNED)
+                sidx = _code_offset(row_bytes + bcol, n, bcol, c0 + g2, C, HW // PB, CODES_CL)
+                tl.store(codes_ptr + sidx, byte.to(tl.uint8), mask=wmask)
             if MISALIGNED:
                 # A byte shared by plane g - 1 (its tail) and plane g (its head): OR the two halves.
                 prev = tl.sum(tl.where(g[:, None] == g[None, :] + 1, tail[None, :], 0), axis=1)
@@ -541,8 +551,8 @@ def _decode_kernel(codes_ptr, lfc_ptr, mn_ptr, step_ptr, out_ptr, C, CG,
                    G: tl.constexpr, PB: tl.constexpr, Q: tl.constexpr, LEVELS: tl.constexpr,
                    ROW: tl.constexpr, CL: tl.constexpr, INT64: tl.constexpr, EXACT: tl.constexpr,
                    HBS: tl.constexpr, CODES_CL: tl.constexpr):
-    pid = tl.program_id(0)
-    hb0 = tl.program_id(1) * HBS                   # this program's block rows: hb0 .. hb0 + HBS - 1
+    pid, s = _program(HB // HBS)
+    hb0 = s * HBS                                  # this program's block rows: hb0 .. hb0 + HBS - 1
     if INT64:
         pid = pid.to(tl.int64)
     n = pid // CG
@@ -586,8 +596,8 @@ def _decode_kernel(codes_ptr, lfc_ptr, mn_ptr, step_ptr, out_ptr, C, CG,
                 if not (FULL_H and FULL_W):
                     live4 = live4 & (i4 < KH) & (hh4 < H) & (jb4 * PB < KW) \
                         & (wb[None, None, :, None] * KW + jb4 * PB < W)
-                sidx = _code_offset(bidx, n, hh4, wb[None, None, :, None] * (KW // PB) + jb4,
-                                    (c0 + g)[:, None, None, None], C, H, W, PB, CODES_CL)
+                sidx = _code_offset(bidx, n, hh4 * (W // PB) + wb[None, None, :, None] * (KW // PB) + jb4,
+                                    (c0 + g)[:, None, None, None], C, HW // PB, CODES_CL)
                 byte = tl.load(codes_ptr + sidx, mask=live4, other=0).to(tl.int32)
                 code = (byte[:, :, :, :, None] >> (jl * Q)) & LEVELS
                 val = lf[:, None, :, None, None] + (mn5 + _code_float(code) * st5)
@@ -617,7 +627,9 @@ def _decode_kernel(codes_ptr, lfc_ptr, mn_ptr, step_ptr, out_ptr, C, CG,
                 e = hh * W + ww
                 lf = tl.load(lfc_base + hb * WB + wb[None, :]).to(tl.float32)
                 ci = code_base + e
-                byte = tl.load(codes_ptr + ci // PB, mask=m, other=0).to(tl.int32)
+                # CODES_CL: planes are whole bytes, so the lane of element e is e % PB
+                sidx = _code_offset(ci // PB, n, e // PB, c0 + gi, C, HW // PB, CODES_CL)
+                byte = tl.load(codes_ptr + sidx, mask=m, other=0).to(tl.int32)
                 code = (byte >> ((ci % PB) * Q).to(tl.int32)) & LEVELS
                 val = lf[:, None, :, None] + (mn4 + _code_float(code) * st4)
                 tl.store(out_planes + e * sE, _cast_out(val, out_ptr, EXACT), mask=m)
@@ -671,7 +683,7 @@ class Plan:
     dec_warps: int
     enc_hbs: int      # block rows per encode program; < hb: split planes, two kernels (phases 1, 2)
     dec_hbs: int      # block rows per decode program
-    codes_cl: bool    # code bytes stored in (N, H, W / PB, C) order (channels_last input, aligned rows)
+    codes_cl: bool    # code bytes stored in (N, H * W / PB, C) order (channels_last input, whole-byte planes)
     fma_q: bool       # stochastic rounding: v = fma(x, 1/step, -(lfc + mn)/step), one instruction
 
     # Derived once per plan (every launch reads them); cached_property writes the instance dict,
@@ -681,12 +693,12 @@ class Plan:
         return self.hb // self.enc_hbs
 
     @functools.cached_property
-    def encode_grid(self) -> tuple[int, int]:
-        return (self.n * self.c // self.g, self.enc_split)
+    def encode_grid(self) -> tuple[int]:
+        return (self.n * self.c // self.g * self.enc_split,)
 
     @functools.cached_property
-    def decode_grid(self) -> tuple[int, int]:
-        return (self.n * self.c // self.g, self.hb // self.dec_hbs)
+    def decode_grid(self) -> tuple[int]:
+        return (self.n * self.c // self.g * (self.hb // self.dec_hbs),)
 
     @functools.cached_property
     def encode_phases(self) -> tuple[int, ...]:
@@ -732,7 +744,7 @@ TUNING: dict[str, Any] = {
     "decode_row": None,        # decode: one byte load per PB codes (5-D tile); None: NHWC only (run 4)
     "fma_quantize": True,      # stochastic: (x - lfc - mn) / step as one fma per element; off by
                                # about 2^-24 * |x| / step of a step (5 instructions otherwise)
-    "codes_nhwc": True,        # channels_last input, byte-aligned rows: codes in (N, H, W/PB, C) order
+    "codes_nhwc": True,        # channels_last input, whole-byte planes: codes in (N, H*W/PB, C) order
     "split_warps_per_sm": 32,  # split planes into chunks of block rows until the grid has this
                                # many warps per SM (0: never split)
 }
@@ -778,7 +790,9 @@ def _plan(n: int, c: int, h: int, w: int, kh: int, kw: int, bits: int, itemsize:
     min_prog = tun["min_programs_per_sm"] * sms
     fits = [gs for gs in cands if gs * hw * itemsize <= tun["group_bytes"]] or [cands[-1]]
     gsel = next((gs for gs in fits if planes // gs >= min_prog), fits[-1])
-    codes_cl = bool(tun["codes_nhwc"]) and channels_last and row
+    # NHWC-ordered codes need whole-byte planes (byte e // PB of a plane holds its elements
+    # e .. e + PB - 1 in NCHW order, so 14x14 maps at Q = 2 qualify, 7x7 do not).
+    codes_cl = bool(tun["codes_nhwc"]) and channels_last and hw % pb == 0
     if channels_last and gsel * itemsize < tun["cl_min_bytes"]:
         # NHWC reads move G * itemsize contiguous bytes per pixel (and NHWC-ordered codes G bytes
         # per store): prefer whole 32-byte sectors, with NHWC codes even past the tile size.
@@ -833,7 +847,7 @@ def _plan(n: int, c: int, h: int, w: int, kh: int, kw: int, bits: int, itemsize:
     dec_hbs = _rows_per_program(hb, groups, dec_warps, sms, tun["split_warps_per_sm"])
     return Plan(n, c, h, w, kh, kw, hb, wb, tkh, tkw, wbc, nwc, rwbc, rnwc, full_h, full_w, gsel, e,
                 nk, pb, bits, row, misaligned, int64, channels_last, mode, dec_row and row,
-                enc_warps, dec_warps, enc_hbs, dec_hbs, codes_cl and dec_row, bool(tun["fma_quantize"]))
+                enc_warps, dec_warps, enc_hbs, dec_hbs, codes_cl, bool(tun["fma_quantize"]))
 
 
 _ENCODE = CachedLaunch(_encode_kernel)

@@ -114,9 +114,10 @@ def check_nearest_exact(device, cases):
         label = f"{shape} bits={bits} cl={cl} {dtype} B={block}"
         assert set(pf.tensors) == set(pr.tensors) == {"lfc", "codes", "mn", "step"}, label
         meta = dict(pf.meta)
-        # channels_last maps with byte-aligned rows: the same bytes, stored in NHWC order
+        # channels_last maps whose planes are whole bytes: the same bytes, stored in NHWC order
         assert meta.pop("codes_order", "nchw") == ("nhwc" if plan.codes_cl else "nchw"), label
-        assert plan.codes_cl == (cl and plan.row and _tuning("codes_nhwc")), label
+        whole_bytes = (shape[2] * shape[3] * bits) % 8 == 0
+        assert plan.codes_cl == (cl and whole_bytes and _tuning("codes_nhwc")), label
         bad = {}
         for k in pr.tensors:
             a, b = pf.tensors[k], pr.tensors[k]
@@ -227,18 +228,19 @@ def check_stochastic(device, shape=(2, 4, 16, 16), draws=64, small=(1, 2, 8, 8))
     assert torch.equal(d.tensors["codes"], e.tensors["codes"])
     # draws follow the NCHW position: a channels_last input (another kernel structure) gets the
     # codes of its contiguous copy under the same seed, for both random-number generators
+    # (14x14 maps: rows are not whole bytes, planes are; their NHWC codes cross rows)
     from division.triton_codec import RNG_PHILOX
-    xs = random_input((2, 4, 16, 16), torch.float32, seed=9, device=device)
-    for rng in (None, RNG_PHILOX):
+    for rng, hw in ((None, 16), (RNG_PHILOX, 16), (None, 14)):
+        xs = random_input((2, 4, hw, hw), torch.float32, seed=9, device=device)
         codec = TritonDivisionCodec(rng=rng)
         xcl = xs.contiguous(memory_format=torch.channels_last)
         plan_cl = codec.plan_for(xcl.shape, xcl.dtype, True, xcl.device)
         plan = codec.plan_for(xs.shape, xs.dtype, False, xs.device)
-        assert plan_cl.mode != plan.mode
+        assert plan_cl.mode != plan.mode and plan_cl.codes_cl
         meta = {"codes_order": "nhwc" if plan_cl.codes_cl else "nchw", "bits": 2,
                 "geometry": codec.geometry(xs.shape, xs.dtype)}
         assert torch.equal(codes_in_nchw_order(codec._encode_kernel(xcl, plan_cl, seed=99)["codes"], meta),
-                           codec._encode_kernel(xs, plan, seed=99)["codes"]), rng
+                           codec._encode_kernel(xs, plan, seed=99)["codes"]), (rng, hw)
     # the Philox variant, and the ratio computed as a correctly rounded quotient instead of one
     # fma, obey the same laws
     from division import triton_codec as tc
@@ -603,15 +605,17 @@ def test_plans():
     # NHWC: 64-byte pixel reads, codes stored in NHWC order; a grid of 512 one-warp programs is
     # split into the 7 block rows of each plane (two encode launches)
     assert p.g == 32 and p.codes_cl and p.enc_hbs == 1 and p.encode_phases == (1, 2)
-    assert p.encode_grid == (256 * 64 // 32, 7) and p.decode_grid[0] * p.decode_grid[1] * p.dec_warps >= 32 * 132
+    assert p.encode_grid == (256 * 64 // 32 * 7,) and p.decode_grid[0] * p.dec_warps >= 32 * 132
     q = _plan(256, 64, 56, 56, 8, 8, 2, 4, False, 132, key)   # NCHW fp32: 16k programs, one launch
-    assert q.encode_phases == (0,) and q.encode_grid[1] == 1 and not q.codes_cl
+    assert q.encode_phases == (0,) and q.encode_grid == (256 * 64 // q.g,) and not q.codes_cl
     p = _plan(128, 2048, 7, 7, 7, 7, 2, 4, True, 132, key)
     assert p is not None and p.misaligned and not p.row and (p.g * 49) % 4 == 0
     assert p.encode_grid[0] >= 4 * 132 and p.e * p.nk >= 49 + 3
     assert p.g * 4 >= 32                                                  # NHWC: wide pixel reads
     p = _plan(256, 1024, 14, 14, 8, 8, 2, 2, False, 132, key)
     assert p is not None and not p.row and not p.misaligned and not p.full_w
+    p = _plan(128, 1024, 14, 14, 8, 8, 2, 2, True, 132, key)  # NHWC codes: planes are whole bytes
+    assert p is not None and not p.row and p.codes_cl
     assert _plan(2, 3, 7, 7, 7, 7, 2, 4, False, 132, key) is None          # no aligned group of C=3
     assert _plan(2, 4, 14, 14, 6, 6, 2, 4, False, 132, key) is None        # kh=6 over 3 blocks
     assert _plan(2, 4, 1, 1, 1, 1, 2, 4, False, 132, key) is None          # 1x1: LFC only
