@@ -13,7 +13,8 @@ Split planes: where N * C / G programs leave the GPU with few warps per SM (larg
 plane group is split into chunks of block rows (one program each, the chunks of a group neighbours
 on a 1-D grid). The encode then takes two launches: phase 1 runs pass 1 on its chunk and writes the
 chunk's HFC (min, max); phase 2 reduces the chunks' ranges (exactly the one-launch range), writes
-mn / step from chunk 0 and runs pass 2 on its chunk. The decode needs no range and just walks its chunk.
+mn / step from chunk 0 and runs pass 2 on its chunk. The decode needs no range and just walks its
+chunk.
 
 encode
     pass 1  reads x once and produces the LFC and each plane's HFC range:
