@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 from .codec import ActivationCodec, Packed, RawCodec, SaveContext
-from .exact import (BoolMaskCodec, DropoutMaskCodec, MaxPoolIndexCodec, ReluMaskCodec,
-                    ShapeOnlyCodec)
+from .encode_stream import SideStreamEncoder
+from .exact import (RELU_MASK, BoolMaskCodec, DropoutMaskCodec, MaxPoolIndexCodec, ReluMaskCodec,
+                    ShapeOnlyCodec, add_reader)
 from .ledger import ByteLedger, LedgerEntry
 
 # Module families whose saved input goes through the activation codec.
@@ -83,10 +84,12 @@ class ActivationCompressor:
     min_numel: tensors with fewer elements are kept as they are (per-channel statistics, biases).
     ledger: a ``ByteLedger`` to record every save into; reset at the start of each forward.
     exact_kernels: the exact codecs may use their fused kernels (False: the PyTorch path only).
+    encode_stream: a ``SideStreamEncoder`` to run CUDA encodes on a side stream (None: inline).
     """
 
     def __init__(self, model: nn.Module, codec: Optional[ActivationCodec], *, exact_masks: bool = True,
-                 min_numel: int = 1024, ledger: Optional[ByteLedger] = None, exact_kernels: bool = True):
+                 min_numel: int = 1024, ledger: Optional[ByteLedger] = None, exact_kernels: bool = True,
+                 encode_stream: Optional[SideStreamEncoder] = None):
         self.model = model
         self.codec = codec
         self.exact_masks = exact_masks
@@ -96,6 +99,7 @@ class ActivationCompressor:
         self._dropout = DropoutMaskCodec(exact_kernels)
         self.min_numel = min_numel
         self.ledger = ledger
+        self.encode_stream = encode_stream
         self._stack: list[_Frame] = []
         self._cache: dict[tuple[int, int], _CacheEntry] = {}
         self._plain_seen: dict[int, weakref.ref] = {}
@@ -145,6 +149,8 @@ class ActivationCompressor:
             return
         self._hooks_ctx.__exit__(None, None, None)
         self._hooks_ctx = None
+        if self.encode_stream is not None:
+            self.encode_stream.join()  # backward reads finished codes
         self._stack.clear()
         self._cache.clear()
         self._plain_seen.clear()
@@ -181,12 +187,28 @@ class ActivationCompressor:
         shared = entry is not None and entry.ref() is t and entry.version == t._version
         if shared:
             packed = entry.packed
+            if RELU_MASK in packed.meta:
+                add_reader(packed)
         else:
-            packed = codec.encode(t, frame.ctx if frame else None)
+            packed = self._encode(codec, t, frame.ctx if frame else None)
             self._cache[key] = _CacheEntry(weakref.ref(t, self._forget(key)), t._version, packed)
+            if codec is self.codec and getattr(codec, "relu_zeros", False):
+                self._link_relu_mask(t, packed)
         if self.ledger is not None:
             self._record(t, frame, packed, shared)
         return packed
+
+    def _link_relu_mask(self, t: torch.Tensor, packed: Packed) -> None:
+        """``t`` is also a ReLU output kept as its mask (same tensor, same version): give the
+        codec's Packed the mask (``exact.RELU_MASK``), whose zeros its decode then takes."""
+        entry = self._cache.get((id(t), id(self._relu)))
+        if entry is not None and entry.ref() is t and entry.version == t._version:
+            packed.meta[RELU_MASK] = entry.packed
+
+    def _encode(self, codec: ActivationCodec, t: torch.Tensor, ctx: Optional[SaveContext]) -> Packed:
+        if self.encode_stream is None or codec is _RAW or codec is _SHAPE_ONLY:
+            return codec.encode(t, ctx)  # nothing to overlap: no kernel runs
+        return self.encode_stream.run(lambda x: codec.encode(x, ctx), t)
 
     def _forget(self, key):
         cache = self._cache

@@ -47,7 +47,7 @@ one bf16 ulp of ``mn`` spread over the levels). Inputs must be finite.
 
 Stored format (what ``encode`` keeps; a Triton kernel may replace encode/decode on CUDA as long as
 it keeps this format):
-    Packed.tensors = {"lfc":   bf16 (N, C, Hb, Wb)       (absent when keep_lfc=False),
+    Packed.tensors = {"lfc":   bf16 (N, C, Hb, Wb), any strides (absent when keep_lfc=False),
                       "codes": uint8, flat, ceil(N*C*H*W*Q/8) bytes (absent when no HFC is kept):
                                8/Q codes per byte, W-neighbours of one map row, bytes in NCHW
                                order; or, with meta codes_order="nhwc" (the fused kernels, for
@@ -58,7 +58,8 @@ it keeps this format):
     simulate=True:  {"x_hat": the fake-quantized reconstruction, input dtype and shape}
     raw inputs:     {"x": the input itself}
     Packed.meta    = {"layout", "shape", "dtype", "memory_format", "geometry", "bits",
-                      "has_lfc", "has_hfc"[, "codes_order"]}
+                      "has_lfc", "has_hfc"[, "codes_order"][, exact.RELU_MASK: the Packed of the
+                      input's ReLU mask, linked by the compressor under relu_zeros]}
 Bytes per element for an fp32 (N, C, H, W) map, B = 8, Q = 2: Q/8 + 2/B^2 + 4/(H*W), with ceil'd
 block counts and ceil(numel * Q / 8) code bytes; ``closed_form_nbytes`` gives it exactly.
 
@@ -77,7 +78,8 @@ import torch
 import torch.nn.functional as F
 
 from .codec import ActivationCodec, Packed, SaveContext
-from .exact import _is_channels_last, _restore_format
+from .exact import (RELU_MASK, _is_channels_last, _restore_format, apply_relu_mask, last_reader,
+                    share_decode)
 from .packing import SUPPORTED_BITS, pack_bits, packed_nbytes, unpack_bits
 
 ROUNDINGS = ("stochastic", "nearest")
@@ -289,13 +291,16 @@ class DivisionCodec(ActivationCodec):
     simulate: run the same math but keep the fake-quantized reconstruction at full size in the
         input dtype (debugging; saves no memory).
     generator: the torch.Generator for stochastic rounding (None: the global RNG).
+    relu_zeros: where the input is also a ReLU's output, kept as the ReLU's exact mask, decode
+        takes its zeros from the mask and shares the decoded tensor with the ReLU's backward
+        (``exact.share_decode``; the compressor links the two). False: the paper's decode.
     """
 
     name = "division"
 
     def __init__(self, block_size: int = 8, bits: int = 2, rounding: str = "stochastic",
                  keep_lfc: bool = True, keep_hfc: bool = True, simulate: bool = False,
-                 generator: Optional[torch.Generator] = None):
+                 generator: Optional[torch.Generator] = None, relu_zeros: bool = True):
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
         if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
@@ -312,11 +317,12 @@ class DivisionCodec(ActivationCodec):
         self.keep_hfc = bool(keep_hfc)
         self.simulate = bool(simulate)
         self.generator = generator
+        self.relu_zeros = bool(relu_zeros)
 
     def describe(self) -> dict[str, Any]:
         return {"codec": self.name, "block_size": self.block_size, "bits": self.bits,
                 "rounding": self.rounding, "keep_lfc": self.keep_lfc, "keep_hfc": self.keep_hfc,
-                "simulate": self.simulate}
+                "simulate": self.simulate, "relu_zeros": self.relu_zeros}
 
     def __repr__(self) -> str:
         knobs = ", ".join(f"{k}={v!r}" for k, v in self.describe().items() if k != "codec")
@@ -365,11 +371,19 @@ class DivisionCodec(ActivationCodec):
         return stored
 
     def decode(self, packed: Packed) -> torch.Tensor:
+        mask = packed.meta.get(RELU_MASK)
+        decoded = self._decode(packed, mask)
+        if mask is not None and last_reader(packed):
+            share_decode(mask, decoded)  # for the ReLU's backward, which comes next
+        return decoded
+
+    def _decode(self, packed: Packed, mask: Optional[Packed]) -> torch.Tensor:
+        """The activation; with the zeros of ``mask`` (a linked ReLU mask's Packed) if given."""
         t, m = packed.tensors, packed.meta
         if m["layout"] == LAYOUT_RAW:
-            return t["x"]
+            return t["x"]  # the output itself: its zeros are exact
         if m.get("simulated"):
-            return t["x_hat"]
+            return t["x_hat"] if mask is None else apply_relu_mask(t["x_hat"], mask)
         geom: Geometry = m["geometry"]
         x4 = None
         if m["has_lfc"]:
@@ -379,7 +393,8 @@ class DivisionCodec(ActivationCodec):
             codes = codes.view(geom.n, geom.c, geom.h, geom.w)
             hfc = dequantize(codes, t["mn"], t["step"])
             x4 = hfc if x4 is None else x4 + hfc
-        return from_canonical(x4, geom, m["shape"], m["dtype"], m["memory_format"])
+        out = from_canonical(x4, geom, m["shape"], m["dtype"], m["memory_format"])
+        return out if mask is None else apply_relu_mask(out, mask)
 
     # ------------------------------------------------------------------------------------ bytes
     def closed_form_nbytes(self, shape, dtype: torch.dtype) -> int:

@@ -48,9 +48,10 @@ class BoolMaskCodec(_ExactCodec):
 
 
 class ReluMaskCodec(_ExactCodec):
-    """ReLU's saved output as ``output > 0``; decodes to 0/1 in the output's dtype.
+    """ReLU's saved output as ``output > 0``; decodes to 0/1 in the output's dtype, or to the
+    decoded output a linked activation codec left with the mask (see ``share_decode``).
 
-    ``threshold_backward(grad, result, 0)`` only tests ``result > 0``, so 0/1 gives exact gradients.
+    ``threshold_backward(grad, result, 0)`` only tests ``result > 0``, so either gives exact gradients.
     """
 
     name = "relu_mask"
@@ -59,10 +60,66 @@ class ReluMaskCodec(_ExactCodec):
         return Packed(self, {"bits": _pack(x, False, self._fast(x))}, _mask_meta(x))
 
     def decode(self, packed: Packed) -> torch.Tensor:
+        shared = packed.meta.pop(_SHARED, None)  # the ReLU's backward is the last reader
+        if shared is not None:
+            return shared
         return _unpack(packed, self._fast(packed.tensors["bits"]))
 
     def closed_form_nbytes(self, shape, dtype) -> int:
         return packed_nbytes(math.prod(shape), 1)
+
+
+# ------------------------------------------------------------------- a ReLU output stored twice
+# A ReLU's output is usually the next layer's input as well, so it is stored twice: as the ReLU's
+# mask and through the activation codec. The compressor links the two (the codec's Packed.meta
+# [RELU_MASK] is the mask's Packed) for codecs that ask for it. Such a codec's decode takes the
+# output's zeros from the exact mask (and keeps the output positive where the mask is set); the
+# decode for its last reader (``add_reader`` counts them: a block input read by conv1 and by the
+# downsample convolution has two) leaves the decoded tensor with the mask, and the ReLU's backward,
+# which runs after every reader of its output, takes it instead of a 0/1 tensor of its own. An
+# earlier reader's decode is not kept: it would stay allocated through the other branch's backward.
+RELU_MASK = "relu_mask"
+_SHARED = "decoded"
+_READERS = "readers"
+_DECODES = "decodes"
+
+
+def add_reader(packed: Packed) -> None:
+    """One more saved-tensor slot holds ``packed`` (the compressor's second save of a tensor)."""
+    packed.meta[_READERS] = packed.meta.get(_READERS, 1) + 1
+
+
+def last_reader(packed: Packed) -> bool:
+    """Count a decode of ``packed``: is it for its last reader (so the ReLU's backward is next)?"""
+    decodes = packed.meta[_DECODES] = packed.meta.get(_DECODES, 0) + 1
+    return decodes % packed.meta.get(_READERS, 1) == 0  # (% : a second backward, retain_graph)
+
+
+def shared_decode(mask: Packed) -> Optional[torch.Tensor]:
+    """The decoded output left with this ReLU mask by a linked codec, or None."""
+    return mask.meta.get(_SHARED)
+
+
+def share_decode(mask: Packed, decoded: torch.Tensor) -> None:
+    """Leave ``decoded`` with the mask until the ReLU's backward takes it."""
+    mask.meta[_SHARED] = decoded
+
+
+def relu_mask_bits(mask: Packed, shape, channels_last: bool) -> Optional[torch.Tensor]:
+    """The mask's bits, one per element in the storage order of a tensor of ``shape`` in this
+    format, or None if the mask was taken from a tensor of another shape or format."""
+    m = mask.meta
+    if tuple(m["shape"]) != tuple(shape) or m["channels_last"] != bool(channels_last):
+        return None
+    return mask.tensors["bits"]
+
+
+def apply_relu_mask(decoded: torch.Tensor, mask: Packed) -> torch.Tensor:
+    """``decoded`` with the mask's zeros: 0 where the ReLU's output was 0, at least the dtype's
+    smallest positive normal number where it was positive (the reference of the fused decode)."""
+    keep = _unpack(mask, None) > 0
+    tiny = torch.finfo(decoded.dtype).tiny
+    return torch.where(keep, decoded.clamp_min(tiny), decoded.new_zeros(()))
 
 
 class DropoutMaskCodec(_ExactCodec):

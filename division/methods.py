@@ -14,6 +14,7 @@ from torch import nn
 
 from .codec import ActivationCodec
 from .compressor import ActivationCompressor, compress_activations
+from .encode_stream import SideStreamEncoder
 from .ledger import ByteLedger
 
 
@@ -47,6 +48,9 @@ class TrainingMethod:
         """Context around one training step's forward and backward."""
         return contextlib.nullcontext()
 
+    def use_cuda_graph(self) -> None:
+        """Called once when the training step is going to be captured in a CUDA graph."""
+
     def after_step(self, model: nn.Module, step: int) -> None:
         """Called after each optimizer step (adaptive methods refresh their state here)."""
 
@@ -55,23 +59,40 @@ class TrainingMethod:
         return {"method": self.name, "block_size": None, "bits": None}
 
 
+SIDE_STREAM_CHOICES = ("auto", True, False)
+
+
 class CodecMethod(TrainingMethod):
-    """Conv / norm / linear inputs through ``codec``; exact masks for ReLU, dropout and max-pooling."""
+    """Conv / norm / linear inputs through ``codec``; exact masks for ReLU, dropout and max-pooling.
+
+    side_stream: run the encodes on a side CUDA stream (``division.encode_stream``), where they
+    overlap the forward pass's convolutions. "auto": only in steps captured in a CUDA graph; in
+    eager steps the stream bookkeeping adds host time to a step that is already host-bound.
+    """
 
     def __init__(self, name: str, codec: ActivationCodec, *, exact_masks: bool = True,
-                 min_numel: int = 1024, exact_kernels: bool = True) -> None:
+                 min_numel: int = 1024, exact_kernels: bool = True, side_stream="auto") -> None:
         super().__init__()
+        if not (side_stream == "auto" or isinstance(side_stream, bool)):
+            raise ValueError(f"side_stream must be one of {SIDE_STREAM_CHOICES}, got {side_stream!r}")
         self.name = name
         self.codec = codec
         self.exact_masks = exact_masks
         self.min_numel = min_numel
         self.exact_kernels = exact_kernels  # False: the masks' PyTorch path too (backend=torch)
+        self.side_stream = side_stream
 
     def attach(self, model: nn.Module, ledger: Optional[ByteLedger] = None) -> nn.Module:
+        stream = SideStreamEncoder() if self.side_stream is True else None
         self.compressor = compress_activations(model, self.codec, exact_masks=self.exact_masks,
                                                min_numel=self.min_numel, ledger=ledger,
-                                               exact_kernels=self.exact_kernels)
+                                               exact_kernels=self.exact_kernels, encode_stream=stream)
         return model
+
+    def use_cuda_graph(self) -> None:
+        if self.side_stream == "auto" and self.compressor is not None \
+                and self.compressor.encode_stream is None:
+            self.compressor.encode_stream = SideStreamEncoder()
 
     def describe(self) -> dict[str, Any]:
         knobs = self.codec.describe()
@@ -79,11 +100,12 @@ class CodecMethod(TrainingMethod):
 
 
 def _division(block_size: int = 8, bits: int = 2, rounding: str = "stochastic", keep_lfc: bool = True,
-              keep_hfc: bool = True, simulate: bool = False, backend: str = "auto", **_) -> TrainingMethod:
+              keep_hfc: bool = True, simulate: bool = False, backend: str = "auto", relu_zeros: bool = True,
+              side_stream="auto", **_) -> TrainingMethod:
     from .backends import division_codec
     codec = division_codec(backend=backend, block_size=block_size, bits=bits, rounding=rounding,
-                           keep_lfc=keep_lfc, keep_hfc=keep_hfc, simulate=simulate)
-    return CodecMethod("division", codec, exact_kernels=backend != "torch")
+                           keep_lfc=keep_lfc, keep_hfc=keep_hfc, simulate=simulate, relu_zeros=relu_zeros)
+    return CodecMethod("division", codec, exact_kernels=backend != "torch", side_stream=side_stream)
 
 
 _REGISTRY: dict[str, Callable[..., TrainingMethod]] = {

@@ -33,7 +33,13 @@ encode
             twice.
 decode  4-D tiles [G, kh, blocks, kw] per block row: one LFC load per block, one byte load per
         element (cached), unpack -> ``lfc + (mn + code * step)`` -> cast -> store in the output's
-        memory format (contiguous or channels_last).
+        memory format (contiguous or channels_last). With a linked ReLU mask (``relu_zeros``,
+        division/exact.py) it also reads the mask's bit of each element (NHWC programs of 8-64
+        channels: the G bits of a pixel as one word) and writes 0 where it is clear, at least the
+        smallest normal number where it is set.
+
+The LFC is kept in the input's memory format (an (N, C, HB, WB) tensor, channels_last for a
+channels_last input), so the G channels of one block are neighbours in NHWC tiles.
 
 Arithmetic follows the reference operation by operation in fp32, so with ``rounding="nearest"`` the
 fast path stores the reference's bytes (exactly when the block sums are exact in fp32, e.g. the
@@ -82,6 +88,7 @@ import triton
 import triton.language as tl
 
 from .codec import Packed, SaveContext
+from .exact import apply_relu_mask, relu_mask_bits
 from .dual_precision import (CODES_NCHW, CODES_NHWC, LAYOUT_FEATURES, LAYOUT_MAPS, LAYOUT_VOLUME,
                              DivisionCodec, Geometry, _memory_format)
 from .packing import packed_nbytes
@@ -188,12 +195,49 @@ def _code_offset(bidx, n, eb, chan, C, HWB: tl.constexpr, CODES_CL: tl.constexpr
 
 
 @triton.jit
+def _lfc_base(lfc_ptr, n, c0, p0, g, C, HBWB: tl.constexpr, CL: tl.constexpr):
+    """(pointers to the LFC of the program's G planes [G, 1], stride of one block). The LFC is
+    stored in the input's memory format: (N, HB, WB, C) for channels_last, so the G channels of one
+    block are neighbours (one or two sectors per tile instead of one per channel)."""
+    if CL:
+        return lfc_ptr + n * (HBWB * C) + (c0 + g)[:, None], C
+    else:
+        return lfc_ptr + (p0 + g)[:, None] * HBWB, 1
+
+
+@triton.jit
 def _program(SPLIT: tl.constexpr):
     """(plane group, chunk) of this program on a 1-D grid of groups * SPLIT: the chunks of a group
     are adjacent, so programs that run together read neighbouring rows."""
     lin = tl.program_id(0)
     group = lin // SPLIT
     return group, lin - group * SPLIT
+
+
+@triton.jit
+def _relu_masked(val, mask_ptr, off, live, TINY: tl.constexpr):
+    """The decoded output of a ReLU where its exact 1-bit mask (bit ``off`` of ``mask_ptr``: the
+    mask's bits follow the output's storage order) says what the output was: 0 where it was 0, at
+    least the smallest positive normal number (``TINY``) where it was positive."""
+    bit = (tl.load(mask_ptr + (off >> 3), mask=live, other=0).to(tl.int32) >> (off & 7).to(tl.int32)) & 1
+    return tl.where(bit != 0, tl.maximum(val, TINY), 0.0)
+
+
+@triton.jit
+def _mask_words(maskw_ptr, pix, group, CG, live):
+    """NHWC masks read a word per pixel: the G bits of a program's G channels (channel c0 + g is
+    bit g of word pix * C / G + c0 / G, little-endian, ``maskw_ptr`` typed with G bits)."""
+    word = tl.load(maskw_ptr + pix * CG + group, mask=live, other=0)
+    if word.dtype.primitive_bitwidth < 32:
+        word = word.to(tl.int32)
+    return word
+
+
+@triton.jit
+def _relu_masked_words(val, word, g, TINY: tl.constexpr):
+    """``_relu_masked`` with the bits of channel ``g`` taken from the pixel's word."""
+    bit = (word >> g.to(word.dtype)) & 1
+    return tl.where(bit != 0, tl.maximum(val, TINY), 0.0)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -229,7 +273,7 @@ def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_p
         x_base = x_ptr + p0 * HW
         sE = 1
     wl = tl.arange(0, WBC)
-    lfc_base = lfc_ptr + (p0 + g)[:, None] * (HB * WB)   # [G, 1]
+    lfc_base, sL = _lfc_base(lfc_ptr, n, c0, p0, g, C, HB * WB, CL)   # [G, 1], block stride
 
     # ---------------------------------------------------------------- pass 1: LFC and HFC range
     if PHASE != 2:
@@ -277,7 +321,7 @@ def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_p
                         ssum += xv
                     cnt = (rows * tl.minimum(W - wb * KW, KW)).to(tl.float32)
                     lf16 = _to_bf16(tl.math.div_rn(tl.sum(ssum, axis=2), cnt[None, :]), EXACT)
-                    tl.store(lfc_base + hb * WB + (wc * WBC + wl)[None, :], lf16,
+                    tl.store(lfc_base + (hb * WB + (wc * WBC + wl)[None, :]) * sL, lf16,
                              mask=(g[:, None] < G) & ((wc * WBC + wl) < WB)[None, :])
                     lf = lf16.to(tl.float32)
                     acc_lo = tl.minimum(acc_lo, tl.min(lo, axis=2) - lf)
@@ -312,7 +356,7 @@ def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_p
                     sums = tl.sum(tl.sum(xv, axis=3), axis=1)                  # [G, WBC]
                     cnt = (rows * tl.minimum(W - wb * KW, KW)).to(tl.float32)  # valid elements per block
                     lf16 = _to_bf16(tl.math.div_rn(sums, cnt[None, :]), EXACT)
-                    tl.store(lfc_base + hb * WB + (wc * WBC + wl)[None, :], lf16,
+                    tl.store(lfc_base + (hb * WB + (wc * WBC + wl)[None, :]) * sL, lf16,
                              mask=(g[:, None] < G) & ((wc * WBC + wl) < WB)[None, :])
                     # HFC range of each block from the range of x (exact: see mode 1), then over blocks
                     if FULL_H and FULL_W:
@@ -380,7 +424,7 @@ def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_p
                     if not FULL_W:
                         cm = (jb * PB < KW) & (ww < W) & (g4 < G)
                         live = live & (jb3 * PB < KW) & (wb[None, :, None] * KW + jb3 * PB < W)
-                    lf = tl.load(lfc_base + hb * WB + wb[None, :]).to(tl.float32)[:, :, None, None]
+                    lf = tl.load(lfc_base + (hb * WB + wb[None, :]) * sL).to(tl.float32)[:, :, None, None]
                     for i in tl.static_range(KH):
                         hh = hb * KH + i
                         ptrs = x_rows4 + (hh * W + ww) * sE
@@ -445,7 +489,7 @@ def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_p
                     else:
                         m = (i5 < KH) & (hh < H) & (jb * PB < KW) & (ww < W)
                         xv = tl.load(ptrs, mask=m, other=0.0, eviction_policy="evict_first").to(tl.float32)
-                    lf = tl.load(lfc_base + hb * WB + wb[None, :]).to(tl.float32)   # [G, WBC]
+                    lf = tl.load(lfc_base + (hb * WB + wb[None, :]) * sL).to(tl.float32)   # [G, WBC]
                     if FMA_Q:
                         off = -((lf + mn_s[:, None]) * rcp[:, None])                 # [G, WBC]
                         v = tl.fma(xv, rc5, off[:, None, :, None, None])
@@ -509,7 +553,7 @@ def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_p
                              eviction_policy="evict_first").to(tl.float32)
                 hh = e // W
                 wc_ = e - hh * W
-                lf = tl.load(lfc_planes3 + (hh // KH) * WB + wc_ // KW, mask=ok, other=0.0).to(tl.float32)
+                lf = tl.load(lfc_planes3 + ((hh // KH) * WB + wc_ // KW) * sL, mask=ok, other=0.0).to(tl.float32)
                 if FMA_Q:
                     v = tl.fma(xv, rc3, -((lf + mn3) * rc3))
                 else:
@@ -544,14 +588,15 @@ def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_p
 
 
 @triton.jit
-def _decode_kernel(codes_ptr, lfc_ptr, mn_ptr, step_ptr, out_ptr, C, CG,
+def _decode_kernel(codes_ptr, lfc_ptr, mn_ptr, step_ptr, out_ptr, mask_ptr, C, CG,
                    H: tl.constexpr, W: tl.constexpr, HW: tl.constexpr,
                    KH: tl.constexpr, KW: tl.constexpr, HB: tl.constexpr, WB: tl.constexpr,
                    TKH: tl.constexpr, TKW: tl.constexpr, WBC: tl.constexpr, NWC: tl.constexpr,
                    FULL_H: tl.constexpr, FULL_W: tl.constexpr,
                    G: tl.constexpr, PB: tl.constexpr, Q: tl.constexpr, LEVELS: tl.constexpr,
                    ROW: tl.constexpr, CL: tl.constexpr, INT64: tl.constexpr, EXACT: tl.constexpr,
-                   HBS: tl.constexpr, CODES_CL: tl.constexpr):
+                   HBS: tl.constexpr, CODES_CL: tl.constexpr, MASK: tl.constexpr,
+                   TINY: tl.constexpr):
     pid, s = _program(HB // HBS)
     hb0 = s * HBS                                  # this program's block rows: hb0 .. hb0 + HBS - 1
     if INT64:
@@ -561,13 +606,13 @@ def _decode_kernel(codes_ptr, lfc_ptr, mn_ptr, step_ptr, out_ptr, C, CG,
     p0 = pid * G
     g = tl.arange(0, G)
     if CL:
-        out_base = out_ptr + n * (HW * C) + c0
+        out_off = n * (HW * C) + c0                # element offsets in the output's storage
         sE = C
     else:
-        out_base = out_ptr + p0 * HW
+        out_off = p0 * HW
         sE = 1
     wl = tl.arange(0, WBC)
-    lfc_base = lfc_ptr + (p0 + g)[:, None] * (HB * WB)
+    lfc_base, sL = _lfc_base(lfc_ptr, n, c0, p0, g, C, HB * WB, CL)
     mn = tl.load(mn_ptr + p0 + g).to(tl.float32)
     step = tl.load(step_ptr + p0 + g).to(tl.float32)
     if ROW:
@@ -579,9 +624,10 @@ def _decode_kernel(codes_ptr, lfc_ptr, mn_ptr, step_ptr, out_ptr, C, CG,
         i4 = tl.arange(0, TKH)[None, :, None, None]
         jb4 = tl.arange(0, TKW // PB)[None, None, None, :]
         if CL:
-            out_planes = out_base + g5
+            plane_off = out_off + g5                   # element offset of each plane's start
         else:
-            out_planes = out_base + g5 * HW
+            plane_off = out_off + g5 * HW
+        out_planes = out_ptr + plane_off
         mn5 = mn[:, None, None, None, None]
         st5 = step[:, None, None, None, None]
         code_planes = (p0 + g[:, None, None, None]) * (HW // PB)
@@ -591,7 +637,7 @@ def _decode_kernel(codes_ptr, lfc_ptr, mn_ptr, step_ptr, out_ptr, C, CG,
             hh4 = hb * KH + i4
             for wc in range(NWC):
                 wb = tl.minimum(wc * WBC + wl, WB - 1)
-                lf = tl.load(lfc_base + hb * WB + wb[None, :]).to(tl.float32)
+                lf = tl.load(lfc_base + (hb * WB + wb[None, :]) * sL).to(tl.float32)
                 bidx = code_planes + hh4 * (W // PB) + wb[None, None, :, None] * (KW // PB) + jb4
                 live4 = (g[:, None, None, None] < G) & ((wc * WBC + wl) < WB)[None, None, :, None]
                 if not (FULL_H and FULL_W):
@@ -604,16 +650,26 @@ def _decode_kernel(codes_ptr, lfc_ptr, mn_ptr, step_ptr, out_ptr, C, CG,
                 val = lf[:, None, :, None, None] + (mn5 + _code_float(code) * st5)
                 ww = wb[None, None, :, None, None] * KW + jb * PB + jl
                 live = live4[:, :, :, :, None] & (jl < PB)
-                tl.store(out_planes + (hh * W + ww) * sE, _cast_out(val, out_ptr, EXACT), mask=live)
+                o = (hh * W + ww) * sE
+                if MASK == 1:
+                    val = _relu_masked(val, mask_ptr, plane_off + o, live, TINY)
+                elif MASK == 2:
+                    pix_live = ((wc * WBC + wl) < WB)[None, None, :, None, None]
+                    if not (FULL_H and FULL_W):
+                        pix_live = pix_live & (i5 < KH) & (hh < H) & (jb * PB < KW) & (ww < W)
+                    word = _mask_words(mask_ptr, n * HW + hh * W + ww, pid - n * CG, CG, pix_live)
+                    val = _relu_masked_words(val, word, g5, TINY)
+                tl.store(out_planes + o, _cast_out(val, out_ptr, EXACT), mask=live)
     else:
         # Tile [G, TKH, WBC, TKW], one byte load per element (planes or rows not byte-aligned).
         gi = g[:, None, None, None]
         ii = tl.arange(0, TKH)[None, :, None, None]
         jj = tl.arange(0, TKW)[None, None, None, :]
         if CL:
-            out_planes = out_base + gi
+            plane_off = out_off + gi
         else:
-            out_planes = out_base + gi * HW
+            plane_off = out_off + gi * HW
+        out_planes = out_ptr + plane_off
         mn4 = mn[:, None, None, None]
         st4 = step[:, None, None, None]
         code_base = (p0 + gi) * HW
@@ -626,13 +682,17 @@ def _decode_kernel(codes_ptr, lfc_ptr, mn_ptr, step_ptr, out_ptr, C, CG,
                 m = (ii < KH) & (hh < H) & (jj < KW) & (ww < W) \
                     & ((wc * WBC + wl) < WB)[None, None, :, None]
                 e = hh * W + ww
-                lf = tl.load(lfc_base + hb * WB + wb[None, :]).to(tl.float32)
+                lf = tl.load(lfc_base + (hb * WB + wb[None, :]) * sL).to(tl.float32)
                 ci = code_base + e
                 # CODES_CL: planes are whole bytes, so the lane of element e is e % PB
                 sidx = _code_offset(ci // PB, n, e // PB, c0 + gi, C, HW // PB, CODES_CL)
                 byte = tl.load(codes_ptr + sidx, mask=m, other=0).to(tl.int32)
                 code = (byte >> ((ci % PB) * Q).to(tl.int32)) & LEVELS
                 val = lf[:, None, :, None] + (mn4 + _code_float(code) * st4)
+                if MASK == 1:
+                    val = _relu_masked(val, mask_ptr, plane_off + e * sE, m, TINY)
+                elif MASK == 2:
+                    val = _relu_masked_words(val, _mask_words(mask_ptr, n * HW + e, pid - n * CG, CG, m), gi, TINY)
                 tl.store(out_planes + e * sE, _cast_out(val, out_ptr, EXACT), mask=m)
 
 
@@ -851,6 +911,25 @@ def _plan(n: int, c: int, h: int, w: int, kh: int, kw: int, bits: int, itemsize:
                 enc_warps, dec_warps, enc_hbs, dec_hbs, codes_cl, bool(tun["fma_quantize"]))
 
 
+def _lfc_format(plan: Plan) -> torch.memory_format:
+    """The LFC's memory format in the kernels: the input's (see ``_lfc_base``)."""
+    return torch.channels_last if plan.channels_last else torch.contiguous_format
+
+
+_MASK_WORDS = {8: torch.uint8, 16: torch.int16, 32: torch.int32, 64: torch.int64}
+
+
+def _mask_argument(bits: Optional[torch.Tensor], plan: Plan) -> tuple[int, Optional[torch.Tensor]]:
+    """(the decode's MASK mode, the mask as the kernel reads it): 0 without a mask; 2 for NHWC
+    programs of 8 to 64 channels, which read the G bits of a pixel as one word; else 1, a byte
+    per element."""
+    if bits is None:
+        return 0, None
+    if plan.channels_last and plan.g in _MASK_WORDS:
+        return 2, bits.view(_MASK_WORDS[plan.g])
+    return 1, bits
+
+
 _ENCODE = CachedLaunch(_encode_kernel)
 _DECODE = CachedLaunch(_decode_kernel)
 
@@ -898,9 +977,11 @@ class TritonDivisionCodec(DivisionCodec):
 
     def __init__(self, block_size: int = 8, bits: int = 2, rounding: str = "stochastic",
                  keep_lfc: bool = True, keep_hfc: bool = True, simulate: bool = False,
-                 generator: Optional[torch.Generator] = None, rng: Optional[int] = None):
+                 generator: Optional[torch.Generator] = None, rng: Optional[int] = None,
+                 relu_zeros: bool = True):
         super().__init__(block_size=block_size, bits=bits, rounding=rounding, keep_lfc=keep_lfc,
-                         keep_hfc=keep_hfc, simulate=simulate, generator=generator)
+                         keep_hfc=keep_hfc, simulate=simulate, generator=generator,
+                         relu_zeros=relu_zeros)
         if rng not in (None, RNG_HASH, RNG_PHILOX):
             raise ValueError(f"rng must be None, RNG_HASH or RNG_PHILOX, got {rng!r}")
         self.rng = rng
@@ -996,7 +1077,8 @@ class TritonDivisionCodec(DivisionCodec):
         (``(counter * 0x85EBCA6B + seed) mod 2^31``); taken, and advanced first, when capturing."""
         n, c, h, w = plan.n, plan.c, plan.h, plan.w
         dev = x.device
-        lfc = torch.empty((n, c, plan.hb, plan.wb), dtype=torch.bfloat16, device=dev)
+        lfc = torch.empty((n, c, plan.hb, plan.wb), dtype=torch.bfloat16, device=dev,
+                          memory_format=_lfc_format(plan))
         codes = torch.empty(packed_nbytes(n * c * h * w, plan.bits), dtype=torch.uint8, device=dev)
         mn = torch.empty((n, c), dtype=torch.bfloat16, device=dev)
         step = torch.empty((n, c), dtype=torch.bfloat16, device=dev)
@@ -1024,12 +1106,12 @@ class TritonDivisionCodec(DivisionCodec):
                            plan.enc_warps)
         return {"lfc": lfc, "codes": codes, "mn": mn, "step": step}
 
-    def decode(self, packed: Packed) -> torch.Tensor:
+    def _decode(self, packed: Packed, mask: Optional[Packed]) -> torch.Tensor:
         t, m = packed.tensors, packed.meta
         plan = None
         if (m.get("layout") in (LAYOUT_MAPS, LAYOUT_FEATURES, LAYOUT_VOLUME) and not m.get("simulated")
                 and m.get("has_lfc") and m.get("has_hfc") and set(t) >= {"lfc", "codes", "mn", "step"}
-                and all(runs_here(v) and v.is_contiguous() for v in t.values())
+                and all(runs_here(v) and (k == "lfc" or v.is_contiguous()) for k, v in t.items())
                 and t["lfc"].dtype == torch.bfloat16 and t["codes"].dtype == torch.uint8
                 and m["memory_format"] in (None, "channels_last")):
             geom: Geometry = m["geometry"]
@@ -1042,16 +1124,31 @@ class TritonDivisionCodec(DivisionCodec):
             if plan is not None and plan.codes_cl != (m.get("codes_order", CODES_NCHW) == CODES_NHWC):
                 plan = None  # codes in the other byte order (another codec's or tuning's): reference
         if plan is None:
-            return super().decode(packed)
-        return self._decode_kernel(t, m["dtype"], plan).view(m["shape"])
+            return super()._decode(packed, mask)
+        fmt = _lfc_format(plan)
+        if not t["lfc"].is_contiguous(memory_format=fmt):
+            t = dict(t, lfc=t["lfc"].contiguous(memory_format=fmt))  # e.g. the reference's Packed
+        # The mask's bits follow the decoded output's storage order: the kernel reads the bit of
+        # each element it writes. (A mask of another shape or format: applied afterwards.)
+        bits = None if mask is None else relu_mask_bits(mask, m["shape"], plan.channels_last)
+        out = self._decode_kernel(t, m["dtype"], plan, bits).view(m["shape"])
+        return out if mask is None or bits is not None else apply_relu_mask(out, mask)
 
-    def _decode_kernel(self, t: dict[str, torch.Tensor], dtype: torch.dtype, plan: Plan) -> torch.Tensor:
+    def _decode_kernel(self, t: dict[str, torch.Tensor], dtype: torch.dtype, plan: Plan,
+                       mask_bits: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The decode; with ``mask_bits`` (a ReLU mask in the output's storage order) the output
+        takes its zeros from the mask (``exact.apply_relu_mask``)."""
         n, c, h, w = plan.n, plan.c, plan.h, plan.w
         fmt = torch.channels_last if plan.channels_last else torch.contiguous_format
         out = torch.empty((n, c, h, w), dtype=dtype, device=t["codes"].device, memory_format=fmt)
-        args = (t["codes"], t["lfc"], t["mn"], t["step"], out, c, c // plan.g)
-        key = (plan, dtype, *(aligned(a) for a in args[:4]), out.device.index)
-        _DECODE.launch(key, plan.decode_grid, args, plan.decode_constexprs, plan.dec_warps)
+        mask_mode, mask_arg = _mask_argument(mask_bits, plan)
+        args = (t["codes"], t["lfc"], t["mn"], t["step"], out, out if mask_arg is None else mask_arg,
+                c, c // plan.g)
+        key = (plan, dtype, mask_mode, *(aligned(a) for a in args[:4]), out.device.index)
+        _DECODE.launch(key, plan.decode_grid, args,
+                       lambda: dict(plan.decode_constexprs(), MASK=mask_mode,
+                                    TINY=float(torch.finfo(dtype).tiny)),
+                       plan.dec_warps)
         return out
 
 

@@ -16,7 +16,9 @@ step, which stays eager (so learning-rate schedules and the GradScaler work unch
 - the grads are the graph's too: ``optimizer.zero_grad`` is not needed (each replay writes them
   afresh) and must not set them to None, which would detach them from the graph.
 Autocast runs with its weight cache off, as capture requires; DIVISION's stochastic rounding takes a
-device counter into its seed, so every replay draws new random numbers.
+device counter into its seed, so every replay draws new random numbers. The method is told before
+the first step (``method.use_cuda_graph()``): DIVISION then runs its encodes on a side stream
+(``method.side_stream=auto``), which the graph records as parallel branches.
 """
 from __future__ import annotations
 
@@ -73,6 +75,7 @@ class GraphedStep:
         self._static: Optional[tuple[torch.Tensor, ...]] = None   # images, target, loss, logits
         self._grads: list[Optional[torch.Tensor]] = []
         division.prepare_cuda_graph(device)
+        method.use_cuda_graph()
 
     @property
     def captured(self) -> bool:

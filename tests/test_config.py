@@ -48,6 +48,8 @@ def test_experiment_presets_compose_into_valid_configs():
     ("precision=fp64", "precision", "fp32, bf16 or fp16"),
     ("device=tpu", "device", "auto, cpu or cuda"),
     ("train.eval_every=0", "train.eval_every", ">= 1"),
+    ("method.side_stream=sometimes", "method.side_stream", "auto, true or false"),
+    ("method.relu_zeros=maybe", "method.relu_zeros", "true or false"),
 ])
 def test_bad_values_are_rejected_with_key_value_and_allowed(override, key, allowed, tmp_path):
     cfg = compose_config([override, f"results_dir={tmp_path}/store", "logger=none"])

@@ -410,7 +410,7 @@ def test_interface_and_describe():
     codec = DivisionCodec(block_size=4, bits=4, rounding="nearest", keep_hfc=True)
     assert isinstance(codec, ActivationCodec) and codec.name == "division"
     assert codec.describe() == {"codec": "division", "block_size": 4, "bits": 4, "rounding": "nearest",
-                                "keep_lfc": True, "keep_hfc": True, "simulate": False}
+                                "keep_lfc": True, "keep_hfc": True, "simulate": False, "relu_zeros": True}
     x = torch.randn(2, 3, 8, 8)
     packed = codec.encode(x, SaveContext("layer1.0.conv1", "conv"))
     assert torch.equal(packed.unpack(), codec.decode(packed))

@@ -479,3 +479,86 @@ def test_backend_torch_keeps_the_exact_codecs_on_the_pytorch_path(monkeypatch):
         model(x).sum().backward()
         assert bool(calls) is kernels  # the kernel path is not even asked for under backend=torch
         method.detach()
+
+
+class DecodeCountingCodec(DivisionCodec):
+    """DIVISION that counts the decodes it runs (not the shared ones it hands out)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.decodes = 0
+
+    def _decode(self, packed, mask):
+        self.decodes += 1
+        return super()._decode(packed, mask)
+
+
+def test_relu_zeros_serve_the_relu_backward(monkeypatch):
+    """A ReLU output that is also a convolution's input (h feeds conv1 and down; relu1's output
+    feeds conv2) is decoded with the mask's exact zeros, once per reader, and the last reader's
+    decode serves the ReLU's backward: the mask's own 0/1 unpack runs only for relu2, whose output
+    no codec keeps. The gradients of the convolutions reading those outputs get closer to exact
+    backward."""
+    from division.exact import shared_decode
+    unpacks = []  # ReLU backward reads that decode their own mask (no shared decode left with it)
+    real_decode = ReluMaskCodec.decode
+    monkeypatch.setattr(ReluMaskCodec, "decode",
+                        lambda self, p: unpacks.append(shared_decode(p) is None) or real_decode(self, p))
+    x = images()
+    reference = step(make_resnet(), x)
+    results = {}
+    for relu_zeros in (False, True):
+        model = make_resnet()
+        codec = DecodeCountingCodec(rounding="nearest", relu_zeros=relu_zeros)
+        compress_activations(model, codec, min_numel=1)
+        unpacks.clear()
+        grads = step(model, x)
+        results[relu_zeros] = (codec.decodes, sum(unpacks), grads)
+    (paper_decodes, paper_unpacks, paper), (decodes, n_unpacks, zeros) = results[False], results[True]
+    assert paper_unpacks == 3 and n_unpacks == 1
+    assert decodes == paper_decodes
+    # (conv2's input, one 8x8 block per map, already decodes its zeros as 0: no better, no worse)
+    for name, better in (("conv1.weight", True), ("down.weight", True), ("conv2.weight", False)):
+        err = lambda g: (g[name] - reference[name]).norm().item()  # noqa: E731
+        assert err(zeros) < err(paper) if better else err(zeros) <= err(paper) * (1 + 1e-6), name
+
+
+def test_relu_zeros_reference_decode():
+    """Where the ReLU's output was 0 the decode is 0, where it was positive the decode is at least
+    the dtype's smallest normal number; elsewhere it is the plain decode, so no element's error grows."""
+    from division.exact import RELU_MASK, apply_relu_mask
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = torch.randn(2, 4, 12, 12).relu().to(dtype)
+        x[:, :, :, :3] = 1e-30  # tiny positives (a subnormal or 0 in fp16): decoded positive still
+        x = x.to(dtype)
+        mask = ReluMaskCodec().encode(x)
+        codec = DivisionCodec(rounding="nearest")
+        plain = codec.decode(codec.encode(x))
+        packed = codec.encode(x)
+        packed.meta[RELU_MASK] = mask
+        got = codec.decode(packed)
+        assert torch.equal(got == 0, x == 0) and torch.equal(got > 0, x > 0), dtype
+        assert (got[x > 0] >= torch.finfo(dtype).tiny).all(), dtype
+        assert ((got.float() - x.float()).abs() <= (plain.float() - x.float()).abs()).all(), dtype
+        assert torch.equal(got, apply_relu_mask(plain, mask)), dtype
+        assert ReluMaskCodec().decode(mask) is got
+
+
+def test_relu_zeros_keep_only_the_last_readers_decode():
+    """With two readers (conv1 and down read h) the first decode is not kept with the mask (it
+    would stay allocated through the other branch's backward); the second is; a second backward
+    (retain_graph) counts again."""
+    from division.exact import RELU_MASK, add_reader, shared_decode
+    x = torch.randn(2, 4, 8, 8).relu()
+    mask = ReluMaskCodec().encode(x)
+    codec = DivisionCodec(rounding="nearest")
+    packed = codec.encode(x)
+    packed.meta[RELU_MASK] = mask
+    add_reader(packed)
+    for _ in range(2):
+        first = codec.decode(packed)
+        assert shared_decode(mask) is None
+        second = codec.decode(packed)
+        assert shared_decode(mask) is second and torch.equal(first, second)
+        assert ReluMaskCodec().decode(mask) is second

@@ -169,7 +169,8 @@ def deterministic_cudnn():
 def test_gpu_graphed_training_follows_eager_training(method_name, knobs, fast, deterministic_cudnn):
     """SGD with momentum and weight decay over changing batches: the graph's steps and eager steps
     end at the same weights and BatchNorm statistics, bit for bit. DIVISION with nearest rounding is
-    deterministic, so a difference would come from the replay, not from the rounding noise; bf16
+    deterministic, so a difference would come from the replay, not from the rounding noise (or from
+    the graph's encodes, which run on a side stream, against the eager model's inline ones); bf16
     with channels_last runs the kernels of the throughput and accuracy runs. cuDNN runs its
     deterministic algorithms: with the default ones, fp32 weight gradients differ in the last bits
     from run to run (atomics), and eight SGD steps on this small model grow that to 1e-2 in the

@@ -31,6 +31,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from division.dual_precision import DivisionCodec, codes_in_nchw_order, upsample  # noqa: E402
+from division.codec import Packed  # noqa: E402
 from division.packing import unpack_bits  # noqa: E402
 
 BF16_ULP = 2.0 ** -7  # relative spacing of bf16 values (upper bound)
@@ -130,9 +131,16 @@ def check_nearest_exact(device, cases):
         assert not bad, (label, "differing elements (count, first indices):", bad)
         assert meta == pr.meta, label
         assert pf.nbytes == fast.closed_form_nbytes(x.shape, x.dtype), label
+        # the LFC is kept in the input's memory format (channels_last kernels read a block's G
+        # channels as neighbours); the fused decode takes an LFC in the other format too
+        fmt, other = (torch.channels_last, torch.contiguous_format) if plan.channels_last \
+            else (torch.contiguous_format, torch.channels_last)
+        assert pf.tensors["lfc"].is_contiguous(memory_format=fmt), label
+        moved = Packed(pf.codec, dict(pf.tensors, lfc=pf.tensors["lfc"].contiguous(memory_format=other)),
+                       pf.meta)
         # decode: the fused decode of either Packed equals the reference decode
         want = ref.decode(pr)
-        for got in (fast.decode(pf), fast.decode(pr), ref.decode(pf)):
+        for got in (fast.decode(pf), fast.decode(pr), fast.decode(moved), ref.decode(pf)):
             _assert_format(got, x)
             tol = 0.0 if dtype == torch.float32 else 1e-2
             assert torch.allclose(got.float(), want.float(), rtol=tol, atol=1e-6), label
@@ -511,7 +519,47 @@ def check_seed_counter(device):
     assert abs(corr) < 5 / (z[1:].numel()) ** 0.5, corr
 
 
+# (shape, channels_last, dtype): NHWC programs of 8 to 64 channels read a word of mask bits per
+# pixel (mode 2); NCHW maps, and NHWC programs of fewer channels, a byte per element (mode 1)
+RELU_ZERO_CASES = [((2, 64, 16, 16), True, torch.bfloat16), ((2, 128, 8, 8), True, torch.float32),
+                   ((2, 64, 7, 7), True, torch.float16), ((2, 4, 14, 14), True, torch.float32),
+                   ((2, 8, 16, 16), False, torch.bfloat16), ((3, 4, 9, 7), False, torch.float32)]
+
+
+def check_relu_zeros(device, cases=RELU_ZERO_CASES):
+    """A decode linked to the ReLU mask of its input: the fused decode writes the reference's
+    values (``exact.apply_relu_mask`` on the reference decode), so exactly the ReLU's zeros, and
+    leaves its output with the mask for the ReLU's backward (the reader counting is the
+    reference's, tested in test_exact_codecs)."""
+    from division.exact import RELU_MASK, ReluMaskCodec, shared_decode
+    from division.triton_codec import TritonDivisionCodec, _mask_argument
+    modes = set()
+    for i, (shape, cl, dtype) in enumerate(cases):
+        x = exact_input(shape, dtype, cl, seed=i, device=device).relu()
+        x[0, 0] = 0.0  # a whole plane of zeros: every decoded value must be 0 there
+        x = x.contiguous(memory_format=torch.channels_last) if cl else x.contiguous()
+        relu = ReluMaskCodec()
+        fast = TritonDivisionCodec(rounding="nearest")
+        ref = DivisionCodec(rounding="nearest")
+        plan = _assert_fast(fast, x)
+        mf, mr = relu.encode(x), relu.encode(x)
+        pf, pr = fast.encode(x), ref.encode(x)
+        pf.meta[RELU_MASK], pr.meta[RELU_MASK] = mf, mr
+        modes.add(_mask_argument(mf.tensors["bits"], plan)[0])
+        got, want = fast.decode(pf), ref.decode(pr)
+        label = f"{shape} cl={cl} {dtype}"
+        _assert_format(got, x)
+        assert torch.equal((got > 0), (x > 0)) and torch.equal((got == 0), (x == 0)), label
+        assert torch.equal(got, want), label
+        # left with the mask for the ReLU's backward, which takes it
+        assert shared_decode(mf) is got, label
+        assert relu.decode(mf) is got and shared_decode(mf) is None, label
+        assert torch.equal(relu.decode(mf), (x > 0).to(dtype)), label  # afterwards: 0 / 1 again
+    assert modes == {1, 2}, modes
+
+
 CPU_CHECKS = {
+    "relu_zeros": lambda: check_relu_zeros("cpu"),
     "masks": lambda: check_masks("cpu"),
     "seed_counter": lambda: check_seed_counter("cpu"),
     "maxpool_offsets": lambda: check_maxpool_offsets("cpu"),
@@ -679,6 +727,13 @@ def test_gpu_fallbacks_and_int64():
 def test_gpu_masks():
     check_masks("cuda", shapes=((2, 3, 5, 7), (32, 64, 56, 56), (7, 13, 9, 11), (1000003,), (0, 4)))
     check_maxpool_offsets("cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_relu_zeros():
+    check_relu_zeros("cuda", RELU_ZERO_CASES + [((16, 256, 56, 56), True, torch.bfloat16),
+                                                ((16, 2048, 7, 7), True, torch.bfloat16)])
 
 
 @pytest.mark.gpu
