@@ -33,6 +33,8 @@ def main() -> None:
     p.add_argument("--bits", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--block-size", type=int, default=8)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--paper-decode", action="store_true",
+                   help="method.relu_zeros=false: ReLU outputs decode without their mask's zeros")
     p.add_argument("--out", default=None, help="write the full per-layer report as JSON")
     args = p.parse_args()
     images, labels, classes = real_batch(args.root, args.images)
@@ -42,7 +44,8 @@ def main() -> None:
     print(f"{'bits':>4} {'overall cosine':>15} {'overall rel.err':>16} {'worst layer cosine':>19}")
     for bits in args.bits:
         r = gradient_fidelity(lambda: build_model(args.model, num_classes=classes), "division", images, labels,
-                              block_size=args.block_size, bits=bits, backend="torch")
+                              block_size=args.block_size, bits=bits, backend="torch",
+                              relu_zeros=not args.paper_decode)
         reports.append(r)
         print(f"{bits:>4} {r['overall_cosine']:>15.5f} {r['overall_rel_error']:>16.4f} {r['worst_cosine']:>19.4f}")
     if args.out:
