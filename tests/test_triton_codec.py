@@ -556,6 +556,14 @@ def check_relu_zeros(device, cases=RELU_ZERO_CASES):
         assert relu.decode(mf) is got and shared_decode(mf) is None, label
         assert torch.equal(relu.decode(mf), (x > 0).to(dtype)), label  # afterwards: 0 / 1 again
     assert modes == {1, 2}, modes
+    # (N, F) features (a ReLU before a Linear) and volumes go through the same decode as views
+    for shape in ((8, 256), (4, 3, 8, 8, 8)):
+        x = exact_input(shape, device=device).relu()
+        fast, ref, relu = TritonDivisionCodec(rounding="nearest"), DivisionCodec(rounding="nearest"), ReluMaskCodec()
+        pf, pr = fast.encode(x), ref.encode(x)
+        pf.meta[RELU_MASK], pr.meta[RELU_MASK] = relu.encode(x), relu.encode(x)
+        got = fast.decode(pf)
+        assert torch.equal(got == 0, x == 0) and torch.equal(got, ref.decode(pr)), shape
 
 
 CPU_CHECKS = {
