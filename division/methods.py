@@ -62,6 +62,11 @@ class TrainingMethod:
 SIDE_STREAM_CHOICES = ("auto", True, False)
 
 
+def valid_side_stream(value) -> bool:
+    """One of SIDE_STREAM_CHOICES (the bools themselves: 1 and "true" are not)."""
+    return value == "auto" or isinstance(value, bool)
+
+
 class CodecMethod(TrainingMethod):
     """Conv / norm / linear inputs through ``codec``; exact masks for ReLU, dropout and max-pooling.
 
@@ -73,7 +78,7 @@ class CodecMethod(TrainingMethod):
     def __init__(self, name: str, codec: ActivationCodec, *, exact_masks: bool = True,
                  min_numel: int = 1024, exact_kernels: bool = True, side_stream="auto") -> None:
         super().__init__()
-        if not (side_stream == "auto" or isinstance(side_stream, bool)):
+        if not valid_side_stream(side_stream):
             raise ValueError(f"side_stream must be one of {SIDE_STREAM_CHOICES}, got {side_stream!r}")
         self.name = name
         self.codec = codec

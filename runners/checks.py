@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from division.methods import valid_side_stream
 from division.packing import SUPPORTED_BITS
 
 
@@ -21,7 +22,7 @@ def validate(cfg) -> None:
     block = method.get("block_size")
     if block is not None and (not isinstance(block, int) or block < 1):
         _fail("method.block_size", block, "use an integer >= 1")
-    if "side_stream" in method and not (method.side_stream == "auto" or isinstance(method.side_stream, bool)):
+    if "side_stream" in method and not valid_side_stream(method.side_stream):
         _fail("method.side_stream", method.side_stream, "use auto, true or false")
     if "relu_zeros" in method and not isinstance(method.relu_zeros, bool):
         _fail("method.relu_zeros", method.relu_zeros, "use true or false")
