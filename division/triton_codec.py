@@ -808,6 +808,8 @@ TUNING: dict[str, Any] = {
     "codes_nhwc": True,        # channels_last input, whole-byte planes: codes in (N, H*W/PB, C) order
     "split_warps_per_sm": 32,  # split planes into chunks of block rows until the grid has this
                                # many warps per SM (0: never split)
+    "narrow_pixel_bytes": 16,  # channels_last maps whose programs would read fewer contiguous
+                               # bytes per pixel are coded from a contiguous copy (0: never)
 }
 
 
@@ -1001,12 +1003,23 @@ class TritonDivisionCodec(DivisionCodec):
 
         Remembered per (shape, dtype, format, device, tunables): a training step asks for the same
         few dozen plans hundreds of times.
+
+        A channels_last map whose NHWC programs would read fewer than
+        ``TUNING["narrow_pixel_bytes"]`` contiguous bytes per pixel gets the NCHW plan
+        (``plan.channels_last`` is False): it is coded from a contiguous copy and decoded back to
+        channels_last. The 3-channel images a first convolution saves are such maps: their NHWC
+        programs read 2 bytes 6 bytes apart, which cost more than the two copies (an H200,
+        (128, 3, 224, 224) bf16: 93 + 243 us NHWC against 93 + 42 us NCHW, docs/kernels.md).
         """
         key = (tuple(shape), dtype, channels_last, str(device), tuple(TUNING.values()))
         try:
             return self._plans[key]
         except KeyError:
-            plan = self._plans[key] = self._make_plan(shape, dtype, channels_last, device)
+            plan = self._make_plan(shape, dtype, channels_last, device)
+            if plan is not None and plan.channels_last \
+                    and plan.g * dtype.itemsize < TUNING["narrow_pixel_bytes"]:
+                plan = self._make_plan(shape, dtype, False, device) or plan
+            self._plans[key] = plan
             return plan
 
     def _make_plan(self, shape, dtype: torch.dtype, channels_last: bool, device) -> Optional[Plan]:
@@ -1056,6 +1069,8 @@ class TritonDivisionCodec(DivisionCodec):
                 "has_lfc": True, "has_hfc": True, "simulated": False}
         if plan.codes_cl:
             meta["codes_order"] = CODES_NHWC
+        if cl and not plan.channels_last:
+            maps = maps.contiguous()  # a narrow channels_last map: coded as its NCHW copy
         tensors = self._encode_kernel(maps, plan)
         return Packed(self, tensors, meta)
 
@@ -1132,6 +1147,8 @@ class TritonDivisionCodec(DivisionCodec):
         # each element it writes. (A mask of another shape or format: applied afterwards.)
         bits = None if mask is None else relu_mask_bits(mask, m["shape"], plan.channels_last)
         out = self._decode_kernel(t, m["dtype"], plan, bits).view(m["shape"])
+        if m["memory_format"] == "channels_last" and not plan.channels_last:
+            out = out.contiguous(memory_format=torch.channels_last)  # a narrow map's NCHW decode
         return out if mask is None or bits is not None else apply_relu_mask(out, mask)
 
     def _decode_kernel(self, t: dict[str, torch.Tensor], dtype: torch.dtype, plan: Plan,

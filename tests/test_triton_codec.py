@@ -90,6 +90,7 @@ CPU_EXACT_CASES = [
     ((2, 8, 9, 7), 2, True, torch.float16, 4),      # block 4, channels_last, misaligned
     ((1, 2, 20, 4), 2, False, torch.bfloat16, 16),  # block 16 > W
     ((2, 4, 14, 14), 2, True, torch.float32, 8),    # rows not byte-aligned, planes aligned
+    ((2, 3, 16, 16), 2, True, torch.bfloat16, 8),   # 3-channel image: coded from its NCHW copy
 ]
 
 _A, _B, _C, _D = (8, 64, 56, 56), (4, 256, 14, 14), (4, 512, 7, 7), (2, 3, 36, 36)
@@ -118,7 +119,10 @@ def check_nearest_exact(device, cases):
         # channels_last maps whose planes are whole bytes: the same bytes, stored in NHWC order
         assert meta.pop("codes_order", "nchw") == ("nhwc" if plan.codes_cl else "nchw"), label
         whole_bytes = (shape[2] * shape[3] * bits) % 8 == 0
-        assert plan.codes_cl == (cl and whole_bytes and _tuning("codes_nhwc")), label
+        # channels_last maps of a few channels (narrow pixels) are coded as their NCHW copy
+        narrow = shape[1] * x.element_size() < _tuning("narrow_pixel_bytes")
+        assert plan.channels_last == (cl and not narrow), label
+        assert plan.codes_cl == (plan.channels_last and whole_bytes and _tuning("codes_nhwc")), label
         bad = {}
         for k in pr.tensors:
             a, b = pf.tensors[k], pr.tensors[k]
@@ -523,7 +527,8 @@ def check_seed_counter(device):
 # pixel (mode 2); NCHW maps, and NHWC programs of fewer channels, a byte per element (mode 1)
 RELU_ZERO_CASES = [((2, 64, 16, 16), True, torch.bfloat16), ((2, 128, 8, 8), True, torch.float32),
                    ((2, 64, 7, 7), True, torch.float16), ((2, 4, 14, 14), True, torch.float32),
-                   ((2, 8, 16, 16), False, torch.bfloat16), ((3, 4, 9, 7), False, torch.float32)]
+                   ((2, 8, 16, 16), False, torch.bfloat16), ((3, 4, 9, 7), False, torch.float32),
+                   ((2, 3, 16, 16), True, torch.bfloat16)]  # narrow: decoded as NCHW, mask applied after
 
 
 def check_relu_zeros(device, cases=RELU_ZERO_CASES):
@@ -649,7 +654,7 @@ def test_constructor_and_describe():
 
 
 def test_plans():
-    from division.triton_codec import TUNING, _plan
+    from division.triton_codec import TUNING, TritonDivisionCodec, _plan
     key = tuple(sorted(TUNING.items()))
     p = _plan(256, 64, 56, 56, 8, 8, 2, 4, False, 132, key)
     assert p is not None and not p.misaligned and p.g * 56 * 56 * 4 <= max(TUNING["group_bytes"], 56 * 56 * 4)
@@ -673,6 +678,12 @@ def test_plans():
     p = _plan(128, 1024, 14, 14, 8, 8, 2, 2, True, 132, key)  # NHWC codes: planes are whole bytes
     assert p is not None and not p.row and p.codes_cl
     assert _plan(2, 3, 7, 7, 7, 7, 2, 4, False, 132, key) is None          # no aligned group of C=3
+    # a channels_last image of 3 channels: its NHWC plan reads 2 bytes per pixel, so the codec
+    # codes it from its NCHW copy; 64 channels read 64-byte pixels and keep the NHWC plan
+    codec = TritonDivisionCodec()
+    assert _plan(128, 3, 224, 224, 8, 8, 2, 2, True, 132, key).g == 1
+    assert not codec.plan_for((128, 3, 224, 224), torch.bfloat16, True, "cpu").channels_last
+    assert codec.plan_for((128, 64, 56, 56), torch.bfloat16, True, "cpu").channels_last
     assert _plan(2, 4, 14, 14, 6, 6, 2, 4, False, 132, key) is None        # kh=6 over 3 blocks
     assert _plan(2, 4, 1, 1, 1, 1, 2, 4, False, 132, key) is None          # 1x1: LFC only
     assert _plan(1 << 16, 512, 128, 128, 8, 8, 2, 2, False, 132, key).int64
