@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .codec import ActivationCodec, Packed, RawCodec, SaveContext
+from .decode_prefetch import PREVIOUS, DecodePrefetcher
 from .encode_stream import SideStreamEncoder
 from .exact import (RELU_MASK, BoolMaskCodec, DropoutMaskCodec, MaxPoolIndexCodec, ReluMaskCodec,
                     ShapeOnlyCodec, add_reader)
@@ -85,11 +86,14 @@ class ActivationCompressor:
     ledger: a ``ByteLedger`` to record every save into; reset at the start of each forward.
     exact_kernels: the exact codecs may use their fused kernels (False: the PyTorch path only).
     encode_stream: a ``SideStreamEncoder`` to run CUDA encodes on a side stream (None: inline).
+    prefetcher: a ``DecodePrefetcher`` to decode ahead of backward on a side stream (None: each
+        decode when its layer's backward asks for it).
     """
 
     def __init__(self, model: nn.Module, codec: Optional[ActivationCodec], *, exact_masks: bool = True,
                  min_numel: int = 1024, ledger: Optional[ByteLedger] = None, exact_kernels: bool = True,
-                 encode_stream: Optional[SideStreamEncoder] = None):
+                 encode_stream: Optional[SideStreamEncoder] = None,
+                 prefetcher: Optional[DecodePrefetcher] = None):
         self.model = model
         self.codec = codec
         self.exact_masks = exact_masks
@@ -100,6 +104,8 @@ class ActivationCompressor:
         self.min_numel = min_numel
         self.ledger = ledger
         self.encode_stream = encode_stream
+        self.prefetcher = prefetcher
+        self._last_saved: Optional[weakref.ref] = None  # the codec's latest Packed (prefetch order)
         self._stack: list[_Frame] = []
         self._cache: dict[tuple[int, int], _CacheEntry] = {}
         self._plain_seen: dict[int, weakref.ref] = {}
@@ -139,9 +145,12 @@ class ActivationCompressor:
             return
         self._cache.clear()
         self._plain_seen.clear()
+        self._last_saved = None
+        if self.prefetcher is not None:
+            self.prefetcher.join()  # a backward that stopped early may have left a decode behind
         if self.ledger is not None:
             self.ledger.reset()
-        self._hooks_ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
+        self._hooks_ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks_ctx.__enter__()
 
     def _exit_step(self, module, args, output) -> None:
@@ -187,16 +196,27 @@ class ActivationCompressor:
         shared = entry is not None and entry.ref() is t and entry.version == t._version
         if shared:
             packed = entry.packed
-            if RELU_MASK in packed.meta:
-                add_reader(packed)
+            add_reader(packed)
         else:
             packed = self._encode(codec, t, frame.ctx if frame else None)
             self._cache[key] = _CacheEntry(weakref.ref(t, self._forget(key)), t._version, packed)
-            if codec is self.codec and getattr(codec, "relu_zeros", False):
-                self._link_relu_mask(t, packed)
+            if codec is self.codec:
+                if getattr(codec, "relu_zeros", False):
+                    self._link_relu_mask(t, packed)
+                if self.prefetcher is not None and hasattr(codec, "decode_ahead"):
+                    packed.meta[PREVIOUS] = self._last_saved  # backward decodes in about reverse order
+                    self._last_saved = weakref.ref(packed)
         if self.ledger is not None:
             self._record(t, frame, packed, shared)
         return packed
+
+    def _unpack(self, packed):
+        if not isinstance(packed, Packed):
+            return packed
+        decoded = packed.unpack()
+        if self.prefetcher is not None and PREVIOUS in packed.meta:
+            self.prefetcher.after_unpack(packed)  # the next decode backward needs, on a side stream
+        return decoded
 
     def _link_relu_mask(self, t: torch.Tensor, packed: Packed) -> None:
         """``t`` is also a ReLU output kept as its mask (same tensor, same version): give the
@@ -280,10 +300,6 @@ def _is_parameter(t: torch.Tensor) -> bool:
     if type(t) is torch.Tensor and (base is None or type(base) is torch.Tensor):
         return False
     return isinstance(t, nn.Parameter) or isinstance(base, nn.Parameter)
-
-
-def _unpack(packed):
-    return packed.unpack() if isinstance(packed, Packed) else packed
 
 
 def compress_activations(model: nn.Module, codec: Optional[ActivationCodec], **kwargs) -> ActivationCompressor:

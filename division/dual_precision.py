@@ -78,6 +78,7 @@ import torch
 import torch.nn.functional as F
 
 from .codec import ActivationCodec, Packed, SaveContext
+from .decode_prefetch import take as take_prefetched
 from .exact import (RELU_MASK, _is_channels_last, _restore_format, apply_relu_mask, last_reader,
                     share_decode)
 from .packing import SUPPORTED_BITS, pack_bits, packed_nbytes, unpack_bits
@@ -372,10 +373,16 @@ class DivisionCodec(ActivationCodec):
 
     def decode(self, packed: Packed) -> torch.Tensor:
         mask = packed.meta.get(RELU_MASK)
-        decoded = self._decode(packed, mask)
+        decoded = take_prefetched(packed)  # decoded ahead on a side stream (decode_prefetch)
+        if decoded is None:
+            decoded = self._decode(packed, mask)
         if mask is not None and last_reader(packed):
             share_decode(mask, decoded)  # for the ReLU's backward, which comes next
         return decoded
+
+    def decode_ahead(self, packed: Packed) -> torch.Tensor:
+        """What ``decode`` will return, computed early (``decode_prefetch``); no reader counted."""
+        return self._decode(packed, packed.meta.get(RELU_MASK))
 
     def _decode(self, packed: Packed, mask: Optional[Packed]) -> torch.Tensor:
         """The activation; with the zeros of ``mask`` (a linked ReLU mask's Packed) if given."""

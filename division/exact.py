@@ -89,10 +89,15 @@ def add_reader(packed: Packed) -> None:
     packed.meta[_READERS] = packed.meta.get(_READERS, 1) + 1
 
 
+def readers(packed: Packed) -> int:
+    """How many saved-tensor slots hold ``packed``."""
+    return packed.meta.get(_READERS, 1)
+
+
 def last_reader(packed: Packed) -> bool:
     """Count a decode of ``packed``: is it for its last reader (so the ReLU's backward is next)?"""
     decodes = packed.meta[_DECODES] = packed.meta.get(_DECODES, 0) + 1
-    return decodes % packed.meta.get(_READERS, 1) == 0  # (% : a second backward, retain_graph)
+    return decodes % readers(packed) == 0  # (% : a second backward, retain_graph)
 
 
 def shared_decode(mask: Packed) -> Optional[torch.Tensor]:

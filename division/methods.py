@@ -14,6 +14,7 @@ from torch import nn
 
 from .codec import ActivationCodec
 from .compressor import ActivationCompressor, compress_activations
+from .decode_prefetch import DecodePrefetcher
 from .encode_stream import SideStreamEncoder
 from .ledger import ByteLedger
 
@@ -73,31 +74,42 @@ class CodecMethod(TrainingMethod):
     side_stream: run the encodes on a side CUDA stream (``division.encode_stream``), where they
     overlap the forward pass's convolutions. "auto": only in steps captured in a CUDA graph; in
     eager steps the stream bookkeeping adds host time to a step that is already host-bound.
+    prefetch_decode: in backward, decode the next activation on a side CUDA stream while this
+    layer's backward runs (``division.decode_prefetch``; one more decoded activation alive at a
+    time). Same choices as side_stream.
     """
 
     def __init__(self, name: str, codec: ActivationCodec, *, exact_masks: bool = True,
-                 min_numel: int = 1024, exact_kernels: bool = True, side_stream="auto") -> None:
+                 min_numel: int = 1024, exact_kernels: bool = True, side_stream="auto",
+                 prefetch_decode="auto") -> None:
         super().__init__()
-        if not valid_side_stream(side_stream):
-            raise ValueError(f"side_stream must be one of {SIDE_STREAM_CHOICES}, got {side_stream!r}")
+        for knob, value in (("side_stream", side_stream), ("prefetch_decode", prefetch_decode)):
+            if not valid_side_stream(value):
+                raise ValueError(f"{knob} must be one of {SIDE_STREAM_CHOICES}, got {value!r}")
         self.name = name
         self.codec = codec
         self.exact_masks = exact_masks
         self.min_numel = min_numel
         self.exact_kernels = exact_kernels  # False: the masks' PyTorch path too (backend=torch)
         self.side_stream = side_stream
+        self.prefetch_decode = prefetch_decode
 
     def attach(self, model: nn.Module, ledger: Optional[ByteLedger] = None) -> nn.Module:
         stream = SideStreamEncoder() if self.side_stream is True else None
+        prefetcher = DecodePrefetcher() if self.prefetch_decode is True else None
         self.compressor = compress_activations(model, self.codec, exact_masks=self.exact_masks,
                                                min_numel=self.min_numel, ledger=ledger,
-                                               exact_kernels=self.exact_kernels, encode_stream=stream)
+                                               exact_kernels=self.exact_kernels, encode_stream=stream,
+                                               prefetcher=prefetcher)
         return model
 
     def use_cuda_graph(self) -> None:
-        if self.side_stream == "auto" and self.compressor is not None \
-                and self.compressor.encode_stream is None:
+        if self.compressor is None:
+            return
+        if self.side_stream == "auto" and self.compressor.encode_stream is None:
             self.compressor.encode_stream = SideStreamEncoder()
+        if self.prefetch_decode == "auto" and self.compressor.prefetcher is None:
+            self.compressor.prefetcher = DecodePrefetcher()
 
     def describe(self) -> dict[str, Any]:
         knobs = self.codec.describe()
@@ -106,11 +118,12 @@ class CodecMethod(TrainingMethod):
 
 def _division(block_size: int = 8, bits: int = 2, rounding: str = "stochastic", keep_lfc: bool = True,
               keep_hfc: bool = True, simulate: bool = False, backend: str = "auto", relu_zeros: bool = True,
-              side_stream="auto", **_) -> TrainingMethod:
+              side_stream="auto", prefetch_decode="auto", **_) -> TrainingMethod:
     from .backends import division_codec
     codec = division_codec(backend=backend, block_size=block_size, bits=bits, rounding=rounding,
                            keep_lfc=keep_lfc, keep_hfc=keep_hfc, simulate=simulate, relu_zeros=relu_zeros)
-    return CodecMethod("division", codec, exact_kernels=backend != "torch", side_stream=side_stream)
+    return CodecMethod("division", codec, exact_kernels=backend != "torch", side_stream=side_stream,
+                       prefetch_decode=prefetch_decode)
 
 
 _REGISTRY: dict[str, Callable[..., TrainingMethod]] = {

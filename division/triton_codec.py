@@ -808,8 +808,8 @@ TUNING: dict[str, Any] = {
     "codes_nhwc": True,        # channels_last input, whole-byte planes: codes in (N, H*W/PB, C) order
     "split_warps_per_sm": 32,  # split planes into chunks of block rows until the grid has this
                                # many warps per SM (0: never split)
-    "narrow_pixel_bytes": 16,  # channels_last maps whose programs would read fewer contiguous
-                               # bytes per pixel are coded from a contiguous copy (0: never)
+    "narrow_pixel_bytes": 16,  # channels_last maps with narrower pixels (C * itemsize bytes) are
+                               # coded from a contiguous copy (0: never)
 }
 
 
@@ -1004,8 +1004,8 @@ class TritonDivisionCodec(DivisionCodec):
         Remembered per (shape, dtype, format, device, tunables): a training step asks for the same
         few dozen plans hundreds of times.
 
-        A channels_last map whose NHWC programs would read fewer than
-        ``TUNING["narrow_pixel_bytes"]`` contiguous bytes per pixel gets the NCHW plan
+        A channels_last map whose pixels are narrower than ``TUNING["narrow_pixel_bytes"]`` (C
+        times the item size) gets the NCHW plan
         (``plan.channels_last`` is False): it is coded from a contiguous copy and decoded back to
         channels_last. The 3-channel images a first convolution saves are such maps: their NHWC
         programs read 2 bytes 6 bytes apart, which cost more than the two copies (an H200,
@@ -1017,7 +1017,7 @@ class TritonDivisionCodec(DivisionCodec):
         except KeyError:
             plan = self._make_plan(shape, dtype, channels_last, device)
             if plan is not None and plan.channels_last \
-                    and plan.g * dtype.itemsize < TUNING["narrow_pixel_bytes"]:
+                    and shape[1] * dtype.itemsize < TUNING["narrow_pixel_bytes"]:
                 plan = self._make_plan(shape, dtype, False, device) or plan
             self._plans[key] = plan
             return plan

@@ -22,8 +22,9 @@ def validate(cfg) -> None:
     block = method.get("block_size")
     if block is not None and (not isinstance(block, int) or block < 1):
         _fail("method.block_size", block, "use an integer >= 1")
-    if "side_stream" in method and not valid_side_stream(method.side_stream):
-        _fail("method.side_stream", method.side_stream, "use auto, true or false")
+    for knob in ("side_stream", "prefetch_decode"):
+        if knob in method and not valid_side_stream(method[knob]):
+            _fail(f"method.{knob}", method[knob], "use auto, true or false")
     if "relu_zeros" in method and not isinstance(method.relu_zeros, bool):
         _fail("method.relu_zeros", method.relu_zeros, "use true or false")
     if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:

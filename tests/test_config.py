@@ -49,6 +49,7 @@ def test_experiment_presets_compose_into_valid_configs():
     ("device=tpu", "device", "auto, cpu or cuda"),
     ("train.eval_every=0", "train.eval_every", ">= 1"),
     ("method.side_stream=sometimes", "method.side_stream", "auto, true or false"),
+    ("method.prefetch_decode=1", "method.prefetch_decode", "auto, true or false"),
     ("method.relu_zeros=maybe", "method.relu_zeros", "true or false"),
 ])
 def test_bad_values_are_rejected_with_key_value_and_allowed(override, key, allowed, tmp_path):

@@ -1,0 +1,110 @@
+"""Decodes ahead of backward on a side CUDA stream (``division.decode_prefetch``,
+``method.prefetch_decode``).
+
+The knob, the save-order links and the CPU behaviour are checked everywhere; that a step with
+prefetched decodes computes exactly what one without does needs a GPU (``pytest -m gpu``; the
+CUDA-graph case is in test_graph_step, where ``auto`` turns it on).
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import division
+from division.decode_prefetch import PREVIOUS, DecodePrefetcher
+from models import build_model
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def test_ahead_must_be_positive():
+    with pytest.raises(ValueError, match="ahead must be at least 1"):
+        DecodePrefetcher(ahead=0)
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_prefetch_knob_is_checked(bad):
+    with pytest.raises(ValueError, match="prefetch_decode must be one of"):
+        division.build_method("division", prefetch_decode=bad)
+
+
+@pytest.mark.parametrize("knob, eager, graph", [("auto", False, True), (True, True, True), (False, False, False)])
+def test_prefetch_knob_decides_when_decodes_run_ahead(knob, eager, graph):
+    """auto: only once the step is going to be captured in a CUDA graph."""
+    method = division.build_method("division", prefetch_decode=knob)
+    method.attach(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+    assert (method.compressor.prefetcher is not None) == eager
+    method.use_cuda_graph()
+    assert (method.compressor.prefetcher is not None) == graph
+
+
+def _step(model, x):
+    model.zero_grad(set_to_none=True)
+    model(x).square().mean().backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_saves_link_to_the_previous_one_and_cpu_decodes_stay_inline():
+    """Each activation-codec Packed links to the one saved before it (the first to none); a
+    tensor saved twice keeps one link and counts its readers; on the CPU nothing runs ahead and
+    the gradients are those of the step without a prefetcher."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(8 * 16 * 16, 4))
+    x = torch.randn(4, 3, 16, 16)
+    plain = division.build_method("division", rounding="nearest", prefetch_decode=False)
+    plain.attach(copy.deepcopy(net))
+    ahead = division.build_method("division", rounding="nearest", prefetch_decode=True)
+    ahead.attach(net)
+    saved = []
+    encode = ahead.compressor._encode
+    ahead.compressor._encode = lambda codec, t, ctx: saved.append(encode(codec, t, ctx)) or saved[-1]
+    want = _step(plain.compressor.model, x)
+    got = _step(net, x)
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    linked = [p for p in saved if PREVIOUS in p.meta]
+    assert len(linked) == 5  # conv, bn, conv, bn, linear inputs (the masks are not linked)
+    assert linked[0].meta[PREVIOUS] is None
+    assert all(b.meta[PREVIOUS]() is a for a, b in zip(linked, linked[1:]))
+    assert ahead.compressor.prefetcher.launched == 0
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_prefetched_training_is_bit_identical():
+    """ResNet-20, bf16 channels_last, DIVISION with nearest rounding (deterministic), four SGD
+    steps: with decodes prefetched on a side stream the weights end where they end without,
+    bit for bit, and decodes did run ahead. A prefetched decode read before it finished, or
+    written into memory the main stream still read, would not give this."""
+    saved = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True
+    try:
+        torch.manual_seed(0)
+        base = build_model("resnet20", num_classes=10).cuda().to(memory_format=torch.channels_last).train()
+        models = [copy.deepcopy(base), copy.deepcopy(base)]
+        methods = [division.build_method("division", rounding="nearest", prefetch_decode=p) for p in (False, True)]
+        for model, method in zip(models, methods):
+            method.attach(model)
+        opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in models]
+        g = torch.Generator(device="cuda").manual_seed(1)
+        for _ in range(4):
+            x = torch.randn(64, 3, 32, 32, device="cuda", generator=g).contiguous(memory_format=torch.channels_last)
+            y = torch.randint(0, 10, (64,), device="cuda", generator=g)
+            for model, opt in zip(models, opts):
+                opt.zero_grad(set_to_none=True)
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = F.cross_entropy(model(x).float(), y)
+                loss.backward()
+                opt.step()
+        for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()):
+            assert torch.equal(a, b)
+        prefetcher = methods[1].compressor.prefetcher
+        assert prefetcher.launched >= 4 * 10  # most of ResNet-20's ~40 codec saves per step
+        assert not prefetcher._pending  # joined at the end of each backward
+    finally:
+        torch.backends.cudnn.deterministic = saved
