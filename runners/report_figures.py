@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from .report_tables import Grid, Heatmap, history, method_label, method_sort_key, setting_label  # noqa: E402
+from .report_tables import Grid, Heatmap, history, method_label, method_sort_key, number, setting_label  # noqa: E402
 
 _DPI = 110
 _MAX_ANNOTATED_BARS = 48  # above this the ratio labels overlap and only clutter
@@ -90,12 +90,17 @@ def training_curves(rows: list[dict[str, Any]]) -> Optional[Figure]:
     settings = sorted({setting_label(r) for r in runs})
     fig, axes = plt.subplots(1, len(settings), figsize=(5.2 * len(settings), 3.8), squeeze=False)
     for ax, setting in zip(axes[0], settings):
-        members = sorted((r for r in runs if setting_label(r) == setting), key=method_sort_key)
+        members = sorted((r for r in runs if setting_label(r) == setting),
+                         key=lambda r: (method_sort_key(r), number(r.get("epochs")) or 0, str(r.get("seed"))))
+        labels = [method_label(r) for r in members]
         for r, color in zip(members, _colors(len(members))):
+            label = method_label(r)
+            if labels.count(label) > 1:  # several runs of one method: tell them apart
+                label += f" {number(r.get('epochs')) or 0:.0f} ep seed {r.get('seed')}"
             points = [(h.get("epoch"), h["val_top1"]) for h in history(r) if "val_top1" in h]
             points = [(int(e) if e is not None else i + 1, v) for i, (e, v) in enumerate(points)]
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o" if len(points) < 30 else None,
-                    markersize=3, label=method_label(r), color=color)
+                    markersize=3, label=label, color=color)
         ax.set_title(setting)
         ax.set_xlabel("epoch")
         ax.set_ylabel("val top-1 (%)")

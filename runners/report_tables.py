@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -59,6 +60,8 @@ class Cell:
     status: str = "ok"
     ratio: Optional[float] = None
     extra: Optional[float] = None  # a second number (best top-1 next to final top-1)
+    seeds: int = 1                 # runs averaged into value (accuracy: one per seed)
+    spread: Optional[float] = None  # their sample standard deviation, where seeds > 1
 
 
 @dataclass
@@ -284,29 +287,50 @@ def setting_label(row: dict[str, Any]) -> str:
     return f"{row.get('model')} / {row.get('dataset')}"
 
 
+def accuracy_setting(row: dict[str, Any]) -> str:
+    """An accuracy column: a model / data set trained for one number of epochs (accuracy after 30
+    epochs is not compared with accuracy after 55)."""
+    epochs = number(row.get("epochs"))
+    return setting_label(row) + (f", {epochs:.0f} epochs" if epochs is not None else "")
+
+
 def accuracy_grid(rows: list[dict[str, Any]]) -> Optional[Grid]:
+    """Methods x settings of final top-1, averaged over seeds (the latest run of each seed)."""
     rows = [r for r in rows if r.get("mode") == "train"]
     if not rows:
         return None
-    runs = latest_per_key(rows, lambda r: (method_label(r), setting_label(r)))
-    settings = sorted({setting_label(r) for r in rows})
+    runs = latest_per_key(rows, lambda r: (method_label(r), accuracy_setting(r), r.get("seed")))
+    seeds: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for (label, col, _), row in runs.items():
+        seeds.setdefault((label, col), []).append(row)
+    settings = sorted({accuracy_setting(r) for r in rows})
     grid = Grid("accuracy", "Top-1 accuracy, final / best", ordered_methods(rows), settings, unit="%")
-    for (label, col), row in runs.items():
-        ok = row.get("status") == "ok"
-        grid.cells[(label, col)] = Cell(number(row.get("final_val_top1")) if ok else None, str(row.get("status")),
-                                        extra=number(row.get("best_val_top1")) if ok else None)
+    for key, members in seeds.items():
+        ok = [r for r in members if r.get("status") == "ok" and number(r.get("final_val_top1")) is not None]
+        if not ok:
+            latest = max(members, key=lambda r: str(r.get("started_at") or ""))
+            grid.cells[key] = Cell(None, str(latest.get("status")))
+            continue
+        finals = [number(r.get("final_val_top1")) for r in ok]
+        bests = [b for b in (number(r.get("best_val_top1")) for r in ok) if b is not None]
+        grid.cells[key] = Cell(statistics.fmean(finals), "ok",
+                               extra=statistics.fmean(bests) if bests else None, seeds=len(finals),
+                               spread=statistics.stdev(finals) if len(finals) > 1 else None)
     for (label, col), cell in grid.cells.items():
         base = grid.cells.get((BASELINE, col))
         if label != BASELINE and base and base.value is not None and cell.value is not None:
             cell.ratio = cell.value - base.value  # for accuracy, a difference in points reads better
-    grid.note = "validation top-1 after the last epoch / best epoch; (+/-) = final vs method none, in points"
+    grid.note = ("validation top-1 after the last epoch / best epoch, the mean over seeds (with their "
+                 "standard deviation and count where there are several); (+/-) = final vs method none, in points")
     return grid
 
 
 def accuracy_table(grid: Grid) -> Table:
     def fmt(c: Cell) -> str:
-        text = f"{c.value:.2f}" + (f" / {c.extra:.2f}" if c.extra is not None else "")
-        return text + (f" ({c.ratio:+.2f})" if c.ratio is not None else "")
+        text = f"{c.value:.2f}" + (f" ±{c.spread:.2f}" if c.spread is not None else "")
+        text += f" / {c.extra:.2f}" if c.extra is not None else ""
+        text += f" ({c.ratio:+.2f})" if c.ratio is not None else ""
+        return text + (f", {c.seeds} seeds" if c.seeds > 1 else "")
     return grid_table(grid, fmt)
 
 

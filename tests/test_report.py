@@ -151,13 +151,32 @@ def test_throughput_accuracy_and_curves(tmp_path):
     speed = md_table(text, "Throughput")
     assert speed[1][:2] == ["none", "444.0"] and speed[2][1] == "370.0 (0.83x)"
     accuracy = md_table(text, "Top-1 accuracy")
-    assert accuracy[0] == ["method", "resnet18 / cifar10"]
+    assert accuracy[0] == ["method", "resnet18 / cifar10, 3 epochs"]
     assert accuracy[2] == ["division B8 Q2", "94.70 / 94.70 (-0.20)"]
     for name in ("throughput_bars.png", "accuracy_bars.png", "training_curves.png"):
         assert name in fields["report_files"]
         with Image.open(out / name) as image:
             image.verify()
     assert set(logger.images) >= {"report/throughput_bars", "report/accuracy_bars", "report/training_curves"}
+
+
+def test_accuracy_averages_seeds_and_compares_equal_training_lengths(tmp_path):
+    """Seeds of one method and setting are averaged (mean, sample std, count); a rerun of a seed
+    replaces its failed attempt; runs of another length get their own column."""
+    def train(method, epochs, seed, final, status="ok"):
+        return record(mode="train", model="resnet18", dataset="cifar10", method=method, epochs=epochs, seed=seed,
+                      final_val_top1=final, best_val_top1=final + 0.1, status=status)
+    store = tmp_path / "store"
+    fill(store, [train("none", 55, 0, 90.0), train("none", 55, 1, 91.0),
+                 train("division", 55, 0, 90.0, status="error"), train("division", 55, 0, 90.2),
+                 train("division", 55, 1, 90.8), train("none", 30, 0, 89.5), train("actnn", 30, 0, 89.0)])
+    run_report(store, tmp_path / "out")
+    rows = md_table((tmp_path / "out" / "report.md").read_text(), "Top-1 accuracy")
+    assert rows[0] == ["method", "resnet18 / cifar10, 30 epochs", "resnet18 / cifar10, 55 epochs"]
+    table = {r[0]: r[1:] for r in rows[1:]}
+    assert table["none"] == ["89.50 / 89.60", "90.50 ±0.71 / 90.60, 2 seeds"]
+    assert table["division B8 Q2"] == ["", "90.50 ±0.42 / 90.60 (+0.00), 2 seeds"]
+    assert table["actnn"] == ["89.00 / 89.10 (-0.50)", ""]  # (no bits in this record)
 
 
 def test_block_bits_heatmaps(tmp_path):
