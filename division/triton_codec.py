@@ -73,7 +73,10 @@ two are reshapes of their canonical maps, coded as maps; (N, L, D) sequences are
 ``keep_lfc=False``, ``keep_hfc=False``, ``simulate=True``; maps of one element or fewer elements
 than codes per byte; block sizes that are neither a power of two nor cover the whole axis
 (``block_size=6`` on a 14-wide map); and channel counts with no admissible
-group size (C = 3 with 7x7 maps at Q = 2). Tunables: ``TUNING`` (docs/kernels.md).
+group size (C = 3 with 7x7 maps at Q = 2). A channels_last map narrower than
+``TUNING["narrow_pixel_bytes"]`` per pixel (3-channel images) is coded from its contiguous copy
+with the NCHW kernels and decoded back to channels_last (``plan_for``). Tunables: ``TUNING``
+(docs/kernels.md).
 """
 from __future__ import annotations
 
