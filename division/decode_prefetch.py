@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 
 from .codec import Packed
+from .encode_stream import side_stream
 from .exact import readers
 
 PREVIOUS = "previous_saved"  # meta: weak reference to the activation-codec Packed saved before this one
@@ -55,13 +56,6 @@ class DecodePrefetcher:
         self._join_queued = False
         self.launched = 0  # decodes started ahead so far
 
-    def _side(self, device: torch.device) -> torch.cuda.Stream:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        stream = self._streams.get(index)
-        if stream is None:
-            stream = self._streams[index] = torch.cuda.Stream(device=index)
-        return stream
-
     def after_unpack(self, packed: Packed) -> None:
         """``packed`` was just unpacked: start the decode of the Packed saved before it, if that
         one still has unpacks to come and fewer than ``ahead`` prefetches are waiting."""
@@ -78,7 +72,7 @@ class DecodePrefetcher:
         if len(self._pending) >= self.ahead or not self._queue_join():
             return
         main = torch.cuda.current_stream(device)
-        side = self._side(device)
+        side = side_stream(self._streams, device, low_priority=False)  # its output is needed soon
         side.wait_stream(main)
         with torch.cuda.stream(side):
             decoded = prev.codec.decode_ahead(prev)

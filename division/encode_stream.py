@@ -27,6 +27,17 @@ from typing import Callable
 import torch
 
 
+def side_stream(streams: dict[int, torch.cuda.Stream], device: torch.device,
+                low_priority: bool) -> torch.cuda.Stream:
+    """The side stream of ``device`` in ``streams``, created on first use."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = streams.get(index)
+    if stream is None:
+        low, _ = torch.cuda.Stream.priority_range()  # numerically largest = lowest priority
+        stream = streams[index] = torch.cuda.Stream(device=index, priority=low if low_priority else 0)
+    return stream
+
+
 class SideStreamEncoder:
     """Run encodes on one low-priority side stream per device, at most ``lag`` in flight."""
 
@@ -37,20 +48,12 @@ class SideStreamEncoder:
         self._streams: dict[int, torch.cuda.Stream] = {}
         self._in_flight: deque = deque()  # (done event, main stream, input kept alive)
 
-    def _side(self, device: torch.device) -> torch.cuda.Stream:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        stream = self._streams.get(index)
-        if stream is None:
-            low, _ = torch.cuda.Stream.priority_range()  # numerically largest = lowest priority
-            stream = self._streams[index] = torch.cuda.Stream(device=index, priority=low)
-        return stream
-
     def run(self, encode: Callable[[torch.Tensor], object], t: torch.Tensor):
         """``encode(t)`` on the side stream of ``t``'s device (inline for a CPU tensor)."""
         if not t.is_cuda:
             return encode(t)
         main = torch.cuda.current_stream(t.device)
-        side = self._side(t.device)
+        side = side_stream(self._streams, t.device, low_priority=True)
         side.wait_stream(main)
         with torch.cuda.stream(side):
             packed = encode(t)

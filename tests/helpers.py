@@ -1,4 +1,5 @@
-"""Shared test helpers: compose the project's config exactly as main.py does, and run main.py."""
+"""Shared test helpers: compose the project's config exactly as main.py does, run main.py, and
+train one small model under several methods side by side (GPU)."""
 from __future__ import annotations
 
 import os
@@ -25,3 +26,39 @@ def run_main(args: list[str], cwd: Path = ROOT, timeout: int = 300, **env) -> su
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
     return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def train_side_by_side(methods, prepare=None, steps: int = 4) -> list[dict]:
+    """ResNet-20 on CUDA (bf16 autocast, channels_last) trained for ``steps`` SGD steps once per
+    method, from the same weights on the same random batches, under cuDNN's deterministic
+    algorithms; ``prepare(methods)`` runs after they are attached. Returns the state dicts."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    from models import build_model
+    saved = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True
+    try:
+        torch.manual_seed(0)
+        base = build_model("resnet20", num_classes=10).cuda().to(memory_format=torch.channels_last).train()
+        models = [copy.deepcopy(base) for _ in methods]
+        for model, method in zip(models, methods):
+            method.attach(model)
+        if prepare is not None:
+            prepare(methods)
+        opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in models]
+        g = torch.Generator(device="cuda").manual_seed(1)
+        for _ in range(steps):
+            x = torch.randn(64, 3, 32, 32, device="cuda", generator=g).contiguous(memory_format=torch.channels_last)
+            y = torch.randint(0, 10, (64,), device="cuda", generator=g)
+            for model, opt in zip(models, opts):
+                opt.zero_grad(set_to_none=True)
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = F.cross_entropy(model(x).float(), y)
+                loss.backward()
+                opt.step()
+        return [model.state_dict() for model in models]
+    finally:
+        torch.backends.cudnn.deterministic = saved

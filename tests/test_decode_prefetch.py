@@ -1,9 +1,10 @@
 """Decodes ahead of backward on a side CUDA stream (``division.decode_prefetch``,
 ``method.prefetch_decode``).
 
-The knob, the save-order links and the CPU behaviour are checked everywhere; that a step with
-prefetched decodes computes exactly what one without does needs a GPU (``pytest -m gpu``; the
-CUDA-graph case is in test_graph_step, where ``auto`` turns it on).
+The save-order links and the CPU behaviour are checked everywhere (the knob with side_stream's, in
+test_encode_stream); that a step with prefetched decodes computes exactly what one without does
+needs a GPU (``pytest -m gpu``; the CUDA-graph case is in test_graph_step, where ``auto`` turns it
+on).
 """
 from __future__ import annotations
 
@@ -11,12 +12,11 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import division
 from division.decode_prefetch import PREVIOUS, DecodePrefetcher
-from models import build_model
+from tests.helpers import train_side_by_side
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -24,22 +24,6 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 def test_ahead_must_be_positive():
     with pytest.raises(ValueError, match="ahead must be at least 1"):
         DecodePrefetcher(ahead=0)
-
-
-@pytest.mark.parametrize("bad", ["yes", 1, None])
-def test_prefetch_knob_is_checked(bad):
-    with pytest.raises(ValueError, match="prefetch_decode must be one of"):
-        division.build_method("division", prefetch_decode=bad)
-
-
-@pytest.mark.parametrize("knob, eager, graph", [("auto", False, True), (True, True, True), (False, False, False)])
-def test_prefetch_knob_decides_when_decodes_run_ahead(knob, eager, graph):
-    """auto: only once the step is going to be captured in a CUDA graph."""
-    method = division.build_method("division", prefetch_decode=knob)
-    method.attach(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
-    assert (method.compressor.prefetcher is not None) == eager
-    method.use_cuda_graph()
-    assert (method.compressor.prefetcher is not None) == graph
 
 
 def _step(model, x):
@@ -81,30 +65,10 @@ def test_gpu_prefetched_training_is_bit_identical():
     steps: with decodes prefetched on a side stream the weights end where they end without,
     bit for bit, and decodes did run ahead. A prefetched decode read before it finished, or
     written into memory the main stream still read, would not give this."""
-    saved = torch.backends.cudnn.deterministic
-    torch.backends.cudnn.deterministic = True
-    try:
-        torch.manual_seed(0)
-        base = build_model("resnet20", num_classes=10).cuda().to(memory_format=torch.channels_last).train()
-        models = [copy.deepcopy(base), copy.deepcopy(base)]
-        methods = [division.build_method("division", rounding="nearest", prefetch_decode=p) for p in (False, True)]
-        for model, method in zip(models, methods):
-            method.attach(model)
-        opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in models]
-        g = torch.Generator(device="cuda").manual_seed(1)
-        for _ in range(4):
-            x = torch.randn(64, 3, 32, 32, device="cuda", generator=g).contiguous(memory_format=torch.channels_last)
-            y = torch.randint(0, 10, (64,), device="cuda", generator=g)
-            for model, opt in zip(models, opts):
-                opt.zero_grad(set_to_none=True)
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    loss = F.cross_entropy(model(x).float(), y)
-                loss.backward()
-                opt.step()
-        for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()):
-            assert torch.equal(a, b)
-        prefetcher = methods[1].compressor.prefetcher
-        assert prefetcher.launched >= 4 * 10  # most of ResNet-20's ~40 codec saves per step
-        assert not prefetcher._pending  # joined at the end of each backward
-    finally:
-        torch.backends.cudnn.deterministic = saved
+    methods = [division.build_method("division", rounding="nearest", prefetch_decode=p) for p in (False, True)]
+    inline, ahead = train_side_by_side(methods)
+    for a, b in zip(inline.values(), ahead.values()):
+        assert torch.equal(a, b)
+    prefetcher = methods[1].compressor.prefetcher
+    assert prefetcher.launched >= 4 * 10  # most of ResNet-20's ~40 codec saves per step
+    assert not prefetcher._pending  # joined at the end of each backward

@@ -1,19 +1,17 @@
 """Encodes on a side CUDA stream (``division.encode_stream``, ``method.side_stream``).
 
-The knob and the CPU behaviour are checked everywhere; that a side-stream step computes exactly
-what an inline one does needs a GPU (``pytest -m gpu``; the CUDA-graph case is in test_graph_step).
+The knob (with ``method.prefetch_decode``'s, which moves decodes to a side stream) and the CPU
+behaviour are checked everywhere; that a side-stream step computes exactly what an inline one does
+needs a GPU (``pytest -m gpu``; the CUDA-graph case is in test_graph_step).
 """
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-import torch.nn.functional as F
 
 import division
 from division.encode_stream import SideStreamEncoder
-from models import build_model
+from tests.helpers import train_side_by_side
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -31,20 +29,26 @@ def test_lag_must_be_positive():
         SideStreamEncoder(lag=0)
 
 
+# The two knobs that move codec work to a side stream, and the compressor attribute each sets.
+STREAM_KNOBS = [("side_stream", "encode_stream"), ("prefetch_decode", "prefetcher")]
+
+
+@pytest.mark.parametrize("knob", [knob for knob, _ in STREAM_KNOBS])
 @pytest.mark.parametrize("bad", ["yes", 1, None])
-def test_side_stream_knob_is_checked(bad):
-    with pytest.raises(ValueError, match="side_stream must be one of"):
-        division.build_method("division", side_stream=bad)
+def test_stream_knobs_are_checked(knob, bad):
+    with pytest.raises(ValueError, match=f"{knob} must be one of"):
+        division.build_method("division", **{knob: bad})
 
 
-@pytest.mark.parametrize("knob, eager, graph", [("auto", False, True), (True, True, True), (False, False, False)])
-def test_side_stream_knob_decides_where_encodes_run(knob, eager, graph):
+@pytest.mark.parametrize("knob, attribute", STREAM_KNOBS)
+@pytest.mark.parametrize("value, eager, graph", [("auto", False, True), (True, True, True), (False, False, False)])
+def test_stream_knobs_decide_where_codec_work_runs(knob, attribute, value, eager, graph):
     """auto: a side stream only once the step is going to be captured in a CUDA graph."""
-    method = division.build_method("division", side_stream=knob)
+    method = division.build_method("division", **{knob: value})
     method.attach(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()))
-    assert (method.compressor.encode_stream is not None) == eager
+    assert (getattr(method.compressor, attribute) is not None) == eager
     method.use_cuda_graph()
-    assert (method.compressor.encode_stream is not None) == graph
+    assert (getattr(method.compressor, attribute) is not None) == graph
 
 
 @pytest.mark.gpu
@@ -54,29 +58,11 @@ def test_gpu_side_stream_training_is_bit_identical(lag):
     """ResNet-20, bf16 channels_last, DIVISION with nearest rounding (deterministic), four SGD
     steps: encodes on a side stream (any lag) end at the weights of inline encodes, bit for bit.
     An encode reading its input after the main stream reused that memory would not."""
-    saved = torch.backends.cudnn.deterministic
-    torch.backends.cudnn.deterministic = True
-    try:
-        torch.manual_seed(0)
-        base = build_model("resnet20", num_classes=10).cuda().to(memory_format=torch.channels_last).train()
-        models = [copy.deepcopy(base), copy.deepcopy(base)]
-        methods = [division.build_method("division", rounding="nearest", side_stream=s) for s in (False, True)]
-        for model, method in zip(models, methods):
-            method.attach(model)
+    methods = [division.build_method("division", rounding="nearest", side_stream=s) for s in (False, True)]
+
+    def lagged(methods):
         methods[1].compressor.encode_stream = SideStreamEncoder(lag=lag)
-        opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in models]
-        g = torch.Generator(device="cuda").manual_seed(1)
-        for _ in range(4):
-            x = torch.randn(64, 3, 32, 32, device="cuda", generator=g).contiguous(memory_format=torch.channels_last)
-            y = torch.randint(0, 10, (64,), device="cuda", generator=g)
-            for model, opt in zip(models, opts):
-                opt.zero_grad(set_to_none=True)
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    loss = F.cross_entropy(model(x).float(), y)
-                loss.backward()
-                opt.step()
-        for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()):
-            assert torch.equal(a, b)
-        assert not methods[1].compressor.encode_stream._in_flight  # joined at the end of forward
-    finally:
-        torch.backends.cudnn.deterministic = saved
+    inline, side = train_side_by_side(methods, prepare=lagged)
+    for a, b in zip(inline.values(), side.values()):
+        assert torch.equal(a, b)
+    assert not methods[1].compressor.encode_stream._in_flight  # joined at the end of forward
