@@ -1008,11 +1008,11 @@ class TritonDivisionCodec(DivisionCodec):
         few dozen plans hundreds of times.
 
         A channels_last map whose pixels are narrower than ``TUNING["narrow_pixel_bytes"]`` (C
-        times the item size) gets the NCHW plan
-        (``plan.channels_last`` is False): it is coded from a contiguous copy and decoded back to
-        channels_last. The 3-channel images a first convolution saves are such maps: their NHWC
-        programs read 2 bytes 6 bytes apart, which cost more than the two copies (an H200,
-        (128, 3, 224, 224) bf16: 93 + 243 us NHWC against 93 + 42 us NCHW, docs/kernels.md).
+        times the item size) gets the NCHW plan (``plan.channels_last`` is False): it is coded
+        from a contiguous copy and decoded back to channels_last. The 3-channel images a first
+        convolution saves are such maps: their NHWC programs read 2 bytes 6 bytes apart, which
+        cost more than the two copies (an H200, (128, 3, 224, 224) bf16: 93 + 243 us NHWC against
+        93 + 42 us NCHW, docs/kernels.md run 8).
         """
         key = (tuple(shape), dtype, channels_last, str(device), tuple(TUNING.values()))
         try:
