@@ -7,8 +7,11 @@
 # SCALE (default 1) multiplies every stage's time limit (accuracy: 60 s + 8 s per epoch, room for
 # DIVISION's ~5 s ResNet-18 epochs on an H200; the others leave room for a fresh machine's kernel
 # compilation and cuDNN set-up); a stage cut short keeps the records it finished.
-# MAX_BATCH=0 skips the largest-batch search (the longest memory stage); ACCURACY=0 skips the two
-# accuracy runs (the longest stages; they can run on their own, e.g. one per GPU).
+# MAX_BATCH=0 skips the largest-batch search (the longest memory stage); ACCURACY=0 skips the
+# accuracy runs (the longest stages; they can run on their own, e.g. one per GPU). ACC_METHODS
+# (default "none division") and SEEDS (default "0") choose them, one run per method and seed;
+# ACC_JOBS (default 1) runs that many at once (three ResNet-18 runs share one H200 well; their
+# images/s are then not those of a run alone).
 #
 # Needs: CUDA; hydra-core, omegaconf, antlr4 and lmdb importable; the CIFAR-10 JPEG copy in
 # .data/cifar10-jpeg (or DIVISION_CIFAR10_JPEG). wandb is not needed (logger=none).
@@ -29,12 +32,18 @@ stage() {  # stage NAME SECONDS ARGS...: one main.py call, bounded, logged to OU
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/versions.txt"
 python -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)" >> "$out/versions.txt"
 
-# Accuracy: ResNet-18 (CIFAR variant) on the CIFAR-10 JPEG copy, same recipe and seed for none and division.
-[[ "${ACCURACY:-1}" == 1 ]] && for method in none division; do
-  stage "accuracy_$method" $(( 60 + 8 * epochs )) mode=train model=resnet18 dataset=imagefolder "dataset.root=$jpeg" \
-    method=$method batch_size=256 train.epochs=$epochs train.lr=0.1 train.weight_decay=5e-4 \
-    precision=bf16 channels_last=true seed=0 group=h200_accuracy
-done
+# Accuracy: ResNet-18 (CIFAR variant) on the CIFAR-10 JPEG copy, the same recipe and seeds for every method.
+if [[ "${ACCURACY:-1}" == 1 ]]; then
+  for seed in ${SEEDS:-0}; do
+    for method in ${ACC_METHODS:-none division}; do
+      while (( $(jobs -rp | wc -l) >= ${ACC_JOBS:-1} )); do wait -n; done
+      stage "accuracy_${method}_s$seed" $(( 60 + 8 * epochs )) mode=train model=resnet18 dataset=imagefolder \
+        "dataset.root=$jpeg" method=$method batch_size=256 train.epochs=$epochs train.lr=0.1 train.weight_decay=5e-4 \
+        precision=bf16 channels_last=true seed=$seed group=h200_accuracy &
+    done
+  done
+  wait
+fi
 # Throughput: ResNet-50, bf16 autocast, channels_last, batch 128 and 256, all compressing methods.
 stage speed 150 -m mode=speed model=resnet50 dataset.image_size=224 dataset.num_classes=1000 \
   precision=bf16 channels_last=true batch_size=128,256 method=none,division,actnn,checkpoint,swap group=h200_speed
