@@ -200,7 +200,9 @@ class ActivationCompressor:
         else:
             packed = self._encode(codec, t, frame.ctx if frame else None)
             self._cache[key] = _CacheEntry(weakref.ref(t, self._forget(key)), t._version, packed)
-            if codec is self.codec:
+            if codec is _SHAPE_ONLY:
+                self._link_relu_mask(t, packed)  # its decode is the mask's (see ShapeOnlyCodec)
+            elif codec is self.codec:
                 if getattr(codec, "relu_zeros", False):
                     self._link_relu_mask(t, packed)
                 if self.prefetcher is not None and hasattr(codec, "decode_ahead"):
@@ -220,7 +222,8 @@ class ActivationCompressor:
 
     def _link_relu_mask(self, t: torch.Tensor, packed: Packed) -> None:
         """``t`` is also a ReLU output kept as its mask (same tensor, same version): give the
-        codec's Packed the mask (``exact.RELU_MASK``), whose zeros its decode then takes."""
+        codec's Packed the mask (``exact.RELU_MASK``), whose zeros (DIVISION with relu_zeros) or
+        whole decode (a pooling input stored by shape only) its decode then takes."""
         entry = self._cache.get((id(t), id(self._relu)))
         if entry is not None and entry.ref() is t and entry.version == t._version:
             packed.meta[RELU_MASK] = entry.packed

@@ -63,6 +63,10 @@ class ReluMaskCodec(_ExactCodec):
         shared = packed.meta.pop(_SHARED, None)  # the ReLU's backward is the last reader
         if shared is not None:
             return shared
+        return self.decode_mask(packed)
+
+    def decode_mask(self, packed: Packed) -> torch.Tensor:
+        """The mask as 0/1 in the output's dtype, whatever a linked codec left with it."""
         return _unpack(packed, self._fast(packed.tensors["bits"]))
 
     def closed_form_nbytes(self, shape, dtype) -> int:
@@ -204,18 +208,37 @@ def _fast_masks(t: torch.Tensor):
 
 
 class ShapeOnlyCodec(ActivationCodec):
-    """A tensor whose values backward never reads (max-pooling's input): no storage at all.
+    """A tensor whose values backward never reads (max- and average-pooling's input): no storage.
 
-    Decodes to a zero-strided view of one zero, which carries the shape, dtype and device.
+    Its backward still reads the tensor's memory format: CUDA's max-pool backward picks its kernel
+    by it and first makes the input contiguous in that format, a full-size copy of anything else
+    (a zero-strided view included). So it decodes to
+    - the decode of the ReLU mask the compressor linked to it (``meta[RELU_MASK]``: the pooled tensor
+      is a ReLU's output), left with the mask for the ReLU's backward, which runs next and takes it
+      (``share_decode``): the full-size tensor that backward needs anyway, one layer earlier;
+    - else, for a channels_last tensor, an uninitialised tensor in that format;
+    - else a zero-strided view of one zero, which carries the shape, dtype and device.
     """
 
     name = "shape_only"
 
     def encode(self, x: torch.Tensor, ctx: Optional[SaveContext] = None) -> Packed:
-        return Packed(self, {}, {"shape": x.shape, "dtype": x.dtype, "device": x.device})
+        return Packed(self, {}, {"shape": x.shape, "dtype": x.dtype, "device": x.device,
+                                 "channels_last": _is_channels_last(x)})
 
     def decode(self, packed: Packed) -> torch.Tensor:
         m = packed.meta
+        mask = m.get(RELU_MASK)
+        if mask is not None and tuple(mask.meta["shape"]) == tuple(m["shape"]) \
+                and mask.meta["dtype"] == m["dtype"]:
+            decoded = shared_decode(mask)
+            if decoded is None:
+                decoded = mask.codec.decode_mask(mask)
+                share_decode(mask, decoded)
+            return decoded
+        if m.get("channels_last"):
+            return torch.empty(m["shape"], dtype=m["dtype"], device=m["device"],
+                               memory_format=torch.channels_last)
         return torch.zeros((), dtype=m["dtype"], device=m["device"]).expand(m["shape"])
 
     def closed_form_nbytes(self, shape, dtype) -> int:

@@ -145,6 +145,11 @@ def test_shape_only_codec():
     out = c.decode(p)
     assert p.nbytes == 0 == c.closed_form_nbytes(x.shape, x.dtype)
     assert out.shape == x.shape and out.dtype == x.dtype
+    assert out.stride() == (0, 0, 0, 0)  # no memory behind it
+    # CUDA's max-pool backward picks its kernel by the input's format: a channels_last input
+    # decodes in that format
+    out = c.decode(c.encode(x.contiguous(memory_format=torch.channels_last)))
+    assert out.shape == x.shape and out.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("cfg", [
@@ -460,6 +465,57 @@ def test_average_pooling_inputs_need_no_storage_and_gradients_stay_exact():
     assert len(pooled) == 3 and all(e.codec == "shape_only" and e.stored_bytes == 0 for e in pooled)
     # inputs (8, 33, 31), (8, 16, 15) and (8, 9, 8) per image, fp32, batch 4
     assert sum(e.plain_bytes for e in pooled) == 4 * (8 * 33 * 31 + 8 * 16 * 15 + 8 * 9 * 8) * 4
+
+
+def make_pooled() -> nn.Module:
+    """ReLU outputs read only by pooling: a max-pool after the stem, an average pool at the end."""
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
+                         nn.Conv2d(16, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                         nn.Linear(32, 4))  # (an output size of 1 is a mean: it saves nothing)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_pooled_relu_outputs_decode_once_for_the_pool_and_the_relu(monkeypatch, channels_last):
+    """A pooling input that is a ReLU output decodes to the ReLU mask's decode, in the output's
+    memory format, and the ReLU's backward takes that same tensor: one unpack per ReLU, nothing else
+    full-size, and gradients identical to plain autograd's."""
+    unpacks, pooled = [], []
+    real_mask, real_shape = ReluMaskCodec.decode_mask, ShapeOnlyCodec.decode
+    monkeypatch.setattr(ReluMaskCodec, "decode_mask", lambda self, p: unpacks.append(p) or real_mask(self, p))
+    monkeypatch.setattr(ShapeOnlyCodec, "decode", lambda self, p: pooled.append(real_shape(self, p)) or pooled[-1])
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = images(hw=12).contiguous(memory_format=fmt)
+    plain, model = make_pooled().to(memory_format=fmt), make_pooled().to(memory_format=fmt)
+    compress_activations(model, RawCodec(), min_numel=1)
+    assert_same_grads(step(plain, x), step(model, x), atol=0)
+    assert len(unpacks) == 2 and len(pooled) == 2  # two ReLUs, each read by one pool
+    for out in pooled:
+        assert out.stride(0) > 0 and out.is_contiguous(memory_format=fmt)
+        assert set(out.unique().tolist()) <= {0.0, 1.0}  # the mask's 0/1 decode
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_gpu_pooled_relu_outputs_exact_gradients(channels_last):
+    """On CUDA the max-pool backward picks its kernel by its input's memory format and reads the
+    argmax indices in that format: the exact codecs' gradients equal plain autograd's in both formats."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    deterministic = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True
+    try:
+        x = torch.randn(8, 3, 40, 40, device="cuda").contiguous(memory_format=fmt)
+        grads = []
+        for compressed in (False, True):
+            model = make_pooled().cuda().to(memory_format=fmt)
+            if compressed:
+                compress_activations(model, RawCodec(), min_numel=1)
+            model(x).square().sum().backward()
+            grads.append([p.grad for p in model.parameters()])
+    finally:
+        torch.backends.cudnn.deterministic = deterministic
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_backend_torch_keeps_the_exact_codecs_on_the_pytorch_path(monkeypatch):
