@@ -3,8 +3,11 @@
 Backward reads saved activations in about the reverse of the order forward saved them, and each
 layer's backward waits for the decode of its input. The compressor links every activation-codec
 ``Packed`` to the one saved before it (``PREVIOUS``). When backward unpacks a Packed, the
-prefetcher starts the decode of the previous one on a side CUDA stream: it runs while this
-layer's backward kernels (mostly compute-bound convolutions) run, and the next unpack finds it done.
+prefetcher starts the decodes of the ``ahead`` Packeds saved before it on a side CUDA stream: they
+run while this layer's backward kernels run, and the next unpacks find them done. Decoding is
+memory-bound, and so is a BatchNorm's backward; a convolution's is compute-bound. With ``ahead``
+= 1 a convolution's input decodes during the BatchNorm backward just before it; with 2 it starts
+one layer earlier, so every decode can overlap a convolution's backward.
 
 Ordering, per prefetched Packed ``p``:
 - the side stream first waits for everything the main stream has queued. The decode's output is
@@ -57,20 +60,35 @@ class DecodePrefetcher:
         self.launched = 0  # decodes started ahead so far
 
     def after_unpack(self, packed: Packed) -> None:
-        """``packed`` was just unpacked: start the decode of the Packed saved before it, if that
-        one still has unpacks to come and fewer than ``ahead`` prefetches are waiting."""
+        """``packed`` was just unpacked: start the decodes of the ``ahead`` Packeds saved before
+        it, nearest first, that still have unpacks to come and are not decoding yet, while fewer
+        than ``ahead`` prefetches are waiting."""
         meta = packed.meta
         meta[_UNPACKED] = meta.get(_UNPACKED, 0) + 1
-        ref = meta.get(PREVIOUS)
-        prev = ref() if ref is not None else None
-        if prev is None or _READY in prev.meta or prev.meta.get(_UNPACKED, 0) >= readers(prev):
-            return
+        prev = packed
+        for _ in range(self.ahead):
+            ref = prev.meta.get(PREVIOUS)
+            prev = ref() if ref is not None else None
+            if prev is None:
+                return
+            if _READY not in prev.meta and prev.meta.get(_UNPACKED, 0) < readers(prev) \
+                    and not self._start(prev):
+                return
+
+    def _start(self, prev: Packed) -> bool:
+        """Start ``prev``'s decode ahead; False if no more can start now."""
+        self._pending = [r for r in self._pending if r() is not None and _READY in r().meta]
+        if len(self._pending) >= self.ahead or not self._queue_join() or not self._launch(prev):
+            return False
+        self._pending.append(weakref.ref(prev))
+        self.launched += 1
+        return True
+
+    def _launch(self, prev: Packed) -> bool:
+        """Queue ``prev``'s decode on the side stream (False, and nothing queued, off CUDA)."""
         device = next(iter(prev.tensors.values())).device
         if device.type != "cuda":
-            return
-        self._pending = [r for r in self._pending if r() is not None and _READY in r().meta]
-        if len(self._pending) >= self.ahead or not self._queue_join():
-            return
+            return False
         main = torch.cuda.current_stream(device)
         side = side_stream(self._streams, device, low_priority=False)  # its output is needed soon
         side.wait_stream(main)
@@ -79,8 +97,7 @@ class DecodePrefetcher:
         done = torch.cuda.Event()
         done.record(side)
         prev.meta[_READY] = (decoded, done, main)
-        self._pending.append(weakref.ref(prev))
-        self.launched += 1
+        return True
 
     def _queue_join(self) -> bool:
         """Queue ``join`` to run when this backward pass ends; False outside a backward pass."""

@@ -68,6 +68,11 @@ def valid_side_stream(value) -> bool:
     return value == "auto" or isinstance(value, bool)
 
 
+def valid_prefetch_ahead(value) -> bool:
+    """An integer >= 1 (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 class CodecMethod(TrainingMethod):
     """Conv / norm / linear inputs through ``codec``; exact masks for ReLU, dropout and max-pooling.
 
@@ -75,17 +80,20 @@ class CodecMethod(TrainingMethod):
     overlap the forward pass's convolutions. "auto": only in steps captured in a CUDA graph; in
     eager steps the stream bookkeeping adds host time to a step that is already host-bound.
     prefetch_decode: in backward, decode the next activation on a side CUDA stream while this
-    layer's backward runs (``division.decode_prefetch``; one more decoded activation alive at a
-    time). Same choices as side_stream.
+    layer's backward runs (``division.decode_prefetch``). Same choices as side_stream.
+    prefetch_ahead: how many activations ahead those decodes start (an integer >= 1); each one
+    more decoded activation alive at a time.
     """
 
     def __init__(self, name: str, codec: ActivationCodec, *, exact_masks: bool = True,
                  min_numel: int = 1024, exact_kernels: bool = True, side_stream="auto",
-                 prefetch_decode="auto") -> None:
+                 prefetch_decode="auto", prefetch_ahead: int = 1) -> None:
         super().__init__()
         for knob, value in (("side_stream", side_stream), ("prefetch_decode", prefetch_decode)):
             if not valid_side_stream(value):
                 raise ValueError(f"{knob} must be one of {SIDE_STREAM_CHOICES}, got {value!r}")
+        if not valid_prefetch_ahead(prefetch_ahead):
+            raise ValueError(f"prefetch_ahead must be an integer >= 1, got {prefetch_ahead!r}")
         self.name = name
         self.codec = codec
         self.exact_masks = exact_masks
@@ -93,10 +101,11 @@ class CodecMethod(TrainingMethod):
         self.exact_kernels = exact_kernels  # False: the masks' PyTorch path too (backend=torch)
         self.side_stream = side_stream
         self.prefetch_decode = prefetch_decode
+        self.prefetch_ahead = prefetch_ahead
 
     def attach(self, model: nn.Module, ledger: Optional[ByteLedger] = None) -> nn.Module:
         stream = SideStreamEncoder() if self.side_stream is True else None
-        prefetcher = DecodePrefetcher() if self.prefetch_decode is True else None
+        prefetcher = DecodePrefetcher(self.prefetch_ahead) if self.prefetch_decode is True else None
         self.compressor = compress_activations(model, self.codec, exact_masks=self.exact_masks,
                                                min_numel=self.min_numel, ledger=ledger,
                                                exact_kernels=self.exact_kernels, encode_stream=stream,
@@ -109,7 +118,7 @@ class CodecMethod(TrainingMethod):
         if self.side_stream == "auto" and self.compressor.encode_stream is None:
             self.compressor.encode_stream = SideStreamEncoder()
         if self.prefetch_decode == "auto" and self.compressor.prefetcher is None:
-            self.compressor.prefetcher = DecodePrefetcher()
+            self.compressor.prefetcher = DecodePrefetcher(self.prefetch_ahead)
 
     def describe(self) -> dict[str, Any]:
         knobs = self.codec.describe()
@@ -118,12 +127,12 @@ class CodecMethod(TrainingMethod):
 
 def _division(block_size: int = 8, bits: int = 2, rounding: str = "stochastic", keep_lfc: bool = True,
               keep_hfc: bool = True, simulate: bool = False, backend: str = "auto", relu_zeros: bool = True,
-              side_stream="auto", prefetch_decode="auto", **_) -> TrainingMethod:
+              side_stream="auto", prefetch_decode="auto", prefetch_ahead: int = 1, **_) -> TrainingMethod:
     from .backends import division_codec
     codec = division_codec(backend=backend, block_size=block_size, bits=bits, rounding=rounding,
                            keep_lfc=keep_lfc, keep_hfc=keep_hfc, simulate=simulate, relu_zeros=relu_zeros)
     return CodecMethod("division", codec, exact_kernels=backend != "torch", side_stream=side_stream,
-                       prefetch_decode=prefetch_decode)
+                       prefetch_decode=prefetch_decode, prefetch_ahead=prefetch_ahead)
 
 
 _REGISTRY: dict[str, Callable[..., TrainingMethod]] = {

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from division.methods import valid_side_stream
+from division.methods import valid_prefetch_ahead, valid_side_stream
 from division.packing import SUPPORTED_BITS
 
 
@@ -25,6 +25,8 @@ def validate(cfg) -> None:
     for knob in ("side_stream", "prefetch_decode"):
         if knob in method and not valid_side_stream(method[knob]):
             _fail(f"method.{knob}", method[knob], "use auto, true or false")
+    if "prefetch_ahead" in method and not valid_prefetch_ahead(method.prefetch_ahead):
+        _fail("method.prefetch_ahead", method.prefetch_ahead, "use an integer >= 1")
     if "relu_zeros" in method and not isinstance(method.relu_zeros, bool):
         _fail("method.relu_zeros", method.relu_zeros, "use true or false")
     if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:

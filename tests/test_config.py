@@ -50,6 +50,7 @@ def test_experiment_presets_compose_into_valid_configs():
     ("train.eval_every=0", "train.eval_every", ">= 1"),
     ("method.side_stream=sometimes", "method.side_stream", "auto, true or false"),
     ("method.prefetch_decode=1", "method.prefetch_decode", "auto, true or false"),
+    ("method.prefetch_ahead=0", "method.prefetch_ahead", "integer >= 1"),
     ("method.relu_zeros=maybe", "method.relu_zeros", "true or false"),
 ])
 def test_bad_values_are_rejected_with_key_value_and_allowed(override, key, allowed, tmp_path):

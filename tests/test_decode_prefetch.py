@@ -9,13 +9,15 @@ on).
 from __future__ import annotations
 
 import copy
+import weakref
 
 import pytest
 import torch
 from torch import nn
 
 import division
-from division.decode_prefetch import PREVIOUS, DecodePrefetcher
+from division.codec import Packed, RawCodec
+from division.decode_prefetch import _READY, PREVIOUS, DecodePrefetcher
 from tests.helpers import train_side_by_side
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -24,6 +26,39 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 def test_ahead_must_be_positive():
     with pytest.raises(ValueError, match="ahead must be at least 1"):
         DecodePrefetcher(ahead=0)
+
+
+@pytest.mark.parametrize("ahead, started_at", [
+    (1, {4: 5, 3: 4, 2: 3, 1: 2, 0: 1}),
+    (2, {4: 5, 3: 5, 2: 4, 1: 3, 0: 2}),
+    (3, {4: 5, 3: 5, 2: 5, 1: 4, 0: 3}),
+])
+def test_decodes_start_ahead_in_the_reverse_of_save_order(monkeypatch, ahead, started_at):
+    """Six saves p0..p5 unpacked in reverse: p_k's decode starts at the unpack of p_{k+ahead}
+    (at p5's for the first ones), nearest first, with never more than ``ahead`` waiting."""
+    saved = []
+    for k in range(6):
+        saved.append(Packed(RawCodec(), {"x": torch.zeros(1)}, {PREVIOUS: weakref.ref(saved[-1]) if saved else None}))
+    prefetcher = DecodePrefetcher(ahead)
+    started, waiting = {}, []
+    monkeypatch.setattr(prefetcher, "_queue_join", lambda: True)
+
+    def launch(packed):
+        packed.meta[_READY] = "decoded"
+        waiting.append(packed)
+        started[saved.index(packed)] = unpacking
+        return True
+    monkeypatch.setattr(prefetcher, "_launch", launch)
+    peak = 0
+    for unpacking in range(5, -1, -1):
+        packed = saved[unpacking]
+        if packed.meta.pop(_READY, None) is not None:  # the codec's decode takes it
+            waiting.remove(packed)
+        prefetcher.after_unpack(packed)
+        peak = max(peak, len(waiting))
+    assert started == started_at
+    assert list(started) == sorted(started, reverse=True)  # nearest first
+    assert peak == ahead and prefetcher.launched == 5
 
 
 def _step(model, x):
@@ -47,7 +82,7 @@ def test_saves_link_to_the_previous_one_and_cpu_decodes_stay_inline():
     ahead.attach(net)
     saved = []
     encode = ahead.compressor._encode
-    ahead.compressor._encode = lambda codec, t, ctx: saved.append(encode(codec, t, ctx)) or saved[-1]
+    ahead.compressor._encode = lambda *args: saved.append(encode(*args)) or saved[-1]
     want = _step(plain.compressor.model, x)
     got = _step(net, x)
     assert all(torch.equal(a, b) for a, b in zip(want, got))
@@ -60,12 +95,14 @@ def test_saves_link_to_the_previous_one_and_cpu_decodes_stay_inline():
 
 @pytest.mark.gpu
 @needs_cuda
-def test_gpu_prefetched_training_is_bit_identical():
+@pytest.mark.parametrize("ahead", [1, 2])
+def test_gpu_prefetched_training_is_bit_identical(ahead):
     """ResNet-20, bf16 channels_last, DIVISION with nearest rounding (deterministic), four SGD
     steps: with decodes prefetched on a side stream the weights end where they end without,
     bit for bit, and decodes did run ahead. A prefetched decode read before it finished, or
     written into memory the main stream still read, would not give this."""
-    methods = [division.build_method("division", rounding="nearest", prefetch_decode=p) for p in (False, True)]
+    methods = [division.build_method("division", rounding="nearest", prefetch_decode=p, prefetch_ahead=ahead)
+               for p in (False, True)]
     inline, ahead = train_side_by_side(methods)
     for a, b in zip(inline.values(), ahead.values()):
         assert torch.equal(a, b)
