@@ -11,6 +11,11 @@
   parameters, tiny tensors and anything saved elsewhere are kept as they are.
 The model itself is untouched: same modules, same ``state_dict``. ``remove()`` uninstalls.
 
+A ReLU output that the next save encodes through the activation codec (a convolution's input) gets
+its mask from that encode where the codec can pack it while it reads the output
+(``packs_relu_mask``: the fused CUDA encode of channels_last maps): the mask's Packed is reserved at
+the ReLU's save and filled by the encode, or packed on its own at the next save or the end of forward.
+
 A tensor saved twice (a ResNet block input read by conv1 and by the downsample conv) is encoded and
 stored once. The cache that makes this possible is keyed by the tensor's identity, which is held
 by a weak reference: an entry dies with its tensor, so a new tensor that reuses the freed memory
@@ -106,6 +111,9 @@ class ActivationCompressor:
         self.encode_stream = encode_stream
         self.prefetcher = prefetcher
         self._last_saved: Optional[weakref.ref] = None  # the codec's latest Packed (prefetch order)
+        # A ReLU mask whose bits the next save may write: (output, its version, the mask's Packed)
+        self._pending_mask: Optional[tuple[torch.Tensor, int, Packed]] = None
+        self._fuse_masks = exact_kernels and hasattr(codec, "packs_relu_mask")
         self._stack: list[_Frame] = []
         self._cache: dict[tuple[int, int], _CacheEntry] = {}
         self._plain_seen: dict[int, weakref.ref] = {}
@@ -146,6 +154,7 @@ class ActivationCompressor:
         self._cache.clear()
         self._plain_seen.clear()
         self._last_saved = None
+        self._pending_mask = None
         if self.prefetcher is not None:
             self.prefetcher.join()  # a backward that stopped early may have left a decode behind
         if self.ledger is not None:
@@ -158,6 +167,7 @@ class ActivationCompressor:
             return
         self._hooks_ctx.__exit__(None, None, None)
         self._hooks_ctx = None
+        self._settle_mask(None, None)
         if self.encode_stream is not None:
             self.encode_stream.join()  # backward reads finished codes
         self._stack.clear()
@@ -194,11 +204,18 @@ class ActivationCompressor:
         key = (id(t), id(codec))
         entry = self._cache.get(key)
         shared = entry is not None and entry.ref() is t and entry.version == t._version
+        relu_bits = None
+        if self._pending_mask is not None and codec is not _RAW:
+            relu_bits = self._settle_mask(None if shared else t, codec)
         if shared:
             packed = entry.packed
             add_reader(packed)
         else:
-            packed = self._encode(codec, t, frame.ctx if frame else None)
+            if codec is self._relu and self._fuse_masks and self.codec.packs_relu_mask(t):
+                packed = self._relu.reserve(t)  # bits written by the next save (_settle_mask)
+                self._pending_mask = (t, t._version, packed)
+            else:
+                packed = self._encode(codec, t, frame.ctx if frame else None, relu_bits)
             self._cache[key] = _CacheEntry(weakref.ref(t, self._forget(key)), t._version, packed)
             if codec is _SHAPE_ONLY:
                 self._link_relu_mask(t, packed)  # its decode is the mask's (see ShapeOnlyCodec)
@@ -228,10 +245,31 @@ class ActivationCompressor:
         if entry is not None and entry.ref() is t and entry.version == t._version:
             packed.meta[RELU_MASK] = entry.packed
 
-    def _encode(self, codec: ActivationCodec, t: torch.Tensor, ctx: Optional[SaveContext]) -> Packed:
-        if self.encode_stream is None or codec is _RAW or codec is _SHAPE_ONLY:
+    def _encode(self, codec: ActivationCodec, t: torch.Tensor, ctx: Optional[SaveContext],
+                relu_bits: Optional[torch.Tensor] = None) -> Packed:
+        if relu_bits is not None:
+            return self._run(lambda x: codec.encode(x, ctx, relu_mask=relu_bits), t)
+        if codec is _RAW or codec is _SHAPE_ONLY:
             return codec.encode(t, ctx)  # nothing to overlap: no kernel runs
-        return self.encode_stream.run(lambda x: codec.encode(x, ctx), t)
+        return self._run(lambda x: codec.encode(x, ctx), t)
+
+    def _run(self, work, t: torch.Tensor):
+        """``work(t)``, on the encode stream if there is one."""
+        return work(t) if self.encode_stream is None else self.encode_stream.run(work, t)
+
+    def _settle_mask(self, t: Optional[torch.Tensor], codec: Optional[ActivationCodec]) -> Optional[torch.Tensor]:
+        """Resolve the pending ReLU mask at the next save through a codec (or the end of forward):
+        if that save encodes the ReLU's output itself through the activation codec, return the
+        mask's bits for that encode to fill (one read of the output for both); else pack them now.
+        The output cannot change in between: autograd refuses in-place changes to a tensor it saved."""
+        pending, self._pending_mask = self._pending_mask, None
+        if pending is None:
+            return None
+        out, version, mask = pending
+        if t is out and out._version == version and codec is self.codec:
+            return mask.tensors["bits"]
+        self._run(lambda x: self._relu.fill(mask, x), out)
+        return None
 
     def _forget(self, key):
         cache = self._cache

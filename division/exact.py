@@ -65,6 +65,19 @@ class ReluMaskCodec(_ExactCodec):
             return shared
         return self.decode_mask(packed)
 
+    def reserve(self, x: torch.Tensor) -> Packed:
+        """The mask's Packed with its bits not yet written: ``fill`` writes them, or an activation
+        codec's encode of the same tensor does (``packs_relu_mask``)."""
+        bits = torch.empty(packed_nbytes(x.numel(), 1), dtype=torch.uint8, device=x.device)
+        return Packed(self, {"bits": bits}, _mask_meta(x))
+
+    def fill(self, packed: Packed, x: torch.Tensor) -> None:
+        """Write x's mask into a ``reserve``d Packed (the bits ``encode`` stores)."""
+        bits = packed.tensors["bits"]
+        fast = self._fast(x)
+        if fast is None or fast.pack(x, False, out=bits) is None:
+            bits.copy_(_pack(x, False, None))
+
     def decode_mask(self, packed: Packed) -> torch.Tensor:
         """The mask as 0/1 in the output's dtype, whatever a linked codec left with it."""
         return _unpack(packed, self._fast(packed.tensors["bits"]))

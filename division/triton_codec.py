@@ -24,6 +24,8 @@ encode
               subtraction is monotone. mode 0 (NHWC default): 4-D tiles [G, kh, blocks, kw].
             block mean = sum / count of valid elements (IEEE division), rounded to bf16 = the LFC;
             mn = min HFC rounded down to bf16, step = (max - mn) / (2^Q - 1) rounded up to bf16.
+            Asked for x's ReLU mask (``relu_mask``, NHWC mode 0 with G of 8 to 64), it also stores
+            ``x > 0`` as one G-bit word per pixel: the exact ReLU mask's bits, no second read of x.
     pass 2  re-reads x (this program read it moments ago: L2 hits), subtracts the stored LFC and mn,
             divides by step, adds u (stochastic) or 0.5 (nearest), clamps, packs PB = 8 // Q codes
             per byte and stores the bytes. Rows whose width and block width are multiples of PB
@@ -243,8 +245,31 @@ def _relu_masked_words(val, word, g, TINY: tl.constexpr):
     return tl.where(bit != 0, tl.maximum(val, TINY), 0.0)
 
 
+@triton.jit
+def _store_mask_words(maskw_ptr, xv, pix0, hb, wb, group, CG, H: tl.constexpr, W: tl.constexpr,
+                      KH: tl.constexpr, KW: tl.constexpr, TKH: tl.constexpr, TKW: tl.constexpr,
+                      G: tl.constexpr, FULL: tl.constexpr):
+    """The ReLU mask of an NHWC tile [G, TKH, WBC, TKW] (one block row of G channels): ``xv > 0``
+    as one G-bit word per pixel, the words ``_mask_words`` reads (channel c0 + g is bit g). Block
+    columns past the map repeat the last block, so a few words are stored twice, with equal values."""
+    if G > 32:
+        bits = (xv > 0).to(tl.int64) << tl.arange(0, G).to(tl.int64)[:, None, None, None]
+    else:
+        bits = (xv > 0).to(tl.int32) << tl.arange(0, G)[:, None, None, None]
+    word = tl.sum(bits, axis=0)                                   # disjoint bits: the sum is the OR
+    ii = tl.arange(0, TKH)[:, None, None]
+    jj = tl.arange(0, TKW)[None, None, :]
+    hh = hb * KH + ii
+    ww = wb[None, :, None] * KW + jj
+    ptrs = maskw_ptr + (pix0 + hh * W + ww) * CG + group
+    if FULL:
+        tl.store(ptrs, word.to(maskw_ptr.dtype.element_ty))
+    else:
+        tl.store(ptrs, word.to(maskw_ptr.dtype.element_ty), mask=(ii < KH) & (hh < H) & (jj < KW) & (ww < W))
+
+
 @triton.jit(do_not_specialize=["seed"])
-def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_ptr, seed, C, CG,
+def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_ptr, maskw_ptr, seed, C, CG,
                    H: tl.constexpr, W: tl.constexpr, HW: tl.constexpr,
                    KH: tl.constexpr, KW: tl.constexpr, HB: tl.constexpr, WB: tl.constexpr,
                    TKH: tl.constexpr, TKW: tl.constexpr, WBC: tl.constexpr, NWC: tl.constexpr,
@@ -256,7 +281,7 @@ def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_p
                    EXACT: tl.constexpr, MODE: tl.constexpr, RCP_LEVELS: tl.constexpr,
                    SEED_PTR: tl.constexpr, PHASE: tl.constexpr, SPLIT: tl.constexpr,
                    SPLIT_P2: tl.constexpr, HBS: tl.constexpr, CODES_CL: tl.constexpr,
-                   FMA_Q: tl.constexpr):
+                   FMA_Q: tl.constexpr, PACK_MASK: tl.constexpr):
     if SEED_PTR:
         # Under a CUDA graph: the host's seed is frozen into the graph, so mix in a device
         # counter that the replayed graph advances before every encode (see graph_seed_counter).
@@ -356,6 +381,9 @@ def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_p
                     else:
                         m = (ii < KH) & (hh < H) & (jj < KW) & (ww < W)
                         xv = tl.load(ptrs, mask=m, other=0.0, eviction_policy="evict_last").to(tl.float32)
+                    if PACK_MASK:
+                        _store_mask_words(maskw_ptr, xv, n * HW, hb, wb, pid - n * CG, CG, H, W, KH, KW,
+                                          TKH, TKW, G, FULL_H and FULL_W)
                     sums = tl.sum(tl.sum(xv, axis=3), axis=1)                  # [G, WBC]
                     cnt = (rows * tl.minimum(W - wb * KW, KW)).to(tl.float32)  # valid elements per block
                     lf16 = _to_bf16(tl.math.div_rn(sums, cnt[None, :]), EXACT)
@@ -813,6 +841,7 @@ TUNING: dict[str, Any] = {
                                # many warps per SM (0: never split)
     "narrow_pixel_bytes": 16,  # channels_last maps with narrower pixels (C * itemsize bytes) are
                                # coded from a contiguous copy (0: never)
+    "relu_mask_in_encode": True,  # an encode of a ReLU output packs its mask too (packs_relu_mask)
 }
 
 
@@ -1058,12 +1087,33 @@ class TritonDivisionCodec(DivisionCodec):
         return self._seed_gen.getrandbits(31)
 
     # ------------------------------------------------------------------------- encode / decode
-    def encode(self, x: torch.Tensor, ctx: Optional[SaveContext] = None) -> Packed:
+    def _plan_of(self, x: torch.Tensor) -> tuple[Optional[Plan], Optional[torch.Tensor], bool]:
+        """(plan, x as maps, channels_last); plan None: the reference path."""
         plan = maps = None
+        cl = False
         if self._fast() and isinstance(x, torch.Tensor) and runs_here(x):
             maps, cl = self._as_maps(x)
             if maps is not None:
                 plan = self.plan_for(maps.shape, x.dtype, cl, x.device)
+        return plan, maps, cl
+
+    def packs_relu_mask(self, x: torch.Tensor) -> bool:
+        """Can ``encode(x, relu_mask=...)`` write x's ReLU mask (``x > 0``, one bit per element in
+        storage order, the exact ReLU mask's bits) while it reads x? For channels_last maps coded
+        by NHWC programs of 8 to 64 channels, which store one G-bit word per pixel; the mask's own
+        pack would read all of x once more."""
+        if not TUNING["relu_mask_in_encode"]:
+            return False
+        plan, _, _ = self._plan_of(x)
+        return plan is not None and plan.channels_last and plan.mode == 0 and plan.g in _MASK_WORDS
+
+    def encode(self, x: torch.Tensor, ctx: Optional[SaveContext] = None,
+               relu_mask: Optional[torch.Tensor] = None) -> Packed:
+        """``relu_mask``: a uint8 tensor of ``packed_nbytes(x.numel(), 1)`` bytes that the encode
+        fills with x's ReLU mask; only where ``packs_relu_mask(x)``."""
+        plan, maps, cl = self._plan_of(x)
+        if relu_mask is not None and not self.packs_relu_mask(x):
+            raise ValueError("this encode cannot pack a ReLU mask (see packs_relu_mask)")
         if plan is None:
             return super().encode(x, ctx)
         geom: Geometry = self.geometry(x.shape, x.dtype)
@@ -1074,7 +1124,7 @@ class TritonDivisionCodec(DivisionCodec):
             meta["codes_order"] = CODES_NHWC
         if cl and not plan.channels_last:
             maps = maps.contiguous()  # a narrow channels_last map: coded as its NCHW copy
-        tensors = self._encode_kernel(maps, plan)
+        tensors = self._encode_kernel(maps, plan, relu_mask=relu_mask)
         return Packed(self, tensors, meta)
 
     def _as_maps(self, x: torch.Tensor) -> tuple[Optional[torch.Tensor], bool]:
@@ -1090,9 +1140,11 @@ class TritonDivisionCodec(DivisionCodec):
         return None, False
 
     def _encode_kernel(self, x: torch.Tensor, plan: Plan, seed: Optional[int] = None,
-                       counter: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+                       counter: Optional[torch.Tensor] = None,
+                       relu_mask: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """Launch the encode. ``counter``: an int32 device scalar hashed into the seed by the kernel
-        (``(counter * 0x85EBCA6B + seed) mod 2^31``); taken, and advanced first, when capturing."""
+        (``(counter * 0x85EBCA6B + seed) mod 2^31``); taken, and advanced first, when capturing.
+        ``relu_mask``: bits to fill with x's ReLU mask (``packs_relu_mask`` plans only)."""
         n, c, h, w = plan.n, plan.c, plan.h, plan.w
         dev = x.device
         lfc = torch.empty((n, c, plan.hb, plan.wb), dtype=torch.bfloat16, device=dev,
@@ -1116,11 +1168,14 @@ class TritonDivisionCodec(DivisionCodec):
             if len(phases) > 1 else step
         # C and CG are fixed by the plan, so the plan, x's dtype and alignment and the flags are
         # all the specialisation there is (outputs and the counter are fresh allocations: aligned).
+        words = step if relu_mask is None else relu_mask.view(_MASK_WORDS[plan.g])  # step: any pointer
         for phase in phases:
-            _ENCODE.launch((plan, phase, x.dtype, aligned(x), stochastic, rng, from_counter, dev.index),
-                           plan.encode_grid, (x, lfc, codes, mn, step, part, counter, seed, c, c // plan.g),
+            pack_mask = relu_mask is not None and phase != 2  # pass 1 (phases 0 and 1) reads all of x
+            _ENCODE.launch((plan, phase, x.dtype, aligned(x), stochastic, rng, from_counter, pack_mask, dev.index),
+                           plan.encode_grid, (x, lfc, codes, mn, step, part, counter, words, seed, c, c // plan.g),
                            lambda: dict(STOCHASTIC=stochastic, RNG=rng, SEED_PTR=from_counter,
-                                        FMA_Q=stochastic and plan.fma_q, **plan.encode_constexprs(phase)),
+                                        FMA_Q=stochastic and plan.fma_q, PACK_MASK=pack_mask,
+                                        **plan.encode_constexprs(phase)),
                            plan.enc_warps)
         return {"lfc": lfc, "codes": codes, "mn": mn, "step": step}
 

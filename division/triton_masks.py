@@ -93,13 +93,13 @@ def _launch_args(n: int) -> tuple[tuple[int], bool, bool]:
     return (triton.cdiv(n, 8 * _BYTES),), n >= INT32_LIMIT, n % (8 * _BYTES) == 0
 
 
-def pack(x: torch.Tensor, nonzero: bool) -> Optional[torch.Tensor]:
-    """``x > 0`` (or ``x != 0`` with ``nonzero``) at one bit per element, in storage order;
-    None if the kernel does not apply."""
+def pack(x: torch.Tensor, nonzero: bool, out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """``x > 0`` (or ``x != 0`` with ``nonzero``) at one bit per element, in storage order, into
+    ``out`` if given; None if the kernel does not apply."""
     if not applies(x):
         return None
     n = x.numel()
-    bits = torch.empty(packed_nbytes(n, 1), dtype=torch.uint8, device=x.device)
+    bits = torch.empty(packed_nbytes(n, 1), dtype=torch.uint8, device=x.device) if out is None else out
     if n:
         if x.dtype == torch.bool:
             x = x.view(torch.uint8)  # same bytes; Triton loads bool pointers as 1-bit integers

@@ -571,8 +571,88 @@ def check_relu_zeros(device, cases=RELU_ZERO_CASES):
         assert torch.equal(got == 0, x == 0) and torch.equal(got, ref.decode(pr)), shape
 
 
+# (shape, dtype, block size, split planes, tuning): channels_last maps whose NHWC programs have
+# 8 to 64 channels, one G-bit mask word per pixel
+MASK_IN_ENCODE_CASES = [((2, 64, 16, 16), torch.bfloat16, 8, False, {}),
+                        ((2, 128, 8, 8), torch.float32, 8, False, {}),
+                        ((2, 64, 7, 7), torch.float16, 8, False, {}),              # partial blocks
+                        ((2, 16, 12, 20), torch.float32, 4, False, {}),
+                        ((2, 32, 8, 8), torch.float32, 8, False, {"g": 8, "cl_min_bytes": 0}),
+                        ((2, 128, 8, 8), torch.bfloat16, 8, False, {"g": 64}),
+                        ((2, 32, 40, 16), torch.bfloat16, 8, True, {})]            # phase 1 writes it
+
+
+def check_relu_mask_in_encode(device, cases=MASK_IN_ENCODE_CASES):
+    """An encode asked for its input's ReLU mask writes every byte of the exact mask (the bits
+    division/exact.py's PyTorch path packs) and stores the codes it stores without; inputs it
+    cannot do this for say so."""
+    from division import triton_codec as tc
+    from division.exact import ReluMaskCodec
+    from division.packing import packed_nbytes
+    old = dict(tc.TUNING)
+    try:
+        for i, (shape, dtype, block, split, tuning) in enumerate(cases):
+            tc.TUNING.update(split_warps_per_sm=1 << 20 if split else 0, **tuning)
+            x = random_input(shape, dtype, True, seed=i, device=device)
+            x[x.abs() < 0.5] = 0.0
+            codec = tc.TritonDivisionCodec(block_size=block, rounding="nearest")
+            plan = _assert_fast(codec, x)
+            assert codec.packs_relu_mask(x) and plan.encode_phases == ((1, 2) if split else (0,)), shape
+            assert plan.g == tuning.get("g", plan.g), (shape, plan.g)
+            bits = torch.full((packed_nbytes(x.numel(), 1),), 0x5A, dtype=torch.uint8, device=device)
+            fused, plain = codec.encode(x, relu_mask=bits), codec.encode(x)
+            assert torch.equal(bits, _exact_reference(lambda: ReluMaskCodec().encode(x).tensors["bits"])), shape
+            for k in plain.tensors:
+                assert torch.equal(fused.tensors[k], plain.tensors[k]), (shape, k)
+            tc.TUNING.clear()
+            tc.TUNING.update(old)
+        codec = tc.TritonDivisionCodec()
+        for x in (random_input((2, 64, 8, 8), device=device),                               # NCHW
+                  random_input((2, 3, 16, 16), torch.bfloat16, True, device=device)):        # narrow
+            assert not codec.packs_relu_mask(x)
+            with pytest.raises(ValueError, match="cannot pack a ReLU mask"):
+                codec.encode(x, relu_mask=torch.empty(x.numel() // 8, dtype=torch.uint8, device=device))
+    finally:
+        tc.TUNING.clear()
+        tc.TUNING.update(old)
+
+
+def check_relu_masks_from_encodes_in_training(device):
+    """In a model, the ReLU outputs a convolution reads get their masks from that convolution's
+    encode, the others from the mask's own pack, and the gradients are those without fusing."""
+    from torch import nn
+    from division.compressor import compress_activations
+    from division.exact import ReluMaskCodec
+    from division.triton_codec import TritonDivisionCodec
+    fills = []
+    real_fill = ReluMaskCodec.fill
+    ReluMaskCodec.fill = lambda self, packed, x: fills.append(tuple(x.shape)) or real_fill(self, packed, x)
+    try:
+        x = random_input((4, 3, 16, 16), channels_last=True, device=device)
+        grads = {}
+        for fuse in (False, True):
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
+                                  nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, 4))
+            model = model.to(device).to(memory_format=torch.channels_last)
+            compressor = compress_activations(model, TritonDivisionCodec(rounding="nearest"), min_numel=1)
+            compressor._fuse_masks = fuse
+            fills.clear()
+            model(x).square().sum().backward()
+            grads[fuse] = [p.grad for p in model.parameters()]
+            # fused: only the last ReLU's mask (read by the pool, not by a convolution) packs itself
+            assert fills == ([(4, 32, 16, 16)] if fuse else []), fills
+        for a, b in zip(grads[False], grads[True]):
+            assert torch.equal(a, b)
+    finally:
+        ReluMaskCodec.fill = real_fill
+
+
 CPU_CHECKS = {
     "relu_zeros": lambda: check_relu_zeros("cpu"),
+    "relu_mask_in_encode": lambda: check_relu_mask_in_encode("cpu"),
+    "relu_masks_in_training": lambda: check_relu_masks_from_encodes_in_training("cpu"),
     "masks": lambda: check_masks("cpu"),
     "seed_counter": lambda: check_seed_counter("cpu"),
     "maxpool_offsets": lambda: check_maxpool_offsets("cpu"),
@@ -753,6 +833,16 @@ def test_gpu_masks():
 def test_gpu_relu_zeros():
     check_relu_zeros("cuda", RELU_ZERO_CASES + [((16, 256, 56, 56), True, torch.bfloat16),
                                                 ((16, 2048, 7, 7), True, torch.bfloat16)])
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_relu_mask_in_encode():
+    # small maps on many SMs take groups of fewer than 8 channels: each case names its group
+    groups = [(shape, dtype, block, split, {"g": g, "cl_min_bytes": 0})
+              for (shape, dtype, block, split, _), g in zip(MASK_IN_ENCODE_CASES, (32, 16, 32, 16, 8, 64, 32))]
+    check_relu_mask_in_encode("cuda", groups + [((16, 256, 56, 56), torch.bfloat16, 8, False, {}),
+                                                ((16, 256, 56, 56), torch.bfloat16, 8, True, {})])
 
 
 @pytest.mark.gpu
