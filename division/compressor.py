@@ -16,6 +16,10 @@ its mask from that encode where the codec can pack it while it reads the output
 (``packs_relu_mask``: the fused CUDA encode of channels_last maps): the mask's Packed is reserved at
 the ReLU's save and filled by the encode, or packed on its own at the next save or the end of forward.
 
+With ``norm_from_codes``, a BatchNorm's forward runs under ``division.norm_from_codes.NormFromCodes``
+(entered and left by the module's hooks): where the codec's fused kernels can store its input, the
+input is encoded here and the backward reads the codes, with no decoded input in memory.
+
 A tensor saved twice (a ResNet block input read by conv1 and by the downsample conv) is encoded and
 stored once. The cache that makes this possible is keyed by the tensor's identity, which is held
 by a weak reference: an entry dies with its tensor, so a new tensor that reuses the freed memory
@@ -37,6 +41,7 @@ from .encode_stream import SideStreamEncoder
 from .exact import (RELU_MASK, BoolMaskCodec, DropoutMaskCodec, MaxPoolIndexCodec, ReluMaskCodec,
                     ShapeOnlyCodec, add_reader)
 from .ledger import ByteLedger, LedgerEntry
+from .norm_from_codes import NormFromCodes
 
 # Module families whose saved input goes through the activation codec.
 ACTIVATION_KINDS = ("conv", "norm", "linear")
@@ -68,6 +73,7 @@ class _Frame:
     module: nn.Module
     input: Optional[torch.Tensor]
     param_shapes: tuple = field(default_factory=tuple)
+    norm_mode: Optional["NormFromCodes"] = None  # entered for this module's forward (BatchNorm)
 
 
 @dataclass
@@ -93,12 +99,15 @@ class ActivationCompressor:
     encode_stream: a ``SideStreamEncoder`` to run CUDA encodes on a side stream (None: inline).
     prefetcher: a ``DecodePrefetcher`` to decode ahead of backward on a side stream (None: each
         decode when its layer's backward asks for it).
+    norm_from_codes: BatchNorm layers whose input the codec stores in the fused kernels' format
+        compute their backward from the codes (``division.norm_from_codes``); needs a codec with
+        ``norm_plan``.
     """
 
     def __init__(self, model: nn.Module, codec: Optional[ActivationCodec], *, exact_masks: bool = True,
                  min_numel: int = 1024, ledger: Optional[ByteLedger] = None, exact_kernels: bool = True,
                  encode_stream: Optional[SideStreamEncoder] = None,
-                 prefetcher: Optional[DecodePrefetcher] = None):
+                 prefetcher: Optional[DecodePrefetcher] = None, norm_from_codes: bool = False):
         self.model = model
         self.codec = codec
         self.exact_masks = exact_masks
@@ -114,6 +123,10 @@ class ActivationCompressor:
         # A ReLU mask whose bits the next save may write: (output, its version, the mask's Packed)
         self._pending_mask: Optional[tuple[torch.Tensor, int, Packed]] = None
         self._fuse_masks = exact_kernels and hasattr(codec, "packs_relu_mask")
+        self.norm_mode: Optional[NormFromCodes] = None
+        if norm_from_codes and hasattr(codec, "norm_plan"):
+            self.norm_mode = NormFromCodes(codec.norm_plan, self._store_norm_input, self._save_as_is)
+        self._saving_as_is = False
         self._stack: list[_Frame] = []
         self._cache: dict[tuple[int, int], _CacheEntry] = {}
         self._plain_seen: dict[int, weakref.ref] = {}
@@ -186,16 +199,39 @@ class ActivationCompressor:
                 if param_shapes is None:
                     param_shapes = tuple(p.shape for p in module.parameters(recurse=False))
                 first = args[0] if args and isinstance(args[0], torch.Tensor) else None
-                self._stack.append(_Frame(ctx, module, first, param_shapes))
+                mode = self.norm_mode if isinstance(module, nn.modules.batchnorm._BatchNorm) else None
+                self._stack.append(_Frame(ctx, module, first, param_shapes, mode))
+                if mode is not None:
+                    mode.__enter__()  # only this module's own calls go through it
         return push
 
     def _pop(self, module, args, output) -> None:
         if self._stack and self._stack[-1].module is module:
-            self._stack.pop()
+            frame = self._stack.pop()
+            if frame.norm_mode is not None:
+                frame.norm_mode.__exit__(None, None, None)
+
+    def _save_as_is(self, ctx, tensors) -> None:
+        """``ctx.save_for_backward(*tensors)`` past the codecs and the ledger: a BatchNorm's codes
+        (recorded by ``_store_norm_input``) and its per-channel statistics."""
+        self._saving_as_is = True
+        try:
+            ctx.save_for_backward(*tensors)
+        finally:
+            self._saving_as_is = False
+
+    def _store_norm_input(self, x: torch.Tensor) -> Packed:
+        """Encode a BatchNorm's input for ``NormFromCodes`` (its backward reads the codes)."""
+        frame = self._stack[-1]
+        self._settle_mask(None, None)
+        packed = self._encode(self.codec, x, frame.ctx)
+        if self.ledger is not None:
+            self._record(x, frame, packed, False)
+        return packed
 
     # ---------------------------------------------------------------------------------- pack hook
     def _pack(self, t: torch.Tensor):
-        if _is_parameter(t):
+        if self._saving_as_is or _is_parameter(t):
             # parameters (and views of them, e.g. Linear's weight.t()) are model memory;
             # autograd keeps a reference, never a copy
             return t

@@ -83,11 +83,13 @@ class CodecMethod(TrainingMethod):
     layer's backward runs (``division.decode_prefetch``). Same choices as side_stream.
     prefetch_ahead: how many activations ahead those decodes start (an integer >= 1); each one
     more decoded activation alive at a time.
+    norm_from_codes: BatchNorm layers compute their backward from their input's codes where the
+    codec's fused kernels stored them (``division.norm_from_codes``), instead of decoding it.
     """
 
     def __init__(self, name: str, codec: ActivationCodec, *, exact_masks: bool = True,
                  min_numel: int = 1024, exact_kernels: bool = True, side_stream="auto",
-                 prefetch_decode="auto", prefetch_ahead: int = 1) -> None:
+                 prefetch_decode="auto", prefetch_ahead: int = 1, norm_from_codes: bool = False) -> None:
         super().__init__()
         for knob, value in (("side_stream", side_stream), ("prefetch_decode", prefetch_decode)):
             if not valid_side_stream(value):
@@ -102,6 +104,7 @@ class CodecMethod(TrainingMethod):
         self.side_stream = side_stream
         self.prefetch_decode = prefetch_decode
         self.prefetch_ahead = prefetch_ahead
+        self.norm_from_codes = bool(norm_from_codes)
 
     def attach(self, model: nn.Module, ledger: Optional[ByteLedger] = None) -> nn.Module:
         stream = SideStreamEncoder() if self.side_stream is True else None
@@ -109,7 +112,7 @@ class CodecMethod(TrainingMethod):
         self.compressor = compress_activations(model, self.codec, exact_masks=self.exact_masks,
                                                min_numel=self.min_numel, ledger=ledger,
                                                exact_kernels=self.exact_kernels, encode_stream=stream,
-                                               prefetcher=prefetcher)
+                                               prefetcher=prefetcher, norm_from_codes=self.norm_from_codes)
         return model
 
     def use_cuda_graph(self) -> None:
@@ -127,12 +130,14 @@ class CodecMethod(TrainingMethod):
 
 def _division(block_size: int = 8, bits: int = 2, rounding: str = "stochastic", keep_lfc: bool = True,
               keep_hfc: bool = True, simulate: bool = False, backend: str = "auto", relu_zeros: bool = True,
-              side_stream="auto", prefetch_decode="auto", prefetch_ahead: int = 1, **_) -> TrainingMethod:
+              side_stream="auto", prefetch_decode="auto", prefetch_ahead: int = 1, norm_from_codes: bool = True,
+              **_) -> TrainingMethod:
     from .backends import division_codec
     codec = division_codec(backend=backend, block_size=block_size, bits=bits, rounding=rounding,
                            keep_lfc=keep_lfc, keep_hfc=keep_hfc, simulate=simulate, relu_zeros=relu_zeros)
     return CodecMethod("division", codec, exact_kernels=backend != "torch", side_stream=side_stream,
-                       prefetch_decode=prefetch_decode, prefetch_ahead=prefetch_ahead)
+                       prefetch_decode=prefetch_decode, prefetch_ahead=prefetch_ahead,
+                       norm_from_codes=norm_from_codes)
 
 
 _REGISTRY: dict[str, Callable[..., TrainingMethod]] = {

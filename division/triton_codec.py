@@ -1107,6 +1107,15 @@ class TritonDivisionCodec(DivisionCodec):
         plan, _, _ = self._plan_of(x)
         return plan is not None and plan.channels_last and plan.mode == 0 and plan.g in _MASK_WORDS
 
+    def norm_plan(self, x: torch.Tensor) -> Optional[Plan]:
+        """x's plan if a BatchNorm's backward can read x's codes in place of x
+        (``division.triton_norm``: channels_last maps with NHWC-ordered codes), else None."""
+        if x.dim() != 4 or dense_layout(x) is not True:
+            return None
+        plan, _, _ = self._plan_of(x)
+        from . import triton_norm
+        return plan if triton_norm.applies(plan) else None
+
     def encode(self, x: torch.Tensor, ctx: Optional[SaveContext] = None,
                relu_mask: Optional[torch.Tensor] = None) -> Packed:
         """``relu_mask``: a uint8 tensor of ``packed_nbytes(x.numel(), 1)`` bytes that the encode

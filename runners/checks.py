@@ -27,8 +27,9 @@ def validate(cfg) -> None:
             _fail(f"method.{knob}", method[knob], "use auto, true or false")
     if "prefetch_ahead" in method and not valid_prefetch_ahead(method.prefetch_ahead):
         _fail("method.prefetch_ahead", method.prefetch_ahead, "use an integer >= 1")
-    if "relu_zeros" in method and not isinstance(method.relu_zeros, bool):
-        _fail("method.relu_zeros", method.relu_zeros, "use true or false")
+    for knob in ("relu_zeros", "norm_from_codes"):
+        if knob in method and not isinstance(method[knob], bool):
+            _fail(f"method.{knob}", method[knob], "use true or false")
     if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
         _fail("batch_size", cfg.batch_size, "use an integer >= 1")
     if cfg.device not in ("auto", "cpu", "cuda"):

@@ -649,9 +649,72 @@ def check_relu_masks_from_encodes_in_training(device):
         ReluMaskCodec.fill = real_fill
 
 
+# (shape, dtype, block size): channels_last maps with whole-byte planes (NHWC-ordered codes)
+NORM_CASES = [((2, 32, 16, 16), torch.float32, 8), ((3, 16, 12, 20), torch.float32, 4),
+              ((2, 64, 14, 14), torch.float32, 8)]
+
+
+def check_norm_from_codes(device, cases=NORM_CASES):
+    """A BatchNorm's backward computed from its input's codes equals PyTorch's backward on the
+    decoded input (up to the order of the sums), and in a model the BatchNorms run from codes
+    give the gradients of the decoding path."""
+    from division.triton_codec import TritonDivisionCodec
+    from division.triton_norm import batch_norm_backward
+    for i, (shape, dtype, block) in enumerate(cases):
+        x = random_input(shape, dtype, True, seed=i, device=device)
+        dy = random_input(shape, dtype, True, seed=100 + i, device=device)
+        c = shape[1]
+        weight = torch.rand(c, device=device) + 0.5
+        bias = torch.randn(c, device=device)
+        _, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.1, 1e-5)
+        codec = TritonDivisionCodec(block_size=block, rounding="nearest")
+        plan = codec.norm_plan(x)
+        assert plan is not None, shape
+        packed = codec.encode(x)
+        want = torch.ops.aten.native_batch_norm_backward(dy, codec.decode(packed), weight, None, None, mean,
+                                                         invstd, True, 1e-5, [True, True, True])
+        got = batch_norm_backward(dy, packed.tensors, plan, weight, mean, invstd)
+        assert got[0].is_contiguous(memory_format=torch.channels_last)
+        tol = 1e-4 if dtype == torch.float32 else 1e-2  # dx rounded to 16 bits: an ulp apart at most
+        for name, a, b in zip(("dx", "dw", "db"), got, want):
+            assert torch.allclose(a.float(), b.float(), rtol=tol, atol=tol * b.abs().max().item()), (shape, name)
+    assert TritonDivisionCodec().norm_plan(random_input((2, 16, 7, 7), channels_last=True, device=device)) is None
+    assert TritonDivisionCodec().norm_plan(random_input((2, 16, 8, 8), device=device)) is None  # NCHW
+    _check_norm_from_codes_in_a_model(device)
+
+
+def _check_norm_from_codes_in_a_model(device):
+    from torch import nn
+    from division.methods import CodecMethod
+    from division.triton_codec import TritonDivisionCodec
+    x = random_input((4, 3, 16, 16), channels_last=True, device=device)
+    grads, calls = {}, {}
+    for on in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
+                              nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32, affine=False),
+                              nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, 4))
+        model = model.to(device).to(memory_format=torch.channels_last)
+        method = CodecMethod("division", TritonDivisionCodec(rounding="nearest"), norm_from_codes=on)
+        method.attach(model)
+        loss = model(x).square().sum()
+        loss.backward(retain_graph=True)
+        grads[on] = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        loss.backward()  # the codes stay with a retained graph, as saved tensors do
+        assert all(torch.equal(a, p.grad) for a, p in zip(grads[on], model.parameters()))
+        mode = method.compressor.norm_mode
+        calls[on] = None if mode is None else mode.calls
+    assert calls == {False: None, True: 2}, calls
+    for a, b in zip(grads[False], grads[True]):
+        # (a convolution bias's gradient is a sum of BatchNorm input gradients that nearly cancel)
+        assert (a - b).abs().max() <= 1e-3 * b.abs().max() + 1e-7
+
+
 CPU_CHECKS = {
     "relu_zeros": lambda: check_relu_zeros("cpu"),
     "relu_mask_in_encode": lambda: check_relu_mask_in_encode("cpu"),
+    "norm_from_codes": lambda: check_norm_from_codes("cpu"),
     "relu_masks_in_training": lambda: check_relu_masks_from_encodes_in_training("cpu"),
     "masks": lambda: check_masks("cpu"),
     "seed_counter": lambda: check_seed_counter("cpu"),
@@ -843,6 +906,15 @@ def test_gpu_relu_mask_in_encode():
               for (shape, dtype, block, split, _), g in zip(MASK_IN_ENCODE_CASES, (32, 16, 32, 16, 8, 64, 32))]
     check_relu_mask_in_encode("cuda", groups + [((16, 256, 56, 56), torch.bfloat16, 8, False, {}),
                                                 ((16, 256, 56, 56), torch.bfloat16, 8, True, {})])
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_norm_from_codes():
+    check_norm_from_codes("cuda", NORM_CASES + [((16, 256, 56, 56), torch.bfloat16, 8),
+                                                ((8, 64, 112, 112), torch.bfloat16, 8),
+                                                ((32, 1024, 14, 14), torch.bfloat16, 8),
+                                                ((16, 128, 28, 28), torch.float16, 4)])
 
 
 @pytest.mark.gpu

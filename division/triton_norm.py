@@ -1,0 +1,196 @@
+"""BatchNorm's backward computed from DIVISION's codes: no decoded input is ever written.
+
+A BatchNorm's backward reads its input twice (the per-channel sums, then the input gradient). With
+the input stored by DIVISION the step used to decode it first: a full-size tensor written once and
+read twice. Here both passes rebuild each element in registers from what the fused encode stored
+(division/triton_codec.py: channels_last maps with NHWC-ordered codes and an LFC in channels_last
+memory), the value the decode would write (``lfc + (mn + code * step)`` rounded to the input's
+dtype), so the gradients are those of the decode followed by PyTorch's backward, up to the order
+of the sums.
+
+Three launches, PyTorch's ``batch_norm_backward_reduce`` / ``_elemt`` formulas:
+1. ``_reduce_kernel``: each program sums ``dy`` and ``dy * (x - mean)`` over a chunk of pixels for
+   G channels and writes the two partial sums;
+2. ``_coef_kernel``: per channel, the partial sums' totals, the weight's and bias's gradients
+   (``sum(dy * (x - mean)) * invstd``, ``sum(dy)``) and the three coefficients of step 3;
+3. ``_input_grad_kernel``: ``dx = (dy - mean(dy) - (x - mean) * invstd^2 * mean(dy * (x - mean)))
+   * invstd * weight``, written in channels_last memory.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_codec import Plan, _cast_out, _code_float
+from .triton_launch import INT32_LIMIT, CachedLaunch, aligned, interpreting
+
+# Tunables (part of every launch key): pixels per tile (times G channels), warps per program,
+# reduce programs per SM (each sums ``steps`` tiles), tiles per input-gradient program.
+TUNING = {"pixels": 16, "warps": 2, "reduce_programs_per_sm": 4, "grad_steps": 4}
+
+
+@triton.jit
+def _decoded_tile(codes_ptr, lfc_ptr, mn_ptr, step_ptr, out_ptr, q, c, live, C: tl.constexpr,
+                  W: tl.constexpr, HW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                  HB: tl.constexpr, WB: tl.constexpr, PB: tl.constexpr, Q: tl.constexpr,
+                  LEVELS: tl.constexpr, EXACT: tl.constexpr):
+    """The decode's value of pixels ``q`` [P, 1] (global NHWC pixel index) and channels ``c``
+    [1, G], in fp32 after rounding to the input's dtype (``out_ptr``'s)."""
+    n = q // HW
+    e = q - n * HW
+    hh = e // W
+    ww = e - hh * W
+    lf = tl.load(lfc_ptr + ((n * HB + hh // KH) * WB + ww // KW) * C + c, mask=live, other=0.0).to(tl.float32)
+    byte = tl.load(codes_ptr + (n * (HW // PB) + e // PB) * C + c, mask=live, other=0).to(tl.int32)
+    code = (byte >> ((e % PB) * Q)) & LEVELS
+    mn = tl.load(mn_ptr + n * C + c, mask=live, other=0.0).to(tl.float32)
+    st = tl.load(step_ptr + n * C + c, mask=live, other=0.0).to(tl.float32)
+    val = lf + (mn + _code_float(code) * st)
+    return _cast_out(val, out_ptr, EXACT).to(tl.float32)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _reduce_kernel(dy_ptr, codes_ptr, lfc_ptr, mn_ptr, step_ptr, mean_ptr, part_ptr, M,
+                   C: tl.constexpr, W: tl.constexpr, HW: tl.constexpr, KH: tl.constexpr,
+                   KW: tl.constexpr, HB: tl.constexpr, WB: tl.constexpr, PB: tl.constexpr,
+                   Q: tl.constexpr, LEVELS: tl.constexpr, G: tl.constexpr, P: tl.constexpr,
+                   STEPS: tl.constexpr, EXACT: tl.constexpr):
+    chunk = tl.program_id(0)
+    cg = tl.arange(0, G) + tl.program_id(1) * G
+    c = cg[None, :]
+    mean = tl.load(mean_ptr + c)
+    acc = tl.zeros([P, G], tl.float32)
+    acc_x = tl.zeros([P, G], tl.float32)
+    for t in range(STEPS):
+        q = (chunk * STEPS + t) * P + tl.arange(0, P)[:, None]
+        live = q < M
+        dy = tl.load(dy_ptr + q * C + c, mask=live, other=0.0).to(tl.float32)
+        x = _decoded_tile(codes_ptr, lfc_ptr, mn_ptr, step_ptr, dy_ptr, q, c, live, C, W, HW, KH, KW,
+                          HB, WB, PB, Q, LEVELS, EXACT)
+        acc += dy
+        acc_x += dy * (x - mean)
+    part = part_ptr + chunk * 2 * C + cg
+    tl.store(part, tl.sum(acc, axis=0))
+    tl.store(part + C, tl.sum(acc_x, axis=0))
+
+
+@triton.jit(do_not_specialize=["chunks", "M"])
+def _coef_kernel(part_ptr, invstd_ptr, weight_ptr, coef_ptr, dw_ptr, db_ptr, chunks, M,
+                 C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, HAS_WEIGHT: tl.constexpr):
+    cg = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = cg < C
+    s = tl.zeros([BLOCK_C], tl.float32)
+    s_x = tl.zeros([BLOCK_C], tl.float32)
+    for k0 in range(0, chunks, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)[:, None]
+        m = (k < chunks) & cm[None, :]
+        ptrs = part_ptr + k * 2 * C + cg[None, :]
+        s += tl.sum(tl.load(ptrs, mask=m, other=0.0), axis=0)
+        s_x += tl.sum(tl.load(ptrs + C, mask=m, other=0.0), axis=0)
+    invstd = tl.load(invstd_ptr + cg, mask=cm, other=0.0)
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + cg, mask=cm, other=0.0).to(tl.float32)
+        tl.store(dw_ptr + cg, s_x * invstd, mask=cm)
+    else:
+        w = 1.0
+    tl.store(db_ptr + cg, s, mask=cm)
+    count = M * 1.0
+    tl.store(coef_ptr + cg, s / count, mask=cm)                                # mean(dy)
+    tl.store(coef_ptr + C + cg, (s_x / count) * invstd * invstd, mask=cm)     # projection
+    tl.store(coef_ptr + 2 * C + cg, invstd * w, mask=cm)                     # scale
+
+
+@triton.jit(do_not_specialize=["M"])
+def _input_grad_kernel(dy_ptr, codes_ptr, lfc_ptr, mn_ptr, step_ptr, mean_ptr, coef_ptr, dx_ptr, M,
+                       C: tl.constexpr, W: tl.constexpr, HW: tl.constexpr, KH: tl.constexpr,
+                       KW: tl.constexpr, HB: tl.constexpr, WB: tl.constexpr, PB: tl.constexpr,
+                       Q: tl.constexpr, LEVELS: tl.constexpr, G: tl.constexpr, P: tl.constexpr,
+                       STEPS: tl.constexpr, EXACT: tl.constexpr):
+    chunk = tl.program_id(0)
+    c = (tl.arange(0, G) + tl.program_id(1) * G)[None, :]
+    mean = tl.load(mean_ptr + c)
+    mean_dy = tl.load(coef_ptr + c)
+    proj = tl.load(coef_ptr + C + c)
+    scale = tl.load(coef_ptr + 2 * C + c)
+    for t in range(STEPS):
+        q = (chunk * STEPS + t) * P + tl.arange(0, P)[:, None]
+        live = q < M
+        dy = tl.load(dy_ptr + q * C + c, mask=live, other=0.0).to(tl.float32)
+        x = _decoded_tile(codes_ptr, lfc_ptr, mn_ptr, step_ptr, dy_ptr, q, c, live, C, W, HW, KH, KW,
+                          HB, WB, PB, Q, LEVELS, EXACT)
+        dx = (dy - mean_dy - (x - mean) * proj) * scale
+        tl.store(dx_ptr + q * C + c, _cast_out(dx, dx_ptr, EXACT), mask=live)
+
+
+_REDUCE = CachedLaunch(_reduce_kernel)
+_COEF = CachedLaunch(_coef_kernel)
+_INPUT_GRAD = CachedLaunch(_input_grad_kernel)
+
+
+def group_size(channels: int) -> Optional[int]:
+    """Channels per program: the largest power of two up to 64 dividing C (at least 8), or None."""
+    for g in (64, 32, 16, 8):
+        if channels % g == 0:
+            return g
+    return None
+
+
+def applies(plan: Optional[Plan]) -> bool:
+    """Can the kernels read a Packed encoded under ``plan``: channels_last input with NHWC-ordered
+    codes (whole-byte planes), 32-bit indices, a channel group."""
+    return (plan is not None and plan.channels_last and plan.codes_cl and not plan.int64
+            and plan.n * plan.c * plan.h * plan.w < INT32_LIMIT and group_size(plan.c) is not None)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def batch_norm_backward(dy: torch.Tensor, tensors: dict[str, torch.Tensor], plan: Plan,
+                        weight: Optional[torch.Tensor], mean: torch.Tensor, invstd: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, d weight, d bias) of a training-mode BatchNorm whose input DIVISION stored as
+    ``tensors`` (``applies(plan)``); ``mean`` / ``invstd``: the forward's batch statistics.
+    d weight is None without a weight."""
+    n, c, h, w = plan.n, plan.c, plan.h, plan.w
+    dy = dy.contiguous(memory_format=torch.channels_last)
+    dev = dy.device
+    tun = tuple(TUNING.values())
+    warps = TUNING["warps"]
+    g = group_size(c)
+    pixels = n * h * w
+    tiles = triton.cdiv(pixels, TUNING["pixels"])
+    groups = c // g
+    want = TUNING["reduce_programs_per_sm"] * _sm_count(dev)
+    steps = max(1, min(64, (tiles * groups) // max(1, want)))
+    chunks = triton.cdiv(tiles, steps)
+    geometry = dict(C=c, W=w, HW=h * w, KH=plan.kh, KW=plan.kw, HB=plan.hb, WB=plan.wb, PB=plan.pb,
+                    Q=plan.bits, LEVELS=2 ** plan.bits - 1, G=g, P=TUNING["pixels"], EXACT=interpreting())
+    codes, lfc, mn, step = tensors["codes"], tensors["lfc"], tensors["mn"], tensors["step"]
+    mean, invstd = mean.float().contiguous(), invstd.float().contiguous()
+    part = torch.empty((chunks, 2, c), dtype=torch.float32, device=dev)
+    key = (plan, dy.dtype, steps, aligned(dy), dev.index, tun)
+    _REDUCE.launch(key, (chunks, groups), (dy, codes, lfc, mn, step, mean, part, pixels),
+                   lambda: dict(geometry, STEPS=steps), warps)
+
+    coef = torch.empty((3, c), dtype=torch.float32, device=dev)
+    db = torch.empty(c, dtype=torch.float32, device=dev)
+    dw = torch.empty(c, dtype=weight.dtype, device=dev) if weight is not None else None
+    block_c = min(16, triton.next_power_of_2(c))  # many programs: each one's loop over chunks is latency-bound
+    _COEF.launch((c, weight is not None, None if weight is None else weight.dtype, dev.index),
+                 (triton.cdiv(c, block_c),),
+                 (part, invstd, weight if weight is not None else invstd, coef, dw if dw is not None else db,
+                  db, chunks, pixels),
+                 dict(C=c, BLOCK_C=block_c, BLOCK_K=128, HAS_WEIGHT=weight is not None), 4)
+
+    dx = torch.empty_like(dy, memory_format=torch.channels_last)
+    grad_steps = TUNING["grad_steps"]
+    _INPUT_GRAD.launch((plan, dy.dtype, aligned(dy), dev.index, tun), (triton.cdiv(tiles, grad_steps), groups),
+                       (dy, codes, lfc, mn, step, mean, coef, dx, pixels),
+                       lambda: dict(geometry, STEPS=grad_steps), warps)
+    return dx, dw, db
