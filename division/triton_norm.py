@@ -33,12 +33,15 @@ TUNING = {"pixels": 16, "warps": 2, "reduce_programs_per_sm": 4, "grad_steps": 4
 
 
 @triton.jit
-def _decoded_tile(codes_ptr, lfc_ptr, mn_ptr, step_ptr, out_ptr, q, c, live, C: tl.constexpr,
-                  W: tl.constexpr, HW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-                  HB: tl.constexpr, WB: tl.constexpr, PB: tl.constexpr, Q: tl.constexpr,
-                  LEVELS: tl.constexpr, EXACT: tl.constexpr):
-    """The decode's value of pixels ``q`` [P, 1] (global NHWC pixel index) and channels ``c``
-    [1, G], in fp32 after rounding to the input's dtype (``out_ptr``'s)."""
+def _tile(dy_ptr, codes_ptr, lfc_ptr, mn_ptr, step_ptr, tile, c, M, C: tl.constexpr, W: tl.constexpr,
+          HW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HB: tl.constexpr, WB: tl.constexpr,
+          PB: tl.constexpr, Q: tl.constexpr, LEVELS: tl.constexpr, P: tl.constexpr, EXACT: tl.constexpr):
+    """Tile ``tile``: P pixels (global NHWC pixel index ``q`` [P, 1]) of channels ``c`` [1, G].
+    Returns (q, live pixels, dy, x), dy and x in fp32; x is the decode's value, rounded to the
+    input's dtype (``dy_ptr``'s) as the decode writes it."""
+    q = tile * P + tl.arange(0, P)[:, None]
+    live = q < M
+    dy = tl.load(dy_ptr + q * C + c, mask=live, other=0.0).to(tl.float32)
     n = q // HW
     e = q - n * HW
     hh = e // W
@@ -48,8 +51,8 @@ def _decoded_tile(codes_ptr, lfc_ptr, mn_ptr, step_ptr, out_ptr, q, c, live, C: 
     code = (byte >> ((e % PB) * Q)) & LEVELS
     mn = tl.load(mn_ptr + n * C + c, mask=live, other=0.0).to(tl.float32)
     st = tl.load(step_ptr + n * C + c, mask=live, other=0.0).to(tl.float32)
-    val = lf + (mn + _code_float(code) * st)
-    return _cast_out(val, out_ptr, EXACT).to(tl.float32)
+    x = _cast_out(lf + (mn + _code_float(code) * st), dy_ptr, EXACT).to(tl.float32)
+    return q, live, dy, x
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -65,11 +68,8 @@ def _reduce_kernel(dy_ptr, codes_ptr, lfc_ptr, mn_ptr, step_ptr, mean_ptr, part_
     acc = tl.zeros([P, G], tl.float32)
     acc_x = tl.zeros([P, G], tl.float32)
     for t in range(STEPS):
-        q = (chunk * STEPS + t) * P + tl.arange(0, P)[:, None]
-        live = q < M
-        dy = tl.load(dy_ptr + q * C + c, mask=live, other=0.0).to(tl.float32)
-        x = _decoded_tile(codes_ptr, lfc_ptr, mn_ptr, step_ptr, dy_ptr, q, c, live, C, W, HW, KH, KW,
-                          HB, WB, PB, Q, LEVELS, EXACT)
+        _, _, dy, x = _tile(dy_ptr, codes_ptr, lfc_ptr, mn_ptr, step_ptr, chunk * STEPS + t, c, M, C, W, HW,
+                            KH, KW, HB, WB, PB, Q, LEVELS, P, EXACT)
         acc += dy
         acc_x += dy * (x - mean)
     part = part_ptr + chunk * 2 * C + cg
@@ -116,11 +116,8 @@ def _input_grad_kernel(dy_ptr, codes_ptr, lfc_ptr, mn_ptr, step_ptr, mean_ptr, c
     proj = tl.load(coef_ptr + C + c)
     scale = tl.load(coef_ptr + 2 * C + c)
     for t in range(STEPS):
-        q = (chunk * STEPS + t) * P + tl.arange(0, P)[:, None]
-        live = q < M
-        dy = tl.load(dy_ptr + q * C + c, mask=live, other=0.0).to(tl.float32)
-        x = _decoded_tile(codes_ptr, lfc_ptr, mn_ptr, step_ptr, dy_ptr, q, c, live, C, W, HW, KH, KW,
-                          HB, WB, PB, Q, LEVELS, EXACT)
+        q, live, dy, x = _tile(dy_ptr, codes_ptr, lfc_ptr, mn_ptr, step_ptr, chunk * STEPS + t, c, M, C, W, HW,
+                               KH, KW, HB, WB, PB, Q, LEVELS, P, EXACT)
         dx = (dy - mean_dy - (x - mean) * proj) * scale
         tl.store(dx_ptr + q * C + c, _cast_out(dx, dx_ptr, EXACT), mask=live)
 
