@@ -4,10 +4,9 @@ Backward reads saved activations in about the reverse of the order forward saved
 layer's backward waits for the decode of its input. The compressor links every activation-codec
 ``Packed`` to the one saved before it (``PREVIOUS``). When backward unpacks a Packed, the
 prefetcher starts the decodes of the ``ahead`` Packeds saved before it on a side CUDA stream: they
-run while this layer's backward kernels run, and the next unpacks find them done. Decoding is
-memory-bound, and so is a BatchNorm's backward; a convolution's is compute-bound. With ``ahead``
-= 1 a convolution's input decodes during the BatchNorm backward just before it; with 2 it starts
-one layer earlier, so every decode can overlap a convolution's backward.
+run while this layer's backward kernels run, and the next unpacks find them done. Starting them
+further ahead gave nothing on ResNet-50 (docs/kernels.md, run 9: 2 and 3 ahead were 0.15-0.2 ms
+slower than 1): a decode is bound by memory bandwidth, which the backward's own kernels use too.
 
 Ordering, per prefetched Packed ``p``:
 - the side stream first waits for everything the main stream has queued. The decode's output is
