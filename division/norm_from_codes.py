@@ -41,10 +41,8 @@ class _BatchNormFromCodes(torch.autograd.Function):
     def backward(ctx, dy):
         from .triton_norm import batch_norm_backward
         weight, mean, invstd, *codes = ctx.saved_tensors
-        t = dict(zip(_CODES, codes))
-        if not t["lfc"].is_contiguous(memory_format=torch.channels_last):
-            t["lfc"] = t["lfc"].contiguous(memory_format=torch.channels_last)
-        dx, dw, db = batch_norm_backward(dy, t, ctx.plan, weight, mean, invstd)
+        # (the fused encode that ``plan`` ran keeps the LFC in channels_last memory, as the kernels read it)
+        dx, dw, db = batch_norm_backward(dy, dict(zip(_CODES, codes)), ctx.plan, weight, mean, invstd)
         return dx, dw, db if ctx.has_bias else None, None, None, None, None, None, None
 
 

@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_codec import Plan, _cast_out, _code_float
-from .triton_launch import INT32_LIMIT, CachedLaunch, aligned, interpreting
+from .triton_codec import Plan, _cast_out, _code_float, _sm_count
+from .triton_launch import CachedLaunch, aligned, interpreting
 
 # Tunables (part of every launch key): pixels per tile (times G channels), warps per program,
 # reduce programs per SM (each sums ``steps`` tiles), tiles per input-gradient program.
@@ -139,13 +139,7 @@ def applies(plan: Optional[Plan]) -> bool:
     """Can the kernels read a Packed encoded under ``plan``: channels_last input with NHWC-ordered
     codes (whole-byte planes), 32-bit indices, a channel group."""
     return (plan is not None and plan.channels_last and plan.codes_cl and not plan.int64
-            and plan.n * plan.c * plan.h * plan.w < INT32_LIMIT and group_size(plan.c) is not None)
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
+            and group_size(plan.c) is not None)
 
 
 def batch_norm_backward(dy: torch.Tensor, tensors: dict[str, torch.Tensor], plan: Plan,
@@ -163,7 +157,9 @@ def batch_norm_backward(dy: torch.Tensor, tensors: dict[str, torch.Tensor], plan
     pixels = n * h * w
     tiles = triton.cdiv(pixels, TUNING["pixels"])
     groups = c // g
-    want = TUNING["reduce_programs_per_sm"] * _sm_count(dev)
+    sms = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device()) \
+        if dev.type == "cuda" else 1
+    want = TUNING["reduce_programs_per_sm"] * sms
     steps = max(1, min(64, (tiles * groups) // max(1, want)))
     chunks = triton.cdiv(tiles, steps)
     geometry = dict(C=c, W=w, HW=h * w, KH=plan.kh, KW=plan.kw, HB=plan.hb, WB=plan.wb, PB=plan.pb,
