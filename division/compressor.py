@@ -125,7 +125,8 @@ class ActivationCompressor:
         self._fuse_masks = exact_kernels and hasattr(codec, "packs_relu_mask")
         self.norm_mode: Optional[NormFromCodes] = None
         if norm_from_codes and hasattr(codec, "norm_plan"):
-            self.norm_mode = NormFromCodes(codec.norm_plan, self._store_norm_input, self._save_as_is)
+            self.norm_mode = NormFromCodes(codec.norm_plan, self._norm_forward, self._store_norm_input,
+                                           self._save_as_is)
         self._saving_as_is = False
         self._stack: list[_Frame] = []
         self._cache: dict[tuple[int, int], _CacheEntry] = {}
@@ -228,6 +229,20 @@ class ActivationCompressor:
         if self.ledger is not None:
             self._record(x, frame, packed, False)
         return packed
+
+    def _norm_forward(self, x: torch.Tensor, plan, *batch_norm_args) -> Optional[tuple]:
+        """A BatchNorm's forward fused into its input's encode, for ``NormFromCodes``:
+        (y, mean, invstd, Packed), or None where ``triton_norm.forward_applies`` says no. It runs
+        on the current stream, since its output is the next layer's input."""
+        from . import triton_norm
+        if not triton_norm.forward_applies(plan):
+            return None
+        frame = self._stack[-1]
+        self._settle_mask(None, None)
+        y, mean, invstd, packed = triton_norm.batch_norm_forward(self.codec, x, plan, *batch_norm_args)
+        if self.ledger is not None:
+            self._record(x, frame, packed, False)
+        return y, mean, invstd, packed
 
     # ---------------------------------------------------------------------------------- pack hook
     def _pack(self, t: torch.Tensor):

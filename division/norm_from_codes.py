@@ -4,8 +4,9 @@ While a ``BatchNorm2d`` runs forward, the compressor holds a ``NormFromCodes`` m
 ``TorchFunctionMode``, entered and left by the module's own hooks, so nothing else is
 intercepted). The mode takes the module's ``F.batch_norm`` call, when it trains on an input the
 fused kernels cover (channels_last, NHWC-ordered codes: ``triton_norm.applies``), and runs it as
-``_BatchNormFromCodes``: the same forward (``torch.native_batch_norm``), the input stored through
-the compressor's codec, and the backward of ``division/triton_norm.py``, which rebuilds the input
+``_BatchNormFromCodes``: the forward fused into the input's encode (``triton_norm.batch_norm_forward``,
+where ``triton_norm.forward_applies``; else ``torch.native_batch_norm`` and the input stored through
+the compressor's codec), and the backward of ``division/triton_norm.py``, which rebuilds the input
 in registers instead of decoding it to memory. Any other call runs unchanged.
 """
 from __future__ import annotations
@@ -26,9 +27,13 @@ _CODES = ("codes", "lfc", "mn", "step")
 class _BatchNormFromCodes(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, mode, plan):
-        y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True,
-                                                  momentum, eps)
-        packed: Packed = mode.store(x)
+        fused = mode.fused(x, plan, weight, bias, running_mean, running_var, momentum, eps)
+        if fused is not None:
+            y, mean, invstd, packed = fused
+        else:
+            y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True,
+                                                      momentum, eps)
+            packed: Packed = mode.store(x)
         ctx.plan = plan
         ctx.has_bias = bias is not None
         # Saved tensors, not ctx attributes: autograd frees them after backward (keeps them with
@@ -49,14 +54,17 @@ class _BatchNormFromCodes(torch.autograd.Function):
 class NormFromCodes(TorchFunctionMode):
     """Runs a training ``F.batch_norm`` whose input the codec can store in the fused kernels'
     format as ``_BatchNormFromCodes``. ``plan_for(x)``: the codec's plan for x if the fused
-    backward reads it (else None); ``store(x)``: encode x (the compressor's encode, ledger and
-    side stream included), returning its Packed; ``save(ctx, tensors)``: ``ctx.save_for_backward``
-    with the tensors kept as they are (the codes are stored already)."""
+    backward reads it (else None); ``fused(x, plan, weight, bias, running_mean, running_var,
+    momentum, eps)``: the batch norm fused into x's encode, (y, mean, invstd, x's Packed), or None
+    where it does not run; ``store(x)``: encode x (the compressor's encode, ledger and side stream
+    included), returning its Packed; ``save(ctx, tensors)``: ``ctx.save_for_backward`` with the
+    tensors kept as they are (the codes are stored already)."""
 
-    def __init__(self, plan_for: Callable[[torch.Tensor], Optional[object]],
+    def __init__(self, plan_for: Callable[[torch.Tensor], Optional[object]], fused: Callable[..., Optional[tuple]],
                  store: Callable[[torch.Tensor], Packed], save: Callable[..., None]):
         super().__init__()
         self.plan_for = plan_for
+        self.fused = fused
         self.store = store
         self.save = save
         self.calls = 0  # batch norms run from codes so far

@@ -85,7 +85,7 @@ from __future__ import annotations
 import functools
 import random
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -269,7 +269,8 @@ def _store_mask_words(maskw_ptr, xv, pix0, hb, wb, group, CG, H: tl.constexpr, W
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_ptr, maskw_ptr, seed, C, CG,
+def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_ptr, maskw_ptr,
+                   y_ptr, nstat_ptr, nmean_ptr, ncoef_ptr, seed, C, CG,
                    H: tl.constexpr, W: tl.constexpr, HW: tl.constexpr,
                    KH: tl.constexpr, KW: tl.constexpr, HB: tl.constexpr, WB: tl.constexpr,
                    TKH: tl.constexpr, TKW: tl.constexpr, WBC: tl.constexpr, NWC: tl.constexpr,
@@ -281,7 +282,12 @@ def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_p
                    EXACT: tl.constexpr, MODE: tl.constexpr, RCP_LEVELS: tl.constexpr,
                    SEED_PTR: tl.constexpr, PHASE: tl.constexpr, SPLIT: tl.constexpr,
                    SPLIT_P2: tl.constexpr, HBS: tl.constexpr, CODES_CL: tl.constexpr,
-                   FMA_Q: tl.constexpr, PACK_MASK: tl.constexpr):
+                   FMA_Q: tl.constexpr, PACK_MASK: tl.constexpr, NORM: tl.constexpr):
+    """NORM: a training BatchNorm's forward rides along (division/triton_norm.py, split phases
+    1 and 2 of NHWC mode 0): phase 1 also writes its chunk's per-channel (count, mean, M2) to
+    ``nstat_ptr`` (rows n * SPLIT + s of [3, C]); phase 2 writes ``y = (x - mean) * scale + bias``
+    (``nmean_ptr``, ``ncoef_ptr`` = [scale, bias] per channel) to ``y_ptr``, x's layout."""
+    tl.static_assert(not NORM or (MODE == 0 and CL and not MISALIGNED and PHASE != 0))
     if SEED_PTR:
         # Under a CUDA graph: the host's seed is frozen into the graph, so mix in a device
         # counter that the replayed graph advances before every encode (see graph_seed_counter).
@@ -295,11 +301,12 @@ def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_p
     p0 = pid * G                                   # first plane (n * C + c0) of this program
     g = tl.arange(0, G)
     if CL:   # NHWC memory: G neighbouring channels are contiguous, an element step is C
-        x_base = x_ptr + n * (HW * C) + c0
+        x_off = n * (HW * C) + c0
         sE = C
     else:    # NCHW memory: each plane is contiguous
-        x_base = x_ptr + p0 * HW
+        x_off = p0 * HW
         sE = 1
+    x_base = x_ptr + x_off
     wl = tl.arange(0, WBC)
     lfc_base, sL = _lfc_base(lfc_ptr, n, c0, p0, g, C, HB * WB, CL)   # [G, 1], block stride
 
@@ -368,6 +375,10 @@ def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_p
                 x_planes = x_base + gi * HW
             mn_acc = tl.full([G], float("inf"), tl.float32)
             mx_acc = tl.full([G], float("-inf"), tl.float32)
+            if NORM:
+                s_cnt = tl.zeros([G], tl.float32)
+                s_mean = tl.zeros([G], tl.float32)
+                s_m2 = tl.zeros([G], tl.float32)
             for hbi in range(HBS):
                 hb = hb0 + hbi
                 hh = hb * KH + ii
@@ -401,12 +412,35 @@ def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_p
                     hi = tl.max(xhi - lf, axis=1)
                     mn_acc = tl.minimum(mn_acc, lo)
                     mx_acc = tl.maximum(mx_acc, hi)
+                    if NORM:
+                        # The tile's count, mean and squared deviations (M2) per channel, merged
+                        # into the chunk's by Chan et al.'s pairwise formula: no sum of squares,
+                        # so no cancellation. Repeated block columns and masked elements are out.
+                        col = (wc * WBC + wl) < WB
+                        t_cnt = tl.sum(tl.where(col, cnt, 0.0), axis=0)
+                        t_mean = tl.sum(tl.where(col[None, :], sums, 0.0), axis=1) / t_cnt
+                        inside = col[None, None, :, None]
+                        if not (FULL_H and FULL_W):
+                            inside = inside & m
+                        dx = tl.where(inside, xv - t_mean[:, None, None, None], 0.0)
+                        t_m2 = tl.sum(tl.sum(tl.sum(dx * dx, axis=3), axis=2), axis=1)
+                        both = s_cnt + t_cnt
+                        frac = t_cnt / both
+                        delta = t_mean - s_mean
+                        s_mean = s_mean + delta * frac
+                        s_m2 = s_m2 + t_m2 + delta * delta * (s_cnt * frac)
+                        s_cnt = both
 
     if PHASE == 1:
         # Split plane, first kernel: this chunk's HFC range; the second kernel reduces them.
         part = part_ptr + ((p0 + g) * SPLIT + s) * 2
         tl.store(part, mn_acc)
         tl.store(part + 1, mx_acc)
+        if NORM:
+            stat = nstat_ptr + (n * SPLIT + s) * (3 * C) + c0 + g
+            tl.store(stat, s_cnt)
+            tl.store(stat + C, s_mean)
+            tl.store(stat + 2 * C, s_m2)
     else:
         if PHASE == 2:
             # Split plane, second kernel: the plane's HFC range from every chunk's (min is exact,
@@ -430,6 +464,11 @@ def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_p
         safe = tl.where(step_s > 0, step_s, 1.0)       # constant map: every code is 0
         rcp = tl.math.div_rn(1.0, safe)
         tl.debug_barrier()  # the LFC stored above is read back below by other threads of this program
+        if NORM:
+            y_base = y_ptr + x_off
+            n_mean = tl.load(nmean_ptr + c0 + g)
+            n_scale = tl.load(ncoef_ptr + c0 + g)
+            n_bias = tl.load(ncoef_ptr + C + c0 + g)
 
         # ------------------------------------------------------- pass 2: quantize and pack the HFC
         if ROW and MODE == 1:
@@ -514,12 +553,21 @@ def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_p
                 for wc in range(NWC):
                     wb = tl.minimum(wc * WBC + wl, WB - 1)
                     ww = wb[None, None, :, None, None] * KW + jb * PB + jl
-                    ptrs = x_planes5 + (hh * W + ww) * sE
+                    el = (hh * W + ww) * sE
+                    ptrs = x_planes5 + el
                     if FULL_H and FULL_W:
                         xv = tl.load(ptrs, eviction_policy="evict_first").to(tl.float32)
                     else:
                         m = (i5 < KH) & (hh < H) & (jb * PB < KW) & (ww < W)
                         xv = tl.load(ptrs, mask=m, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                    if NORM:
+                        # (repeated block columns store the same values twice)
+                        yv = (xv - n_mean[:, None, None, None, None]) * n_scale[:, None, None, None, None] \
+                            + n_bias[:, None, None, None, None]
+                        if FULL_H and FULL_W:
+                            tl.store(y_base + g5 + el, _cast_out(yv, y_ptr, EXACT))
+                        else:
+                            tl.store(y_base + g5 + el, _cast_out(yv, y_ptr, EXACT), mask=m)
                     lf = tl.load(lfc_base + (hb * WB + wb[None, :]) * sL).to(tl.float32)   # [G, WBC]
                     if FMA_Q:
                         off = -((lf + mn_s[:, None]) * rcp[:, None])                 # [G, WBC]
@@ -582,6 +630,9 @@ def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_p
                     ok = (e < HW) & (g3 < G)
                 xv = tl.load(x_planes3 + e * sE, mask=ok, other=0.0,
                              eviction_policy="evict_first").to(tl.float32)
+                if NORM:
+                    yv = (xv - n_mean[:, None, None]) * n_scale[:, None, None] + n_bias[:, None, None]
+                    tl.store(y_base + g3 + e * sE, _cast_out(yv, y_ptr, EXACT), mask=ok)
                 hh = e // W
                 wc_ = e - hh * W
                 lf = tl.load(lfc_planes3 + ((hh // KH) * WB + wc_ // KW) * sL, mask=ok, other=0.0).to(tl.float32)
@@ -950,6 +1001,20 @@ def _lfc_format(plan: Plan) -> torch.memory_format:
     return torch.channels_last if plan.channels_last else torch.contiguous_format
 
 
+@dataclass
+class FusedNorm:
+    """A training BatchNorm's forward run by an encode's two launches (``_encode_kernel``'s NORM):
+    phase 1 writes each chunk's per-channel (count, mean, M2) to ``stats`` ((N * chunks, 3, C)
+    fp32); ``reduce()``, launched between the phases, turns them into ``mean`` and ``coef``
+    ((2, C) fp32: scale = weight * invstd, bias); phase 2 writes ``y`` (x's shape and layout)."""
+
+    y: torch.Tensor
+    stats: torch.Tensor
+    mean: torch.Tensor
+    coef: torch.Tensor
+    reduce: Callable[[], None]
+
+
 _MASK_WORDS = {8: torch.uint8, 16: torch.int16, 32: torch.int32, 64: torch.int64}
 
 
@@ -1125,15 +1190,18 @@ class TritonDivisionCodec(DivisionCodec):
             raise ValueError("this encode cannot pack a ReLU mask (see packs_relu_mask)")
         if plan is None:
             return super().encode(x, ctx)
+        if cl and not plan.channels_last:
+            maps = maps.contiguous()  # a narrow channels_last map: coded as its NCHW copy
+        return self.packed(x, plan, self._encode_kernel(maps, plan, relu_mask=relu_mask))
+
+    def packed(self, x: torch.Tensor, plan: Plan, tensors: dict[str, torch.Tensor]) -> Packed:
+        """The Packed of x whose tensors ``_encode_kernel`` wrote under ``plan``."""
         geom: Geometry = self.geometry(x.shape, x.dtype)
         meta = {"layout": geom.layout, "shape": x.shape, "dtype": x.dtype,
                 "memory_format": _memory_format(x), "geometry": geom, "bits": self.bits,
                 "has_lfc": True, "has_hfc": True, "simulated": False}
         if plan.codes_cl:
             meta["codes_order"] = CODES_NHWC
-        if cl and not plan.channels_last:
-            maps = maps.contiguous()  # a narrow channels_last map: coded as its NCHW copy
-        tensors = self._encode_kernel(maps, plan, relu_mask=relu_mask)
         return Packed(self, tensors, meta)
 
     def _as_maps(self, x: torch.Tensor) -> tuple[Optional[torch.Tensor], bool]:
@@ -1150,10 +1218,12 @@ class TritonDivisionCodec(DivisionCodec):
 
     def _encode_kernel(self, x: torch.Tensor, plan: Plan, seed: Optional[int] = None,
                        counter: Optional[torch.Tensor] = None,
-                       relu_mask: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+                       relu_mask: Optional[torch.Tensor] = None,
+                       norm: Optional[FusedNorm] = None) -> dict[str, torch.Tensor]:
         """Launch the encode. ``counter``: an int32 device scalar hashed into the seed by the kernel
         (``(counter * 0x85EBCA6B + seed) mod 2^31``); taken, and advanced first, when capturing.
-        ``relu_mask``: bits to fill with x's ReLU mask (``packs_relu_mask`` plans only)."""
+        ``relu_mask``: bits to fill with x's ReLU mask (``packs_relu_mask`` plans only).
+        ``norm``: a BatchNorm forward run by the same two launches (``FusedNorm``)."""
         n, c, h, w = plan.n, plan.c, plan.h, plan.w
         dev = x.device
         lfc = torch.empty((n, c, plan.hb, plan.wb), dtype=torch.bfloat16, device=dev,
@@ -1171,21 +1241,26 @@ class TritonDivisionCodec(DivisionCodec):
         from_counter = counter is not None and stochastic
         if counter is None:
             counter = step  # any pointer: the kernel reads it only with SEED_PTR
-        phases = plan.encode_phases
+        phases = plan.encode_phases if norm is None else (1, 2)  # the statistics come between
         # split planes: each chunk's HFC (min, max), written by phase 1 and reduced by phase 2
         part = torch.empty((n * c * plan.enc_split * 2,), dtype=torch.float32, device=dev) \
             if len(phases) > 1 else step
         # C and CG are fixed by the plan, so the plan, x's dtype and alignment and the flags are
         # all the specialisation there is (outputs and the counter are fresh allocations: aligned).
         words = step if relu_mask is None else relu_mask.view(_MASK_WORDS[plan.g])  # step: any pointer
+        norm_args = (step,) * 4 if norm is None else (norm.y, norm.stats, norm.mean, norm.coef)
         for phase in phases:
             pack_mask = relu_mask is not None and phase != 2  # pass 1 (phases 0 and 1) reads all of x
-            _ENCODE.launch((plan, phase, x.dtype, aligned(x), stochastic, rng, from_counter, pack_mask, dev.index),
-                           plan.encode_grid, (x, lfc, codes, mn, step, part, counter, words, seed, c, c // plan.g),
+            _ENCODE.launch((plan, phase, x.dtype, aligned(x), stochastic, rng, from_counter, pack_mask,
+                            norm is not None, dev.index),
+                           plan.encode_grid,
+                           (x, lfc, codes, mn, step, part, counter, words, *norm_args, seed, c, c // plan.g),
                            lambda: dict(STOCHASTIC=stochastic, RNG=rng, SEED_PTR=from_counter,
                                         FMA_Q=stochastic and plan.fma_q, PACK_MASK=pack_mask,
-                                        **plan.encode_constexprs(phase)),
+                                        NORM=norm is not None, **plan.encode_constexprs(phase)),
                            plan.enc_warps)
+            if norm is not None and phase == 1:
+                norm.reduce()
         return {"lfc": lfc, "codes": codes, "mn": mn, "step": step}
 
     def _decode(self, packed: Packed, mask: Optional[Packed]) -> torch.Tensor:

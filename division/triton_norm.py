@@ -1,4 +1,12 @@
-"""BatchNorm's backward computed from DIVISION's codes: no decoded input is ever written.
+"""A training BatchNorm's forward fused into DIVISION's encode, and its backward computed from the
+codes: no decoded input is ever written, and the input is read twice in all (as PyTorch's own
+forward reads it) instead of twice more by a separate encode.
+
+Forward (``batch_norm_forward``): the encode's two launches (division/triton_codec.py, NORM)
+carry the BatchNorm. Phase 1, which reads x for the LFC and the HFC range, also writes per-channel
+(count, mean, M2) of its chunk; ``_stats_kernel`` merges them (Chan et al.'s pairwise formula) into
+the batch mean and inverse standard deviation and updates the running statistics; phase 2, which
+reads x again to quantize it, writes ``y = (x - mean) * weight * invstd + bias``.
 
 A BatchNorm's backward reads its input twice (the per-channel sums, then the input gradient). With
 the input stored by DIVISION the step used to decode it first: a full-size tensor written once and
@@ -28,8 +36,9 @@ from .triton_codec import Plan, _cast_out, _code_float, _sm_count
 from .triton_launch import CachedLaunch, aligned, interpreting
 
 # Tunables (part of every launch key): pixels per tile (times G channels), warps per program,
-# reduce programs per SM (each sums ``steps`` tiles), tiles per input-gradient program.
-TUNING = {"pixels": 16, "warps": 2, "reduce_programs_per_sm": 4, "grad_steps": 4}
+# reduce programs per SM (each sums ``steps`` tiles), tiles per input-gradient program; whether
+# the forward runs fused into the encode (``batch_norm_forward``).
+TUNING = {"pixels": 16, "warps": 2, "reduce_programs_per_sm": 4, "grad_steps": 4, "fused_forward": True}
 
 
 @triton.jit
@@ -122,6 +131,55 @@ def _input_grad_kernel(dy_ptr, codes_ptr, lfc_ptr, mn_ptr, step_ptr, mean_ptr, c
         tl.store(dx_ptr + q * C + c, _cast_out(dx, dx_ptr, EXACT), mask=live)
 
 
+@triton.jit(do_not_specialize=["rows", "momentum", "eps"])
+def _stats_kernel(stats_ptr, weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, mean_ptr, invstd_ptr, coef_ptr,
+                  rows, momentum, eps, C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+                  HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RUNNING: tl.constexpr):
+    """Per channel: the chunks' (count, mean, M2) merged into the batch's, BLOCK_R chunks at a
+    time; mean and invstd stored, the running statistics updated (the unbiased variance, as
+    PyTorch does), and the forward's scale (weight * invstd) and bias."""
+    cg = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = cg < C
+    cnt = tl.zeros([BLOCK_C], tl.float32)
+    mean = tl.zeros([BLOCK_C], tl.float32)
+    m2 = tl.zeros([BLOCK_C], tl.float32)
+    for r0 in range(0, rows, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)[:, None]
+        m = (r < rows) & cm[None, :]
+        ptrs = stats_ptr + r * (3 * C) + cg[None, :]
+        b_cnt = tl.load(ptrs, mask=m, other=0.0)
+        b_mean = tl.load(ptrs + C, mask=m, other=0.0)
+        t_cnt = tl.sum(b_cnt, axis=0)
+        t_mean = tl.sum(b_cnt * b_mean, axis=0) / tl.maximum(t_cnt, 1.0)
+        spread = b_mean - t_mean[None, :]
+        t_m2 = tl.sum(tl.load(ptrs + 2 * C, mask=m, other=0.0) + b_cnt * spread * spread, axis=0)
+        both = cnt + t_cnt
+        frac = t_cnt / tl.maximum(both, 1.0)
+        delta = t_mean - mean
+        mean += delta * frac
+        m2 += t_m2 + delta * delta * (cnt * frac)
+        cnt = both
+    var = m2 / tl.maximum(cnt, 1.0)
+    invstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(var + eps))
+    tl.store(mean_ptr + cg, mean, mask=cm)
+    tl.store(invstd_ptr + cg, invstd, mask=cm)
+    if RUNNING:
+        rm = tl.load(rmean_ptr + cg, mask=cm, other=0.0).to(tl.float32)
+        rv = tl.load(rvar_ptr + cg, mask=cm, other=0.0).to(tl.float32)
+        unbiased = m2 / tl.maximum(cnt - 1.0, 1.0)
+        tl.store(rmean_ptr + cg, (momentum * mean + (1.0 - momentum) * rm).to(rmean_ptr.dtype.element_ty), mask=cm)
+        tl.store(rvar_ptr + cg, (momentum * unbiased + (1.0 - momentum) * rv).to(rvar_ptr.dtype.element_ty), mask=cm)
+    scale = invstd
+    if HAS_WEIGHT:
+        scale = scale * tl.load(weight_ptr + cg, mask=cm, other=0.0).to(tl.float32)
+    tl.store(coef_ptr + cg, scale, mask=cm)
+    if HAS_BIAS:
+        tl.store(coef_ptr + C + cg, tl.load(bias_ptr + cg, mask=cm, other=0.0).to(tl.float32), mask=cm)
+    else:
+        tl.store(coef_ptr + C + cg, tl.zeros([BLOCK_C], tl.float32), mask=cm)
+
+
+_STATS = CachedLaunch(_stats_kernel)
 _REDUCE = CachedLaunch(_reduce_kernel)
 _COEF = CachedLaunch(_coef_kernel)
 _INPUT_GRAD = CachedLaunch(_input_grad_kernel)
@@ -140,6 +198,43 @@ def applies(plan: Optional[Plan]) -> bool:
     codes (whole-byte planes), 32-bit indices, a channel group."""
     return (plan is not None and plan.channels_last and plan.codes_cl and not plan.int64
             and group_size(plan.c) is not None)
+
+
+def forward_applies(plan: Optional[Plan]) -> bool:
+    """Can ``batch_norm_forward`` run on an input of this plan (``applies``, 4-D block-row tiles)?"""
+    return TUNING["fused_forward"] and applies(plan) and plan.mode == 0
+
+
+def batch_norm_forward(codec, x: torch.Tensor, plan: Plan, weight: Optional[torch.Tensor],
+                       bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
+                       running_var: Optional[torch.Tensor], momentum: float, eps: float):
+    """``torch.native_batch_norm(x, ..., training=True, ...)`` and ``codec.encode(x)`` in the
+    encode's two launches (``forward_applies(plan)``, ``plan = codec.norm_plan(x)``). Returns
+    (y, mean, invstd, x's Packed); the running statistics are updated in place."""
+    from .triton_codec import FusedNorm
+    n, c = plan.n, plan.c
+    dev = x.device
+    rows = n * plan.enc_split  # phase 1 writes row n * chunks + chunk
+    stats = torch.empty((rows, 3, c), dtype=torch.float32, device=dev)
+    mean = torch.empty(c, dtype=torch.float32, device=dev)
+    invstd = torch.empty(c, dtype=torch.float32, device=dev)
+    coef = torch.empty((2, c), dtype=torch.float32, device=dev)
+    y = torch.empty_like(x, memory_format=torch.channels_last)
+    running = running_mean is not None and running_var is not None
+    block_c = min(16, triton.next_power_of_2(c))
+
+    def reduce() -> None:
+        args = (stats, weight if weight is not None else mean, bias if bias is not None else mean,
+                running_mean if running else mean, running_var if running else mean, mean, invstd, coef,
+                rows, float(momentum), float(eps))
+        flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RUNNING=running)
+        # (the parameters' and running statistics' dtypes and alignment are part of the compiled kernel)
+        given = [(a.dtype, aligned(a)) for a in (weight, bias, running_mean, running_var) if a is not None]
+        _STATS.launch((c, *flags.values(), *given, dev.index), (triton.cdiv(c, block_c),), args,
+                      dict(C=c, BLOCK_C=block_c, BLOCK_R=64, **flags), 4)
+
+    tensors = codec._encode_kernel(x, plan, norm=FusedNorm(y, stats, mean, coef, reduce))
+    return y, mean, invstd, codec.packed(x, plan, tensors)
 
 
 def batch_norm_backward(dy: torch.Tensor, tensors: dict[str, torch.Tensor], plan: Plan,

@@ -683,38 +683,111 @@ def check_norm_from_codes(device, cases=NORM_CASES):
     _check_norm_from_codes_in_a_model(device)
 
 
+# (shape, dtype, block size, split planes): whole blocks, partial blocks, a flat pass 2 (14x14)
+NORM_FORWARD_CASES = [((2, 32, 16, 16), torch.float32, 8, False), ((3, 16, 12, 20), torch.float32, 4, True),
+                      ((2, 64, 14, 14), torch.bfloat16, 8, False), ((2, 16, 24, 16), torch.float16, 8, True)]
+
+
+def check_norm_forward(device, cases=NORM_FORWARD_CASES):
+    """The BatchNorm forward fused into the encode gives PyTorch's output, batch statistics and
+    running statistics (to fp32 rounding; y within an ulp of its dtype), and the encode's bytes
+    bit for bit (same seed), with and without weight, bias and running statistics."""
+    from division import triton_codec as tc
+    from division.triton_norm import batch_norm_forward, forward_applies
+    old = dict(tc.TUNING)
+    try:
+        for i, (shape, dtype, block, split) in enumerate(cases):
+            tc.TUNING.update(split_warps_per_sm=1 << 20 if split else 0)
+            c = shape[1]
+            # a large mean next to a small spread: a sum of squares would lose the variance
+            x = (random_input(shape, torch.float32, True, seed=i, device=device) * 0.1 + 30).to(dtype)
+            for affine, running in ((True, True), (False, False), (True, False)):
+                weight = torch.rand(c, device=device) + 0.5 if affine else None
+                bias = torch.randn(c, device=device) if affine else None
+                rm = torch.randn(c, device=device) if running else None
+                rv = torch.rand(c, device=device) + 0.5 if running else None
+                rm2, rv2 = (rm.clone(), rv.clone()) if running else (None, None)
+                codec = tc.TritonDivisionCodec(block_size=block)
+                plan = codec.norm_plan(x)
+                assert forward_applies(plan) and (plan.enc_split > 1) == split, (shape, plan.enc_split)
+                seed = 4321
+                real_seed, codec.draw_seed = codec.draw_seed, lambda: seed
+                y, mean, invstd, packed = batch_norm_forward(codec, x, plan, weight, bias, rm, rv, 0.1, 1e-5)
+                want = codec._encode_kernel(x, plan, seed=seed)
+                codec.draw_seed = real_seed
+                for k, v in want.items():
+                    assert torch.equal(packed.tensors[k], v), (shape, k)
+                assert codec.decode(packed).shape == x.shape
+                # (in fp32: PyTorch's CPU kernel keeps 16-bit statistics for 16-bit inputs, CUDA's fp32)
+                ry, rmean, rinvstd = torch.native_batch_norm(x.float(), weight, bias, rm2, rv2, True, 0.1, 1e-5)
+                ry = ry.to(dtype)
+                assert y.dtype == x.dtype and y.is_contiguous(memory_format=torch.channels_last)
+                assert torch.allclose(mean, rmean.float(), rtol=1e-5, atol=0), (shape, "mean")
+                assert torch.allclose(invstd, rinvstd.float(), rtol=1e-4, atol=0), (shape, "invstd")
+                ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10 if dtype == torch.float16 else 1e-5
+                assert (y.float() - ry.float()).abs().max() <= 2 * ulp * ry.float().abs().max(), (shape, affine)
+                if running:
+                    assert torch.allclose(rm, rm2, rtol=1e-5, atol=1e-6), (shape, "running mean")
+                    assert torch.allclose(rv, rv2, rtol=1e-4, atol=1e-6), (shape, "running var")
+    finally:
+        tc.TUNING.clear()
+        tc.TUNING.update(old)
+
+
 def _check_norm_from_codes_in_a_model(device):
+    """Off, backward from codes only, and forward fused into the encode as well: the same
+    gradients (to the order of the sums) and running statistics."""
     from torch import nn
+    from division import triton_norm
     from division.methods import CodecMethod
     from division.triton_codec import TritonDivisionCodec
     x = random_input((4, 3, 16, 16), channels_last=True, device=device)
-    grads, calls = {}, {}
-    for on in (False, True):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
-                              nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32, affine=False),
-                              nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, 4))
-        model = model.to(device).to(memory_format=torch.channels_last)
-        method = CodecMethod("division", TritonDivisionCodec(rounding="nearest"), norm_from_codes=on)
-        method.attach(model)
-        loss = model(x).square().sum()
-        loss.backward(retain_graph=True)
-        grads[on] = [p.grad.clone() for p in model.parameters()]
-        model.zero_grad()
-        loss.backward()  # the codes stay with a retained graph, as saved tensors do
-        assert all(torch.equal(a, p.grad) for a, p in zip(grads[on], model.parameters()))
-        mode = method.compressor.norm_mode
-        calls[on] = None if mode is None else mode.calls
-    assert calls == {False: None, True: 2}, calls
-    for a, b in zip(grads[False], grads[True]):
-        # (a convolution bias's gradient is a sum of BatchNorm input gradients that nearly cancel)
-        assert (a - b).abs().max() <= 1e-3 * b.abs().max() + 1e-7
+    grads, buffers, calls = {}, {}, {}
+    real_forward, fused = triton_norm.batch_norm_forward, []
+
+    def counted(*args):
+        fused.append(args[1].shape)
+        return real_forward(*args)
+    old_flag = triton_norm.TUNING["fused_forward"]
+    triton_norm.batch_norm_forward = counted
+    try:
+        for variant in ("off", "backward", "both"):
+            triton_norm.TUNING["fused_forward"] = variant == "both"
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
+                                  nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32, affine=False),
+                                  nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, 4))
+            model = model.to(device).to(memory_format=torch.channels_last)
+            method = CodecMethod("division", TritonDivisionCodec(rounding="nearest"),
+                                 norm_from_codes=variant != "off")
+            method.attach(model)
+            fused.clear()
+            loss = model(x).square().sum()
+            loss.backward(retain_graph=True)
+            grads[variant] = [p.grad.clone() for p in model.parameters()]
+            buffers[variant] = [b.clone() for b in model.buffers() if b.is_floating_point()]
+            model.zero_grad()
+            loss.backward()  # the codes stay with a retained graph, as saved tensors do
+            assert all(torch.equal(a, p.grad) for a, p in zip(grads[variant], model.parameters()))
+            mode = method.compressor.norm_mode
+            calls[variant] = None if mode is None else (mode.calls, len(fused))
+    finally:
+        triton_norm.batch_norm_forward = real_forward
+        triton_norm.TUNING["fused_forward"] = old_flag
+    assert calls == {"off": None, "backward": (2, 0), "both": (2, 2)}, calls
+    for variant in ("backward", "both"):
+        for a, b in zip(grads[variant], grads["off"]):
+            # (a convolution bias's gradient is a sum of BatchNorm input gradients that nearly cancel)
+            assert (a - b).abs().max() <= 1e-3 * b.abs().max() + 1e-7, variant
+        for a, b in zip(buffers[variant], buffers["off"]):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), variant
 
 
 CPU_CHECKS = {
     "relu_zeros": lambda: check_relu_zeros("cpu"),
     "relu_mask_in_encode": lambda: check_relu_mask_in_encode("cpu"),
     "norm_from_codes": lambda: check_norm_from_codes("cpu"),
+    "norm_forward": lambda: check_norm_forward("cpu"),
     "relu_masks_in_training": lambda: check_relu_masks_from_encodes_in_training("cpu"),
     "masks": lambda: check_masks("cpu"),
     "seed_counter": lambda: check_seed_counter("cpu"),
@@ -915,6 +988,15 @@ def test_gpu_norm_from_codes():
                                                 ((8, 64, 112, 112), torch.bfloat16, 8),
                                                 ((32, 1024, 14, 14), torch.bfloat16, 8),
                                                 ((16, 128, 28, 28), torch.float16, 4)])
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_norm_forward():
+    check_norm_forward("cuda", NORM_FORWARD_CASES + [((16, 256, 56, 56), torch.bfloat16, 8, True),
+                                                     ((8, 64, 112, 112), torch.bfloat16, 8, True),
+                                                     ((32, 1024, 14, 14), torch.bfloat16, 8, False),
+                                                     ((16, 128, 28, 28), torch.float16, 4, False)])
 
 
 @pytest.mark.gpu
