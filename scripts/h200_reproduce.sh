@@ -7,6 +7,7 @@
 # SCALE (default 1) multiplies every stage's time limit (accuracy: 60 s + 8 s per epoch, room for
 # DIVISION's ~5 s ResNet-18 epochs on an H200; the others leave room for a fresh machine's kernel
 # compilation and cuDNN set-up); a stage cut short keeps the records it finished.
+# SPEED=0 skips the throughput stages, MEMORY=0 the memory stages (largest-batch search included);
 # MAX_BATCH=0 skips the largest-batch search (the longest memory stage); ACCURACY=0 skips the
 # accuracy runs (the longest stages; they can run on their own, e.g. one per GPU). ACC_METHODS
 # (default "none division") and SEEDS (default "0") choose them, one run per method and seed;
@@ -44,12 +45,15 @@ if [[ "${ACCURACY:-1}" == 1 ]]; then
   done
   wait
 fi
+if [[ "${SPEED:-1}" == 1 ]]; then
 # Throughput: ResNet-50, bf16 autocast, channels_last, batch 128 and 256, all compressing methods.
 stage speed 150 -m mode=speed model=resnet50 dataset.image_size=224 dataset.num_classes=1000 \
   precision=bf16 channels_last=true batch_size=128,256 method=none,division,actnn,checkpoint,swap group=h200_speed
 # The same with forward and backward replayed from CUDA graphs (methods that can be captured).
 stage speed_graph 100 -m mode=speed model=resnet50 dataset.image_size=224 dataset.num_classes=1000 \
   precision=bf16 channels_last=true batch_size=128,256 method=none,division cuda_graph=true group=h200_speed
+fi
+if [[ "${MEMORY:-1}" == 1 ]]; then
 # Memory (fp32, the paper's protocol): WRN-50-2 none/division, ResNet-50 division (fused kernels) and swap.
 stage memory_wrn 80 -m mode=memory model=wrn50_2 dataset.image_size=224 dataset.num_classes=1000 \
   batch_size=64,128,256,512 method=none,division group=h200_memory
@@ -57,6 +61,7 @@ stage memory_r50 120 -m mode=memory model=resnet50 dataset.image_size=224 datase
   batch_size=64,128,256,512 method=none,division,swap group=h200_memory
 [[ "${MAX_BATCH:-1}" == 1 ]] && stage max_batch 120 -m mode=memory model=resnet50 dataset.image_size=224 dataset.num_classes=1000 \
   batch_size=256 memory.find_max_batch=true method=none,division group=h200_max_batch
+fi
 
 python main.py mode=report logger=none device=cpu "results_dir=$store" "hydra.run.dir=$out/report" > "$out/report.log" 2>&1
 tar czf "$out/store.tgz" -C "$out" store report && rm -rf "$store"
