@@ -2,7 +2,7 @@
 codes: no decoded input is ever written, and the input is read twice in all (as PyTorch's own
 forward reads it) instead of twice more by a separate encode.
 
-Forward (``batch_norm_forward``): the encode's two launches (division/triton_codec.py, NORM)
+Forward (``batch_norm_forward``): the encode's two launches (division/triton_codec_kernels.py, NORM)
 carry the BatchNorm. Phase 1, which reads x for the LFC and the HFC range, also writes per-channel
 (count, mean, M2) of its chunk; ``_stats_kernel`` merges them (Chan et al.'s pairwise formula) into
 the batch mean and inverse standard deviation and updates the running statistics; phase 2, which
@@ -11,7 +11,7 @@ reads x again to quantize it, writes ``y = (x - mean) * weight * invstd + bias``
 A BatchNorm's backward reads its input twice (the per-channel sums, then the input gradient). With
 the input stored by DIVISION the step used to decode it first: a full-size tensor written once and
 read twice. Here both passes rebuild each element in registers from what the fused encode stored
-(division/triton_codec.py: channels_last maps with NHWC-ordered codes and an LFC in channels_last
+(division/triton_codec_kernels.py: channels_last maps with NHWC-ordered codes and an LFC in channels_last
 memory), the value the decode would write (``lfc + (mn + code * step)`` rounded to the input's
 dtype), so the gradients are those of the decode followed by PyTorch's backward, up to the order
 of the sums.
@@ -32,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_codec import Plan, _cast_out, _code_float, _sm_count
+from .triton_codec_kernels import _cast_out, _code_float
+from .triton_plan import Plan, _sm_count
 from .triton_launch import CachedLaunch, aligned, interpreting
 
 # Tunables (part of every launch key): pixels per tile (times G channels), warps per program,
