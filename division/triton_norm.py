@@ -201,9 +201,10 @@ def applies(plan: Optional[Plan]) -> bool:
             and group_size(plan.c) is not None)
 
 
-def forward_applies(plan: Optional[Plan]) -> bool:
-    """Can ``batch_norm_forward`` run on an input of this plan (``applies``, 4-D block-row tiles)?"""
-    return TUNING["fused_forward"] and applies(plan) and plan.mode == 0
+def forward_applies(plan: Plan) -> bool:
+    """Can ``batch_norm_forward`` run on an input of this plan? ``plan``: one ``applies`` accepted
+    (``codec.norm_plan``'s), so only the forward's own condition is left: 4-D block-row tiles."""
+    return TUNING["fused_forward"] and plan.mode == 0
 
 
 def batch_norm_forward(codec, x: torch.Tensor, plan: Plan, weight: Optional[torch.Tensor],

@@ -693,7 +693,7 @@ def check_norm_forward(device, cases=NORM_FORWARD_CASES):
     running statistics (to fp32 rounding; y within an ulp of its dtype), and the encode's bytes
     bit for bit (same seed), with and without weight, bias and running statistics."""
     from division import triton_codec as tc
-    from division.triton_norm import batch_norm_forward, forward_applies
+    from division.triton_norm import applies, batch_norm_forward, forward_applies
     old = dict(tc.TUNING)
     try:
         for i, (shape, dtype, block, split) in enumerate(cases):
@@ -709,7 +709,7 @@ def check_norm_forward(device, cases=NORM_FORWARD_CASES):
                 rm2, rv2 = (rm.clone(), rv.clone()) if running else (None, None)
                 codec = tc.TritonDivisionCodec(block_size=block)
                 plan = codec.norm_plan(x)
-                assert forward_applies(plan) and (plan.enc_split > 1) == split, (shape, plan.enc_split)
+                assert applies(plan) and forward_applies(plan) and (plan.enc_split > 1) == split, (shape, plan.enc_split)
                 seed = 4321
                 real_seed, codec.draw_seed = codec.draw_seed, lambda: seed
                 y, mean, invstd, packed = batch_norm_forward(codec, x, plan, weight, bias, rm, rv, 0.1, 1e-5)
