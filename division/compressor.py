@@ -163,6 +163,8 @@ class ActivationCompressor:
         return self._hooks_ctx is not None
 
     def _enter_step(self, module, args) -> None:
+        if torch.compiler.is_compiling():
+            return  # compiled: the layers' own functions store the codes (division.compiled)
         if self._active() or not (module.training and torch.is_grad_enabled()):
             return
         self._cache.clear()

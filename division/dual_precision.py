@@ -237,15 +237,16 @@ def bf16_directed(x: torch.Tensor, toward: str) -> torch.Tensor:
     return bits.view(torch.float32).to(torch.bfloat16)  # exact: the low bits are zero
 
 
-def quantize(hfc: torch.Tensor, bits: int, rounding: str,
-             generator: Optional[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize(hfc: torch.Tensor, bits: int, rounding: str, generator: Optional[torch.Generator],
+             noise: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-map uniform quantization of an fp32 (N, C, H, W) tensor to ``bits``-bit codes.
 
     Returns codes (uint8, same shape), mn and step (bf16, (N, C)). mn is rounded down and step up
     so the stored grid covers [min, max] of each map; the codes are computed against the stored
     values, so decode is consistent with encode and nothing needs clamping (the clamp only
     catches fp32 round-off). Stochastic rounding floor(v + u), u ~ U[0, 1), is unbiased for
-    v in [0, levels]; nearest uses u = 0.5.
+    v in [0, levels]; nearest uses u = 0.5. ``noise``: the u to use instead of ``torch.rand``
+    (fp32, hfc's shape), for stochastic rounding only.
     """
     levels = 2 ** bits - 1
     mn, mx = torch.aminmax(hfc.flatten(2), dim=-1)
@@ -256,7 +257,9 @@ def quantize(hfc: torch.Tensor, bits: int, rounding: str,
     # A constant map has step 0 (all its values equal mn_s): divide by 1 instead, giving code 0.
     safe_step = torch.where(step_f > 0, step_f, torch.ones_like(step_f))
     v = (hfc - mn_f) / safe_step
-    if rounding == "stochastic":
+    if rounding == "stochastic" and noise is not None:
+        v += noise
+    elif rounding == "stochastic":
         # torch.rand with the logical shape (not rand_like, which follows strides): draws depend
         # only on the element's NCHW position and the generator's state.
         v += torch.rand(hfc.shape, generator=generator, device=hfc.device, dtype=torch.float32)

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import asdict, dataclass
+from typing import Optional
+
+COMPILED = "compiled"  # LedgerEntry.kind of a tensor saved by a compiled graph
 
 
 @dataclass
@@ -39,12 +42,22 @@ class ByteLedger:
         return sum(e.stored_bytes for e in self.entries)
 
     @property
-    def plain_bytes(self) -> int:
+    def compiled(self) -> bool:
+        """Counted around a compiled graph (``division.compiled.SavedTensorCounter``): what it kept
+        is exact, but there is no per-save plain reference (compare with a compiled ``none`` run)."""
+        return bool(self.entries) and all(e.kind == COMPILED for e in self.entries)
+
+    @property
+    def plain_bytes(self) -> Optional[int]:
+        if self.compiled:
+            return None
         return sum(e.plain_bytes for e in self.entries)
 
     @property
-    def ratio(self) -> float:
-        """How many times fewer bytes than plain autograd (plain / stored)."""
+    def ratio(self) -> Optional[float]:
+        """How many times fewer bytes than plain autograd (plain / stored); None when compiled."""
+        if self.compiled:
+            return None
         return self.plain_bytes / self.stored_bytes if self.stored_bytes else float("inf")
 
     def by_layer(self) -> list[dict]:

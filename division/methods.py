@@ -12,7 +12,10 @@ from typing import Any, Callable, Optional
 
 from torch import nn
 
+import torch
+
 from .codec import ActivationCodec
+from .compiled import CompiledLayers, SavedTensorCounter, self_check, tensor_codec_for
 from .compressor import ActivationCompressor, compress_activations
 from .decode_prefetch import DecodePrefetcher
 from .encode_stream import SideStreamEncoder
@@ -27,18 +30,56 @@ class TrainingMethod:
     # the step syncs with the host, moves data off the device, or the method changes what it does
     # between steps (a captured graph keeps doing what it did at capture).
     cuda_graph_safe = True
+    # Does the method keep its storage inside a ``torch.compile``d model? Methods that work only
+    # through saved-tensor hooks do not: a compiled graph bypasses them (``compile`` refuses).
+    compile_safe = True
 
     def __init__(self) -> None:
         self.compressor: Optional[ActivationCompressor] = None
+        self.ledger: Optional[ByteLedger] = None
+        self.counter: Optional[SavedTensorCounter] = None  # the ledger of a compiled model
 
     def attach(self, model: nn.Module, ledger: Optional[ByteLedger] = None) -> nn.Module:
         """Apply the method to ``model`` in place and return the module to train.
 
         With a ledger, plain autograd's saves are recorded too (kept raw, counted once per tensor).
         """
+        self.ledger = ledger
         if ledger is not None:
             self.compressor = compress_activations(model, None, exact_masks=False, ledger=ledger)
         return model
+
+    def compile(self, model: nn.Module, **compile_kwargs) -> nn.Module:
+        """``torch.compile(model, **compile_kwargs)`` for a model this method is attached to.
+
+        The compiled model keeps what the method stores (``division.compiled``); with a ledger, the
+        ledger counts what the compiled graph saves at each forward. A method that cannot work inside
+        a compiled graph raises ``CompileUnsupported`` instead of training uncompressed.
+        """
+        if not self.compile_safe:
+            raise CompileUnsupported(
+                f"method {self.name!r} keeps its activations through saved-tensor hooks, which a "
+                "torch.compile'd model bypasses (it would train uncompressed); train it without "
+                "compile, or use method 'division' or 'none'")
+        if isinstance(self, CodecMethod) and self.compiled_layers is not None:
+            device = next(model.parameters()).device
+            problem = self_check(device, **compile_kwargs)
+            if problem is not None:
+                raise CompileUnsupported(f"{problem}; DIVISION cannot train compiled here: use it "
+                                         "without torch.compile (its eager and CUDA-graph paths)")
+        compiled = torch.compile(model, **compile_kwargs)
+        if self.ledger is not None:
+            self.counter = SavedTensorCounter(model, self.ledger)
+            self.counter.install(compiled)
+        return compiled
+
+    def stop_ledger(self) -> None:
+        """Stop recording into the ledger (it keeps the last step's entries): no bookkeeping per
+        step once a step has been counted."""
+        if self.compressor is not None:
+            self.compressor.ledger = None
+        if self.counter is not None:
+            self.counter.enabled = False
 
     def detach(self) -> None:
         if self.compressor is not None:
@@ -73,6 +114,10 @@ def valid_prefetch_ahead(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+class CompileUnsupported(RuntimeError):
+    """``TrainingMethod.compile`` on a method whose storage a compiled graph would bypass."""
+
+
 class CodecMethod(TrainingMethod):
     """Conv / norm / linear inputs through ``codec``; exact masks for ReLU, dropout and max-pooling.
 
@@ -105,8 +150,14 @@ class CodecMethod(TrainingMethod):
         self.prefetch_decode = prefetch_decode
         self.prefetch_ahead = prefetch_ahead
         self.norm_from_codes = bool(norm_from_codes)
+        self.tensor_codec = tensor_codec_for(codec)  # None: the codec has no compiled form
+        self.compile_safe = self.tensor_codec is not None
+        self.compiled_layers: Optional[CompiledLayers] = None
 
     def attach(self, model: nn.Module, ledger: Optional[ByteLedger] = None) -> nn.Module:
+        self.ledger = ledger
+        if self.tensor_codec is not None:
+            self.compiled_layers = CompiledLayers(model, self.tensor_codec)
         stream = SideStreamEncoder() if self.side_stream is True else None
         prefetcher = DecodePrefetcher(self.prefetch_ahead) if self.prefetch_decode is True else None
         self.compressor = compress_activations(model, self.codec, exact_masks=self.exact_masks,
@@ -114,6 +165,12 @@ class CodecMethod(TrainingMethod):
                                                exact_kernels=self.exact_kernels, encode_stream=stream,
                                                prefetcher=prefetcher, norm_from_codes=self.norm_from_codes)
         return model
+
+    def detach(self) -> None:
+        super().detach()
+        if self.compiled_layers is not None:
+            self.compiled_layers.remove()
+            self.compiled_layers = None
 
     def use_cuda_graph(self) -> None:
         if self.compressor is None:

@@ -19,9 +19,16 @@ def packed_nbytes(numel: int, bits: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _shifts(bits: int, device: torch.device) -> torch.Tensor:
-    """Bit offsets of the codes inside a byte, made once per device (one launch less per call)."""
+def _cached_shifts(bits: int, device: torch.device) -> torch.Tensor:
     return torch.arange(0, 8, bits, device=device, dtype=torch.uint8)
+
+
+def _shifts(bits: int, device: torch.device) -> torch.Tensor:
+    """Bit offsets of the codes inside a byte, made once per device in eager mode (one launch less
+    per call); a compiled graph makes them as a constant of its own."""
+    if torch.compiler.is_compiling():
+        return torch.arange(0, 8, bits, device=device, dtype=torch.uint8)
+    return _cached_shifts(bits, device)
 
 
 def _check_bits(bits: int) -> None:

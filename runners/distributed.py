@@ -36,6 +36,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .checks import ConfigError
+from .compiling import compile_mode
 
 log = logging.getLogger(__name__)
 
@@ -207,14 +208,21 @@ def prepare_model(model: nn.Module, method, cfg, device: torch.device, ledger=No
     """
     parallel = data_parallel and is_distributed()
     model = attach_method(model, method, ledger, sync_bn=parallel and bool(cfg.train.get("sync_bn")))
-    if not parallel:
-        return model
-    # Gradients as views into DDP's communication buckets: one copy of them instead of two.
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                   gradient_as_bucket_view=True)
+    if parallel:
+        # Gradients as views into DDP's communication buckets: one copy of them instead of two.
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                        gradient_as_bucket_view=True)
+    mode = compile_mode(cfg)
+    if mode is not None:
+        # DDP inside the compiled module: Dynamo then splits the graph at DDP's buckets, so the
+        # all-reduces overlap backward as they do in eager mode
+        model = method.compile(model, mode=mode)
+    return model
 
 
 def unwrap(model: nn.Module) -> nn.Module:
+    """The model itself, out of torch.compile's and DDP's wrappers."""
+    model = getattr(model, "_orig_mod", model)
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 

@@ -18,7 +18,8 @@ from omegaconf import OmegaConf
 
 from . import distributed
 from .build import build_method, resolve_device, seed_everything
-from .checks import validate
+from .checks import ConfigError, validate
+from .compiling import compile_problem
 from .gpu_memory import free_after_oom
 from .record import atomic_write_bytes, new_record, resolve_results_dir, write_record
 from .tracking import derive_group, start_logger
@@ -51,8 +52,14 @@ def run_job(cfg, run_dir: str | Path) -> dict[str, Any]:
     rank, writes = distributed.rank(), distributed.is_main()
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(int(cfg.seed) + rank)  # each rank its own draws; DDP gives all ranks rank 0's model
-    method_fields = build_method(cfg).describe() if cfg.mode.name != "report" else \
-        {"method": cfg.method.name, "block_size": None, "bits": None}
+    if cfg.mode.name != "report":
+        method = build_method(cfg)
+        problem = compile_problem(cfg, method)
+        if problem is not None:
+            raise ConfigError(problem)
+        method_fields = method.describe()
+    else:
+        method_fields = {"method": cfg.method.name, "block_size": None, "bits": None}
     record = new_record(cfg, run_dir, method_fields)
     record["device"] = device.type
     record["group"] = derive_group(cfg)

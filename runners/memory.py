@@ -56,11 +56,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from division import ByteLedger, TrainingMethod
 
 from . import distributed
+from .compiling import compile_mode
 from .build import (build_method, build_model, build_optimizer, build_scaler, forward_loss,
                     method_record_fields, model_image_size)
 from .gpu_memory import CudaMeter, free_after_oom, module_bytes, release_memory, tensor_bytes
@@ -195,6 +197,10 @@ def measure(cfg, device: torch.device, batch_size: int) -> dict[str, Any]:
                 if meter:
                     meter.reset_peak()
             output_bytes = tensor_bytes(train_step(bench, cfg, device, step_log))
+            if index == 0 and steps > 1 and compile_mode(cfg) is not None:
+                # the compiled graph's ledger counts from autograd's saved-tensor hooks: read it on the
+                # first step, so that the measured step runs without them
+                bench.method.stop_ledger()
         fields = {
             "image_size": int(cfg.dataset.image_size),
             "memory_steps": steps,
@@ -225,7 +231,8 @@ def start_meter(cfg, device: torch.device, batch_size: int) -> CudaMeter:
     of a process and not in the next ones; primed, every job has them in its baseline (PyTorch
     1.x, which the paper used, did not count them at all).
     """
-    _probe(cfg, device, min(2, batch_size), steps=1)
+    # eager: priming needs the libraries, not a compiled graph for a batch of 2
+    _probe(OmegaConf.merge(cfg, {"compile": False}), device, min(2, batch_size), steps=1)
     meter = CudaMeter(device)
     if meter.base_allocated > LEFTOVER_WARNING_BYTES:
         log.warning("the process holds %.0f MiB of CUDA memory before this job starts (left by an "
@@ -284,8 +291,8 @@ def _ledger_fields(ledger: ByteLedger) -> dict[str, Any]:
     stored = ledger.stored_bytes
     return {
         "ledger_bytes": stored,
-        "ledger_plain_bytes": ledger.plain_bytes,
-        "ledger_ratio": ledger.plain_bytes / stored if stored else None,
+        "ledger_plain_bytes": ledger.plain_bytes,  # null for a compiled graph: compare with compiled none
+        "ledger_ratio": ledger.ratio if stored else None,
         "ledger_tensors": len(ledger.entries),
         "ledger_by_codec": ledger.by_codec(),
         "ledger_layers": ledger.by_layer(),
@@ -366,8 +373,9 @@ def _log_summary(fields: dict[str, Any]) -> None:
     parts = [f"activation {mib('activation_bytes')}"]
     if fields["ledger_bytes"] is not None:
         ratio = fields["ledger_ratio"]
-        parts.append(f"ledger {mib('ledger_bytes')} of {mib('ledger_plain_bytes')} plain"
-                     + (f" ({ratio:.2f}x)" if ratio is not None else ""))
+        plain = f" of {mib('ledger_plain_bytes')} plain" if fields["ledger_plain_bytes"] is not None \
+            else " saved by the compiled graph"
+        parts.append(f"ledger {mib('ledger_bytes')}{plain}" + (f" ({ratio:.2f}x)" if ratio is not None else ""))
     if fields["peak_bytes"] is not None:
         parts.append(f"peak {mib('peak_bytes')}, total {mib('total_bytes')}")
     log.info("memory: %s", ", ".join(parts))

@@ -17,8 +17,10 @@ from typing import Any, Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .compiling import compile_mode
+
 COMMON_FIELDS = ("run_id", "mode", "model", "dataset", "method", "block_size", "bits", "batch_size",
-                 "device", "precision", "cuda_graph", "seed", "group", "status", "error", "run_dir",
+                 "device", "precision", "cuda_graph", "compile", "seed", "group", "status", "error", "run_dir",
                  "started_at", "duration_s")
 
 
@@ -36,6 +38,7 @@ def new_record(cfg, run_dir: str | Path, method_fields: dict[str, Any]) -> dict[
         "device": None,  # filled with the resolved device (cpu / cuda) when the job starts
         "precision": cfg.precision,
         "cuda_graph": bool(cfg.get("cuda_graph", False)),
+        "compile": compile_mode(cfg),  # null: eager; else the torch.compile mode
         "seed": int(cfg.seed),
         "group": cfg.get("group"),
         "status": "running",

@@ -28,8 +28,10 @@ def summary_lines(record: dict[str, Any]) -> list[str]:
                      f" train loss {record['final_train_loss']:.4f}, {record['epochs']} epoch(s)")
     if record.get("ledger_bytes") is not None:
         ratio = record.get("ledger_ratio")
+        plain = record.get("ledger_plain_bytes")
         lines.append(f"activations kept for backward: {human_bytes(record['ledger_bytes'])}"
-                     f" vs {human_bytes(record['ledger_plain_bytes'])} with plain autograd"
+                     + (f" vs {human_bytes(plain)} with plain autograd" if plain is not None
+                        else f" saved by the compiled graph ({record.get('compile')} mode)")
                      + (f" ({ratio:.1f}x smaller)" if ratio else ""))
     if record.get("peak_bytes") is not None:
         lines.append(f"CUDA peak {human_bytes(record['peak_bytes'])}, activation {human_bytes(record.get('activation_bytes'))}")

@@ -145,8 +145,8 @@ def run(cfg, env) -> dict[str, Any]:
         restore_rng(_rank_rng_state(state, rank, distributed.world_size()))
         start_epoch, global_step = state["epoch"], state["global_step"]
         history, first_step_ledger = state["history"], state.get("ledger")
-        if first_step_ledger is not None and method.compressor is not None:
-            method.compressor.ledger = None  # recorded by the first run; no bookkeeping per step
+        if first_step_ledger is not None:
+            method.stop_ledger()  # recorded by the first run; no bookkeeping per step
         log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
     elif cfg.resume:
         log.warning("resume=true but %s does not exist: starting from scratch", ckpt_path)
@@ -180,8 +180,7 @@ def run(cfg, env) -> dict[str, Any]:
                     scaler.scale(loss).backward()
             if first_step_ledger is None:
                 first_step_ledger = ledger.summary()
-                if method.compressor is not None:
-                    method.compressor.ledger = None  # one step is enough; skip the bookkeeping after
+                method.stop_ledger()  # one step is enough; skip the bookkeeping after
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()

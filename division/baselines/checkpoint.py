@@ -177,6 +177,7 @@ def _rng_restored(x: torch.Tensor):
 class CheckpointMethod(TrainingMethod):
     """Checkpoint the model's stages in ``segments`` groups; see the module docstring."""
 
+    compile_safe = False  # its stage wrappers and ledger work through hooks, which a compiled graph bypasses
     name = "checkpoint"
     cuda_graph_safe = False  # recomputation stashes and restores the RNG state through the host
 

@@ -47,6 +47,7 @@ class _RecordedOffload(torch.autograd.graph.saved_tensors_hooks):
 class SwapMethod(TrainingMethod):
     """Saved activations live in (pinned, on CUDA) host memory between forward and backward."""
 
+    compile_safe = False  # its offload is a saved-tensor hook, which a compiled graph bypasses
     name = "swap"
     cuda_graph_safe = False  # copies to host memory: a graph cannot own pageable or pinned host buffers
 

@@ -1,0 +1,532 @@
+"""DIVISION under ``torch.compile``: layers whose autograd functions save the codes themselves.
+
+The eager path (``division.compressor``) works through ``saved_tensors_hooks`` and module hooks.
+A compiled model runs as one autograd function built by AOTAutograd, which saves what its
+partitioner chooses; hooks around it see that one function, so they can neither tell layers apart
+nor decode one activation at a time in backward (pytorch#148222). So under compilation the known
+layers run through the custom ``torch.autograd.Function``s below instead: each one's forward
+computes the layer and *returns its storage* (codes, LFC, statistics, 1-bit masks) as what it
+saves, and its backward rebuilds the input from them. Dynamo traces forward and backward of these
+functions into the joint graph, so the compiled forward keeps only the small tensors, inductor
+fuses each encode into the kernels that produce the activation, and each decode runs where the
+layer's backward needs it.
+
+``CompiledLayers.install`` puts a dispatching ``forward`` on every known leaf module: while Dynamo
+traces (``torch.compiler.is_compiling()``) the module runs its compressing function; in eager
+mode it runs its own forward, which the hooks already compress. The model's parameters, buffers
+and ``state_dict`` do not change.
+
+What is covered: convolutions (zero padding), BatchNorm in training mode, Linear, and ReLU. The
+rest (pooling, element-wise ops, modules this file does not know) is saved the way the compiler
+chooses; the byte ledger (``division.compile_ledger``) counts it, so nothing is hidden.
+
+The codec is DIVISION's PyTorch reference (``division.dual_precision``), written in tensor ops
+that inductor turns into fused kernels. Its stochastic rounding takes its uniform draw from a hash
+of each element's value bits and position (``hash_dither``) instead of a random-number op: the
+encode is then a pure function of its input, so when two layers read the same tensor (a ResNet
+block's input, read by conv1 and by the downsample convolution) the compiler's common-subexpression
+pass keeps one encode and one copy of the codes, as the eager path's cache does.
+
+The byte ledger of a compiled step (``SavedTensorCounter``) counts what the compiled graph really
+saves, from autograd's own saved-tensor hooks around it: every tensor but the parameters.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ledger import COMPILED, LedgerEntry
+from .dual_precision import (LAYOUT_RAW, Geometry, block_mean, canonical_geometry, dequantize,
+                             from_canonical, quantize, to_canonical, upsample)
+from .packing import pack_bits, packed_nbytes, unpack_bits
+
+
+# ------------------------------------------------------------------------- the codec as tensors
+@dataclass(frozen=True)
+class TensorCodec:
+    """DIVISION's knobs as a hashable constant that a traced function can close over.
+
+    ``encode`` returns a tuple of tensors (what is kept), ``decode`` rebuilds the activation from
+    it; the shapes, dtype and memory format travel separately as a ``Layout``.
+    """
+
+    block_size: int = 8
+    bits: int = 2
+    rounding: str = "stochastic"
+    keep_lfc: bool = True
+    keep_hfc: bool = True
+
+    def parts(self, geom: Geometry) -> tuple[bool, bool]:
+        """(store the LFC, store the HFC): the same rule as ``DivisionCodec._parts``."""
+        if not self.keep_lfc:
+            return False, True
+        return True, self.keep_hfc and geom.h * geom.w > 1
+
+    def encode(self, x: torch.Tensor) -> tuple["Layout", tuple[torch.Tensor, ...]]:
+        geom = canonical_geometry(x.shape, x.dtype, self.block_size)
+        layout = Layout(tuple(x.shape), x.dtype, _memory_format(x), geom)
+        if geom.layout == LAYOUT_RAW:
+            return layout, (x,)
+        has_lfc, has_hfc = self.parts(geom)
+        x4 = to_canonical(x, geom)
+        stored = []
+        hfc = x4
+        if has_lfc:
+            lfc = block_mean(x4, geom.kh, geom.kw).to(torch.bfloat16)
+            stored.append(lfc)
+            if has_hfc:
+                hfc = x4 - upsample(lfc, geom.kh, geom.kw, geom.h, geom.w)
+        if has_hfc:
+            noise = hash_dither(x4) if self.rounding == "stochastic" else None
+            codes, mn, step = quantize(hfc, self.bits, self.rounding, None, noise)
+            stored += [pack_bits(codes, self.bits), mn, step]
+        return layout, tuple(stored)
+
+    def decode(self, layout: "Layout", stored: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        geom = layout.geometry
+        if geom.layout == LAYOUT_RAW:
+            return stored[0]
+        has_lfc, has_hfc = self.parts(geom)
+        x4 = None
+        rest = list(stored)
+        if has_lfc:
+            x4 = upsample(rest.pop(0), geom.kh, geom.kw, geom.h, geom.w)
+        if has_hfc:
+            packed, mn, step = rest
+            codes = unpack_bits(packed, self.bits, geom.numel).view(geom.n, geom.c, geom.h, geom.w)
+            hfc = dequantize(codes, mn, step)
+            x4 = hfc if x4 is None else x4 + hfc
+        return from_canonical(x4, geom, layout.shape, layout.dtype, layout.memory_format)
+
+    def nbytes(self, shape, dtype: torch.dtype) -> int:
+        """What ``encode`` keeps for a tensor of this shape and dtype."""
+        geom = canonical_geometry(shape, dtype, self.block_size)
+        if geom.layout == LAYOUT_RAW:
+            return math.prod(shape) * dtype.itemsize
+        has_lfc, has_hfc = self.parts(geom)
+        total = geom.maps * geom.hb * geom.wb * 2 if has_lfc else 0
+        if has_hfc:
+            total += packed_nbytes(geom.numel, self.bits) + 4 * geom.maps
+        return total
+
+
+_LOW31 = 0x7FFFFFFF
+_MIX = 0x45D9F3B  # an odd 27-bit multiplier with good avalanche (a well-known 32-bit integer hash's)
+
+
+def hash_dither(x: torch.Tensor) -> torch.Tensor:
+    """Uniform numbers in [0, 1), one per element of fp32 ``x``, from a hash of its bits and index.
+
+    Three rounds of xorshift-multiply over 31-bit words held in int64: every product stays below
+    2**58, so no backend's overflow rule matters, and every constant fits in int32, which the
+    compiler's kernels may use for an index. The draws are uncorrelated with the fraction being
+    rounded for practical purposes, so rounding stays unbiased on average, and they change
+    whenever the value does (each step's activations).
+    """
+    index = torch.arange(x.numel(), device=x.device, dtype=torch.int64).view(x.shape)
+    h = (x.view(torch.int32).to(torch.int64) ^ index) & _LOW31
+    for _ in range(3):
+        h = h ^ (h >> 15)
+        h = (h * _MIX) & _LOW31
+    h = h ^ (h >> 15)
+    return (h >> 7).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def tensor_codec_for(codec) -> Optional[TensorCodec]:
+    """The compiled form of an eager codec: DIVISION's (reference or fused kernels), except its
+    ``simulate`` debugging mode; None for any other codec (the baselines have none)."""
+    from .dual_precision import DivisionCodec
+    if not isinstance(codec, DivisionCodec) or codec.simulate:
+        return None
+    return TensorCodec(codec.block_size, codec.bits, codec.rounding, codec.keep_lfc, codec.keep_hfc)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What decode needs besides the stored tensors: the activation's shape, dtype and format."""
+
+    shape: tuple
+    dtype: torch.dtype
+    memory_format: Optional[str]
+    geometry: Geometry
+
+
+def _memory_format(x: torch.Tensor) -> Optional[str]:
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return "channels_last_3d"
+    return None
+
+
+def _pack_mask(y: torch.Tensor) -> torch.Tensor:
+    """``y > 0`` at 1 bit per element, in y's storage order (channels_last stays NHWC)."""
+    flat = y.permute(0, 2, 3, 1) if _memory_format(y) == "channels_last" else y
+    return pack_bits((flat > 0).reshape(-1).to(torch.uint8), 1)
+
+
+def _unpack_mask(bits: torch.Tensor, shape: tuple, channels_last: bool) -> torch.Tensor:
+    """Inverse of ``_pack_mask``: 0/1 (uint8) of ``shape``, in the format the mask was taken in."""
+    mask = unpack_bits(bits, 1, math.prod(shape))
+    if channels_last:
+        n, c, h, w = shape
+        return mask.view(n, h, w, c).permute(0, 3, 1, 2)
+    return mask.view(shape)
+
+
+def _compute_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype that a layer on x's device would compute in, or None outside autocast."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
+
+
+# ---------------------------------------------------------------------------------- the layers
+class _Conv(torch.autograd.Function):
+    """A convolution whose backward reads its input from DIVISION's codes."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, codec: TensorCodec, stride, padding, dilation, transposed,
+                output_padding, groups):
+        y = torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, transposed,
+                                       output_padding, groups)
+        layout, stored = codec.encode(x)
+        ctx.save_for_backward(weight, *stored)
+        ctx.codec, ctx.layout = codec, layout
+        ctx.args = (stride, padding, dilation, transposed, output_padding, groups)
+        ctx.bias_shape = None if bias is None else list(bias.shape)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, *stored = ctx.saved_tensors
+        x = ctx.codec.decode(ctx.layout, tuple(stored))
+        stride, padding, dilation, transposed, output_padding, groups = ctx.args
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.bias_shape is not None
+                and ctx.needs_input_grad[2]]
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            grad, x, weight, ctx.bias_shape, stride, padding, dilation, transposed, output_padding,
+            groups, mask)
+        return gx, gw, gb, None, None, None, None, None, None, None
+
+
+class _Linear(torch.autograd.Function):
+    """A linear layer whose backward reads its input from DIVISION's codes."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, codec: TensorCodec):
+        y = F.linear(x, weight, bias)
+        layout, stored = codec.encode(x)
+        ctx.save_for_backward(weight, *stored)
+        ctx.codec, ctx.layout, ctx.has_bias = codec, layout, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, *stored = ctx.saved_tensors
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = grad @ weight
+        if ctx.needs_input_grad[1]:
+            x = ctx.codec.decode(ctx.layout, tuple(stored))
+            gw = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return gx, gw, gb, None
+
+
+class _BatchNorm(torch.autograd.Function):
+    """Training-mode batch normalization with the batch statistics given; its backward (the full
+    one, through the statistics) reads the input from DIVISION's codes."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, invstd, eps: float, codec: TensorCodec):
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        scale = invstd if weight is None else invstd * weight.float()
+        shift = -mean * scale if bias is None else bias.float() - mean * scale
+        y = x.float() * scale.view(shape) + shift.view(shape)
+        # no .to() when the dtype already matches: torch 2.11's Dynamo gave a function whose output
+        # is such a no-op cast zero gradients
+        y = y if y.dtype == x.dtype else y.to(x.dtype)
+        layout, stored = codec.encode(x)
+        ctx.save_for_backward(weight, mean, invstd, *stored)
+        ctx.codec, ctx.layout, ctx.eps = codec, layout, eps
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        # The training-mode formula written out (what aten.native_batch_norm_backward's
+        # decomposition computes): torch 2.11's compiler returned zero gradients for that op here.
+        weight, mean, invstd, *stored = ctx.saved_tensors
+        x = ctx.codec.decode(ctx.layout, tuple(stored))
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        g = grad.float()
+        x_hat = (x.float() - mean.view(shape)) * invstd.view(shape)
+        grad_bias = g.sum(dims)
+        grad_scale = (g * x_hat).sum(dims)  # d loss / d weight
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            count = x.numel() // x.shape[1]
+            scale = invstd if weight is None else invstd * weight.float()
+            gx = scale.view(shape) * (g - (grad_bias / count).view(shape)
+                                      - x_hat * (grad_scale / count).view(shape))
+            gx = gx if gx.dtype == grad.dtype else gx.to(grad.dtype)
+        if weight is not None and ctx.needs_input_grad[1]:
+            gw = grad_scale.to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            gb = grad_bias.to(weight.dtype if weight is not None else grad.dtype)
+        return gx, gw, gb, None, None, None, None
+
+
+class _Relu(torch.autograd.Function):
+    """ReLU keeping ``output > 0`` as 1 bit per element (exact for its backward)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.relu(x)
+        ctx.save_for_backward(_pack_mask(y))
+        ctx.shape, ctx.channels_last = tuple(y.shape), _memory_format(y) == "channels_last"
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (bits,) = ctx.saved_tensors
+        return grad * _unpack_mask(bits, ctx.shape, ctx.channels_last).to(grad.dtype)
+
+
+# ------------------------------------------------------------------------ the modules' forwards
+def _cast(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> Optional[torch.Tensor]:
+    """What autocast would hand the layer: ``t`` in the autocast dtype (its backward casts back)."""
+    return t if t is None or dtype is None else t.to(dtype)
+
+
+def conv_forward(module: nn.modules.conv._ConvNd, x: torch.Tensor, codec: TensorCodec) -> torch.Tensor:
+    dtype = _compute_dtype(x)
+    transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
+    output_padding = list(module.output_padding) if transposed else [0] * len(module.stride)
+    return _Conv.apply(_cast(x, dtype), _cast(module.weight, dtype), _cast(module.bias, dtype), codec,
+                       list(module.stride), list(module.padding), list(module.dilation), transposed,
+                       output_padding, module.groups)
+
+
+def conv_applies(module: nn.Module) -> bool:
+    """Zero padding given as numbers (no 'same', no reflect/circular), no output size argument."""
+    return isinstance(module, nn.modules.conv._ConvNd) and module.padding_mode == "zeros" \
+        and not isinstance(module.padding, str)
+
+
+def linear_forward(module: nn.Linear, x: torch.Tensor, codec: TensorCodec) -> torch.Tensor:
+    dtype = _compute_dtype(x)
+    return _Linear.apply(_cast(x, dtype), _cast(module.weight, dtype), _cast(module.bias, dtype), codec)
+
+
+def batch_norm_forward(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor,
+                       codec: TensorCodec) -> torch.Tensor:
+    """Batch statistics (and the running-statistics update, as ``nn.BatchNorm`` does it) here, under
+    no_grad: the function's backward differentiates through them itself."""
+    dims = [0] + list(range(2, x.dim()))
+    # detach() rather than no_grad(): torch 2.11's Dynamo let a no_grad block before the
+    # function's apply switch off its backward (zero gradients)
+    var, mean = torch.var_mean(x.detach().float(), dim=dims, correction=0)
+    invstd = torch.rsqrt(var + module.eps)
+    with torch.no_grad():
+        if module.track_running_stats:
+            module.num_batches_tracked.add_(1)
+            if module.momentum is None:  # cumulative moving average
+                factor = 1.0 / module.num_batches_tracked.float()
+            else:
+                factor = module.momentum
+            count = x.numel() // x.shape[1]
+            unbiased = var * (count / max(count - 1, 1))
+            module.running_mean.mul_(1 - factor).add_(mean * factor)
+            module.running_var.mul_(1 - factor).add_(unbiased * factor)
+    return _BatchNorm.apply(x, module.weight, module.bias, mean, invstd, module.eps, codec)
+
+
+def batch_norm_applies(module: nn.Module) -> bool:
+    """BatchNorm1d/2d/3d that use batch statistics in training (not SyncBatchNorm, whose statistics
+    span processes)."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, nn.SyncBatchNorm)
+
+
+def relu_forward(module: nn.ReLU, x: torch.Tensor, codec: TensorCodec) -> torch.Tensor:
+    return _Relu.apply(x)
+
+
+# (applies, forward, the ledger's kind) for each family of module, first match wins
+_LAYERS = (
+    (conv_applies, conv_forward, "conv"),
+    (batch_norm_applies, batch_norm_forward, "norm"),
+    (lambda m: isinstance(m, nn.Linear), linear_forward, "linear"),
+    (lambda m: isinstance(m, nn.ReLU), relu_forward, "relu"),
+)
+
+
+def layer_for(module: nn.Module):
+    """The compressing forward for this module and its kind, or None if it has none."""
+    for applies, forward, kind in _LAYERS:
+        if applies(module):
+            return forward, kind
+    return None
+
+
+class CompiledLayers:
+    """The dispatching forwards put on a model's known leaf modules (see the module docstring).
+
+    ``enabled`` can be switched off (the forwards then always run the module's own forward);
+    ``remove`` restores the modules' own forwards.
+    """
+
+    def __init__(self, model: nn.Module, codec: TensorCodec, *, eager: bool = False):
+        self.codec = codec
+        self.enabled = True
+        self.eager = eager  # True: the compressing functions run in eager mode too (self_check)
+        self.modules: dict[str, str] = {}  # name -> kind, the modules that compress when compiled
+        self._patched: list[nn.Module] = []
+        for name, module in model.named_modules():
+            found = layer_for(module)
+            if found is None or "forward" in module.__dict__:
+                continue
+            forward, kind = found
+            module.forward = self._dispatch(module, forward)
+            self._patched.append(module)
+            self.modules[name] = kind
+
+    def _dispatch(self, module: nn.Module, compressed_forward):
+        own_forward = type(module).forward.__get__(module)
+        codec = self.codec
+
+        def forward(x, *args, **kwargs):
+            if (self.enabled and (self.eager or torch.compiler.is_compiling()) and module.training
+                    and torch.is_grad_enabled() and not args and not kwargs):
+                return compressed_forward(module, x, codec)
+            return own_forward(x, *args, **kwargs)
+        return forward
+
+    def remove(self) -> None:
+        for module in self._patched:
+            module.__dict__.pop("forward", None)
+        self._patched = []
+        self.modules = {}
+
+
+# ------------------------------------------------------------------------------- the byte ledger
+class SavedTensorCounter:
+    """A context that records every tensor autograd saves inside it into a ``ByteLedger``, as is.
+
+    Around a compiled step it sees the compiled graph's saves: its codes, statistics, masks and
+    whatever else the compiler chose to keep. Parameters (by storage) are left out, as the eager
+    ledger leaves them out; a tensor saved twice is counted once. Inside the eager compressor's own
+    hooks (innermost wins) it sees nothing, so it can stay around either kind of step.
+    Entries are labelled by dtype: ``packed`` (uint8 codes and masks), else the dtype's name.
+    """
+
+    def __init__(self, model: nn.Module, ledger):
+        self.model = model
+        self.ledger = ledger
+        self.enabled = True  # False: ``install``ed hooks stop counting (the ledger keeps its last step)
+        self._params: set[int] = set()
+        self._seen: set[tuple] = set()
+        self._hooks = None
+
+    def __enter__(self) -> "SavedTensorCounter":
+        self._params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        self._seen = set()
+        self.ledger.reset()
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _identity)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+        self._hooks = None
+        self._seen = set()
+
+    def install(self, module: nn.Module) -> None:
+        """Count every forward call of ``module`` (a compiled model: ``torch.compile`` runs the
+        hooks of the module it returns outside the compiled graph)."""
+        def enter(*_):
+            if self.enabled and module.training and torch.is_grad_enabled():
+                self.__enter__()
+
+        def leave(*_):
+            if self._hooks is not None:
+                self.__exit__(None, None, None)
+        module.register_forward_pre_hook(enter)
+        module.register_forward_hook(leave, always_call=True)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        key = (ptr, t.data_ptr(), tuple(t.shape))
+        if ptr in self._params or key in self._seen:
+            return t
+        self._seen.add(key)
+        nbytes = t.numel() * t.element_size()
+        label = "packed" if t.dtype in (torch.uint8, torch.bool) else str(t.dtype).replace("torch.", "")
+        self.ledger.record(LedgerEntry(layer="", kind=COMPILED, codec=label, shape=tuple(t.shape),
+                                       dtype=str(t.dtype).replace("torch.", ""), plain_bytes=0,
+                                       stored_bytes=nbytes))
+        return t
+
+
+def _identity(t):
+    return t
+
+
+# ------------------------------------------------------------------------------- the self-check
+_CHECKED: dict[tuple, Optional[str]] = {}
+
+
+def self_check(device: torch.device, **compile_kwargs) -> Optional[str]:
+    """Compile a small network through these functions and compare its gradients with the same
+    functions run eagerly; return why compiled training cannot be trusted here, or None.
+
+    Run once per device type, compile options and PyTorch version. It guards against compilers
+    that lose the functions' backward (torch 2.11 once returned zero gradients for one of them)
+    or recompute instead of keeping the codes; either would train silently wrong or slow.
+    """
+    key = (torch.device(device).type, tuple(sorted(compile_kwargs.items())), torch.__version__)
+    if key not in _CHECKED:
+        _CHECKED[key] = _check(torch.device(device), compile_kwargs)
+    return _CHECKED[key]
+
+
+def _probe_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(8 * 8 * 8, 4))
+
+
+def _check(device: torch.device, compile_kwargs: dict) -> Optional[str]:
+    codec = TensorCodec(block_size=4, bits=8, rounding="nearest")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 8, 8, generator=gen).to(device)
+    target = torch.randint(0, 4, (4,), generator=gen).to(device)
+    grads, saved = [], []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        net = _probe_net().to(device)
+        layers = CompiledLayers(net, codec, eager=not compiled)
+        run = torch.compile(net, **compile_kwargs) if compiled else net
+        kept: list[torch.Tensor] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, _identity):
+            loss = F.cross_entropy(run(x), target)
+        loss.backward()
+        layers.remove()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+        saved.append(sum(t.dtype == torch.uint8 for t in kept))
+    cosine = float(F.cosine_similarity(grads[0], grads[1], dim=0))
+    if not cosine > 0.999:
+        return (f"torch {torch.__version__} compiled the compressing layers wrongly on {device.type} "
+                f"(gradient cosine {cosine:.3f} against eager)")
+    if saved[1] < saved[0]:
+        return (f"torch {torch.__version__} recomputes instead of keeping the codes on {device.type} "
+                f"({saved[1]} of {saved[0]} packed tensors kept)")
+    return None

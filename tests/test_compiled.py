@@ -1,0 +1,303 @@
+"""DIVISION inside torch.compile (division/compiled.py): the compiled graph keeps the codes, not the
+activations, and its gradients are those of the decoded activations.
+
+Compiling costs seconds on the CPU, so one small residual network (a block input read by two
+convolutions, BatchNorm, ReLU, pooling, a linear head) is compiled once per method and shared.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import division
+from division.compiled import (CompiledLayers, TensorCodec, _BatchNorm, _Conv, _Linear, _Relu,
+                               hash_dither)
+from division.dual_precision import DivisionCodec
+from division.methods import CompileUnsupported
+
+
+class Block(nn.Module):
+    """conv-BN-ReLU-conv-BN plus a 1x1 convolution shortcut: the input is read by two convolutions."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Conv2d(c_in, c_out, 1, bias=False)
+        self.relu2 = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        return self.relu2(out + self.shortcut(x))
+
+
+def small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
+                         Block(16, 32), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+
+def batch(n: int = 8):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 3, 16, 16, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def step(model, x, y):
+    model.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def cosine(a: dict, b: dict) -> float:
+    flat = lambda g: torch.cat([v.flatten() for v in g.values()])  # noqa: E731
+    return float(F.cosine_similarity(flat(a), flat(b), dim=0))
+
+
+# ------------------------------------------------------------------------------------- the codec
+@pytest.mark.parametrize("shape", [(2, 3, 13, 10), (4, 6), (2, 5, 7), (2, 3, 1, 1)])
+@pytest.mark.parametrize("bits", [1, 2, 8])
+def test_tensor_codec_stores_what_the_eager_codec_stores(shape, bits):
+    """Nearest rounding: the same tensors as DivisionCodec (the eager reference), the same bytes,
+    and a decode within half a step of the input."""
+    x = torch.randn(shape) * 3 + 1
+    codec = TensorCodec(block_size=4, bits=bits, rounding="nearest")
+    layout, stored = codec.encode(x)
+    eager = DivisionCodec(block_size=4, bits=bits, rounding="nearest").encode(x)
+    assert [t.dtype for t in stored] == [t.dtype for t in eager.tensors.values()]
+    for mine, theirs in zip(stored, eager.tensors.values()):
+        assert torch.equal(mine, theirs)
+    assert sum(t.numel() * t.element_size() for t in stored) == codec.nbytes(x.shape, x.dtype) \
+        == DivisionCodec(block_size=4, bits=bits).closed_form_nbytes(x.shape, x.dtype)
+    x_hat = codec.decode(layout, stored)
+    assert x_hat.shape == x.shape and x_hat.dtype == x.dtype
+    assert torch.allclose(x_hat, DivisionCodec(block_size=4, bits=bits).decode(eager))
+
+
+def test_tensor_codec_stochastic_error_is_below_one_step_and_unbiased():
+    x = torch.randn(16, 8, 16, 16)
+    codec = TensorCodec(block_size=8, bits=2)
+    layout, stored = codec.encode(x)
+    step = stored[-1].float()[:, :, None, None]
+    err = codec.decode(layout, stored) - x
+    assert (err.abs() < step * 1.001 + 1e-6).all()
+    # unbiased on average: the mean error is a small fraction of the mean step
+    assert err.mean().abs() < 0.01 * step.mean()
+
+
+def test_hash_dither_is_uniform_and_a_function_of_value_and_position():
+    x = torch.randn(64, 16, 32, 32)
+    u = hash_dither(x)
+    assert 0 <= u.min() and u.max() < 1
+    counts = torch.histc(u, 10, 0, 1) / u.numel()
+    assert (counts - 0.1).abs().max() < 0.002
+    assert torch.equal(u, hash_dither(x.clone()))              # pure: the same input, the same draws
+    zeros = hash_dither(torch.zeros(100_000))                   # equal values at other positions differ
+    assert zeros.unique().numel() > 99_000
+
+
+def test_channels_last_and_bf16_round_trip():
+    x = torch.randn(2, 8, 12, 12).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    codec = TensorCodec(block_size=4, bits=8, rounding="nearest")
+    layout, stored = codec.encode(x)
+    x_hat = codec.decode(layout, stored)
+    assert x_hat.dtype == torch.bfloat16 and x_hat.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(x_hat.float(), x.float(), atol=0.02, rtol=0.01)
+
+
+# ------------------------------------------------------------------- the layers, run eagerly
+def test_layer_functions_give_exact_backward_with_a_near_lossless_codec():
+    """B = 1, Q = 8: the decode is within fp32/bf16 rounding of the input, so every layer's
+    gradients match autograd's through the plain ops."""
+    codec = TensorCodec(block_size=1, bits=8, rounding="nearest")
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 9, 9, requires_grad=True)
+    w = torch.randn(5, 6, 3, 3, requires_grad=True)
+    b = torch.randn(5, requires_grad=True)
+    cases = {
+        "conv": (lambda x, w, b: _Conv.apply(x, w, b, codec, [2, 2], [1, 1], [1, 1], False, [0, 0], 1),
+                 lambda x, w, b: F.conv2d(x, w, b, 2, 1)),
+        "linear": (lambda x, w, b: _Linear.apply(x.flatten(1)[:, :45], w.flatten(1)[:, :45], b, codec),
+                   lambda x, w, b: F.linear(x.flatten(1)[:, :45], w.flatten(1)[:, :45], b)),
+        "relu": (lambda x, w, b: _Relu.apply(x) * 1.5, lambda x, w, b: torch.relu(x) * 1.5),
+    }
+    for name, (mine, reference) in cases.items():
+        grads = []
+        for fn in (mine, reference):
+            out = fn(x, w, b)
+            torch.manual_seed(3)
+            (out * torch.randn_like(out)).sum().backward()
+            grads.append([t.grad.clone() for t in (x, w, b) if t.grad is not None])
+            for t in (x, w, b):
+                t.grad = None
+        for mine_g, ref_g in zip(*grads):
+            assert torch.allclose(mine_g, ref_g, rtol=1e-3, atol=1e-3), name
+
+
+def test_batch_norm_function_matches_batch_norm_and_its_running_statistics():
+    codec = TensorCodec(block_size=1, bits=8, rounding="nearest")
+    ours, ref = nn.BatchNorm2d(6), nn.BatchNorm2d(6)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ours.bias.uniform_(-1, 1)
+    ref.load_state_dict(ours.state_dict())
+    x = (torch.randn(4, 6, 7, 7) * 2 + 3).requires_grad_()
+    from division.compiled import batch_norm_forward
+    y = batch_norm_forward(ours, x, codec)
+    y_ref = ref(x)
+    assert torch.allclose(y, y_ref, atol=1e-5)
+    assert torch.allclose(ours.running_mean, ref.running_mean) and torch.allclose(ours.running_var, ref.running_var)
+    g = torch.randn_like(y)
+    gx, gw, gb = torch.autograd.grad(y, (x, ours.weight, ours.bias), g)
+    gx_ref, gw_ref, gb_ref = torch.autograd.grad(y_ref, (x, ref.weight, ref.bias), g)
+    for a, b in ((gx, gx_ref), (gw, gw_ref), (gb, gb_ref)):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-4)
+    assert not isinstance(_BatchNorm, type(None))
+
+
+def test_dispatch_is_eager_outside_compilation_and_removable():
+    model = small_net()
+    layers = CompiledLayers(model, TensorCodec())
+    assert set(layers.modules.values()) == {"conv", "norm", "relu", "linear"}
+    x, y = batch()
+    reference = small_net()
+    assert torch.equal(model(x), reference(x))                 # eager: the modules' own forwards
+    layers.remove()
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+# ------------------------------------------------------------------------ compiled end to end
+@pytest.fixture(scope="module")
+def compiled_runs():
+    """One compiled step per method (division Q=2, none), their ledgers, and the eager references."""
+    x, y = batch()
+    runs = {}
+    for name in ("division", "none"):
+        model = small_net()
+        ledger = division.ByteLedger()
+        method = division.build_method(name, rounding="nearest")
+        method.attach(model, ledger=ledger)
+        compiled = method.compile(model)
+        loss, grads = step(compiled, x, y)
+        runs[name] = {"model": model, "method": method, "ledger": ledger, "loss": loss, "grads": grads,
+                      "stored": ledger.stored_bytes, "by_codec": ledger.by_codec()}
+    eager_ledger = division.ByteLedger()
+    eager = small_net()
+    division.build_method("division", rounding="nearest").attach(eager, ledger=eager_ledger)
+    runs["eager_division"] = {"stored": (step(eager, x, y), eager_ledger.stored_bytes)[1],
+                              "plain": eager_ledger.plain_bytes}
+    plain = small_net()
+    runs["plain"] = dict(zip(("loss", "grads"), step(plain, x, y)))
+    runs["batch"] = (x, y)
+    return runs
+
+
+def _activation_bytes(run) -> int:
+    """What the compiled graph keeps besides copies of the weights (CPU kernels may re-lay them out)."""
+    params = {tuple(p.shape) for p in run["model"].parameters()}
+    return sum(e.stored_bytes for e in run["ledger"].entries if e.shape not in params)
+
+
+def test_compiled_division_keeps_codes_not_activations(compiled_runs):
+    div, none = compiled_runs["division"], compiled_runs["none"]
+    eager_stored = compiled_runs["eager_division"]["stored"]
+    # within 3% of what eager DIVISION keeps, and several times less than compiled plain training
+    assert abs(_activation_bytes(div) - eager_stored) <= 0.03 * eager_stored
+    assert _activation_bytes(none) > 4 * _activation_bytes(div)
+    assert div["by_codec"]["packed"]["stored_bytes"] > 0       # the codes and masks are what it keeps
+    assert div["ledger"].compiled and div["ledger"].plain_bytes is None
+
+
+def test_compiled_division_stores_a_block_input_once(compiled_runs):
+    """The block input is read by conv1 and the shortcut: one set of codes, as in eager mode."""
+    div = compiled_runs["division"]
+    # 16-channel LFCs (8, 16, 2, 2): the first BatchNorm's input and the block input, once
+    lfcs = [e for e in div["ledger"].entries if e.dtype == "bfloat16" and e.shape == (8, 16, 2, 2)]
+    assert len(lfcs) == 2
+    # 8192-byte uint8 tensors: the Q=2 codes of the first BatchNorm's input and of the block input
+    # (once), and the block's two 32-channel ReLU masks
+    assert sum(e.dtype == "uint8" and math.prod(e.shape) == 8192 for e in div["ledger"].entries) == 4
+
+
+def test_compiled_division_gradients_follow_plain_training(compiled_runs):
+    div, plain = compiled_runs["division"], compiled_runs["plain"]
+    assert torch.allclose(div["loss"], plain["loss"], atol=1e-4)  # forward is exact
+    assert cosine(div["grads"], plain["grads"]) > 0.9
+    none = compiled_runs["none"]
+    assert cosine(none["grads"], plain["grads"]) > 0.9999
+
+
+def test_compiled_batch_norm_updates_running_statistics(compiled_runs):
+    x, y = compiled_runs["batch"]
+    plain = small_net()
+    step(plain, x, y)
+    for (name, a), (_, b) in zip(compiled_runs["division"]["model"].named_buffers(), plain.named_buffers()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5), name
+
+
+def test_hook_only_methods_refuse_to_compile():
+    model = small_net()
+    method = division.build_method("blpa")
+    method.attach(model)
+    with pytest.raises(CompileUnsupported, match="torch.compile"):
+        method.compile(model)
+
+
+def test_compile_config_is_validated():
+    from runners.compiling import compile_mode, compile_problem
+    from tests.helpers import compose_config
+    assert compile_mode(compose_config([])) is None
+    assert compile_mode(compose_config(["compile=true"])) == "default"
+    assert compile_mode(compose_config(["compile=reduce-overhead"])) == "reduce-overhead"
+    blpa = division.build_method("blpa")
+    assert "method=blpa" in compile_problem(compose_config(["compile=true", "method=blpa"]), blpa)
+    assert "cuda_graph" in compile_problem(compose_config(["compile=true", "cuda_graph=true"]),
+                                           division.build_method("division"))
+    assert "not allowed" in compile_problem(compose_config(["compile=fast"]), blpa)
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_decodes_one_at_a_time():
+    """Peak memory proves it: compiled DIVISION's peak over a step stays far below compiled plain
+    training's, which it could not if backward decoded every activation at once."""
+    x = torch.randn(64, 3, 64, 64, device="cuda")
+    y = torch.randint(0, 10, (64,), device="cuda")
+    peaks = {}
+    for name in ("none", "division"):
+        model = nn.Sequential(small_net()[:3], *[Block(16, 16) for _ in range(6)], *small_net()[4:]).cuda()
+        model[-1] = nn.Linear(16, 10).cuda()
+        method = division.build_method(name)
+        method.attach(model)
+        compiled = method.compile(model)
+        for _ in range(2):
+            step(compiled, x, y)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step(compiled, x, y)
+        peaks[name] = torch.cuda.max_memory_allocated() - base
+    assert peaks["division"] < 0.5 * peaks["none"], peaks
+
+
+def test_self_check_refuses_a_compiler_that_loses_a_backward(monkeypatch):
+    """The guard that stops compiled training when the compiled gradients disagree with the eager
+    functions' (torch 2.11 once returned zeros for BatchNorm's): a ReLU whose backward drops the
+    gradient stands in for such a compiler."""
+    from division import compiled
+    monkeypatch.setattr(compiled, "_CHECKED", {})
+    assert compiled.self_check(torch.device("cpu")) is None
+    monkeypatch.setattr(compiled, "_CHECKED", {})
+    real = _Relu.backward
+
+    def broken(ctx, grad):
+        return real(ctx, grad) * 0 if torch.compiler.is_compiling() else real(ctx, grad)
+    monkeypatch.setattr(_Relu, "backward", staticmethod(broken))
+    problem = compiled.self_check(torch.device("cpu"))
+    assert problem is not None and "gradient cosine" in problem
