@@ -2,10 +2,12 @@
 
     python main.py mode=report                                   # every run in outputs/results
     python main.py mode=report report.group=paper_memory         # one preset / sweep
-    python main.py mode=report "report.where=\\"model == 'resnet50' and batch_size >= 128\\""
+    python main.py mode=report "report.where=\\"model = 'resnet50' AND batch_size >= 128\\""
 
 Reads every row of ``results_dir`` (report runs themselves excluded), keeps those of ``report.group``
-that pass ``report.where`` (see report_filter), and writes, per ``report.formats``:
+(which must exist: else the error lists the groups there are) that pass ``report.where``, a DuckDB SQL
+condition (see report_filter); runs with status ``error`` only with ``report.include_errors=true``.
+Writes, per ``report.formats``:
 
 - md:   report.md, every table in Markdown (figures linked when png is written too);
 - csv:  one <table>.csv per table, plus store_rows.csv with the selected rows' raw values;
@@ -26,9 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from .checks import ConfigError
-from .record import atomic_write_bytes, read_store, resolve_results_dir
+import pyarrow.compute as pc
+
+from .record import atomic_write_bytes, read_store_table, resolve_results_dir
 from .report_figures import Figure, accuracy_bars, grid_bars, heatmap, training_curves
-from .report_filter import select_rows
+from .report_filter import groups, select_rows
 from .report_html import render
 from .report_tables import (Table, accuracy_grid, accuracy_table, grid_has_values, heatmap_table, memory_grids,
                             memory_table, runs_table, sweep_heatmaps, throughput_grids, throughput_table,
@@ -134,16 +138,26 @@ def run(cfg, env) -> dict[str, Any]:
     formats = _formats(cfg)
     group = cfg.report.get("group")
     where = cfg.report.get("where")
+    include_errors = bool(cfg.report.get("include_errors", False))
     store_dir = resolve_results_dir(cfg)
-    stored = read_store(store_dir)
-    candidates = [r for r in stored if r.get("mode") != "report"]
-    rows = select_rows(candidates, group, where)
+    stored = read_store_table(store_dir)
+    candidates = stored.filter(pc.fill_null(pc.not_equal(stored.column("mode"), "report"), True))
+    if group and group not in groups(candidates):
+        present = groups(candidates)
+        raise ConfigError(f"report.group={group!r}: no run of the store {store_dir} is in that group; "
+                          + (f"its groups: {', '.join(present)}" if present else "its runs have no group")
+                          + " (or drop report.group to report every run)")
+    rows = select_rows(candidates, group, where, include_errors)
+    errors = 0 if include_errors else len(select_rows(candidates, group, where, True)) - len(rows)
 
-    reports = len(stored) - len(candidates)
-    meta = [f"store: {store_dir} ({len(candidates)} runs; {reports} report run{'' if reports == 1 else 's'} left out)",
+    reports = stored.num_rows - candidates.num_rows
+    meta = [f"store: {store_dir} ({candidates.num_rows} runs; {reports} report run{'' if reports == 1 else 's'} left out)",
             f"group: {group if group else 'any'}", f"where: {where if where else '(none)'}"]
+    if errors:
+        meta.append(f"{errors} run{'' if errors == 1 else 's'} with status error left out "
+                    "(report.include_errors=true to show them)")
     empty_message = ""
-    if not candidates:
+    if not candidates.num_rows:
         empty_message = f"The results store {store_dir} holds no runs to report (empty, missing or only reports)."
     elif not rows:
         empty_message = "No run matched the selection (report.group / report.where); nothing to tabulate."
