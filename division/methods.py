@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable, Optional
 
+import torch
 from torch import nn
 
 from .codec import ActivationCodec
@@ -34,11 +35,17 @@ class TrainingMethod:
     def attach(self, model: nn.Module, ledger: Optional[ByteLedger] = None) -> nn.Module:
         """Apply the method to ``model`` in place and return the module to train.
 
-        With a ledger, plain autograd's saves are recorded too (kept raw, counted once per tensor).
+        Plain autograd installs nothing, unless a ledger is asked for: then its saves are recorded
+        (kept raw, counted once per tensor) until ``stop_ledger``.
         """
         if ledger is not None:
             self.compressor = compress_activations(model, None, exact_masks=False, ledger=ledger)
         return model
+
+    def stop_ledger(self) -> None:
+        """Stop recording into the ledger (a training run counts its first step only). Plain autograd
+        then removes its hooks altogether: the rest of the run costs what unhooked training costs."""
+        self.detach()
 
     def detach(self) -> None:
         if self.compressor is not None:
@@ -55,9 +62,85 @@ class TrainingMethod:
     def after_step(self, model: nn.Module, step: int) -> None:
         """Called after each optimizer step (adaptive methods refresh their state here)."""
 
+    def at_step(self, step: int) -> None:
+        """The next training step is number ``step`` (0 = the first): a resumed run says where it
+        resumes, so stochastic rounding draws what the uninterrupted run drew."""
+
     def describe(self) -> dict[str, Any]:
-        """The record fields of this method: ``method``, ``block_size``, ``bits`` (null where none)."""
-        return {"method": self.name, "block_size": None, "bits": None}
+        """The record fields of this method: ``method``, ``block_size``, ``bits`` (null where none) and
+        ``kernels``: how its codec runs, "triton" (fused kernels) or "pytorch" (PyTorch ops), null
+        without a codec."""
+        return {"method": self.name, "block_size": None, "bits": None, "kernels": None}
+
+
+def codec_kernels(codec: Optional[ActivationCodec]) -> Optional[str]:
+    """"triton" for the fused-kernel codecs, "pytorch" for codecs written in PyTorch ops, None without one."""
+    if codec is None:
+        return None
+    return "triton" if type(codec).__name__.startswith("Triton") else "pytorch"
+
+
+class CodecGenerator:
+    """Gives a codec's stochastic rounding its own ``torch.Generator``, seeded from ``seed``, on the device
+    of the model's input, so that rounding never draws from torch's global generator: attaching a
+    method leaves dropout masks, stochastic depth and every other global draw as plain training has them.
+
+    The generator is re-seeded at every training step from (``seed``, step): a run resumed at step k
+    draws what the uninterrupted run drew, without keeping generator state in the checkpoint. A forward
+    pre-hook on the model checks the input's device (a model attached on the CPU and moved afterwards
+    gets a generator on its new device). In steps captured in a CUDA graph the codec draws from the
+    default CUDA generator again (``release``): a graph replays only the generators it registers.
+    """
+
+    def __init__(self, codec: ActivationCodec, seed: Optional[int]):
+        self.codec = codec
+        self.seed = int(torch.initial_seed() if seed is None else seed)
+        self.step = 0
+        self.enabled = True
+        self._handle = None
+
+    @staticmethod
+    def wants(codec: Optional[ActivationCodec]) -> bool:
+        return codec is not None and getattr(codec, "generator", False) is None
+
+    def install(self, model: nn.Module) -> None:
+        first = next(model.parameters(), None)
+        if first is not None:
+            self._use(first.device)
+        self._handle = model.register_forward_pre_hook(self._check)
+
+    def _check(self, module, args) -> None:
+        if self.enabled and args and isinstance(args[0], torch.Tensor):
+            gen = self.codec.generator
+            device = args[0].device
+            if gen is None or gen.device.type != device.type or (
+                    device.type == "cuda" and gen.device.index != (device.index if device.index is not None
+                                                                   else torch.cuda.current_device())):
+                self._use(device)
+
+    def _step_seed(self) -> int:
+        return (self.seed * 0x9E3779B97F4A7C15 + self.step) % (2 ** 63)  # distinct streams per (seed, step)
+
+    def _use(self, device: torch.device) -> None:
+        if device.type == "meta":
+            return
+        self.codec.generator = torch.Generator(device=device).manual_seed(self._step_seed())
+
+    def at_step(self, step: int) -> None:
+        """Draw the rounding noise of training step ``step`` (0 = the first) from here on."""
+        self.step = int(step)
+        if self.enabled and self.codec.generator is not None:
+            self.codec.generator.manual_seed(self._step_seed())
+
+    def release(self) -> None:
+        """Back to torch's default generator (CUDA-graph capture), and stop following the input."""
+        self.enabled = False
+        self.codec.generator = None
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
 
 
 SIDE_STREAM_CHOICES = ("auto", True, False)
@@ -89,7 +172,8 @@ class CodecMethod(TrainingMethod):
 
     def __init__(self, name: str, codec: ActivationCodec, *, exact_masks: bool = True,
                  min_numel: int = 1024, exact_kernels: bool = True, side_stream="auto",
-                 prefetch_decode="auto", prefetch_ahead: int = 1, norm_from_codes: bool = False) -> None:
+                 prefetch_decode="auto", prefetch_ahead: int = 1, norm_from_codes: bool = False,
+                 seed: Optional[int] = None) -> None:
         super().__init__()
         for knob, value in (("side_stream", side_stream), ("prefetch_decode", prefetch_decode)):
             if not valid_side_stream(value):
@@ -105,8 +189,13 @@ class CodecMethod(TrainingMethod):
         self.prefetch_decode = prefetch_decode
         self.prefetch_ahead = prefetch_ahead
         self.norm_from_codes = bool(norm_from_codes)
+        self.seed = seed  # stochastic rounding's own generator; None: torch.initial_seed() at attach
+        self._generator: Optional[CodecGenerator] = None
 
     def attach(self, model: nn.Module, ledger: Optional[ByteLedger] = None) -> nn.Module:
+        if CodecGenerator.wants(self.codec):
+            self._generator = CodecGenerator(self.codec, self.seed)
+            self._generator.install(model)
         stream = SideStreamEncoder() if self.side_stream is True else None
         prefetcher = DecodePrefetcher(self.prefetch_ahead) if self.prefetch_decode is True else None
         self.compressor = compress_activations(model, self.codec, exact_masks=self.exact_masks,
@@ -115,7 +204,26 @@ class CodecMethod(TrainingMethod):
                                                prefetcher=prefetcher, norm_from_codes=self.norm_from_codes)
         return model
 
+    def stop_ledger(self) -> None:
+        if self.compressor is not None:
+            self.compressor.ledger = None
+
+    def detach(self) -> None:
+        super().detach()
+        if self._generator is not None:
+            self._generator.remove()
+            self._generator = None
+
+    def at_step(self, step: int) -> None:
+        if self._generator is not None:
+            self._generator.at_step(step)
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        self.at_step(step + 1)
+
     def use_cuda_graph(self) -> None:
+        if self._generator is not None:
+            self._generator.release()
         if self.compressor is None:
             return
         if self.side_stream == "auto" and self.compressor.encode_stream is None:
@@ -125,19 +233,20 @@ class CodecMethod(TrainingMethod):
 
     def describe(self) -> dict[str, Any]:
         knobs = self.codec.describe()
-        return {"method": self.name, "block_size": knobs.get("block_size"), "bits": knobs.get("bits")}
+        return {"method": self.name, "block_size": knobs.get("block_size"), "bits": knobs.get("bits"),
+                "kernels": codec_kernels(self.codec)}
 
 
 def _division(block_size: int = 8, bits: int = 2, rounding: str = "stochastic", keep_lfc: bool = True,
               keep_hfc: bool = True, simulate: bool = False, backend: str = "auto", relu_zeros: bool = True,
               side_stream="auto", prefetch_decode="auto", prefetch_ahead: int = 1, norm_from_codes: bool = True,
-              **_) -> TrainingMethod:
+              seed: Optional[int] = None, **_) -> TrainingMethod:
     from .backends import division_codec
     codec = division_codec(backend=backend, block_size=block_size, bits=bits, rounding=rounding,
                            keep_lfc=keep_lfc, keep_hfc=keep_hfc, simulate=simulate, relu_zeros=relu_zeros)
     return CodecMethod("division", codec, exact_kernels=backend != "torch", side_stream=side_stream,
                        prefetch_decode=prefetch_decode, prefetch_ahead=prefetch_ahead,
-                       norm_from_codes=norm_from_codes)
+                       norm_from_codes=norm_from_codes, seed=seed)
 
 
 _REGISTRY: dict[str, Callable[..., TrainingMethod]] = {

@@ -24,7 +24,7 @@ def resolve_device(cfg) -> torch.device:
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device, and DIVISION's stochastic rounding
+    torch.manual_seed(seed)  # also seeds every CUDA device (stochastic rounding has its own generator)
     try:
         import numpy as np
         np.random.seed(seed)
@@ -39,7 +39,9 @@ def method_knobs(cfg) -> dict:
 
 
 def build_method(cfg) -> division.TrainingMethod:
-    return division.build_method(cfg.method.name, **method_knobs(cfg))
+    """The configured method; its stochastic rounding draws from a generator of its own, seeded with
+    ``seed`` (+ rank under torchrun), never from torch's global one."""
+    return division.build_method(cfg.method.name, **{"seed": int(cfg.seed) + distributed.rank(), **method_knobs(cfg)})
 
 
 def method_record_fields(method: division.TrainingMethod) -> dict:

@@ -144,9 +144,10 @@ def run(cfg, env) -> dict[str, Any]:
         scaler.load_state_dict(state["scaler"])
         restore_rng(_rank_rng_state(state, rank, distributed.world_size()))
         start_epoch, global_step = state["epoch"], state["global_step"]
+        method.at_step(global_step)  # stochastic rounding continues with this step's draws
         history, first_step_ledger = state["history"], state.get("ledger")
-        if first_step_ledger is not None and method.compressor is not None:
-            method.compressor.ledger = None  # recorded by the first run; no bookkeeping per step
+        if first_step_ledger is not None:
+            method.stop_ledger()  # recorded by the first run; no bookkeeping (plain autograd: no hooks)
         log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
     elif cfg.resume:
         log.warning("resume=true but %s does not exist: starting from scratch", ckpt_path)
@@ -180,8 +181,7 @@ def run(cfg, env) -> dict[str, Any]:
                     scaler.scale(loss).backward()
             if first_step_ledger is None:
                 first_step_ledger = ledger.summary()
-                if method.compressor is not None:
-                    method.compressor.ledger = None  # one step is enough; skip the bookkeeping after
+                method.stop_ledger()  # one step is enough; plain autograd then runs without hooks
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
