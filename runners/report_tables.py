@@ -113,6 +113,11 @@ def method_sort_key(row: dict[str, Any]) -> tuple:
     return rank, method, number(row.get("block_size")) or 0, number(row.get("bits")) or 0
 
 
+def label_order(label: str) -> tuple:
+    method = label.split(" ")[0]
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)), label
+
+
 def ordered_methods(rows: list[dict[str, Any]]) -> list[str]:
     seen: dict[str, tuple] = {}
     for row in rows:
@@ -120,14 +125,19 @@ def ordered_methods(rows: list[dict[str, Any]]) -> list[str]:
     return sorted(seen, key=seen.__getitem__)
 
 
-# A comparison is made within one context (data set, precision, device, eager or CUDA-graph steps):
-# the paper compares methods on the same data, precision and GPU. Columns within it are model x batch size.
+# A comparison is made within one context (data set, precision, device, eager or CUDA-graph steps,
+# eager or torch.compile'd): the paper compares methods on the same data, precision and GPU. Columns
+# within it are model x batch size.
 CONTEXT_FIELDS = ("dataset", "precision", "device")
 
 
 def context_of(row: dict[str, Any]) -> tuple[str, ...]:
     context = tuple(str(row.get(f)) for f in CONTEXT_FIELDS)
-    return context + ("cuda_graph",) if row.get("cuda_graph") else context
+    if row.get("cuda_graph"):
+        context += ("cuda_graph",)
+    if row.get("compile"):  # the torch.compile mode: compiled and eager runs never share a cell
+        context += (f"compile-{row['compile']}",)
+    return context
 
 
 def contexts(rows: list[dict[str, Any]]) -> list[tuple[str, str, list[dict[str, Any]]]]:
@@ -275,6 +285,9 @@ def throughput_grids(rows: list[dict[str, Any]]) -> list[Grid]:
                            lambda r: number(r.get("images_per_sec")), lambda v, base: v / base)
         grid.unit = "images/s"
         grid.note = "from the median step time (warm-up excluded); x = speed relative to method none"
+        torch_ops = sorted({method_label(r) for r in members if r.get("kernels") == "pytorch"}, key=label_order)
+        if torch_ops and any(r.get("device") == "cuda" for r in members):
+            grid.note += ("; codecs run as PyTorch ops, not fused kernels: " + ", ".join(torch_ops))
         grids.append(grid)
     return grids
 
