@@ -340,3 +340,22 @@ def test_check_dashboard_finds_problems():
     assert "text not found: 'division'" in problems
     assert check_dashboard.check_dom(page.replace("https://e.com/a.png", "data:,"), 3, []) == \
         ["image 0 is not an inline PNG ('data:,')"]
+
+
+def test_compiled_and_graph_runs_get_their_own_tables_and_torch_op_codecs_are_named(tmp_path):
+    store = tmp_path / "store"
+    eager = [record(mode="speed", method=m, device="cuda", images_per_sec=v, kernels=k)
+             for m, v, k in (("none", 400.0, None), ("division", 380.0, "triton"), ("actnn", 90.0, "pytorch"))]
+    compiled = [record(mode="speed", method=m, device="cuda", compile="max-autotune-no-cudagraphs", images_per_sec=v)
+                for m, v in (("none", 500.0), ("division", 300.0))]
+    graphed = [record(mode="speed", method="none", device="cuda", cuda_graph=True, images_per_sec=600.0)]
+    fill(store, eager + compiled + graphed)
+    run_report(store, tmp_path / "out")
+    text = (tmp_path / "out" / "report.md").read_text()
+    titles = [line for line in text.splitlines() if line.startswith("### Throughput")]
+    assert titles == ["### Throughput - synthetic, fp32, cuda (images/s)",
+                      "### Throughput - synthetic, fp32, cuda, compile-max-autotune-no-cudagraphs (images/s)",
+                      "### Throughput - synthetic, fp32, cuda, cuda_graph (images/s)"]
+    assert md_table(text, "Throughput - synthetic, fp32, cuda (")[2] == ["actnn", "90.0 (0.23x)"]
+    assert md_table(text, "Throughput - synthetic, fp32, cuda, compile")[2] == ["division B8 Q2", "300.0 (0.60x)"]
+    assert "codecs run as PyTorch ops, not fused kernels: actnn" in text
