@@ -11,7 +11,8 @@ Writes, per ``report.formats``:
 
 - md:   report.md, every table in Markdown (figures linked when png is written too);
 - csv:  one <table>.csv per table, plus store_rows.csv with the selected rows' raw values;
-- png:  bar charts, training curves and B x Q heatmaps;
+- png:  bar charts, training loss and top-1 curves, memory against throughput / accuracy trade-offs
+        per method, and B x Q heatmaps;
 - html: dashboard.html, a self-contained page with every table and figure.
 
 Sections appear only for what the selected runs hold: memory (paper Table: methods x model/batch,
@@ -31,12 +32,12 @@ from .checks import ConfigError
 import pyarrow.compute as pc
 
 from .record import atomic_write_bytes, read_store_table, resolve_results_dir
-from .report_figures import Figure, accuracy_bars, grid_bars, heatmap, training_curves
+from .report_figures import Figure, accuracy_bars, grid_bars, heatmap, tradeoff, training_curves
 from .report_filter import groups, select_rows
 from .report_html import render
-from .report_tables import (Table, accuracy_grid, accuracy_table, grid_has_values, heatmap_table, memory_grids,
-                            memory_table, runs_table, sweep_heatmaps, throughput_grids, throughput_table,
-                            training_details)
+from .report_tables import (Grid, Table, accuracy_grid, accuracy_table, accuracy_tradeoff, grid_has_values,
+                            heatmap_table, memory_grids, memory_table, runs_table, speed_tradeoffs, sweep_heatmaps,
+                            throughput_grids, throughput_table, training_details)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,19 @@ class Section:
     figures: list[Figure] = field(default_factory=list)
 
 
+def bar_grid(grid: Grid) -> Grid | None:
+    """The grid as a bar chart shows it: a method run at several B / Q settings (a B x Q sweep) is left
+    to the sweep's heatmap, not drawn as one bar and one legend entry per setting. None: nothing left."""
+    methods = [label.split(" ")[0] for label in grid.row_labels]
+    keep = [label for label, method in zip(grid.row_labels, methods) if methods.count(method) == 1]
+    if not keep or not any(grid.cells.get((label, col)) for label in keep for col in grid.col_labels):
+        return None
+    if len(keep) == len(grid.row_labels):
+        return grid
+    cells = {k: c for k, c in grid.cells.items() if k[0] in keep}
+    return Grid(grid.key, grid.title, keep, grid.col_labels, cells, grid.unit, grid.note)
+
+
 def build_sections(rows: list[dict[str, Any]], with_figures: bool = True) -> list[Section]:
     """The report's content for the selected rows; a section only where the rows have its figures."""
     sections = []
@@ -63,13 +77,22 @@ def build_sections(rows: list[dict[str, Any]], with_figures: bool = True) -> lis
                 context = grid.title.rsplit(" - ", 1)[-1]
                 if context not in charted:
                     charted.add(context)
-                    memory.figures.append(grid_bars(grid, grid.unit, grid.title, "{:.1f}x"))
+                    bars = bar_grid(grid)
+                    if bars is not None:
+                        memory.figures.append(grid_bars(bars, grid.unit, grid.title, "{:.1f}x"))
         sections.append(memory)
     speed = throughput_grids(rows)
     if speed:
         section = Section("Throughput", [throughput_table(g) for g in speed])
         if with_figures:
-            section.figures += [grid_bars(g, "images/s", g.title, "{:.2f}x") for g in speed if grid_has_values(g)]
+            for grid in (g for g in speed if grid_has_values(g)):
+                bars = bar_grid(grid)
+                if bars is not None:
+                    section.figures.append(grid_bars(bars, "images/s", grid.title, "{:.2f}x"))
+            for i, (title, points) in enumerate(speed_tradeoffs(rows)):
+                section.figures.append(tradeoff(points, f"tradeoff_speed_{i}", title,
+                                                "activation memory reduction vs none (x)",
+                                                "throughput relative to none (x)"))
         sections.append(section)
     accuracy = accuracy_grid(rows)
     if accuracy is not None:
@@ -78,11 +101,17 @@ def build_sections(rows: list[dict[str, Any]], with_figures: bool = True) -> lis
         if details is not None:
             section.tables.append(details)
         if with_figures:
-            if grid_has_values(accuracy):
-                section.figures.append(accuracy_bars(accuracy))
+            bars = bar_grid(accuracy) if grid_has_values(accuracy) else None
+            if bars is not None:
+                section.figures.append(accuracy_bars(bars))
             curves = training_curves(rows)
             if curves is not None:
                 section.figures.append(curves)
+            points = accuracy_tradeoff(rows)
+            if len({p.method for p in points}) >= 2:
+                section.figures.append(tradeoff(points, "tradeoff_accuracy", "Memory against accuracy",
+                                                "activations kept for backward: reduction vs plain autograd (x)",
+                                                "final val top-1 (%)"))
         sections.append(section)
     maps = sweep_heatmaps(rows)
     if maps:

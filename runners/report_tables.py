@@ -489,3 +489,61 @@ def runs_table(rows: list[dict[str, Any]]) -> Table:
     return Table("runs", "Runs included",
                  ["run", "mode", "model", "dataset", "method", "B", "Q", "batch", "precision", "device", "status",
                   "result", "seconds", "group"], out)
+
+
+# --- trade-offs -------------------------------------------------------------------------------------
+
+@dataclass
+class TradeoffPoint:
+    method: str
+    setting: str
+    x: float
+    y: float
+
+
+def _memory_reductions(rows: list[dict[str, Any]]) -> dict[tuple[str, str], float]:
+    """(method, model/batch column) -> how many times less than method none the method keeps: the first
+    figure of its memory table (activation memory on CUDA, else the exact ledger), 1 for none."""
+    out: dict[tuple[str, str], float] = {}
+    charted: set[str] = set()
+    for grid in (g for g in memory_grids(rows) if grid_has_values(g)):
+        context = grid.title.rsplit(" - ", 1)[-1]
+        if context in charted:
+            continue
+        charted.add(context)
+        for (label, col), cell in grid.cells.items():
+            if label == BASELINE and cell.value is not None:
+                out.setdefault((label, col), 1.0)
+            elif cell.ratio is not None:
+                out.setdefault((label, col), cell.ratio)
+    return out
+
+
+def speed_tradeoffs(rows: list[dict[str, Any]]) -> list[tuple[str, list[TradeoffPoint]]]:
+    """Per throughput context: (title, points of memory reduction x relative speed), one point per
+    method and model / batch that has both a memory run and a speed run (and a none run for the ratios)."""
+    memory = _memory_reductions(rows)
+    out = []
+    for grid in throughput_grids(rows):
+        points = []
+        for (label, col), cell in grid.cells.items():
+            speed = 1.0 if label == BASELINE and cell.value is not None else cell.ratio
+            if speed is not None and (label, col) in memory:
+                points.append(TradeoffPoint(label, col, memory[(label, col)], speed))
+        if len({p.method for p in points}) >= 2:
+            out.append((grid.title.replace("Throughput", "Memory against throughput"), points))
+    return out
+
+
+def accuracy_tradeoff(rows: list[dict[str, Any]]) -> list[TradeoffPoint]:
+    """Per method and setting: the exact ledger's activation compression against final top-1 (the mean
+    over seeds), from training runs that recorded both."""
+    grid = accuracy_grid(rows)
+    if grid is None:
+        return []
+    ratios: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        if r.get("mode") == "train" and r.get("status") == "ok" and number(r.get("ledger_ratio")) is not None:
+            ratios.setdefault((method_label(r), accuracy_setting(r)), []).append(number(r["ledger_ratio"]))
+    return [TradeoffPoint(label, col, statistics.fmean(ratios[(label, col)]), cell.value)
+            for (label, col), cell in grid.cells.items() if cell.value is not None and (label, col) in ratios]

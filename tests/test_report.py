@@ -194,6 +194,8 @@ def test_block_bits_heatmaps(tmp_path):
     assert grid[3][2] == "128.0"  # B=8, Q=2: 32 * 8 / 2
     heatmaps = [f for f in fields["report_files"] if f.startswith("sweep_") and f.endswith(".png")]
     assert len(heatmaps) == 1
+    # 16 settings of one method are the heatmap's, not 16 bars with a 16-entry legend
+    assert not [f for f in fields["report_files"] if f.endswith("_bars.png")]
     # On CPU activation_bytes is the ledger's count: one table, not the same numbers twice.
     assert "### Activation memory" not in text and "### Activations kept for backward" in text
 
@@ -359,3 +361,27 @@ def test_compiled_and_graph_runs_get_their_own_tables_and_torch_op_codecs_are_na
     assert md_table(text, "Throughput - synthetic, fp32, cuda (")[2] == ["actnn", "90.0 (0.23x)"]
     assert md_table(text, "Throughput - synthetic, fp32, cuda, compile")[2] == ["division B8 Q2", "300.0 (0.60x)"]
     assert "codecs run as PyTorch ops, not fused kernels: actnn" in text
+
+
+def test_tradeoff_figures_and_loss_beside_top1(tmp_path):
+    """Memory against throughput (memory and speed runs of the same model and batch) and memory against
+    accuracy, one point per method and setting; training curves show the loss next to top-1."""
+    from runners.report_tables import accuracy_tradeoff, speed_tradeoffs
+    rows = [r for r in paper_memory_records() + speed_records() if r["batch_size"] <= 128]
+    (title, points), = speed_tradeoffs(rows)
+    division = {p.setting: (round(p.x, 1), round(p.y, 2)) for p in points if p.method == "division B8 Q2"}
+    assert division == {"resnet50 b64": (10.5, 0.83), "resnet50 b128": (10.5, 0.82)}
+    assert {(p.method, p.x, p.y) for p in points if p.setting == "resnet50 b64"} >= {("none", 1.0, 1.0)}
+    assert "Memory against throughput" in title
+    train = train_records()
+    train[0]["ledger_ratio"] = 1.0
+    assert sorted((p.method, p.x, p.y) for p in accuracy_tradeoff(train)) == [("division B8 Q2", 10.0, 94.7),
+                                                                               ("none", 1.0, 94.9)]
+    store = tmp_path / "store"
+    fill(store, rows + train)
+    fields, _ = run_report(store, tmp_path / "out")
+    for name in ("tradeoff_speed_0.png", "tradeoff_accuracy.png", "training_curves.png"):
+        assert name in fields["report_files"], name
+    with Image.open(tmp_path / "out" / "training_curves.png") as image:
+        width, height = image.size
+    assert width > 1.8 * height  # two panels side by side: loss and top-1
