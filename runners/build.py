@@ -9,9 +9,10 @@ from omegaconf import OmegaConf
 
 import division
 from data import build_datasets, build_loaders
-from models import MODEL_INFO, build_model as _build_model
+from models import MODEL_INFO, MODEL_NAMES, build_model as _build_model
 
 from . import distributed
+from .checks import ConfigError
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -71,8 +72,32 @@ def build_data(cfg, device: torch.device):
     return train_loader, val_loader, info
 
 
+def torchvision_models() -> list[str]:
+    """The classification models torchvision builds by name (detection, segmentation, video excluded)."""
+    import torchvision
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def check_model(cfg) -> None:
+    """ConfigError, naming the key and the fix, unless ``model.name`` names a model this run can build."""
+    name = cfg.model.name
+    if cfg.model.get("source") == "torchvision":
+        known = torchvision_models()
+        if name not in known:
+            raise ConfigError(f"model.name={name!r} is not a torchvision classification model: use one of "
+                              f"{', '.join(known)}")
+    elif name not in MODEL_INFO:
+        raise ConfigError(f"model.name={name!r} is not allowed: use one of {', '.join(MODEL_NAMES)} (model=NAME), "
+                          f"or any torchvision classification model with model=torchvision model.name={name}")
+
+
 def build_model(cfg, num_classes: int, device: torch.device) -> torch.nn.Module:
-    model = _build_model(cfg.model.name, num_classes=num_classes).to(device)
+    check_model(cfg)
+    if cfg.model.get("source") == "torchvision":
+        import torchvision
+        model = torchvision.models.get_model(cfg.model.name, weights=None, num_classes=num_classes).to(device)
+    else:
+        model = _build_model(cfg.model.name, num_classes=num_classes).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -91,6 +116,10 @@ def build_scaler(cfg, device: torch.device) -> torch.amp.GradScaler:
 
 
 def model_image_size(cfg) -> int:
+    """The input size the model was designed for."""
+    check_model(cfg)
+    if cfg.model.get("source") == "torchvision":
+        return int(cfg.model.get("image_size", 224))
     return MODEL_INFO[cfg.model.name]["image_size"]
 
 
