@@ -210,3 +210,18 @@ def test_slurm_launcher_composes_with_the_plugin():
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 1, 1)
     assert sweep_size(cfg.hydra.sweeper.params) == 16
+
+
+@pytest.mark.skipif(has_submitit_plugin(), reason="the plugin is installed: nothing to explain")
+@pytest.mark.parametrize("option", ["slurm", "submitit_slurm"])
+def test_slurm_launcher_without_the_plugin_says_how_to_install_it(option):
+    proc = main_py(["-m", f"hydra/launcher={option}", "logger=none"], dict(os.environ))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"hydra/launcher={option} needs the hydra-submitit-launcher plugin" in proc.stderr
+    assert "pip install hydra-submitit-launcher" in proc.stderr
+
+
+def test_launcher_check_leaves_other_launchers_alone():
+    from runners.launcher import missing_plugin
+    assert missing_plugin(["-m", "hydra/launcher=basic", "model=resnet18"]) is None
+    assert missing_plugin(["mode=memory"]) is None
