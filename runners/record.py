@@ -91,6 +91,7 @@ def new_record(cfg, run_dir: str | Path, method_fields: dict[str, Any]) -> dict[
         "device": None,  # filled with the resolved device (cpu / cuda) when the job starts
         "precision": cfg.precision,
         "cuda_graph": bool(cfg.get("cuda_graph", False)),
+        "compile": None,  # the torch.compile mode where the step was compiled (set by the mode that compiles)
         "seed": int(cfg.seed),
         "group": cfg.get("group"),
         "status": "running",
