@@ -81,6 +81,8 @@ def torchvision_models() -> list[str]:
 def check_model(cfg) -> None:
     """ConfigError, naming the key and the fix, unless ``model.name`` names a model this run can build."""
     name = cfg.model.name
+    if cfg.model.get("_target_"):
+        return  # a class or function given by its import path: instantiate says what is wrong with it
     if cfg.model.get("source") == "torchvision":
         known = torchvision_models()
         if name not in known:
@@ -93,7 +95,12 @@ def check_model(cfg) -> None:
 
 def build_model(cfg, num_classes: int, device: torch.device) -> torch.nn.Module:
     check_model(cfg)
-    if cfg.model.get("source") == "torchvision":
+    if cfg.model.get("_target_"):  # model.name=... +model._target_=torchvision.models.mobilenet_v3_small
+        from hydra.utils import instantiate
+        knobs = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
+                 if k not in ("name", "source", "image_size")}
+        model = instantiate(knobs, num_classes=num_classes).to(device)
+    elif cfg.model.get("source") == "torchvision":
         import torchvision
         model = torchvision.models.get_model(cfg.model.name, weights=None, num_classes=num_classes).to(device)
     else:
@@ -118,7 +125,7 @@ def build_scaler(cfg, device: torch.device) -> torch.amp.GradScaler:
 def model_image_size(cfg) -> int:
     """The input size the model was designed for."""
     check_model(cfg)
-    if cfg.model.get("source") == "torchvision":
+    if cfg.model.get("source") == "torchvision" or cfg.model.get("_target_"):
         return int(cfg.model.get("image_size", 224))
     return MODEL_INFO[cfg.model.name]["image_size"]
 

@@ -140,6 +140,9 @@ def test_any_torchvision_classification_model_by_name_and_clear_errors_for_unkno
     model = build_configured(cfg, num_classes=7, device=torch.device("cpu"))
     assert isinstance(model, torchvision.models.MobileNetV3) and model.classifier[-1].out_features == 7
     assert model_image_size(cfg) == 224
+    cfg = compose_config(["model.name=squeeze", "+model._target_=torchvision.models.squeezenet1_1"])
+    model = build_configured(cfg, num_classes=5, device=torch.device("cpu"))  # any callable, by import path
+    assert isinstance(model, torchvision.models.SqueezeNet) and model(torch.randn(1, 3, 64, 64)).shape == (1, 5)
     for overrides, message in ((["model.name=mobilenet_v2"], "model=torchvision model.name=mobilenet_v2"),
                                (["model=torchvision", "model.name=fasterrcnn_resnet50_fpn"],
                                 "not a torchvision classification model")):
