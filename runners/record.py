@@ -77,8 +77,12 @@ STORE_SCHEMA = pa.schema([pa.field(name, kind, nullable=True) for name, kind in 
 
 
 def new_record(cfg, run_dir: str | Path, method_fields: dict[str, Any]) -> dict[str, Any]:
-    """The common fields of a run, before it starts; ``method_fields`` from ``TrainingMethod.describe``."""
-    return {
+    """The common fields of a run, before it starts; ``method_fields`` from ``TrainingMethod.describe``.
+
+    A report has no model, data set, method or batch of its own (the config's defaults say nothing about
+    the runs it tabulates): those fields are null in its record.
+    """
+    record = {
         "run_id": _resumed_run_id(cfg, run_dir) or uuid.uuid4().hex[:12],
         "mode": cfg.mode.name,
         "model": cfg.model.name,
@@ -100,6 +104,9 @@ def new_record(cfg, run_dir: str | Path, method_fields: dict[str, Any]) -> dict[
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "duration_s": None,
     }
+    if cfg.mode.name == "report":
+        record.update(dict.fromkeys(("model", "dataset", "method", "block_size", "bits", "kernels", "batch_size")))
+    return record
 
 
 def _resumed_run_id(cfg, run_dir: str | Path) -> str | None:

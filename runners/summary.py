@@ -25,6 +25,8 @@ def summary_lines(record: dict[str, Any]) -> list[str]:
     knobs = ""
     if record.get("block_size") is not None:
         knobs = f" (B={record['block_size']}, Q={record['bits']})"
+    elif record.get("bits") is not None:  # actnn, blpa, acgc (its mean width)
+        knobs = f" (Q={record['bits']:.3g})"
     if record["mode"] == "report":  # a report reads the store; model / method defaults mean nothing here
         group = f" of group {record['group']}" if record.get("group") else ""
         lines = [f"report | {record.get('report_runs', 0)} runs{group} | status {record['status']}"]

@@ -70,6 +70,8 @@ def test_pandas_polars_and_duckdb_read_mixed_runs_as_one_table(mixed_store):
     assert len(frame) == 6 and list(frame.columns) == STORE_SCHEMA.names
     assert sorted(frame["mode"]) == ["memory", "memory", "report", "speed", "speed", "train"]
     assert sorted(frame["status"]) == ["error", "ok", "ok", "ok", "ok", "oom"]
+    report = frame[frame["mode"] == "report"].iloc[0]  # a report has no model or method of its own
+    assert report[["model", "method", "batch_size"]].isna().all()
 
     lazy = pl.read_parquet(str(mixed_store / "*.parquet"))
     assert lazy.shape == (6, len(STORE_SCHEMA))
@@ -93,9 +95,9 @@ def test_old_files_still_read_and_migrate(tmp_path, mixed_store):
     old = {"run_id": "old000000001", "mode": "memory", "model": "resnet50", "method": "division", "block_size": 8,
            "bits": 2, "batch_size": 64, "cuda_graph": False, "group": None, "status": "ok", "error": None,
            "started_at": "2025-01-01T00:00:00+00:00", "ledger_bytes": 1024, "retired_field": 7}
-    pq.write_table(pa.Table.from_pylist([old]), store / "20250101T000000Z_old000000001.parquet")
-    assert pq.read_table(store / "20250101T000000Z_old000000001.parquet").schema.field("group").type == pa.null()
-    with pytest.raises(Exception):  # noqa: B017 - what users hit with such a store
+    pq.write_table(pa.Table.from_pylist([old]), store / "00000000T000000Z_old000000001.parquet")
+    assert pq.read_table(store / "00000000T000000Z_old000000001.parquet").schema.field("group").type == pa.null()
+    with pytest.raises(Exception):  # noqa: B017 - what users hit when such a file is listed first
         pd.read_parquet(store)
     table = read_store_table(store)
     assert table.schema.equals(STORE_SCHEMA) and table.num_rows == 7
