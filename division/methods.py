@@ -86,10 +86,12 @@ class CodecGenerator:
     method leaves dropout masks, stochastic depth and every other global draw as plain training has them.
 
     The generator is re-seeded at every training step from (``seed``, step): a run resumed at step k
-    draws what the uninterrupted run drew, without keeping generator state in the checkpoint. A forward
-    pre-hook on the model checks the input's device (a model attached on the CPU and moved afterwards
-    gets a generator on its new device). In steps captured in a CUDA graph the codec draws from the
-    default CUDA generator again (``release``): a graph replays only the generators it registers.
+    draws what the uninterrupted run drew, without keeping generator state in the checkpoint. The
+    generator is made on the device of the model's parameters at attach, and once more on the device of
+    the first forward pass's input if that differs (a model attached before it was moved); a one-shot
+    forward pre-hook checks it and removes itself, so later steps (and torch.compile) see no hook. In
+    steps captured in a CUDA graph the codec draws from the default CUDA generator again (``release``):
+    a graph replays only the generators it registers.
     """
 
     def __init__(self, codec: ActivationCodec, seed: Optional[int]):
@@ -110,13 +112,16 @@ class CodecGenerator:
         self._handle = model.register_forward_pre_hook(self._check)
 
     def _check(self, module, args) -> None:
-        if self.enabled and args and isinstance(args[0], torch.Tensor):
+        if not (args and isinstance(args[0], torch.Tensor)):
+            return
+        if self.enabled:
             gen = self.codec.generator
             device = args[0].device
             if gen is None or gen.device.type != device.type or (
                     device.type == "cuda" and gen.device.index != (device.index if device.index is not None
                                                                    else torch.cuda.current_device())):
                 self._use(device)
+        self.remove()  # the device is settled: no hook on later steps
 
     def _step_seed(self) -> int:
         return (self.seed * 0x9E3779B97F4A7C15 + self.step) % (2 ** 63)  # distinct streams per (seed, step)

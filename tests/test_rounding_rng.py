@@ -59,6 +59,10 @@ def test_generator_follows_the_model_to_its_device(one_thread):
     model.to_empty(device="cpu")
     model(torch.randn(2, 3, 40, 40)).sum().backward()
     assert method.codec.generator.device.type == "cpu"
+    hooks = len(model._forward_pre_hooks)
+    assert method._generator._handle is None  # the one-shot device check removed itself
+    model(torch.randn(2, 3, 40, 40))
+    assert len(model._forward_pre_hooks) == hooks
 
 
 def test_method_none_hooks_only_while_the_ledger_counts():
