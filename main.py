@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from runners import distributed
 from runners.checks import ConfigError
 from runners.job import run_job
+from runners.launcher import check_launcher
 from runners.summary import print_summary
 
 log = logging.getLogger("main")
@@ -32,6 +33,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_launcher(sys.argv[1:])  # e.g. hydra/launcher=slurm without its plugin: how to install it
     # Under torchrun all ranks must agree on one run directory before Hydra composes it.
     sys.argv = distributed.pin_output_dir(sys.argv, Path(__file__).resolve().parent / "conf")
     try:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable, Optional
 
+import torch
 from torch import nn
 
-import torch
 
 from .codec import ActivationCodec
 from .compiled import CompiledLayers, SavedTensorCounter, self_check, tensor_codec_for
@@ -42,7 +42,8 @@ class TrainingMethod:
     def attach(self, model: nn.Module, ledger: Optional[ByteLedger] = None) -> nn.Module:
         """Apply the method to ``model`` in place and return the module to train.
 
-        With a ledger, plain autograd's saves are recorded too (kept raw, counted once per tensor).
+        Plain autograd installs nothing, unless a ledger is asked for: then its saves are recorded
+        (kept raw, counted once per tensor) until ``stop_ledger``.
         """
         self.ledger = ledger
         if ledger is not None:
@@ -74,10 +75,13 @@ class TrainingMethod:
         return compiled
 
     def stop_ledger(self) -> None:
-        """Stop recording into the ledger (it keeps the last step's entries): no bookkeeping per
-        step once a step has been counted."""
-        if self.compressor is not None:
-            self.compressor.ledger = None
+        """Stop recording into the ledger (a training run counts its first step only; the ledger
+        keeps that step's entries). Plain autograd then removes its hooks altogether: the rest of
+        the run costs what unhooked training costs."""
+        self.detach()
+        self._stop_counter()
+
+    def _stop_counter(self) -> None:
         if self.counter is not None:
             self.counter.enabled = False
 
@@ -96,9 +100,90 @@ class TrainingMethod:
     def after_step(self, model: nn.Module, step: int) -> None:
         """Called after each optimizer step (adaptive methods refresh their state here)."""
 
+    def at_step(self, step: int) -> None:
+        """The next training step is number ``step`` (0 = the first): a resumed run says where it
+        resumes, so stochastic rounding draws what the uninterrupted run drew."""
+
     def describe(self) -> dict[str, Any]:
-        """The record fields of this method: ``method``, ``block_size``, ``bits`` (null where none)."""
-        return {"method": self.name, "block_size": None, "bits": None}
+        """The record fields of this method: ``method``, ``block_size``, ``bits`` (null where none) and
+        ``kernels``: how its codec runs, "triton" (fused kernels) or "pytorch" (PyTorch ops), null
+        without a codec."""
+        return {"method": self.name, "block_size": None, "bits": None, "kernels": None}
+
+
+def codec_kernels(codec: Optional[ActivationCodec]) -> Optional[str]:
+    """"triton" for the fused-kernel codecs, "pytorch" for codecs written in PyTorch ops, None without one."""
+    if codec is None:
+        return None
+    return "triton" if type(codec).__name__.startswith("Triton") else "pytorch"
+
+
+class CodecGenerator:
+    """Gives a codec's stochastic rounding its own ``torch.Generator``, seeded from ``seed``, on the device
+    of the model's input, so that rounding never draws from torch's global generator: attaching a
+    method leaves dropout masks, stochastic depth and every other global draw as plain training has them.
+
+    The generator is re-seeded at every training step from (``seed``, step): a run resumed at step k
+    draws what the uninterrupted run drew, without keeping generator state in the checkpoint. The
+    generator is made on the device of the model's parameters at attach, and once more on the device of
+    the first forward pass's input if that differs (a model attached before it was moved); a one-shot
+    forward pre-hook checks it and removes itself, so later steps (and torch.compile) see no hook. In
+    steps captured in a CUDA graph the codec draws from the default CUDA generator again (``release``):
+    a graph replays only the generators it registers.
+    """
+
+    def __init__(self, codec: ActivationCodec, seed: Optional[int]):
+        self.codec = codec
+        self.seed = int(torch.initial_seed() if seed is None else seed)
+        self.step = 0
+        self.enabled = True
+        self._handle = None
+
+    @staticmethod
+    def wants(codec: Optional[ActivationCodec]) -> bool:
+        return codec is not None and getattr(codec, "generator", False) is None
+
+    def install(self, model: nn.Module) -> None:
+        first = next(model.parameters(), None)
+        if first is not None:
+            self._use(first.device)
+        self._handle = model.register_forward_pre_hook(self._check)
+
+    def _check(self, module, args) -> None:
+        if not (args and isinstance(args[0], torch.Tensor)):
+            return
+        if self.enabled:
+            gen = self.codec.generator
+            device = args[0].device
+            if gen is None or gen.device.type != device.type or (
+                    device.type == "cuda" and gen.device.index != (device.index if device.index is not None
+                                                                   else torch.cuda.current_device())):
+                self._use(device)
+        self.remove()  # the device is settled: no hook on later steps
+
+    def _step_seed(self) -> int:
+        return (self.seed * 0x9E3779B97F4A7C15 + self.step) % (2 ** 63)  # distinct streams per (seed, step)
+
+    def _use(self, device: torch.device) -> None:
+        if device.type == "meta":
+            return
+        self.codec.generator = torch.Generator(device=device).manual_seed(self._step_seed())
+
+    def at_step(self, step: int) -> None:
+        """Draw the rounding noise of training step ``step`` (0 = the first) from here on."""
+        self.step = int(step)
+        if self.enabled and self.codec.generator is not None:
+            self.codec.generator.manual_seed(self._step_seed())
+
+    def release(self) -> None:
+        """Back to torch's default generator (CUDA-graph capture), and stop following the input."""
+        self.enabled = False
+        self.codec.generator = None
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
 
 
 SIDE_STREAM_CHOICES = ("auto", True, False)
@@ -134,7 +219,8 @@ class CodecMethod(TrainingMethod):
 
     def __init__(self, name: str, codec: ActivationCodec, *, exact_masks: bool = True,
                  min_numel: int = 1024, exact_kernels: bool = True, side_stream="auto",
-                 prefetch_decode="auto", prefetch_ahead: int = 1, norm_from_codes: bool = False) -> None:
+                 prefetch_decode="auto", prefetch_ahead: int = 1, norm_from_codes: bool = False,
+                 seed: Optional[int] = None) -> None:
         super().__init__()
         for knob, value in (("side_stream", side_stream), ("prefetch_decode", prefetch_decode)):
             if not valid_side_stream(value):
@@ -153,11 +239,16 @@ class CodecMethod(TrainingMethod):
         self.tensor_codec = tensor_codec_for(codec)  # None: the codec has no compiled form
         self.compile_safe = self.tensor_codec is not None
         self.compiled_layers: Optional[CompiledLayers] = None
+        self.seed = seed  # stochastic rounding's own generator; None: torch.initial_seed() at attach
+        self._generator: Optional[CodecGenerator] = None
 
     def attach(self, model: nn.Module, ledger: Optional[ByteLedger] = None) -> nn.Module:
         self.ledger = ledger
         if self.tensor_codec is not None:
             self.compiled_layers = CompiledLayers(model, self.tensor_codec)
+        if CodecGenerator.wants(self.codec):
+            self._generator = CodecGenerator(self.codec, self.seed)
+            self._generator.install(model)
         stream = SideStreamEncoder() if self.side_stream is True else None
         prefetcher = DecodePrefetcher(self.prefetch_ahead) if self.prefetch_decode is True else None
         self.compressor = compress_activations(model, self.codec, exact_masks=self.exact_masks,
@@ -166,13 +257,30 @@ class CodecMethod(TrainingMethod):
                                                prefetcher=prefetcher, norm_from_codes=self.norm_from_codes)
         return model
 
+    def stop_ledger(self) -> None:
+        if self.compressor is not None:
+            self.compressor.ledger = None
+        self._stop_counter()
+
     def detach(self) -> None:
         super().detach()
         if self.compiled_layers is not None:
             self.compiled_layers.remove()
             self.compiled_layers = None
+        if self._generator is not None:
+            self._generator.remove()
+            self._generator = None
+
+    def at_step(self, step: int) -> None:
+        if self._generator is not None:
+            self._generator.at_step(step)
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        self.at_step(step + 1)
 
     def use_cuda_graph(self) -> None:
+        if self._generator is not None:
+            self._generator.release()
         if self.compressor is None:
             return
         if self.side_stream == "auto" and self.compressor.encode_stream is None:
@@ -182,19 +290,20 @@ class CodecMethod(TrainingMethod):
 
     def describe(self) -> dict[str, Any]:
         knobs = self.codec.describe()
-        return {"method": self.name, "block_size": knobs.get("block_size"), "bits": knobs.get("bits")}
+        return {"method": self.name, "block_size": knobs.get("block_size"), "bits": knobs.get("bits"),
+                "kernels": codec_kernels(self.codec)}
 
 
 def _division(block_size: int = 8, bits: int = 2, rounding: str = "stochastic", keep_lfc: bool = True,
               keep_hfc: bool = True, simulate: bool = False, backend: str = "auto", relu_zeros: bool = True,
               side_stream="auto", prefetch_decode="auto", prefetch_ahead: int = 1, norm_from_codes: bool = True,
-              **_) -> TrainingMethod:
+              seed: Optional[int] = None, **_) -> TrainingMethod:
     from .backends import division_codec
     codec = division_codec(backend=backend, block_size=block_size, bits=bits, rounding=rounding,
                            keep_lfc=keep_lfc, keep_hfc=keep_hfc, simulate=simulate, relu_zeros=relu_zeros)
     return CodecMethod("division", codec, exact_kernels=backend != "torch", side_stream=side_stream,
                        prefetch_decode=prefetch_decode, prefetch_ahead=prefetch_ahead,
-                       norm_from_codes=norm_from_codes)
+                       norm_from_codes=norm_from_codes, seed=seed)
 
 
 _REGISTRY: dict[str, Callable[..., TrainingMethod]] = {

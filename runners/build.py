@@ -9,9 +9,10 @@ from omegaconf import OmegaConf
 
 import division
 from data import build_datasets, build_loaders
-from models import MODEL_INFO, build_model as _build_model
+from models import MODEL_INFO, MODEL_NAMES, build_model as _build_model
 
 from . import distributed
+from .checks import ConfigError
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -24,7 +25,7 @@ def resolve_device(cfg) -> torch.device:
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device, and DIVISION's stochastic rounding
+    torch.manual_seed(seed)  # also seeds every CUDA device (stochastic rounding has its own generator)
     try:
         import numpy as np
         np.random.seed(seed)
@@ -39,7 +40,9 @@ def method_knobs(cfg) -> dict:
 
 
 def build_method(cfg) -> division.TrainingMethod:
-    return division.build_method(cfg.method.name, **method_knobs(cfg))
+    """The configured method; its stochastic rounding draws from a generator of its own, seeded with
+    ``seed`` (+ rank under torchrun), never from torch's global one."""
+    return division.build_method(cfg.method.name, **{"seed": int(cfg.seed) + distributed.rank(), **method_knobs(cfg)})
 
 
 def method_record_fields(method: division.TrainingMethod) -> dict:
@@ -69,8 +72,39 @@ def build_data(cfg, device: torch.device):
     return train_loader, val_loader, info
 
 
+def torchvision_models() -> list[str]:
+    """The classification models torchvision builds by name (detection, segmentation, video excluded)."""
+    import torchvision
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def check_model(cfg) -> None:
+    """ConfigError, naming the key and the fix, unless ``model.name`` names a model this run can build."""
+    name = cfg.model.name
+    if cfg.model.get("_target_"):
+        return  # a class or function given by its import path: instantiate says what is wrong with it
+    if cfg.model.get("source") == "torchvision":
+        known = torchvision_models()
+        if name not in known:
+            raise ConfigError(f"model.name={name!r} is not a torchvision classification model: use one of "
+                              f"{', '.join(known)}")
+    elif name not in MODEL_INFO:
+        raise ConfigError(f"model.name={name!r} is not allowed: use one of {', '.join(MODEL_NAMES)} (model=NAME), "
+                          f"or any torchvision classification model with model=torchvision model.name={name}")
+
+
 def build_model(cfg, num_classes: int, device: torch.device) -> torch.nn.Module:
-    model = _build_model(cfg.model.name, num_classes=num_classes).to(device)
+    check_model(cfg)
+    if cfg.model.get("_target_"):  # model.name=... +model._target_=torchvision.models.mobilenet_v3_small
+        from hydra.utils import instantiate
+        knobs = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
+                 if k not in ("name", "source", "image_size")}
+        model = instantiate(knobs, num_classes=num_classes).to(device)
+    elif cfg.model.get("source") == "torchvision":
+        import torchvision
+        model = torchvision.models.get_model(cfg.model.name, weights=None, num_classes=num_classes).to(device)
+    else:
+        model = _build_model(cfg.model.name, num_classes=num_classes).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -89,6 +123,10 @@ def build_scaler(cfg, device: torch.device) -> torch.amp.GradScaler:
 
 
 def model_image_size(cfg) -> int:
+    """The input size the model was designed for."""
+    check_model(cfg)
+    if cfg.model.get("source") == "torchvision" or cfg.model.get("_target_"):
+        return int(cfg.model.get("image_size", 224))
     return MODEL_INFO[cfg.model.name]["image_size"]
 
 

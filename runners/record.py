@@ -1,8 +1,17 @@
 """The result record: one per run, as results.json in the run directory and one Parquet row in the store.
 
-The results store is a folder (``results_dir``) holding one Parquet file per run, so concurrent sweep
-jobs never write the same file. Nested values (per-epoch history, per-layer ledger) are kept in
-results.json and stored as JSON strings in Parquet, so every row has a flat, typed schema.
+The results store is a folder (``results_dir``) holding one Parquet file per run, named by its run id,
+so concurrent sweep jobs never write the same file and a run written twice (``resume=true`` on a
+finished run) replaces its row instead of adding one. Every file is written with one declared schema,
+``STORE_SCHEMA``, so standard tools read the folder as one table::
+
+    pd.read_parquet("outputs/results")                        # pandas
+    pl.read_parquet("outputs/results/*.parquet")              # polars
+    duckdb.sql("FROM 'outputs/results/*.parquet'")            # DuckDB
+
+Nested values (per-epoch history, per-layer ledger) are kept in results.json and stored as JSON strings
+in Parquet. A record field the schema does not declare goes into the ``extra`` column (a JSON object)
+with a warning: declare new fields in ``STORE_FIELDS`` below, the one place that lists them.
 """
 from __future__ import annotations
 
@@ -14,26 +23,75 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+import logging
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .compiling import compile_mode
+log = logging.getLogger(__name__)
 
 COMMON_FIELDS = ("run_id", "mode", "model", "dataset", "method", "block_size", "bits", "batch_size",
                  "device", "precision", "cuda_graph", "compile", "seed", "group", "status", "error", "run_dir",
                  "started_at", "duration_s")
 
 
+_JSON = pa.string()  # nested values (lists, dicts) as JSON text
+
+# Every column of the store, in order: the common fields, then each mode's own. Add a field here.
+STORE_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
+    # common
+    ("run_id", pa.string()), ("mode", pa.string()), ("model", pa.string()), ("dataset", pa.string()),
+    ("method", pa.string()), ("block_size", pa.int64()),
+    ("bits", pa.float64()),          # a float: adaptive methods (acgc) report their mean width
+    ("kernels", pa.string()),        # the codec's implementation: "triton" (fused kernels), "pytorch" (ops), null
+    ("batch_size", pa.int64()), ("device", pa.string()), ("precision", pa.string()),
+    ("cuda_graph", pa.bool_()),
+    ("compile", pa.string()),        # torch.compile mode ("default", "reduce-overhead", ...), null: eager
+    ("seed", pa.int64()), ("group", pa.string()), ("status", pa.string()), ("error", pa.string()),
+    ("run_dir", pa.string()), ("started_at", pa.string()), ("duration_s", pa.float64()),
+    ("world_size", pa.int64()), ("wandb_run_id", pa.string()),
+    # mode=memory
+    ("image_size", pa.int64()), ("memory_steps", pa.int64()), ("param_bytes", pa.int64()),
+    ("batch_bytes", pa.int64()), ("output_bytes", pa.int64()), ("ledger_bytes", pa.int64()),
+    ("ledger_plain_bytes", pa.int64()), ("ledger_ratio", pa.float64()), ("ledger_tensors", pa.int64()),
+    ("ledger_by_codec", _JSON), ("ledger_layers", _JSON), ("cuda_baseline_bytes", pa.int64()),
+    ("model_bytes", pa.int64()), ("optimizer_state_bytes", pa.int64()), ("grad_bytes", pa.int64()),
+    ("runtime_bytes", pa.int64()), ("total_bytes", pa.int64()), ("activation_bytes", pa.int64()),
+    ("activation_bytes_per_image", pa.float64()), ("peak_bytes", pa.int64()),
+    ("reserved_peak_bytes", pa.int64()), ("peak_bytes_max", pa.int64()), ("reserved_peak_bytes_max", pa.int64()),
+    ("max_batch", pa.int64()), ("max_batch_capped", pa.bool_()),
+    # mode=speed
+    ("images_per_sec", pa.float64()), ("images_per_sec_per_gpu", pa.float64()),
+    ("step_ms_median", pa.float64()), ("step_ms_p10", pa.float64()), ("step_ms_p90", pa.float64()),
+    ("steps_timed", pa.int64()), ("warmup_steps", pa.int64()), ("timer", pa.string()), ("step_ms", _JSON),
+    # mode=train
+    ("epochs", pa.int64()), ("final_val_top1", pa.float64()), ("final_val_top5", pa.float64()),
+    ("best_val_top1", pa.float64()), ("final_train_loss", pa.float64()), ("images_per_sec_train", pa.float64()),
+    ("peak_bytes_per_gpu", pa.int64()), ("num_classes", pa.int64()), ("history", _JSON),
+    # mode=report
+    ("report_dir", pa.string()), ("report_runs", pa.int64()), ("report_files", _JSON), ("report_note", pa.string()),
+    # record fields not declared above, as one JSON object (a warning names them when written)
+    ("extra", _JSON),
+)
+STORE_SCHEMA = pa.schema([pa.field(name, kind, nullable=True) for name, kind in STORE_FIELDS])
+
+
 def new_record(cfg, run_dir: str | Path, method_fields: dict[str, Any]) -> dict[str, Any]:
-    """The common fields of a run, before it starts; ``method_fields`` from ``TrainingMethod.describe``."""
-    return {
-        "run_id": uuid.uuid4().hex[:12],
+    """The common fields of a run, before it starts; ``method_fields`` from ``TrainingMethod.describe``.
+
+    A report has no model, data set, method or batch of its own (the config's defaults say nothing about
+    the runs it tabulates): those fields are null in its record.
+    """
+    record = {
+        "run_id": _resumed_run_id(cfg, run_dir) or uuid.uuid4().hex[:12],
         "mode": cfg.mode.name,
         "model": cfg.model.name,
         "dataset": cfg.dataset.name,
         "method": method_fields["method"],
         "block_size": method_fields.get("block_size"),
         "bits": method_fields.get("bits"),
+        "kernels": method_fields.get("kernels"),
         "batch_size": int(cfg.batch_size),
         "device": None,  # filled with the resolved device (cpu / cuda) when the job starts
         "precision": cfg.precision,
@@ -47,6 +105,20 @@ def new_record(cfg, run_dir: str | Path, method_fields: dict[str, Any]) -> dict[
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "duration_s": None,
     }
+    if cfg.mode.name == "report":
+        record.update(dict.fromkeys(("model", "dataset", "method", "block_size", "bits", "kernels", "batch_size")))
+    return record
+
+
+def _resumed_run_id(cfg, run_dir: str | Path) -> str | None:
+    """Under ``resume=true``, the run id of the earlier attempt in ``run_dir``: the resumed run is the
+    same run, so its store row replaces the earlier one instead of adding a second."""
+    if not cfg.get("resume"):
+        return None
+    try:
+        return json.loads((Path(run_dir) / "results.json").read_text()).get("run_id") or None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _jsonable(value: Any) -> Any:
@@ -84,25 +156,134 @@ def write_json(record: dict[str, Any], run_dir: str | Path) -> Path:
     return path
 
 
+def _cell(value: Any, kind: pa.DataType) -> Any:
+    """``value`` as a cell of a column of type ``kind``; raises TypeError / ValueError where it cannot be."""
+    if value is None:
+        return None
+    if hasattr(value, "item") and callable(value.item) and not isinstance(value, (list, dict)):
+        value = value.item()  # numpy / torch scalars
+    if pa.types.is_string(kind):
+        if isinstance(value, (dict, list, tuple)):
+            return json.dumps(_jsonable(value))
+        return value if isinstance(value, str) else str(value)
+    if pa.types.is_boolean(kind):
+        if not isinstance(value, bool):
+            raise TypeError(f"{value!r} is not a bool")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(f"{value!r} is not a number")
+    if pa.types.is_integer(kind):
+        number = float(value)
+        if not number.is_integer():
+            raise ValueError(f"{value!r} is not an integer")
+        return int(number)
+    return float(value)  # a float column keeps inf and nan as they are ("inf" strings read back)
+
+
 def to_row(record: dict[str, Any]) -> dict[str, Any]:
-    """Flatten a record for Parquet: nested lists and dicts become JSON strings."""
-    row = {}
-    for key, value in _jsonable(record).items():
-        row[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
+    """The record as one row of ``STORE_SCHEMA``: every declared column (null where the record has no
+    value), nested values as JSON, undeclared fields (or values of the wrong type) in ``extra``."""
+    row: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for name, kind in STORE_FIELDS:
+        if name == "extra" or name not in record:
+            row[name] = None
+            continue
+        try:
+            row[name] = _cell(record[name], kind)
+        except (TypeError, ValueError, OverflowError):
+            extra[name] = record[name]
+            row[name] = None
+    extra.update({k: v for k, v in record.items() if k not in STORE_SCHEMA.names})
+    if extra:
+        log.warning("record fields not in the store's schema (kept in its `extra` column; declare them in "
+                    "runners.record.STORE_FIELDS): %s", ", ".join(sorted(extra)))
+        row["extra"] = json.dumps(_jsonable(extra))
     return row
 
 
+def store_path(results_dir: str | Path, run_id: str) -> Path:
+    return Path(results_dir) / f"{run_id}.parquet"
+
+
 def write_store_row(record: dict[str, Any], results_dir: str | Path) -> Path:
-    """Add the run's row to the store: ``results_dir/<started>_<run_id>.parquet`` (written atomically)."""
+    """The run's row in the store: ``results_dir/<run_id>.parquet``, written atomically with
+    ``STORE_SCHEMA``. Writing a run again (a resumed run keeps its id) replaces its row."""
     store = Path(results_dir)
     store.mkdir(parents=True, exist_ok=True)
-    stamp = record["started_at"].replace(":", "").replace("-", "").replace("+0000", "Z")
-    path = store / f"{stamp}_{record['run_id']}.parquet"
-    table = pa.Table.from_pylist([to_row(record)])
+    path = store_path(store, record["run_id"])
+    table = pa.Table.from_pylist([to_row(record)], schema=STORE_SCHEMA)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     atomic_write_bytes(path, sink.getvalue().to_pybytes())
+    for old in store.glob(f"*_{record['run_id']}.parquet"):  # the earlier naming, <started>_<run_id>
+        old.unlink(missing_ok=True)
     return path
+
+
+def conform(table: pa.Table) -> pa.Table:
+    """A store file of any age as ``STORE_SCHEMA``: missing columns null, types cast (an old file's
+    all-null column has type null), columns the schema lacks folded into ``extra``."""
+    rows = table.num_rows
+    unknown = [n for n in table.column_names if n not in STORE_SCHEMA.names]
+    columns = []
+    for field in STORE_SCHEMA:
+        if field.name == "extra" and unknown:
+            old = table.column("extra").to_pylist() if "extra" in table.column_names else [None] * rows
+            merged = []
+            for i in range(rows):
+                values = json.loads(old[i]) if old[i] else {}
+                values.update({n: table.column(n)[i].as_py() for n in unknown
+                               if table.column(n)[i].as_py() is not None})
+                merged.append(json.dumps(_jsonable(values)) if values else None)
+            columns.append(pa.array(merged, type=field.type))
+        elif field.name in table.column_names:
+            column = table.column(field.name)
+            columns.append(column if column.type == field.type else _cast(column, field.type))
+        else:
+            columns.append(pa.nulls(rows, type=field.type))
+    return pa.Table.from_arrays(columns, schema=STORE_SCHEMA)
+
+
+def _cast(column: pa.ChunkedArray, kind: pa.DataType) -> pa.ChunkedArray | pa.Array:
+    try:
+        return column.cast(kind)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # e.g. a number stored as text: cell by cell
+        cells = []
+        for value in column.to_pylist():
+            try:
+                cells.append(_cell(value, kind))
+            except (TypeError, ValueError, OverflowError):
+                cells.append(None)
+        return pa.array(cells, type=kind)
+
+
+def store_files(results_dir: str | Path) -> list[Path]:
+    store = Path(results_dir)
+    return sorted(store.glob("*.parquet")) if store.is_dir() else []
+
+
+def read_store_table(results_dir: str | Path) -> pa.Table:
+    """The whole store as one Arrow table of ``STORE_SCHEMA``, oldest run first (old files conformed)."""
+    tables = [conform(pq.read_table(path)) for path in store_files(results_dir)]
+    table = pa.concat_tables(tables) if tables else STORE_SCHEMA.empty_table()
+    return table.sort_by([("started_at", "ascending")]) if table.num_rows else table
+
+
+def migrate_store(results_dir: str | Path) -> int:
+    """Rewrite every file of the store that does not have ``STORE_SCHEMA`` (stores written before it
+    was declared), so that pandas and polars read the folder; returns how many files were rewritten."""
+    rewritten = 0
+    for path in store_files(results_dir):
+        table = pq.read_table(path)
+        if table.schema.remove_metadata().equals(STORE_SCHEMA):
+            continue
+        sink = pa.BufferOutputStream()
+        pq.write_table(conform(table), sink)
+        atomic_write_bytes(path, sink.getvalue().to_pybytes())
+        rewritten += 1
+    return rewritten
+
 
 
 def resolve_results_dir(cfg) -> Path:
@@ -119,14 +300,15 @@ def resolve_results_dir(cfg) -> Path:
 
 def read_store(results_dir: str | Path) -> list[dict[str, Any]]:
     """Every row of the store as a dict (JSON columns left as strings), oldest first."""
-    store = Path(results_dir)
-    if not store.is_dir():
-        return []
-    rows = []
-    for path in sorted(store.glob("*.parquet")):
-        rows.extend(pq.read_table(path).to_pylist())
-    return rows
+    return read_store_table(results_dir).to_pylist()
 
 
 def write_record(record: dict[str, Any], run_dir: str | Path, results_dir: str | Path) -> tuple[Path, Path]:
     return write_json(record, run_dir), write_store_row(record, results_dir)
+
+
+if __name__ == "__main__":  # python -m runners.record migrate outputs/results
+    import sys
+    if len(sys.argv) != 3 or sys.argv[1] != "migrate":
+        sys.exit("usage: python -m runners.record migrate RESULTS_DIR")
+    print(f"{migrate_store(sys.argv[2])} file(s) rewritten with the store's schema")

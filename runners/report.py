@@ -2,14 +2,17 @@
 
     python main.py mode=report                                   # every run in outputs/results
     python main.py mode=report report.group=paper_memory         # one preset / sweep
-    python main.py mode=report "report.where=\\"model == 'resnet50' and batch_size >= 128\\""
+    python main.py mode=report "report.where=\\"model = 'resnet50' AND batch_size >= 128\\""
 
 Reads every row of ``results_dir`` (report runs themselves excluded), keeps those of ``report.group``
-that pass ``report.where`` (see report_filter), and writes, per ``report.formats``:
+(which must exist: else the error lists the groups there are) that pass ``report.where``, a DuckDB SQL
+condition (see report_filter); runs with status ``error`` only with ``report.include_errors=true``.
+Writes, per ``report.formats``:
 
 - md:   report.md, every table in Markdown (figures linked when png is written too);
 - csv:  one <table>.csv per table, plus store_rows.csv with the selected rows' raw values;
-- png:  bar charts, training curves and B x Q heatmaps;
+- png:  bar charts, training loss and top-1 curves, memory against throughput / accuracy trade-offs
+        per method, and B x Q heatmaps;
 - html: dashboard.html, a self-contained page with every table and figure.
 
 Sections appear only for what the selected runs hold: memory (paper Table: methods x model/batch,
@@ -26,13 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from .checks import ConfigError
-from .record import atomic_write_bytes, read_store, resolve_results_dir
-from .report_figures import Figure, accuracy_bars, grid_bars, heatmap, training_curves
-from .report_filter import select_rows
+import pyarrow.compute as pc
+
+from .record import atomic_write_bytes, read_store_table, resolve_results_dir
+from .report_figures import Figure, accuracy_bars, grid_bars, heatmap, tradeoff, training_curves
+from .report_filter import groups, select_rows
 from .report_html import render
-from .report_tables import (Table, accuracy_grid, accuracy_table, grid_has_values, heatmap_table, memory_grids,
-                            memory_table, runs_table, sweep_heatmaps, throughput_grids, throughput_table,
-                            training_details)
+from .report_tables import (Grid, Table, accuracy_grid, accuracy_table, accuracy_tradeoff, grid_has_values,
+                            heatmap_table, memory_grids, memory_table, runs_table, speed_tradeoffs, sweep_heatmaps,
+                            throughput_grids, throughput_table, training_details)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +52,19 @@ class Section:
     figures: list[Figure] = field(default_factory=list)
 
 
+def bar_grid(grid: Grid) -> Grid | None:
+    """The grid as a bar chart shows it: a method run at several B / Q settings (a B x Q sweep) is left
+    to the sweep's heatmap, not drawn as one bar and one legend entry per setting. None: nothing left."""
+    methods = [label.split(" ")[0] for label in grid.row_labels]
+    keep = [label for label, method in zip(grid.row_labels, methods) if methods.count(method) == 1]
+    if not keep or not any(grid.cells.get((label, col)) for label in keep for col in grid.col_labels):
+        return None
+    if len(keep) == len(grid.row_labels):
+        return grid
+    cells = {k: c for k, c in grid.cells.items() if k[0] in keep}
+    return Grid(grid.key, grid.title, keep, grid.col_labels, cells, grid.unit, grid.note)
+
+
 def build_sections(rows: list[dict[str, Any]], with_figures: bool = True) -> list[Section]:
     """The report's content for the selected rows; a section only where the rows have its figures."""
     sections = []
@@ -59,13 +77,22 @@ def build_sections(rows: list[dict[str, Any]], with_figures: bool = True) -> lis
                 context = grid.title.rsplit(" - ", 1)[-1]
                 if context not in charted:
                     charted.add(context)
-                    memory.figures.append(grid_bars(grid, grid.unit, grid.title, "{:.1f}x"))
+                    bars = bar_grid(grid)
+                    if bars is not None:
+                        memory.figures.append(grid_bars(bars, grid.unit, grid.title, "{:.1f}x"))
         sections.append(memory)
     speed = throughput_grids(rows)
     if speed:
         section = Section("Throughput", [throughput_table(g) for g in speed])
         if with_figures:
-            section.figures += [grid_bars(g, "images/s", g.title, "{:.2f}x") for g in speed if grid_has_values(g)]
+            for grid in (g for g in speed if grid_has_values(g)):
+                bars = bar_grid(grid)
+                if bars is not None:
+                    section.figures.append(grid_bars(bars, "images/s", grid.title, "{:.2f}x"))
+            for i, (title, points) in enumerate(speed_tradeoffs(rows)):
+                section.figures.append(tradeoff(points, f"tradeoff_speed_{i}", title,
+                                                "activation memory reduction vs none (x)",
+                                                "throughput relative to none (x)"))
         sections.append(section)
     accuracy = accuracy_grid(rows)
     if accuracy is not None:
@@ -74,11 +101,17 @@ def build_sections(rows: list[dict[str, Any]], with_figures: bool = True) -> lis
         if details is not None:
             section.tables.append(details)
         if with_figures:
-            if grid_has_values(accuracy):
-                section.figures.append(accuracy_bars(accuracy))
+            bars = bar_grid(accuracy) if grid_has_values(accuracy) else None
+            if bars is not None:
+                section.figures.append(accuracy_bars(bars))
             curves = training_curves(rows)
             if curves is not None:
                 section.figures.append(curves)
+            points = accuracy_tradeoff(rows)
+            if len({p.method for p in points}) >= 2:
+                section.figures.append(tradeoff(points, "tradeoff_accuracy", "Memory against accuracy",
+                                                "activations kept for backward: reduction vs plain autograd (x)",
+                                                "final val top-1 (%)"))
         sections.append(section)
     maps = sweep_heatmaps(rows)
     if maps:
@@ -134,16 +167,26 @@ def run(cfg, env) -> dict[str, Any]:
     formats = _formats(cfg)
     group = cfg.report.get("group")
     where = cfg.report.get("where")
+    include_errors = bool(cfg.report.get("include_errors", False))
     store_dir = resolve_results_dir(cfg)
-    stored = read_store(store_dir)
-    candidates = [r for r in stored if r.get("mode") != "report"]
-    rows = select_rows(candidates, group, where)
+    stored = read_store_table(store_dir)
+    candidates = stored.filter(pc.fill_null(pc.not_equal(stored.column("mode"), "report"), True))
+    if group and group not in groups(candidates):
+        present = groups(candidates)
+        raise ConfigError(f"report.group={group!r}: no run of the store {store_dir} is in that group; "
+                          + (f"its groups: {', '.join(present)}" if present else "its runs have no group")
+                          + " (or drop report.group to report every run)")
+    rows = select_rows(candidates, group, where, include_errors)
+    errors = 0 if include_errors else len(select_rows(candidates, group, where, True)) - len(rows)
 
-    reports = len(stored) - len(candidates)
-    meta = [f"store: {store_dir} ({len(candidates)} runs; {reports} report run{'' if reports == 1 else 's'} left out)",
+    reports = stored.num_rows - candidates.num_rows
+    meta = [f"store: {store_dir} ({candidates.num_rows} runs; {reports} report run{'' if reports == 1 else 's'} left out)",
             f"group: {group if group else 'any'}", f"where: {where if where else '(none)'}"]
+    if errors:
+        meta.append(f"{errors} run{'' if errors == 1 else 's'} with status error left out "
+                    "(report.include_errors=true to show them)")
     empty_message = ""
-    if not candidates:
+    if not candidates.num_rows:
         empty_message = f"The results store {store_dir} holds no runs to report (empty, missing or only reports)."
     elif not rows:
         empty_message = "No run matched the selection (report.group / report.where); nothing to tabulate."

@@ -16,7 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from .report_tables import Grid, Heatmap, history, method_label, method_sort_key, number, setting_label  # noqa: E402
+from .report_tables import (Grid, Heatmap, TradeoffPoint, history, method_label, method_sort_key,  # noqa: E402
+                            number, setting_label)
 
 _DPI = 110
 _MAX_ANNOTATED_BARS = 48  # above this the ratio labels overlap and only clutter
@@ -82,14 +83,15 @@ def accuracy_bars(grid: Grid) -> Figure:
 
 
 def training_curves(rows: list[dict[str, Any]]) -> Optional[Figure]:
-    """Validation top-1 against epoch, one panel per model / data set, one line per run."""
-    # A curve needs two evaluated epochs; one-epoch runs are in the accuracy table and bars already.
-    runs = [r for r in rows if r.get("mode") == "train" and sum("val_top1" in h for h in history(r)) >= 2]
+    """Per model / data set, side by side: training loss and validation top-1 against epoch, one line
+    per run (the same colour in both panels)."""
+    # A curve needs two epochs; one-epoch runs are in the accuracy table and bars already.
+    runs = [r for r in rows if r.get("mode") == "train" and len(history(r)) >= 2]
     if not runs:
         return None
     settings = sorted({setting_label(r) for r in runs})
-    fig, axes = plt.subplots(1, len(settings), figsize=(5.2 * len(settings), 3.8), squeeze=False)
-    for ax, setting in zip(axes[0], settings):
+    fig, axes = plt.subplots(len(settings), 2, figsize=(11.0, 3.8 * len(settings)), squeeze=False)
+    for (loss_ax, top1_ax), setting in zip(axes, settings):
         members = sorted((r for r in runs if setting_label(r) == setting),
                          key=lambda r: (method_sort_key(r), number(r.get("epochs")) or 0, str(r.get("seed"))))
         labels = [method_label(r) for r in members]
@@ -97,18 +99,42 @@ def training_curves(rows: list[dict[str, Any]]) -> Optional[Figure]:
             label = method_label(r)
             if labels.count(label) > 1:  # several runs of one method: tell them apart
                 label += f" {number(r.get('epochs')) or 0:.0f} ep seed {r.get('seed')}"
-            points = [(h.get("epoch"), h["val_top1"]) for h in history(r) if "val_top1" in h]
-            points = [(int(e) if e is not None else i + 1, v) for i, (e, v) in enumerate(points)]
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o" if len(points) < 30 else None,
-                    markersize=3, label=label, color=color)
-        ax.set_title(setting)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("val top-1 (%)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, frameon=False, loc="upper left" if len(members) > 8 else "best",
-                  bbox_to_anchor=(1.0, 1.0) if len(members) > 8 else None)
-    return Figure("training_curves", "Validation top-1 per epoch", _png(fig))
+            for ax, key in ((loss_ax, "train_loss"), (top1_ax, "val_top1")):
+                points = [(h.get("epoch"), h[key]) for h in history(r) if number(h.get(key)) is not None]
+                points = [(int(e) if e is not None else i + 1, v) for i, (e, v) in enumerate(points)]
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o" if len(points) < 30 else None,
+                        markersize=3, label=label, color=color)
+        for ax, ylabel in ((loss_ax, "train loss"), (top1_ax, "val top-1 (%)")):
+            ax.set_title(f"{setting}: {ylabel}", fontsize=10)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(ylabel)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+        top1_ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return Figure("training_curves", "Training loss and validation top-1 per epoch", _png(fig))
+
+
+def tradeoff(points: list[TradeoffPoint], key: str, title: str, xlabel: str, ylabel: str) -> Figure:
+    """One point per method and setting: what it saves (x) against what it costs or keeps (y);
+    each method one colour, its settings joined by a line and labelled."""
+    methods: list[str] = []
+    for p in points:
+        if p.method not in methods:
+            methods.append(p.method)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for method, color in zip(methods, _colors(len(methods))):
+        mine = sorted((p for p in points if p.method == method), key=lambda p: p.x)
+        ax.plot([p.x for p in mine], [p.y for p in mine], marker="o", color=color, label=method,
+                linestyle="-" if len(mine) > 1 else "none")
+        if len(points) <= 40:
+            for p in mine:
+                ax.annotate(p.setting, (p.x, p.y), fontsize=6, xytext=(3, 3), textcoords="offset points", color=color)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return Figure(key, title, _png(fig))
 
 
 def heatmap(h: Heatmap) -> Figure:

@@ -1,124 +1,88 @@
-"""``report.where``: a small, safe filter language over the columns of the results store.
+"""Which runs a report includes: ``report.group``, ``report.where`` and ``report.include_errors``.
 
-    model == 'resnet50' and batch_size >= 128
-    method in ['none', 'division'] and not (bits == 1)
-    status != 'error' or group == 'paper_memory'
+``report.where`` is a DuckDB SQL condition over the store's columns (runners.record.STORE_FIELDS)::
 
-Names are columns, literals are strings, numbers, lists/tuples, true/false/null (or True/False/None).
-Only comparisons (== != < <= > >= in, not in, is, is not), and/or/not and unary minus are allowed: the
-expression is parsed with ``ast`` and walked by hand, never ``eval``-ed. A column a row lacks is null,
-and an ordering comparison with null (or between a number and a string) is false, as in SQL.
+    model = 'resnet50' AND batch_size >= 128
+    method IN ('none', 'division') AND NOT bits = 1
+    batch_size BETWEEN 64 AND 256 AND "group" LIKE 'paper%'      -- group is an SQL keyword: quote it
+
+It can only filter: it must be one condition (no ``;``), it runs in a private in-memory DuckDB
+connection that sees one table, ``runs`` (the store, loaded in Python), with file system access,
+extension loading and configuration changes turned off, so a condition can neither read nor write a
+file nor start a program. The group and the status are bound as parameters, never pasted into SQL.
 """
 from __future__ import annotations
 
-import ast
-import operator
-from typing import Any, Callable, Iterable
+from typing import Any
+
+import duckdb
+import pyarrow as pa
 
 from .checks import ConfigError
 
-_ORDER = {ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge}
-_LITERAL_NAMES = {"true": True, "false": False, "null": None, "none": None, "True": True, "False": False,
-                  "None": None}
+_CONFIG = {"enable_external_access": False, "autoinstall_known_extensions": False,
+           "autoload_known_extensions": False, "threads": 1, "memory_limit": "1GB"}
 
 
-class _Missing:
-    """A column name not present in a row: compares like null."""
+def _connection(table: pa.Table) -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect(":memory:", config=dict(_CONFIG))
+    con.register("runs", table)
+    con.execute("SET lock_configuration = true")  # the condition cannot turn file access back on
+    return con
 
 
-def _compare(op: ast.cmpop, left: Any, right: Any) -> bool:
-    if isinstance(op, ast.Eq):
-        return left == right
-    if isinstance(op, ast.NotEq):
-        return left != right
-    if isinstance(op, ast.Is):
-        return left is right
-    if isinstance(op, ast.IsNot):
-        return left is not right
-    if isinstance(op, (ast.In, ast.NotIn)):
-        try:
-            found = left in right
-        except TypeError:  # e.g. a number "in" a null column
-            found = False
-        return found if isinstance(op, ast.In) else not found
+def _check_where(con: duckdb.DuckDBPyConnection, where: str) -> str:
+    """The condition as it goes into the query; ConfigError unless it is a single condition."""
+    text = where.strip()
+    if ";" in text:
+        raise ConfigError(f"report.where={where!r}: one SQL condition, without ';' "
+                          "(e.g. \"model = 'resnet50' AND batch_size >= 128\")")
+    query = f"SELECT * FROM runs WHERE (\n{text}\n)"
     try:
-        return bool(_ORDER[type(op)](left, right))
-    except TypeError:  # null or mixed types: no order, so the row does not match
-        return False
+        statements = con.extract_statements(query)
+    except duckdb.Error as exc:
+        raise ConfigError(f"report.where={where!r} is not a valid SQL condition: {_first_line(exc)}") from None
+    if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
+        raise ConfigError(f"report.where={where!r}: one SQL condition only")
+    return text
 
 
-class WhereFilter:
-    """A compiled ``report.where`` expression; ``matches(row)`` says whether a row passes."""
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
-    def __init__(self, expression: str, columns: Iterable[str] = ()):
-        self.expression = expression
+
+def select_table(table: pa.Table, group: str | None = None, where: str | None = None,
+                 include_errors: bool = False) -> pa.Table:
+    """The rows of ``table`` of ``group`` (any when None) that pass ``where`` (all when empty); rows with
+    status ``error`` only with ``include_errors``. Order kept."""
+    con = _connection(table.append_column("_order", pa.array(range(table.num_rows), type=pa.int64())))
+    try:
+        conditions, params = [], []
+        if where and where.strip():
+            conditions.append(f"(\n{_check_where(con, where)}\n)")
+        if group:
+            conditions.append('"group" = ?')
+            params.append(str(group))
+        if not include_errors:
+            conditions.append("status IS DISTINCT FROM 'error'")
+        query = "SELECT * FROM runs" + (" WHERE " + " AND ".join(conditions) if conditions else "") + " ORDER BY _order"
         try:
-            tree = ast.parse(expression.strip(), mode="eval")
-        except SyntaxError as exc:
-            raise ConfigError(f"report.where={expression!r} is not a valid expression: {exc.msg}") from None
-        self._columns = set(columns)
-        self._fn = self._compile(tree.body)
-
-    def _fail(self, what: str) -> None:
-        raise ConfigError(f"report.where={self.expression!r}: {what}; allowed: column names, literals, "
-                          "== != < <= > >= in, not in, is, is not, and, or, not")
-
-    def _compile(self, node: ast.AST) -> Callable[[dict], Any]:
-        if isinstance(node, ast.BoolOp):
-            parts = [self._compile(v) for v in node.values]
-            if isinstance(node.op, ast.And):
-                return lambda row: all(p(row) for p in parts)
-            return lambda row: any(p(row) for p in parts)
-        if isinstance(node, ast.UnaryOp):
-            operand = self._compile(node.operand)
-            if isinstance(node.op, ast.Not):
-                return lambda row: not operand(row)
-            if isinstance(node.op, ast.USub):
-                def negate(row):
-                    value = operand(row)
-                    return -value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-                return negate
-            self._fail(f"unsupported operator {type(node.op).__name__}")
-        if isinstance(node, ast.Compare):
-            first = self._compile(node.left)
-            pairs = [(op, self._compile(c)) for op, c in zip(node.ops, node.comparators)]
-
-            def compare(row):  # a chain like 64 <= batch_size < 512
-                left = first(row)
-                for op, right_fn in pairs:
-                    right = right_fn(row)
-                    if not _compare(op, None if left is _Missing else left, None if right is _Missing else right):
-                        return False
-                    left = right
-                return True
-            return compare
-        if isinstance(node, ast.Constant) and isinstance(node.value, (str, int, float, bool, type(None))):
-            value = node.value
-            return lambda row: value
-        if isinstance(node, (ast.List, ast.Tuple)):
-            items = [self._compile(e) for e in node.elts]
-            return lambda row: [i(row) for i in items]
-        if isinstance(node, ast.Name):
-            name = node.id
-            if name in _LITERAL_NAMES and name not in self._columns:
-                value = _LITERAL_NAMES[name]
-                return lambda row: value
-            if self._columns and name not in self._columns:
-                self._fail(f"unknown column {name!r} (columns: {', '.join(sorted(self._columns))})")
-            return lambda row: row.get(name, _Missing)
-        self._fail(f"{type(node).__name__} is not supported")
-        raise AssertionError  # unreachable: _fail raises
-
-    def matches(self, row: dict[str, Any]) -> bool:
-        return bool(self._fn(row))
+            out = con.sql(query, params=params).to_arrow_table()
+        except duckdb.PermissionException as exc:
+            raise ConfigError(f"report.where={where!r} reaches outside the store's table: {_first_line(exc)}") from None
+        except duckdb.Error as exc:
+            raise ConfigError(f"report.where={where!r}: {_first_line(exc)} (columns: "
+                              f"{', '.join(n for n in table.column_names)})") from None
+    finally:
+        con.close()
+    return out.drop_columns(["_order"])
 
 
-def select_rows(rows: list[dict[str, Any]], group: str | None, where: str | None) -> list[dict[str, Any]]:
-    """Rows of ``group`` (any group when None) that pass ``where`` (every row when empty)."""
-    # Compiled first, against every column of the store, so a typo fails even when nothing is selected.
-    flt = WhereFilter(where, {key for row in rows for key in row}) if where and where.strip() else None
-    if group:
-        rows = [r for r in rows if r.get("group") == group]
-    if flt is not None:
-        rows = [r for r in rows if flt.matches(r)]
-    return rows
+def select_rows(table: pa.Table, group: str | None = None, where: str | None = None,
+                include_errors: bool = False) -> list[dict[str, Any]]:
+    return select_table(table, group, where, include_errors).to_pylist()
+
+
+def groups(table: pa.Table) -> list[str]:
+    """The groups that the table's runs belong to, sorted."""
+    return sorted({g for g in table.column("group").to_pylist() if g}) if table.num_rows else []

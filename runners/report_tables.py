@@ -113,6 +113,11 @@ def method_sort_key(row: dict[str, Any]) -> tuple:
     return rank, method, number(row.get("block_size")) or 0, number(row.get("bits")) or 0
 
 
+def label_order(label: str) -> tuple:
+    method = label.split(" ")[0]
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)), label
+
+
 def ordered_methods(rows: list[dict[str, Any]]) -> list[str]:
     seen: dict[str, tuple] = {}
     for row in rows:
@@ -120,14 +125,19 @@ def ordered_methods(rows: list[dict[str, Any]]) -> list[str]:
     return sorted(seen, key=seen.__getitem__)
 
 
-# A comparison is made within one context (data set, precision, device, eager or CUDA-graph steps):
-# the paper compares methods on the same data, precision and GPU. Columns within it are model x batch size.
+# A comparison is made within one context (data set, precision, device, eager or CUDA-graph steps,
+# eager or torch.compile'd): the paper compares methods on the same data, precision and GPU. Columns
+# within it are model x batch size.
 CONTEXT_FIELDS = ("dataset", "precision", "device")
 
 
 def context_of(row: dict[str, Any]) -> tuple[str, ...]:
     context = tuple(str(row.get(f)) for f in CONTEXT_FIELDS)
-    return context + ("cuda_graph",) if row.get("cuda_graph") else context
+    if row.get("cuda_graph"):
+        context += ("cuda_graph",)
+    if row.get("compile"):  # the torch.compile mode: compiled and eager runs never share a cell
+        context += (f"compile-{row['compile']}",)
+    return context
 
 
 def contexts(rows: list[dict[str, Any]]) -> list[tuple[str, str, list[dict[str, Any]]]]:
@@ -275,6 +285,9 @@ def throughput_grids(rows: list[dict[str, Any]]) -> list[Grid]:
                            lambda r: number(r.get("images_per_sec")), lambda v, base: v / base)
         grid.unit = "images/s"
         grid.note = "from the median step time (warm-up excluded); x = speed relative to method none"
+        torch_ops = sorted({method_label(r) for r in members if r.get("kernels") == "pytorch"}, key=label_order)
+        if torch_ops and any(r.get("device") == "cuda" for r in members):
+            grid.note += ("; codecs run as PyTorch ops, not fused kernels: " + ", ".join(torch_ops))
         grids.append(grid)
     return grids
 
@@ -476,3 +489,61 @@ def runs_table(rows: list[dict[str, Any]]) -> Table:
     return Table("runs", "Runs included",
                  ["run", "mode", "model", "dataset", "method", "B", "Q", "batch", "precision", "device", "status",
                   "result", "seconds", "group"], out)
+
+
+# --- trade-offs -------------------------------------------------------------------------------------
+
+@dataclass
+class TradeoffPoint:
+    method: str
+    setting: str
+    x: float
+    y: float
+
+
+def _memory_reductions(rows: list[dict[str, Any]]) -> dict[tuple[str, str], float]:
+    """(method, model/batch column) -> how many times less than method none the method keeps: the first
+    figure of its memory table (activation memory on CUDA, else the exact ledger), 1 for none."""
+    out: dict[tuple[str, str], float] = {}
+    charted: set[str] = set()
+    for grid in (g for g in memory_grids(rows) if grid_has_values(g)):
+        context = grid.title.rsplit(" - ", 1)[-1]
+        if context in charted:
+            continue
+        charted.add(context)
+        for (label, col), cell in grid.cells.items():
+            if label == BASELINE and cell.value is not None:
+                out.setdefault((label, col), 1.0)
+            elif cell.ratio is not None:
+                out.setdefault((label, col), cell.ratio)
+    return out
+
+
+def speed_tradeoffs(rows: list[dict[str, Any]]) -> list[tuple[str, list[TradeoffPoint]]]:
+    """Per throughput context: (title, points of memory reduction x relative speed), one point per
+    method and model / batch that has both a memory run and a speed run (and a none run for the ratios)."""
+    memory = _memory_reductions(rows)
+    out = []
+    for grid in throughput_grids(rows):
+        points = []
+        for (label, col), cell in grid.cells.items():
+            speed = 1.0 if label == BASELINE and cell.value is not None else cell.ratio
+            if speed is not None and (label, col) in memory:
+                points.append(TradeoffPoint(label, col, memory[(label, col)], speed))
+        if len({p.method for p in points}) >= 2:
+            out.append((grid.title.replace("Throughput", "Memory against throughput"), points))
+    return out
+
+
+def accuracy_tradeoff(rows: list[dict[str, Any]]) -> list[TradeoffPoint]:
+    """Per method and setting: the exact ledger's activation compression against final top-1 (the mean
+    over seeds), from training runs that recorded both."""
+    grid = accuracy_grid(rows)
+    if grid is None:
+        return []
+    ratios: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        if r.get("mode") == "train" and r.get("status") == "ok" and number(r.get("ledger_ratio")) is not None:
+            ratios.setdefault((method_label(r), accuracy_setting(r)), []).append(number(r["ledger_ratio"]))
+    return [TradeoffPoint(label, col, statistics.fmean(ratios[(label, col)]), cell.value)
+            for (label, col), cell in grid.cells.items() if cell.value is not None and (label, col) in ratios]

@@ -1,7 +1,14 @@
 """The short summary printed at the end of a run."""
 from __future__ import annotations
 
+import shlex
+from pathlib import Path
 from typing import Any
+
+try:
+    from hydra.experimental.callback import Callback
+except ImportError:  # the summary itself needs no Hydra
+    Callback = object
 
 
 def human_bytes(n) -> str:
@@ -18,11 +25,17 @@ def summary_lines(record: dict[str, Any]) -> list[str]:
     knobs = ""
     if record.get("block_size") is not None:
         knobs = f" (B={record['block_size']}, Q={record['bits']})"
+    elif record.get("bits") is not None:  # actnn, blpa, acgc (its mean width)
+        knobs = f" (Q={record['bits']:.3g})"
     if record["mode"] == "report":  # a report reads the store; model / method defaults mean nothing here
-        lines = [f"report | {record.get('report_runs', 0)} runs | status {record['status']}"]
+        group = f" of group {record['group']}" if record.get("group") else ""
+        lines = [f"report | {record.get('report_runs', 0)} runs{group} | status {record['status']}"]
     else:
+        setting = " ".join(str(p) for p in (record["device"], record["precision"],
+                                              "cuda_graph" if record.get("cuda_graph") else None,
+                                              f"compile={record['compile']}" if record.get("compile") else None) if p)
         lines = [f"{record['mode']} | {record['model']} on {record['dataset']} | method {record['method']}{knobs}"
-                 f" | {record['device']} {record['precision']} | status {record['status']}"]
+                 f" | batch {record['batch_size']} | {setting} | status {record['status']}"]
     if record.get("final_val_top1") is not None:
         lines.append(f"val top-1 {record['final_val_top1']:.2f}% (best {record['best_val_top1']:.2f}%),"
                      f" train loss {record['final_train_loss']:.4f}, {record['epochs']} epoch(s)")
@@ -47,3 +60,36 @@ def summary_lines(record: dict[str, Any]) -> list[str]:
 
 def print_summary(record: dict[str, Any]) -> None:
     print("\n".join(summary_lines(record)))
+
+
+def sweep_group(config) -> str | None:
+    """The group of a sweep's jobs, as runners.tracking.derive_group names it, from the sweep's config."""
+    if config.get("group"):
+        return str(config.group)
+    from .tracking import _TIME_DIR  # the one rule for naming a sweep directory's group
+    choice = config.hydra.runtime.choices.get("experiment")
+    if choice and choice != "null":
+        return str(choice)
+    sweep = Path(str(config.hydra.sweep.dir))
+    if _TIME_DIR.match(sweep.name) and sweep.parent.name:
+        return f"{sweep.parent.name}_{sweep.name}"
+    return sweep.name
+
+
+def report_command(config) -> str:
+    group = sweep_group(config)
+    args = ["python", "main.py", "mode=report", f"report.group={group}"]
+    results_dir = str(config.get("results_dir"))
+    if results_dir != "outputs/results":
+        args.append(f"results_dir={results_dir}")
+    return " ".join(shlex.quote(a) for a in args)
+
+
+class SweepHint(Callback):
+    """At the end of a multirun (``-m``): the sweep's group and the exact command that reports it."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        if config.get("mode") is None or config.mode.get("name") == "report":
+            return
+        print(f"sweep finished: its runs are in group {sweep_group(config)!r} (directory {config.hydra.sweep.dir})\n"
+              f"report: {report_command(config)}", flush=True)

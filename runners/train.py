@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,9 @@ def _to_device(images, target, device, cfg):
 
 
 def _progress(iterable, total: int, enabled: bool, desc: str):
-    if not enabled:
+    """A tqdm bar on a terminal; the loader itself when output goes to a file or a pipe (a SLURM log),
+    where the loop logs one line per ``train.log_every`` steps instead of redrawing a bar."""
+    if not enabled or not sys.stderr.isatty():
         return iterable
     from tqdm import tqdm
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
@@ -144,9 +147,10 @@ def run(cfg, env) -> dict[str, Any]:
         scaler.load_state_dict(state["scaler"])
         restore_rng(_rank_rng_state(state, rank, distributed.world_size()))
         start_epoch, global_step = state["epoch"], state["global_step"]
+        method.at_step(global_step)  # stochastic rounding continues with this step's draws
         history, first_step_ledger = state["history"], state.get("ledger")
         if first_step_ledger is not None:
-            method.stop_ledger()  # recorded by the first run; no bookkeeping per step
+            method.stop_ledger()  # recorded by the first run; no bookkeeping (plain autograd: no hooks)
         log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
     elif cfg.resume:
         log.warning("resume=true but %s does not exist: starting from scratch", ckpt_path)
@@ -180,7 +184,7 @@ def run(cfg, env) -> dict[str, Any]:
                     scaler.scale(loss).backward()
             if first_step_ledger is None:
                 first_step_ledger = ledger.summary()
-                method.stop_ledger()  # one step is enough; skip the bookkeeping after
+                method.stop_ledger()  # one step is enough; plain autograd then runs without hooks
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -197,6 +201,10 @@ def run(cfg, env) -> dict[str, Any]:
                 step_loss = distributed.sum_over_ranks(loss.detach())[0] / distributed.world_size()
                 env.logger.log({"train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0],
                                 "epoch": epoch + step / steps_per_epoch}, step=global_step)
+                if bar is train_loader and train_cfg.progress and is_main:  # no bar: one line per interval
+                    log.info("epoch %d/%d step %d/%d loss %.4f acc %.1f%% %.0f images/s", epoch + 1, train_cfg.epochs,
+                             step + 1, steps_per_epoch, float(step_loss), 100.0 * correct.item() / max(seen, 1),
+                             seen / max(time.perf_counter() - epoch_start, 1e-9))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         epoch_train_s = time.perf_counter() - epoch_start

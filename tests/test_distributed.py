@@ -78,7 +78,9 @@ def test_two_processes_train_division_into_one_run_and_resume(tmp_path):
     resumed = json.loads((run_dir / "results.json").read_text())
     assert resumed["status"] == "ok" and resumed["epochs"] == 3
     assert resumed["history"][:2] == record["history"]
-    assert [row["world_size"] for row in store_rows(store)] == [2, 2]
+    # The resumed run is the same run: its row is replaced, not joined by a second one.
+    assert [(row["world_size"], row["run_id"], row["epochs"]) for row in store_rows(store)] == \
+        [(2, record["run_id"], 3)]
 
 
 PER_SAMPLE_NORM_MAIN = '''

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -59,6 +60,25 @@ def test_train_with_cuda_graph_on_cpu_fails_clearly_and_writes_a_record(tmp_path
     record = json.loads((tmp_path / "run" / "results.json").read_text())
     assert record["status"] == "error" and "drop cuda_graph=true" in record["error"]
     assert record["cuda_graph"] is True
+
+
+@pytest.mark.parametrize("name", ["acgc", "checkpoint", "swap"])
+def test_speed_times_methods_that_cannot_be_captured_eagerly_and_says_so(name, monkeypatch, caplog):
+    """cuda_graph=true over every method: the capturable ones replay a graph, the others are timed
+    eagerly and recorded as eager runs (their own table), so the sweep completes."""
+    import runners.speed as speed
+    timed_with_graph = []
+
+    def time_steps(cfg, device):
+        timed_with_graph.append(cfg.cuda_graph)
+        return [1.0]
+    monkeypatch.setattr(speed, "time_steps", time_steps)
+    env = SimpleNamespace(device=torch.device("cpu"))
+    fields = speed.run(cfg_for("mode=speed", f"method={name}", "cuda_graph=true"), env)
+    assert timed_with_graph == [False] and fields["cuda_graph"] is False
+    assert f"method={name} cannot be captured in a CUDA graph: timed eagerly" in caplog.text
+    fields = speed.run(cfg_for("mode=speed", "method=actnn", "cuda_graph=true"), env)
+    assert timed_with_graph == [False, True] and fields["cuda_graph"] is True
 
 
 def test_cuda_graph_must_be_a_bool(tmp_path):
@@ -218,7 +238,7 @@ def test_gpu_other_batch_shape_runs_eagerly_into_the_same_grads():
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("method", ["none", "division"])
+@pytest.mark.parametrize("method", ["none", "division", "blpa", "actnn"])
 def test_gpu_speed_and_train_modes_with_cuda_graph(tmp_path, method):
     common = [f"method={method}", "device=cuda", "cuda_graph=true", f"results_dir={tmp_path}/store"]
     speed = run_job(cfg_for("mode=speed", "batch_size=64", "speed.warmup=1", "speed.steps=5", *common),

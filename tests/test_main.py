@@ -46,3 +46,14 @@ def test_method_none_has_null_block_and_bits(tmp_path):
     record = json.loads((run_dir / "results.json").read_text())
     assert record["method"] == "none" and record["block_size"] is None and record["bits"] is None
     assert record["ledger_ratio"] == 1.0
+
+
+def test_redirected_output_gets_log_lines_not_a_progress_bar(tmp_path):
+    proc = run_main([f"hydra.run.dir={tmp_path}/run", f"results_dir={tmp_path}/store", "logger=none",
+                     "train.epochs=1", "train.max_steps_per_epoch=3", "train.log_every=1", "dataset.train_size=96",
+                     "dataset.val_size=32", "batch_size=16"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = proc.stdout + proc.stderr
+    assert "\r" not in said and "it/s" not in said  # no bar redrawn into a file
+    for step in (1, 2, 3):
+        assert f"epoch 1/1 step {step}/3 loss " in said

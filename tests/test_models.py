@@ -127,3 +127,33 @@ def test_every_relu_is_a_module(name, monkeypatch):
 
 def test_hundred_classes_head():
     assert build_model("resnet20", 100)(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+
+
+def test_any_torchvision_classification_model_by_name_and_clear_errors_for_unknown_names():
+    import torchvision
+
+    from runners.build import build_model as build_configured, model_image_size
+    from runners.checks import ConfigError
+    from tests.helpers import compose_config
+
+    cfg = compose_config(["model=torchvision", "model.name=mobilenet_v3_small"])
+    model = build_configured(cfg, num_classes=7, device=torch.device("cpu"))
+    assert isinstance(model, torchvision.models.MobileNetV3) and model.classifier[-1].out_features == 7
+    assert model_image_size(cfg) == 224
+    cfg = compose_config(["model.name=squeeze", "+model._target_=torchvision.models.squeezenet1_1"])
+    model = build_configured(cfg, num_classes=5, device=torch.device("cpu"))  # any callable, by import path
+    assert isinstance(model, torchvision.models.SqueezeNet) and model(torch.randn(1, 3, 64, 64)).shape == (1, 5)
+    for overrides, message in ((["model.name=mobilenet_v2"], "model=torchvision model.name=mobilenet_v2"),
+                               (["model=torchvision", "model.name=fasterrcnn_resnet50_fpn"],
+                                "not a torchvision classification model")):
+        with pytest.raises(ConfigError, match=message):
+            build_configured(compose_config(overrides), num_classes=10, device=torch.device("cpu"))
+
+
+def test_unknown_model_name_is_one_message_without_traceback(tmp_path):
+    from tests.helpers import run_main
+    proc = run_main(["mode=memory", "model.name=mobilenet_v2", "logger=none", f"hydra.run.dir={tmp_path}/run",
+                     f"results_dir={tmp_path}/store"])
+    said = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in said and "KeyError" not in said
+    assert "model.name='mobilenet_v2' is not allowed" in said

@@ -15,7 +15,8 @@ from PIL import Image
 from runners import report
 from runners.checks import ConfigError
 from runners.record import write_record
-from runners.report_filter import WhereFilter, select_rows
+from runners.record import read_store_table
+from runners.report_filter import select_rows
 from runners.tracking import NullLogger
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,9 +70,10 @@ def paper_memory_records() -> list[dict]:
             if vanilla is None and method == "none":
                 out.append(record(method=method, batch_size=batch, status="oom", error="OutOfMemoryError"))
                 continue
-            act = (vanilla or 40.96) * factor * GIB
-            out.append(record(method=method, batch_size=batch, activation_bytes=act, total_bytes=act + 0.3 * GIB,
-                              peak_bytes=act + 0.8 * GIB, ledger_bytes=act, ledger_plain_bytes=batch / 64 * 5.14 * GIB,
+            act = int((vanilla or 40.96) * factor * GIB)
+            out.append(record(method=method, batch_size=batch, activation_bytes=act, total_bytes=act + int(0.3 * GIB),
+                              peak_bytes=act + int(0.8 * GIB), ledger_bytes=act,
+                              ledger_plain_bytes=int(batch / 64 * 5.14 * GIB),
                               ledger_ratio=batch / 64 * 5.14 * GIB / act))
     return out
 
@@ -100,9 +102,11 @@ def sweep_records() -> list[dict]:
             for b in (2, 4, 8, 16) for q in (1, 2, 4, 8)]
 
 
-def run_report(store: Path, out: Path, group=None, where=None, formats=("md", "csv", "png", "html")):
+def run_report(store: Path, out: Path, group=None, where=None, formats=("md", "csv", "png", "html"),
+               include_errors=False):
     cfg = OmegaConf.create({"results_dir": str(store),
-                            "report": {"group": group, "where": where, "formats": list(formats)}})
+                            "report": {"group": group, "where": where, "formats": list(formats),
+                                       "include_errors": include_errors}})
     logger = RecordingLogger()
     fields = report.run(cfg, SimpleNamespace(run_dir=out, logger=logger, device=None))
     return fields, logger
@@ -190,6 +194,8 @@ def test_block_bits_heatmaps(tmp_path):
     assert grid[3][2] == "128.0"  # B=8, Q=2: 32 * 8 / 2
     heatmaps = [f for f in fields["report_files"] if f.startswith("sweep_") and f.endswith(".png")]
     assert len(heatmaps) == 1
+    # 16 settings of one method are the heatmap's, not 16 bars with a 16-entry legend
+    assert not [f for f in fields["report_files"] if f.endswith("_bars.png")]
     # On CPU activation_bytes is the ledger's count: one table, not the same numbers twice.
     assert "### Activation memory" not in text and "### Activations kept for backward" in text
 
@@ -199,29 +205,63 @@ def test_group_and_where_filters(tmp_path):
     fill(store, paper_memory_records() + sweep_records())
     fields, _ = run_report(store, tmp_path / "a", group="block_bits")
     assert fields["report_runs"] == 16
-    fields, _ = run_report(store, tmp_path / "b", where="model == 'resnet50' and batch_size >= 128")
+    fields, _ = run_report(store, tmp_path / "b", where="model = 'resnet50' and batch_size >= 128")
     assert fields["report_runs"] == 12
     text = (tmp_path / "b" / "report.md").read_text()
     assert "resnet50 b64" not in text and "resnet50 b128" in text
-    fields, _ = run_report(store, tmp_path / "c", group="block_bits", where="bits in [1, 2] and not block_size == 16")
+    fields, _ = run_report(store, tmp_path / "c", group="block_bits", where="bits IN (1, 2) AND NOT block_size = 16")
     assert fields["report_runs"] == 6
 
 
-def test_where_is_a_safe_small_language():
-    rows = [dict(model="resnet50", batch_size=64, bits=None), dict(model="wrn50_2", batch_size=512, bits=2)]
-    assert select_rows(rows, None, "64 < batch_size <= 512") == rows[1:]
-    assert select_rows(rows, None, "bits == null") == rows[:1]
-    assert select_rows(rows, None, "bits >= 2") == rows[1:]  # null never orders: no TypeError
-    assert select_rows(rows, None, "model != 'resnet50' or batch_size == 64") == rows
-    assert select_rows(rows, None, "-bits < -1") == rows[1:]
-    for bad in ("__import__('os').system('true')", "model.upper() == 'X'", "open('/etc/passwd')",
-                "[r for r in model]", "batch_size + 1 > 2", "lambda: 1", "model == 'a' if 1 else 2"):
+def test_missing_group_fails_with_the_groups_there_are(tmp_path):
+    store = tmp_path / "store"
+    fill(store, paper_memory_records() + sweep_records() + [record(mode="report", group="only_a_report")])
+    with pytest.raises(ConfigError, match=r"report.group='nope'.*its groups: block_bits, paper"):
+        run_report(store, tmp_path / "out", group="nope")
+    with pytest.raises(ConfigError, match="only_a_report"):  # a report run is not a group to report
+        run_report(store, tmp_path / "out", group="only_a_report")
+    assert not (tmp_path / "out").exists()
+
+
+def test_error_runs_are_left_out_unless_asked_for(tmp_path):
+    store = tmp_path / "store"
+    fill(store, [record(method="none", ledger_bytes=GIB), record(method="division", ledger_bytes=GIB // 10),
+                 record(method="actnn", status="error", error="RuntimeError: boom")])
+    fields, _ = run_report(store, tmp_path / "a")
+    text = (tmp_path / "a" / "report.md").read_text()
+    assert fields["report_runs"] == 2 and "actnn" not in text
+    assert "1 run with status error left out" in text
+    fields, _ = run_report(store, tmp_path / "b", include_errors=True)
+    assert fields["report_runs"] == 3
+    assert md_table((tmp_path / "b" / "report.md").read_text(), "Activations kept")[2] == ["actnn", "error"]
+
+
+def test_where_is_sql_that_can_only_filter(tmp_path):
+    store = tmp_path / "store"
+    fill(store, [record(model="resnet50", batch_size=64, group=None),
+                 record(model="wrn50_2", batch_size=512, bits=2, method="actnn")])
+    table = read_store_table(store)
+    assert [r["batch_size"] for r in select_rows(table, None, "batch_size > 64 AND batch_size <= 512")] == [512]
+    assert [r["model"] for r in select_rows(table, None, "bits IS NULL")] == ["resnet50"]
+    assert [r["model"] for r in select_rows(table, None, "bits >= 2")] == ["wrn50_2"]  # null never orders
+    assert len(select_rows(table, None, "model != 'resnet50' OR batch_size = 64")) == 2
+    assert [r["model"] for r in select_rows(table, None, '"group" IS NULL')] == ["resnet50"]
+    secret = tmp_path / "secret.csv"
+    secret.write_text("x\n1\n")
+    for bad in (f"run_id IN (SELECT * FROM read_csv('{secret}'))",          # reading a file
+                f"(SELECT count(*) FROM glob('{tmp_path}/*')) > 0",          # listing files
+                f"1 = 1; COPY runs TO '{tmp_path / 'out.csv'}'",             # a second statement
+                "1 = 1); SET enable_external_access = true; SELECT (1",      # turning access back on
+                "1 = 1 OR (SELECT count(*) FROM duckdb_settings()) > 0 AND 1 = (SELECT 1 FROM runs LIMIT 0)) --",
+                "getenv('HOME') IS NOT NULL",                                # not a function here
+                "__import__('os').system('true')"):
         with pytest.raises(ConfigError, match="report.where"):
-            WhereFilter(bad, {"model", "batch_size"})
-    with pytest.raises(ConfigError, match="unknown column 'modle'"):
-        select_rows(rows, None, "modle == 'resnet50'")
-    with pytest.raises(ConfigError, match="not a valid expression"):
-        WhereFilter("model ==", {"model"})
+            select_rows(table, None, bad)
+    assert not (tmp_path / "out.csv").exists()
+    with pytest.raises(ConfigError, match="modle"):
+        select_rows(table, None, "modle = 'resnet50'")
+    with pytest.raises(ConfigError, match="not a valid SQL condition"):
+        select_rows(table, None, "model ==")
 
 
 def test_empty_store_and_empty_selection_say_so(tmp_path):
@@ -231,7 +271,7 @@ def test_empty_store_and_empty_selection_say_so(tmp_path):
     assert "0 runs" in (tmp_path / "a" / "dashboard.html").read_text()
     store = tmp_path / "store"
     fill(store, paper_memory_records())
-    fields, _ = run_report(store, tmp_path / "b", formats=["csv"], group="nope")
+    fields, _ = run_report(store, tmp_path / "b", formats=["csv"], where="batch_size > 10000")
     assert fields["report_runs"] == 0 and "No run matched" in fields["report_note"]
     assert fields["report_files"] == ["report.md"]  # whatever the formats, one file says why it is empty
 
@@ -241,7 +281,7 @@ def test_only_some_fields_and_failed_runs(tmp_path):
     fill(store, [record(method="none", batch_size=64, status="error", error="RuntimeError: boom"),
                  record(method="division", batch_size=64, ledger_bytes=GIB, activation_bytes=None),
                  record(mode="train", method="division", status="oom")])
-    fields, _ = run_report(store, tmp_path / "out")
+    fields, _ = run_report(store, tmp_path / "out", include_errors=True)
     assert fields["report_runs"] == 3
     text = (tmp_path / "out" / "report.md").read_text()
     assert md_table(text, "Activations kept for backward")[1] == ["none", "error"]
@@ -302,3 +342,46 @@ def test_check_dashboard_finds_problems():
     assert "text not found: 'division'" in problems
     assert check_dashboard.check_dom(page.replace("https://e.com/a.png", "data:,"), 3, []) == \
         ["image 0 is not an inline PNG ('data:,')"]
+
+
+def test_compiled_and_graph_runs_get_their_own_tables_and_torch_op_codecs_are_named(tmp_path):
+    store = tmp_path / "store"
+    eager = [record(mode="speed", method=m, device="cuda", images_per_sec=v, kernels=k)
+             for m, v, k in (("none", 400.0, None), ("division", 380.0, "triton"), ("actnn", 90.0, "pytorch"))]
+    compiled = [record(mode="speed", method=m, device="cuda", compile="max-autotune-no-cudagraphs", images_per_sec=v)
+                for m, v in (("none", 500.0), ("division", 300.0))]
+    graphed = [record(mode="speed", method="none", device="cuda", cuda_graph=True, images_per_sec=600.0)]
+    fill(store, eager + compiled + graphed)
+    run_report(store, tmp_path / "out")
+    text = (tmp_path / "out" / "report.md").read_text()
+    titles = [line for line in text.splitlines() if line.startswith("### Throughput")]
+    assert titles == ["### Throughput - synthetic, fp32, cuda (images/s)",
+                      "### Throughput - synthetic, fp32, cuda, compile-max-autotune-no-cudagraphs (images/s)",
+                      "### Throughput - synthetic, fp32, cuda, cuda_graph (images/s)"]
+    assert md_table(text, "Throughput - synthetic, fp32, cuda (")[2] == ["actnn", "90.0 (0.23x)"]
+    assert md_table(text, "Throughput - synthetic, fp32, cuda, compile")[2] == ["division B8 Q2", "300.0 (0.60x)"]
+    assert "codecs run as PyTorch ops, not fused kernels: actnn" in text
+
+
+def test_tradeoff_figures_and_loss_beside_top1(tmp_path):
+    """Memory against throughput (memory and speed runs of the same model and batch) and memory against
+    accuracy, one point per method and setting; training curves show the loss next to top-1."""
+    from runners.report_tables import accuracy_tradeoff, speed_tradeoffs
+    rows = [r for r in paper_memory_records() + speed_records() if r["batch_size"] <= 128]
+    (title, points), = speed_tradeoffs(rows)
+    division = {p.setting: (round(p.x, 1), round(p.y, 2)) for p in points if p.method == "division B8 Q2"}
+    assert division == {"resnet50 b64": (10.5, 0.83), "resnet50 b128": (10.5, 0.82)}
+    assert {(p.method, p.x, p.y) for p in points if p.setting == "resnet50 b64"} >= {("none", 1.0, 1.0)}
+    assert "Memory against throughput" in title
+    train = train_records()
+    train[0]["ledger_ratio"] = 1.0
+    assert sorted((p.method, p.x, p.y) for p in accuracy_tradeoff(train)) == [("division B8 Q2", 10.0, 94.7),
+                                                                               ("none", 1.0, 94.9)]
+    store = tmp_path / "store"
+    fill(store, rows + train)
+    fields, _ = run_report(store, tmp_path / "out")
+    for name in ("tradeoff_speed_0.png", "tradeoff_accuracy.png", "training_curves.png"):
+        assert name in fields["report_files"], name
+    with Image.open(tmp_path / "out" / "training_curves.png") as image:
+        width, height = image.size
+    assert width > 1.8 * height  # two panels side by side: loss and top-1

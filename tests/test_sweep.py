@@ -17,6 +17,7 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 from PIL import Image
 
 from runners.tracking import read_offline_run
@@ -47,6 +48,9 @@ def test_block_size_by_bits_multirun_then_report(tmp_path, sweep_env):
                     "method.block_size=4,8", "method.bits=2,4", "logger.mode=offline", f"hydra.sweep.dir={sweep}",
                     f"results_dir={store}"], sweep_env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    # The sweep says which group its runs are in and how to report them, ready to paste.
+    assert f"report: python main.py mode=report report.group=sweep results_dir={store}" in proc.stdout
+    assert "memory | resnet20 on synthetic | method division (B=4, Q=2) | batch 4 | cpu fp32 | status ok" in proc.stdout
 
     records = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/results.json"))]
     assert len(records) == 4
@@ -67,6 +71,12 @@ def test_block_size_by_bits_multirun_then_report(tmp_path, sweep_env):
         assert (run["config"]["method"]["block_size"], run["config"]["method"]["bits"]) == (r["block_size"], r["bits"])
         assert run["summary"]["run_id"] == r["run_id"] and run["summary"]["status"] == "ok"
         assert run["summary"]["ledger_ratio"] == pytest.approx(r["ledger_ratio"])
+
+    proc = main_py(["mode=report", f"results_dir={store}", "report.group=swep", f"hydra.run.dir={tmp_path}/x",
+                    "logger=none"], sweep_env)
+    said = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in said
+    assert "report.group='swep': no run of the store" in said and "its groups: sweep" in said
 
     out = tmp_path / "report"
     proc = main_py(["mode=report", f"results_dir={store}", f"hydra.run.dir={out}", "logger.mode=offline"], sweep_env)
@@ -119,6 +129,16 @@ def test_presets_compose_with_experiment_override(name):
     assert yaml.safe_load(text)["group"] == name
     cfg = compose_preset([f"experiment={name}"])
     assert cfg.hydra.runtime.choices.experiment == name
+
+
+def test_run_directories_are_named_for_what_they_hold():
+    report = compose_preset(["mode=report", "report.group=paper_memory"])
+    assert report.hydra.run.dir.endswith("_report-paper_memory")
+    assert compose_preset(["mode=report"]).hydra.run.dir.endswith("_report-all")
+    memory = compose_preset(["mode=memory", "model=resnet18", "method=blpa"])
+    assert memory.hydra.run.dir.endswith("_memory_resnet18_blpa")
+    assert OmegaConf.to_container(memory.hydra.sweep)["subdir"] == "${hydra.job.num}_${mode.run_name}"
+    assert memory.mode.run_name == "memory_resnet18_blpa"
 
 
 def test_plus_experiment_is_refused_because_the_defaults_list_has_experiment():
@@ -190,3 +210,18 @@ def test_slurm_launcher_composes_with_the_plugin():
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 1, 1)
     assert sweep_size(cfg.hydra.sweeper.params) == 16
+
+
+@pytest.mark.skipif(has_submitit_plugin(), reason="the plugin is installed: nothing to explain")
+@pytest.mark.parametrize("option", ["slurm", "submitit_slurm"])
+def test_slurm_launcher_without_the_plugin_says_how_to_install_it(option):
+    proc = main_py(["-m", f"hydra/launcher={option}", "logger=none"], dict(os.environ))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"hydra/launcher={option} needs the hydra-submitit-launcher plugin" in proc.stderr
+    assert "pip install hydra-submitit-launcher" in proc.stderr
+
+
+def test_launcher_check_leaves_other_launchers_alone():
+    from runners.launcher import missing_plugin
+    assert missing_plugin(["-m", "hydra/launcher=basic", "model=resnet18"]) is None
+    assert missing_plugin(["mode=memory"]) is None

@@ -415,7 +415,7 @@ class ACGCMethod(CodecMethod):
         return sum(bits[name] * n for name, n in weights.items()) / sum(weights.values())
 
     def describe(self) -> dict[str, Any]:
-        return {"method": self.name, "block_size": None, "bits": self.average_bits()}
+        return {**super().describe(), "block_size": None, "bits": self.average_bits()}
 
 
 def build_acgc(refresh_every: int = 100, error_bound: float = 0.1, history: int = 10, **_) -> TrainingMethod:

@@ -106,5 +106,5 @@ class ActNNCodec(ActivationCodec):
         return packed_nbytes(numel, self.bits) + 4 * n * math.ceil(d / self.group_size)
 
 
-def build_actnn(bits: int = 2, group_size: int = 256, **_) -> TrainingMethod:
-    return CodecMethod("actnn", ActNNCodec(bits=bits, group_size=group_size))
+def build_actnn(bits: int = 2, group_size: int = 256, seed: Optional[int] = None, **_) -> TrainingMethod:
+    return CodecMethod("actnn", ActNNCodec(bits=bits, group_size=group_size), seed=seed)
