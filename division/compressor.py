@@ -127,7 +127,9 @@ class ActivationCompressor:
         if norm_from_codes and hasattr(codec, "norm_plan"):
             self.norm_mode = NormFromCodes(codec.norm_plan, self._norm_forward, self._store_norm_input,
                                            self._save_as_is)
-        self._saving_as_is = False
+        # tensors a custom Function saves that are stored already (a BatchNorm's codes): autograd
+        # packs them after the Function's forward returns, so they are marked, not flagged
+        self._as_is: dict[int, weakref.ref] = {}
         self._stack: list[_Frame] = []
         self._cache: dict[tuple[int, int], _CacheEntry] = {}
         self._plain_seen: dict[int, weakref.ref] = {}
@@ -189,6 +191,7 @@ class ActivationCompressor:
         self._stack.clear()
         self._cache.clear()
         self._plain_seen.clear()
+        self._as_is.clear()
 
     def _make_push(self, name: str, kind: str):
         # Read at the first call, not at install: a lazy module (nn.LazyConv2d) has no parameter
@@ -214,14 +217,13 @@ class ActivationCompressor:
             if frame.norm_mode is not None:
                 frame.norm_mode.__exit__(None, None, None)
 
-    def _save_as_is(self, ctx, tensors) -> None:
-        """``ctx.save_for_backward(*tensors)`` past the codecs and the ledger: a BatchNorm's codes
-        (recorded by ``_store_norm_input``) and its per-channel statistics."""
-        self._saving_as_is = True
-        try:
-            ctx.save_for_backward(*tensors)
-        finally:
-            self._saving_as_is = False
+    def _save_as_is(self, ctx, tensors, stored) -> None:
+        """``ctx.save_for_backward(*tensors)``, where the tensors in ``stored`` (a BatchNorm's codes,
+        recorded by ``_store_norm_input``) pass the codecs and the ledger as they are; the rest
+        (its per-channel statistics) are saved as any tensor is."""
+        for t in stored:
+            self._as_is[id(t)] = weakref.ref(t)
+        ctx.save_for_backward(*tensors)
 
     def _store_norm_input(self, x: torch.Tensor) -> Packed:
         """Encode a BatchNorm's input for ``NormFromCodes`` (its backward reads the codes)."""
@@ -248,7 +250,8 @@ class ActivationCompressor:
 
     # ---------------------------------------------------------------------------------- pack hook
     def _pack(self, t: torch.Tensor):
-        if self._saving_as_is or _is_parameter(t):
+        as_is = self._as_is.pop(id(t), None) if self._as_is else None
+        if (as_is is not None and as_is() is t) or _is_parameter(t):
             # parameters (and views of them, e.g. Linear's weight.t()) are model memory;
             # autograd keeps a reference, never a copy
             return t

@@ -38,7 +38,8 @@ class _BatchNormFromCodes(torch.autograd.Function):
         ctx.has_bias = bias is not None
         # Saved tensors, not ctx attributes: autograd frees them after backward (keeps them with
         # retain_graph), as it does the plain BatchNorm's input.
-        mode.save(ctx, (weight, mean, invstd, *(packed.tensors[k] for k in _CODES)))
+        codes = tuple(packed.tensors[k] for k in _CODES)
+        mode.save(ctx, (weight, mean, invstd, *codes), codes)
         return y
 
     @staticmethod
@@ -57,8 +58,8 @@ class NormFromCodes(TorchFunctionMode):
     backward reads it (else None); ``fused(x, plan, weight, bias, running_mean, running_var,
     momentum, eps)``: the batch norm fused into x's encode, (y, mean, invstd, x's Packed), or None
     where it does not run; ``store(x)``: encode x (the compressor's encode, ledger and side stream
-    included), returning its Packed; ``save(ctx, tensors)``: ``ctx.save_for_backward`` with the
-    tensors kept as they are (the codes are stored already)."""
+    included), returning its Packed; ``save(ctx, tensors, stored)``: ``ctx.save_for_backward``
+    with the tensors of ``stored`` kept as they are (the codes are stored already)."""
 
     def __init__(self, plan_for: Callable[[torch.Tensor], Optional[object]], fused: Callable[..., Optional[tuple]],
                  store: Callable[[torch.Tensor], Packed], save: Callable[..., None]):

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from division.codec import Packed  # noqa: E402
 from division.dual_precision import DivisionCodec, codes_in_nchw_order, upsample  # noqa: E402
 from division.codec import Packed  # noqa: E402
 from division.packing import unpack_bits  # noqa: E402
@@ -783,7 +784,40 @@ def _check_norm_from_codes_in_a_model(device):
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), variant
 
 
+def check_ledger_matches_held(device):
+    """The byte ledger equals the bytes the hooks actually hold, with every fused path on
+    (BatchNorm forward and backward from codes, ReLU masks written by encodes), channels_last, fp32
+    and bf16: each stored tensor once, by storage, parameters left out."""
+    from models import build_model
+    from division import ByteLedger
+    from division.methods import CodecMethod
+    from division.triton_codec import TritonDivisionCodec
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        model = build_model("resnet20", num_classes=10).to(device).to(memory_format=torch.channels_last)
+        ledger = ByteLedger()
+        method = CodecMethod("division", TritonDivisionCodec(), norm_from_codes=True)
+        method.attach(model, ledger=ledger)
+        compressor = method.compressor
+        held, real_pack = [], compressor._pack
+        compressor._pack = lambda t: held.append(real_pack(t)) or held[-1]
+        x = random_input((4, 3, 16, 16), channels_last=True, device=device)
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = model(x).float().square().sum()
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        storages = {}
+        for obj in held:
+            for t in (obj.tensors.values() if isinstance(obj, Packed) else [obj]):
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in params:
+                    storages[ptr] = t.untyped_storage().nbytes()
+        assert method.compressor.norm_mode.calls > 0  # the BatchNorms ran from codes
+        assert ledger.stored_bytes == sum(storages.values()), (dtype, ledger.stored_bytes, sum(storages.values()))
+        loss.backward()
+
+
 CPU_CHECKS = {
+    "ledger_matches_held": lambda: check_ledger_matches_held("cpu"),
     "relu_zeros": lambda: check_relu_zeros("cpu"),
     "relu_mask_in_encode": lambda: check_relu_mask_in_encode("cpu"),
     "norm_from_codes": lambda: check_norm_from_codes("cpu"),
