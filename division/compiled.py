@@ -389,10 +389,14 @@ class CompiledLayers:
         self.enabled = True
         self.eager = eager  # True: the compressing functions run in eager mode too (self_check)
         self.modules: dict[str, str] = {}  # name -> kind, the modules that compress when compiled
+        self.uncovered: list[str] = []  # modules the eager path compresses and these functions do not
         self._patched: list[nn.Module] = []
+        from .compressor import module_kind
         for name, module in model.named_modules():
             found = layer_for(module)
             if found is None or "forward" in module.__dict__:
+                if module_kind(module) in ("conv", "norm", "linear", "dropout"):
+                    self.uncovered.append(f"{name} ({type(module).__name__})")
                 continue
             forward, kind = found
             module.forward = self._dispatch(module, forward)

@@ -8,6 +8,7 @@ runners use; ``register_method`` adds new ones (the baselines register themselve
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any, Callable, Optional
 
 import torch
@@ -20,6 +21,8 @@ from .compressor import ActivationCompressor, compress_activations
 from .decode_prefetch import DecodePrefetcher
 from .encode_stream import SideStreamEncoder
 from .ledger import ByteLedger
+
+log = logging.getLogger(__name__)
 
 
 class TrainingMethod:
@@ -68,6 +71,11 @@ class TrainingMethod:
             if problem is not None:
                 raise CompileUnsupported(f"{problem}; DIVISION cannot train compiled here: use it "
                                          "without torch.compile (its eager and CUDA-graph paths)")
+            uncovered = self.compiled_layers.uncovered
+            if uncovered:
+                log.warning("compiled, %d layer(s) keep what they save as the compiler chooses, not "
+                            "compressed (the eager path compresses them): %s", len(uncovered),
+                            ", ".join(uncovered[:8]) + (", ..." if len(uncovered) > 8 else ""))
         compiled = torch.compile(model, **compile_kwargs)
         if self.ledger is not None:
             self.counter = SavedTensorCounter(model, self.ledger)

@@ -8,6 +8,7 @@
 # DIVISION's ~5 s ResNet-18 epochs on an H200; the others leave room for a fresh machine's kernel
 # compilation and cuDNN set-up); a stage cut short keeps the records it finished.
 # SPEED=0 skips the throughput stages, MEMORY=0 the memory stages (largest-batch search included);
+# COMPILE=0 skips the torch.compile stages of both;
 # MAX_BATCH=0 skips the largest-batch search (the longest memory stage); ACCURACY=0 skips the
 # accuracy runs (the longest stages; they can run on their own, e.g. one per GPU). ACC_METHODS
 # (default "none division") and SEEDS (default "0") choose them, one run per method and seed;
@@ -52,6 +53,10 @@ stage speed 150 -m mode=speed model=resnet50 dataset.image_size=224 dataset.num_
 # The same with forward and backward replayed from CUDA graphs (methods that can be captured).
 stage speed_graph 100 -m mode=speed model=resnet50 dataset.image_size=224 dataset.num_classes=1000 \
   precision=bf16 channels_last=true batch_size=128,256 method=none,division cuda_graph=true group=h200_speed
+# Compiled against compiled (torch.compile, default mode): the first steps of each job compile (minutes).
+[[ "${COMPILE:-1}" == 1 ]] && stage speed_compiled 600 -m mode=speed model=resnet50 dataset.image_size=224 \
+  dataset.num_classes=1000 precision=bf16 channels_last=true batch_size=128,256 method=none,division \
+  compile=true speed.warmup=3 group=h200_speed
 fi
 if [[ "${MEMORY:-1}" == 1 ]]; then
 # Memory (fp32, the paper's protocol): WRN-50-2 none/division, ResNet-50 division (fused kernels) and swap.
@@ -59,6 +64,8 @@ stage memory_wrn 80 -m mode=memory model=wrn50_2 dataset.image_size=224 dataset.
   batch_size=64,128,256,512 method=none,division group=h200_memory
 stage memory_r50 120 -m mode=memory model=resnet50 dataset.image_size=224 dataset.num_classes=1000 \
   batch_size=64,128,256,512 method=none,division,swap group=h200_memory
+[[ "${COMPILE:-1}" == 1 ]] && stage memory_compiled 600 -m mode=memory model=resnet50 dataset.image_size=224 \
+  dataset.num_classes=1000 batch_size=128,256 method=none,division compile=true group=h200_memory
 [[ "${MAX_BATCH:-1}" == 1 ]] && stage max_batch 120 -m mode=memory model=resnet50 dataset.image_size=224 dataset.num_classes=1000 \
   batch_size=256 memory.find_max_batch=true method=none,division group=h200_max_batch
 fi

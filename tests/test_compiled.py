@@ -301,3 +301,11 @@ def test_self_check_refuses_a_compiler_that_loses_a_backward(monkeypatch):
     monkeypatch.setattr(_Relu, "backward", staticmethod(broken))
     problem = compiled.self_check(torch.device("cpu"))
     assert problem is not None and "gradient cosine" in problem
+
+
+def test_layers_without_a_compiled_form_are_named():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"), nn.GroupNorm(2, 8),
+                          nn.ReLU(), nn.Dropout(0.1), nn.Flatten(), nn.LazyLinear(4))
+    layers = CompiledLayers(model, TensorCodec())
+    assert layers.uncovered == ["0 (Conv2d)", "1 (GroupNorm)", "3 (Dropout)"]
+    assert set(layers.modules.values()) == {"relu", "linear"}
