@@ -18,7 +18,8 @@ and ``state_dict`` do not change.
 
 What is covered: convolutions (zero padding), BatchNorm in training mode, Linear, and ReLU. The
 rest (pooling, element-wise ops, modules this file does not know) is saved the way the compiler
-chooses; the byte ledger (``division.compile_ledger``) counts it, so nothing is hidden.
+chooses; the byte ledger (``SavedTensorCounter``) counts it and ``CompiledLayers.uncovered``
+names those layers, so nothing is hidden.
 
 The codec is DIVISION's PyTorch reference (``division.dual_precision``), written in tensor ops
 that inductor turns into fused kernels. Its stochastic rounding takes its uniform draw from a hash
