@@ -526,12 +526,13 @@ def _check(device: torch.device, compile_kwargs: dict) -> Optional[str]:
         loss.backward()
         layers.remove()
         grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
-        saved.append(sum(t.dtype == torch.uint8 for t in kept))
+        saved.append(sum(t.numel() for t in kept if t.dtype == torch.uint8))
     cosine = float(F.cosine_similarity(grads[0], grads[1], dim=0))
     if not cosine > 0.999:
         return (f"torch {torch.__version__} compiled the compressing layers wrongly on {device.type} "
                 f"(gradient cosine {cosine:.3f} against eager)")
-    if saved[1] < saved[0]:
+    # (the compiler may fold one small mask into another; recomputing layers drops most codes)
+    if saved[1] < 0.8 * saved[0]:
         return (f"torch {torch.__version__} recomputes instead of keeping the codes on {device.type} "
-                f"({saved[1]} of {saved[0]} packed tensors kept)")
+                f"({saved[1]} of {saved[0]} bytes of codes and masks kept)")
     return None
