@@ -8,7 +8,6 @@ data; a few cases go through main.py in a subprocess, the rest call the function
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -175,9 +174,9 @@ def test_a_bad_job_of_a_sweep_is_its_error_record_and_the_others_run(tmp_path):
 # ------------------------------------------------------------------------------- concurrent jobs
 def test_concurrent_jobs_and_sweeps_get_their_own_folders_and_groups(tmp_path):
     """Four runs and two sweeps started together, with the default folder names (cwd = tmp_path)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}  # six processes on a small runner
     main = [sys.executable, str(ROOT / "main.py")]
-    runs = [subprocess.Popen(main + TINY + [f"seed={seed}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+    runs = [subprocess.Popen(main + TINY + [f"seed={seed}", "train.max_steps_per_epoch=1"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True) for seed in range(4)]
     sweeps = [subprocess.Popen(main + ["-m", "mode=memory", "batch_size=2", "memory.steps=1", "logger=none",
                                        f"seed={seed}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
@@ -364,21 +363,21 @@ def test_augmentation_does_not_depend_on_workers():
 
 
 def test_kill_mid_epoch_and_resume_with_workers_matches_the_uninterrupted_run(tmp_path):
-    data = make_jpeg_folder(tmp_path / "jpeg", {"train": 24, "val": 8})
+    data = make_jpeg_folder(tmp_path / "jpeg", {"train": 16, "val": 4})
     args = ["model=resnet20", "dataset=imagefolder", f"dataset.root={data}", "dataset.num_workers=2", "dataset.num_classes=2",
             "batch_size=8", "train.epochs=2", "logger=none", "train.progress=false", "device=cpu", "seed=4",
             "method=division", f"results_dir={tmp_path}/store"]
     whole = run_main(args + [f"hydra.run.dir={tmp_path}/whole"])
     assert whole.returncode == 0, whole.stderr[-2000:]
     run_dir = tmp_path / "killed"
-    killed = run_main(args + [f"hydra.run.dir={run_dir}"], DIVISION_TEST_KILL_AT_STEP="9")  # epoch 2, step 3 of 6
+    killed = run_main(args + [f"hydra.run.dir={run_dir}"], DIVISION_TEST_KILL_AT_STEP="6")  # epoch 2, step 2 of 4
     assert killed.returncode == -9 and not (run_dir / "results.json").exists()
     assert load_checkpoint(run_dir / "checkpoint.pt")["epoch"] == 1
     resumed = run_main(args + [f"hydra.run.dir={run_dir}", "resume=true"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a = load_checkpoint(tmp_path / "whole" / "checkpoint.pt")
     b = load_checkpoint(run_dir / "checkpoint.pt")
-    assert a["epoch"] == b["epoch"] == 2 and a["global_step"] == b["global_step"] == 12
+    assert a["epoch"] == b["epoch"] == 2 and a["global_step"] == b["global_step"] == 8
     differing = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
     assert differing == []
     timing = ("epoch_train_s", "images_per_sec")
