@@ -8,6 +8,7 @@ data; a few cases go through main.py in a subprocess, the rest call the function
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -278,15 +279,19 @@ def test_nan_validation_loss_stops_the_run(tmp_path, monkeypatch):
 
 
 def test_huge_learning_rate_ends_in_error_and_leaves_no_non_finite_checkpoint(tmp_path):
-    cfg = compose_config(TINY + ["train.epochs=4", "train.max_steps_per_epoch=2", "train.lr=1e6",
+    # lr=30, one step per epoch: every training loss is finite (the step-wise check never fires), but the
+    # weights it leaves give a NaN validation loss (here after epoch 2, with epoch 1's checkpoint kept)
+    cfg = compose_config(TINY + ["train.epochs=3", "train.max_steps_per_epoch=1", "train.lr=30",
                                  "method=none", f"results_dir={tmp_path}/store"])
-    with pytest.raises(train_runner.NonFiniteError, match="non-finite"):
+    with pytest.raises(train_runner.NonFiniteError, match=r"non-finite values after epoch \d"):
         run_job(cfg, tmp_path / "run")
     assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "error"
     ckpt = tmp_path / "run" / "checkpoint.pt"
     if ckpt.exists():
         state = load_checkpoint(ckpt)
+        assert state["epoch"] < 3
         assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+        assert all(math.isfinite(h["val_loss"]) for h in state["history"])
 
 
 # ------------------------------------------------------------------------------- checkpoints
