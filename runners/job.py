@@ -14,6 +14,8 @@ from __future__ import annotations
 import importlib
 import logging
 import time
+import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,7 +28,8 @@ from .checks import ConfigError, check_outputs, validate
 from .checkpoint import remove_stale_temp_files
 from .compiling import compile_problem
 from .gpu_memory import free_after_oom
-from .record import COMMON_FIELDS, atomic_write_bytes, new_record, resolve_results_dir, write_record
+from .record import (COMMON_FIELDS, atomic_write_bytes, new_record, resolve_results_dir, write_json, write_record,
+                     write_store_row)
 from .tracking import derive_group, start_logger
 
 log = logging.getLogger(__name__)
@@ -139,9 +142,6 @@ def _plain(cfg, key: str, kind: type):
 def write_config_error_record(cfg, run_dir: str | Path, exc: BaseException) -> Path | None:
     """The record of a job whose configuration was refused (a sweep's other jobs go on): status error,
     the message, and the fields that could be read. Written where it can be; returns results.json's path."""
-    from .record import write_json, write_store_row
-    from datetime import datetime, timezone
-    import uuid
     record = {field: None for field in COMMON_FIELDS}
     record.update(
         run_id=uuid.uuid4().hex[:12], mode=_plain(cfg, "mode.name", str), model=_plain(cfg, "model.name", str),
@@ -152,10 +152,13 @@ def write_config_error_record(cfg, run_dir: str | Path, exc: BaseException) -> P
         status="error", error=f"{type(exc).__name__}: {exc}", run_dir=str(Path(run_dir).resolve()),
         started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), duration_s=0.0)
     json_path = None
-    try:
-        json_path = write_json(record, run_dir)
-    except OSError as error:
-        log.warning("could not write the error record in %s: %s", run_dir, error)
+    if (Path(run_dir) / "results.json").exists():  # the folder holds another run: never overwrite it
+        log.warning("%s already holds a record; this job's error record goes to the results store only", run_dir)
+    else:
+        try:
+            json_path = write_json(record, run_dir)
+        except OSError as error:
+            log.warning("could not write the error record in %s: %s", run_dir, error)
     try:
         results_dir = _plain(cfg, "results_dir", str)
         if results_dir:

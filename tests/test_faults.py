@@ -29,7 +29,7 @@ from data.folder2lmdb import LMDBRecordError, convert_split
 from data.loaders import EpochSampler, SeededSamples
 from runners.checkpoint import load_checkpoint, remove_stale_temp_files, rng_state, save_checkpoint
 from runners.checks import ConfigError, OutputError, validate
-from runners.job import error_message, run_job
+from runners.job import error_message, run_job, write_config_error_record
 from tests.helpers import ROOT, compose_config, run_main
 
 COMMON = ["model=resnet20", "batch_size=8", "logger=none", "train.progress=false", "device=cpu", "train.epochs=1",
@@ -170,6 +170,17 @@ def test_a_bad_job_of_a_sweep_is_its_error_record_and_the_others_run(tmp_path):
     assert records[2]["status"] == "ok" and records[2]["ledger_ratio"] > 1  # job 1 ran after job 0 failed
     rows = [row for path in store.glob("*.parquet") for row in pq.read_table(path).to_pylist()]
     assert sorted(r["status"] for r in rows) == ["error", "ok"]
+
+
+def test_an_error_record_never_overwrites_another_runs_record(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "results.json").write_text('{"run_id": "earlier"}')
+    cfg = compose_config(TINY + [f"results_dir={tmp_path}/store"])
+    assert write_config_error_record(cfg, run_dir, OutputError("hydra.run.dir=... is not allowed")) is None
+    assert json.loads((run_dir / "results.json").read_text()) == {"run_id": "earlier"}
+    rows = [r for p in (tmp_path / "store").glob("*.parquet") for r in pq.read_table(p).to_pylist()]
+    assert [r["status"] for r in rows] == ["error"] and rows[0]["seed"] == 0
 
 
 # ------------------------------------------------------------------------------- concurrent jobs
