@@ -5,8 +5,9 @@ Several processes: ``torchrun --nproc_per_node=N main.py [overrides]`` trains wi
 Errors about the user's input are printed as one message, without a traceback: a refused
 configuration (``configuration error: ...``, exit status 2) and bad data or a diverging run
 (``error: ...``, exit status 1; the job's record says status error). In a sweep (``-m``) such an
-error ends only its own job, which gets an error record, and the other jobs run; the sweep then exits
-with 2 if any job's configuration was refused, else 1 if any job failed, else 0.
+error ends only its own job, which gets an error record, and the other jobs run (a job whose overrides
+do not even compose too: hydra_plugins/division_launcher); the sweep then exits with 2 if any job's
+configuration was refused, else 1 if any job failed, else 0.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from omegaconf import DictConfig
 
 from runners import distributed
 from runners.checks import ConfigError
-from runners.job import error_message, run_job, user_errors, write_config_error_record
+from runners.job import FAILED_JOBS, error_message, run_job, user_errors, write_config_error_record
 from runners.launcher import check_launcher
 from runners.rundir import register_resolvers
 from runners.summary import print_summary
@@ -30,7 +31,6 @@ log = logging.getLogger("main")
 register_resolvers()  # ${unique:} in the run and sweep folder names, before Hydra composes them
 
 EXIT_CONFIG, EXIT_FAILED = 2, 1
-_failed_jobs: list[tuple[int, str]] = []  # (exit status, message) of the failed jobs of a sweep
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -48,7 +48,7 @@ def main(cfg: DictConfig) -> None:
         path = write_config_error_record(cfg, run_dir, exc)
         if path is not None:
             log.error("%srecord: %s", job, path)
-        _failed_jobs.append((EXIT_CONFIG, f"{job}configuration error: {exc}"))
+        FAILED_JOBS.append((EXIT_CONFIG, f"{job}configuration error: {exc}"))
         return
     except user_errors() as exc:
         message = error_message(exc)
@@ -56,19 +56,19 @@ def main(cfg: DictConfig) -> None:
         log.error("%srecord (status error): %s", job, Path(run_dir) / "results.json")
         if not sweep:
             sys.exit(EXIT_FAILED)
-        _failed_jobs.append((EXIT_FAILED, f"{job}{message}"))
+        FAILED_JOBS.append((EXIT_FAILED, f"{job}{message}"))
         return
     if distributed.is_main():
         print_summary(record)
 
 
 def _sweep_exit_status() -> int:
-    if not _failed_jobs:
+    if not FAILED_JOBS:
         return 0
-    print(f"{len(_failed_jobs)} job(s) of the sweep failed:", file=sys.stderr)
-    for _, message in _failed_jobs:
+    print(f"{len(FAILED_JOBS)} job(s) of the sweep failed:", file=sys.stderr)
+    for _, message in FAILED_JOBS:
         print(f"  {message}", file=sys.stderr)
-    return max(code for code, _ in _failed_jobs)
+    return max(code for code, _ in FAILED_JOBS)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,10 @@ from .tracking import derive_group, start_logger
 
 log = logging.getLogger(__name__)
 
+# (exit status, message) of the jobs of this process's sweep that failed with a user error; main.py
+# turns it into the sweep's exit status, and the sweep launcher adds the jobs that did not compose.
+FAILED_JOBS: list[tuple[int, str]] = []
+
 
 class JobEnv:
     """What a runner gets besides the config: where to write, on which device, and the logger."""

@@ -172,6 +172,23 @@ def test_a_bad_job_of_a_sweep_is_its_error_record_and_the_others_run(tmp_path):
     assert sorted(r["status"] for r in rows) == ["error", "ok"]
 
 
+def test_a_sweep_job_that_does_not_compose_is_its_error_record(tmp_path):
+    sweep, store = tmp_path / "sweep", tmp_path / "store"
+    # job 0: no such model; job 1: method=none has no rounding key; job 2 runs
+    proc = run_main(["-m", "model=resnet9000,resnet20", "method=none,division", "method.rounding=nearest",
+                     "mode=memory", "batch_size=2", "memory.steps=1", "logger=none", f"hydra.sweep.dir={sweep}",
+                     f"results_dir={store}"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    no_traceback(proc)
+    records = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/results.json")}
+    assert sorted(records) == ["0_config_error", "1_config_error", "2_config_error", "3_memory_resnet20_division"]
+    assert "Could not find 'model/resnet9000'" in records["0_config_error"]["error"]
+    assert records["3_memory_resnet20_division"]["status"] == "ok"
+    assert {r["status"] for name, r in records.items() if "config_error" in name} == {"error"}
+    rows = [row for path in store.glob("*.parquet") for row in pq.read_table(path).to_pylist()]
+    assert sorted(r["status"] for r in rows) == ["error", "error", "error", "ok"]
+
+
 def test_an_error_record_never_overwrites_another_runs_record(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
