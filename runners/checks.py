@@ -167,8 +167,11 @@ RULES: dict[str, Rule] = {
     "logger.entity": text(null=True),
     "logger.tags": (lambda v: isinstance(v, list), "use a list of tags, e.g. [a,b]"),
     "logger.init_timeout": number(0, strict=True),
-    "compile.enabled": boolean(),
-    "compile.mode": choice(*COMPILE_MODES),
+    "compile": (lambda v: isinstance(v, bool) or v in COMPILE_MODES,
+                "use true, false or a torch.compile mode: " + ", ".join(COMPILE_MODES)),
+    "report.include_errors": boolean(),
+    "mode.run_name": text(),
+    "model._target_": text(),  # any builder taking num_classes, by import path (+model._target_=...)
 }
 
 
@@ -275,7 +278,7 @@ def _check_combinations(cfg, values: dict) -> None:
                                       "drop cuda_graph=true or run with device=cuda")
         if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
             _fail("cuda_graph", True, "single-process only (DDP's all-reduce is not captured)")
-        if not _method_graph_safe(cfg):
+        if mode == "train" and not _method_graph_safe(cfg):  # speed times such methods eagerly
             _fail("cuda_graph", True, f"method={method.get('name')} cannot be captured in a CUDA graph; "
                                       "use none, division, blpa or actnn, or drop cuda_graph=true")
     if mode == "report":

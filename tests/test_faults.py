@@ -105,8 +105,8 @@ BAD_INPUTS = [
     ("+train.learning_rate=0.1", "train.learning_rate", "not a configuration key"),
     ("+trian.lr=0.1", "trian.lr", "did you mean train.lr?"),
     ("+sead=1", "sead", "did you mean seed?"),
-    ("+compile.enabled=maybe", "compile.enabled", "true or false"),
-    ("+compile.mode=fastest", "compile.mode", "default, reduce-overhead or max-autotune-no-cudagraphs"),
+    ("compile=maybe", "compile", "default, reduce-overhead, max-autotune-no-cudagraphs"),
+    ("report.include_errors=sometimes", "report.include_errors", "true or false"),
 ]
 if not torch.cuda.is_available():
     BAD_INPUTS += [
@@ -132,7 +132,7 @@ def test_every_bad_value_is_refused_naming_key_value_and_what_is_allowed(overrid
 def test_good_values_of_the_same_keys_pass():
     for overrides in (["seed=7", "train.lr=1", "train.momentum=0", "method.bits=4", "train.warmup_epochs=1",
                        "dataset.num_classes=null", "channels_last=true", "resume=false", "train.epochs=2"],
-                      ["method=checkpoint", "method.segments=2"], ["+compile.enabled=true", "+compile.mode=default"],
+                      ["method=checkpoint", "method.segments=2"], ["compile=true"], ["compile=reduce-overhead"],
                       ["experiment=debug"], ["mode=report", "report.formats=[md,csv]"]):
         validate(compose_config(overrides))
 
