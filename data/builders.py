@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets as tv_datasets
 
 from . import transforms as tfm
+from .errors import CorruptDataError, DataConfigError, DataNotFoundError
 from .synthetic import build_synthetic
 
 PathLike = Union[str, Path]
@@ -25,17 +26,17 @@ EVAL_SPLITS = ("val", "test")  # the first one present is the validation set
 
 def _info(num_classes_wanted: Optional[int], classes: list[str], image_size: int, name: str) -> dict:
     if num_classes_wanted is not None and int(num_classes_wanted) != len(classes):
-        raise ValueError(f"{name}: the data has {len(classes)} classes but num_classes={num_classes_wanted}; "
+        raise DataConfigError(f"{name}: the data has {len(classes)} classes but num_classes={num_classes_wanted}; "
                          f"set dataset.num_classes={len(classes)} (or null to take it from the data)")
     return {"num_classes": len(classes), "image_size": int(image_size), "classes": list(classes)}
 
 
 def _require_root(root: Optional[PathLike], name: str) -> Path:
     if root is None or str(root) == "":
-        raise ValueError(f"{name}: no data folder given; set dataset.root=/path/to/the/data")
+        raise DataConfigError(f"{name}: no data folder given; set dataset.root=/path/to/the/data")
     path = Path(root).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"{name}: data folder {path.resolve()} does not exist; "
+        raise DataNotFoundError(f"{name}: data folder {path.resolve()} does not exist; "
                                 f"point dataset.root= at the folder that holds the data")
     return path
 
@@ -48,13 +49,13 @@ def _find_split(root: Path, names: tuple[str, ...], suffix: str, name: str) -> P
     expected = " or ".join(str((root / f"{split}{suffix}").resolve()) for split in names)
     how = (f"convert a folder split with python data/folder2lmdb.py -f FOLDER -s {names[0]}" if suffix
            else f"lay the data out as {root.resolve()}/{names[0]}/<class>/<image>")
-    raise FileNotFoundError(f"{name}: missing split: expected {expected}; {how}")
+    raise DataNotFoundError(f"{name}: missing split: expected {expected}; {how}")
 
 
 def _check_same_classes(train: list[str], val: list[str], val_path: Path, name: str) -> None:
     """Labels are class indices in sorted-name order: different class lists would mislabel silently."""
     if train != val:
-        raise ValueError(f"{name}: the validation split {val_path.resolve()} has other classes than the "
+        raise DataConfigError(f"{name}: the validation split {val_path.resolve()} has other classes than the "
                          f"training split: only in train: {sorted(set(train) - set(val))[:5]}, "
                          f"only in validation: {sorted(set(val) - set(train))[:5]}")
 
@@ -79,8 +80,27 @@ def _choose_transforms(transforms: Optional[str], image_size: Optional[int],
 
 
 def _stored_side(path: PathLike) -> int:
-    with Image.open(path) as image:  # reads the header only
-        return max(image.size)
+    try:
+        with Image.open(path) as image:  # reads the header only
+            return max(image.size)
+    except (OSError, SyntaxError, ValueError) as error:
+        raise _unreadable(path, error) from error
+
+
+def _unreadable(path: PathLike, error: BaseException) -> CorruptDataError:
+    return CorruptDataError(f"cannot read the image {Path(path).resolve()} ({type(error).__name__}: {error}); "
+                            f"replace or remove that file")
+
+
+def load_image_file(path: str) -> Image.Image:
+    """ImageFolder's loader, naming the file when it is truncated, damaged or not an image at all
+    (PIL's own errors do not say which file they are about)."""
+    try:
+        with open(path, "rb") as handle:
+            with Image.open(handle) as image:
+                return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise _unreadable(path, error) from error
 
 
 # ------------------------------------------------------------------------------------- data sets
@@ -95,14 +115,14 @@ def _cifar(name: str, dataset_class, mean, std, root: Optional[PathLike] = None,
            num_classes: Optional[int] = None, image_size: Optional[int] = None,
            transforms: Optional[str] = None, **_):
     if root is None or str(root) == "":
-        raise ValueError(f"{name}: no data folder given; set dataset.root=/path/to/the/folder "
+        raise DataConfigError(f"{name}: no data folder given; set dataset.root=/path/to/the/folder "
                          f"holding {dataset_class.base_folder}")
     root = Path(root).expanduser()
     if root.name == dataset_class.base_folder:  # accept the batches folder itself
         root = root.parent
     batches = root / dataset_class.base_folder
     if not download and not batches.is_dir():
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             f"{name}: {batches.resolve()} does not exist. Put the python version of {name} "
             f"({dataset_class.base_folder}) there, point dataset.root= at the folder that holds it, "
             f"or add dataset.download=true to download it ({dataset_class.url})")
@@ -115,7 +135,7 @@ def _cifar(name: str, dataset_class, mean, std, root: Optional[PathLike] = None,
         try:
             return dataset_class(str(root), train=train, transform=transform, download=bool(download))
         except RuntimeError as error:  # torchvision: files missing or failing their md5 check
-            raise RuntimeError(f"{name}: {batches.resolve()} is incomplete or corrupted ({error}); delete "
+            raise CorruptDataError(f"{name}: {batches.resolve()} is incomplete or corrupted ({error}); delete "
                                f"it and re-run with dataset.download=true, or fix dataset.root=") from error
 
     train, val = load(True), load(False)
@@ -129,8 +149,8 @@ def _imagefolder(root: Optional[PathLike] = None, image_size: Optional[int] = No
     train_dir = _find_split(root, ("train",), "", name)
     val_dir = _find_split(root, EVAL_SPLITS, "", name)
     # Built without transforms first: the recipe may depend on the stored image size.
-    train = tv_datasets.ImageFolder(str(train_dir))
-    val = tv_datasets.ImageFolder(str(val_dir))
+    train = tv_datasets.ImageFolder(str(train_dir), loader=load_image_file)
+    val = tv_datasets.ImageFolder(str(val_dir), loader=load_image_file)
     _check_same_classes(train.classes, val.classes, val_dir, name)
     kind, image_size, stored = _choose_transforms(
         transforms, image_size, lambda: _stored_side(train.samples[0][0]))
@@ -158,7 +178,7 @@ def _lmdb(root: Optional[PathLike] = None, image_size: Optional[int] = None, tra
 def _imagenet(root: Optional[PathLike] = None, format: str = "imagefolder", num_classes: Optional[int] = 1000,
               image_size: Optional[int] = 224, transforms: Optional[str] = "imagenet", **_):
     if format not in ("folder", "imagefolder", "lmdb"):
-        raise ValueError(f"imagenet: dataset.format={format!r} is not allowed: use imagefolder or lmdb")
+        raise DataConfigError(f"imagenet: dataset.format={format!r} is not allowed: use imagefolder or lmdb")
     build = _lmdb if format == "lmdb" else _imagefolder
     return build(root=root, image_size=image_size or 224, transforms=transforms or "imagenet",
                  num_classes=num_classes, name="imagenet")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import struct
 import threading
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -20,6 +21,7 @@ import lmdb
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .errors import CorruptDataError
 from .folder2lmdb import (FORMAT, KEY_CLASSES, KEY_FORMAT, KEY_LABELS, KEY_LEN, KEY_PROGRESS, KEY_SOURCE,
                           LMDBRecordError, decode_labels, decode_record, record_key)
 
@@ -27,8 +29,56 @@ _environments: dict[str, tuple[int, lmdb.Environment]] = {}  # resolved path -> 
 _environments_lock = threading.Lock()
 
 
+# LMDB's meta pages (pages 0 and 1, 64-bit layout): a 16-byte page header, then MDB_meta: magic,
+# version, address, map size, two 48-byte MDB_db (the first one's md_pad holds the page size),
+# the last used page number and the transaction id. The newer of the two meta pages is current.
+_META_MAGIC = 0xBEEFC0DE
+_META_PAGE_SIZE_AT, _META_LAST_PAGE_AT, _META_MAGIC_AT = 40, 136, 16
+
+
+def check_database_file(path: Union[str, Path]) -> None:
+    """Raise ``CorruptDataError`` when ``path``/data.mdb is shorter than its own meta pages say.
+
+    LMDB maps the file into memory and trusts it: reading a page past the end of a truncated file
+    kills the process with SIGBUS, with no message. The file is therefore read with plain reads
+    (no mapping) first: both meta pages must be there, and the file must reach the last page the
+    newer of them uses.
+    """
+    data = Path(path) / "data.mdb"
+    size = data.stat().st_size
+    with open(data, "rb") as handle:
+        head = handle.read(2 * 65536)
+    metas = []
+    for offset in _meta_offsets(head):
+        magic, = struct.unpack_from("<I", head, offset + _META_MAGIC_AT)
+        if magic != _META_MAGIC:
+            continue
+        page_size, = struct.unpack_from("<I", head, offset + _META_PAGE_SIZE_AT)
+        last_page, txn = struct.unpack_from("<QQ", head, offset + _META_LAST_PAGE_AT)
+        metas.append((txn, last_page, page_size))
+    if not metas:
+        raise CorruptDataError(f"{data.resolve()} is not an LMDB data file, or its header is damaged "
+                               f"({size} bytes); re-write it with python data/folder2lmdb.py --overwrite")
+    _, last_page, page_size = max(metas)
+    needed = (last_page + 1) * page_size
+    if size < needed:
+        raise CorruptDataError(f"{data.resolve()} is truncated: {size} bytes, but the database uses {needed} "
+                               f"(pages 0-{last_page} of {page_size} bytes); copy it again or re-write it with "
+                               f"python data/folder2lmdb.py --overwrite")
+
+
+def _meta_offsets(head: bytes) -> list[int]:
+    """Offsets of the two meta pages: 0, and one page further (the page size, read from page 0)."""
+    offsets = [0] if len(head) >= _META_LAST_PAGE_AT + 16 else []
+    if offsets:
+        page_size, = struct.unpack_from("<I", head, _META_PAGE_SIZE_AT)
+        if 512 <= page_size <= 65536 and len(head) >= page_size + _META_LAST_PAGE_AT + 16:
+            offsets.append(page_size)
+    return offsets
+
+
 def shared_environment(path: Union[str, Path]) -> lmdb.Environment:
-    """This process's read-only handle on the database at ``path``."""
+    """This process's read-only handle on the database at ``path``, checked against truncation."""
     key = str(Path(path).resolve())
     with _environments_lock:
         entry = _environments.get(key)
@@ -36,7 +86,11 @@ def shared_environment(path: Union[str, Path]) -> lmdb.Environment:
             return entry[1]
         if entry is not None:
             entry[1].close()  # inherited through fork: release this process's copy before reopening
-        env = lmdb.open(key, readonly=True, lock=False, readahead=False, meminit=False, subdir=True)
+        check_database_file(key)
+        try:
+            env = lmdb.open(key, readonly=True, lock=False, readahead=False, meminit=False, subdir=True)
+        except lmdb.Error as error:
+            raise CorruptDataError(f"cannot open the LMDB database {key}: {error}") from error
         _environments[key] = (os.getpid(), env)
         return env
 
@@ -60,8 +114,13 @@ class LMDBImageDataset(Dataset):
         if not (self.path / "data.mdb").is_file():
             raise FileNotFoundError(f"no LMDB database at {self.path.resolve()}; write it with "
                                     f"python data/folder2lmdb.py -f FOLDER -s {self.path.stem}")
-        with shared_environment(self.path).begin() as txn:
-            meta = {key: txn.get(key) for key in (KEY_FORMAT, KEY_SOURCE, KEY_LEN, KEY_PROGRESS, KEY_CLASSES, KEY_LABELS)}
+        try:
+            with shared_environment(self.path).begin() as txn:
+                meta = {key: txn.get(key) for key in (KEY_FORMAT, KEY_SOURCE, KEY_LEN, KEY_PROGRESS, KEY_CLASSES, KEY_LABELS)}
+        except lmdb.Error as error:  # MDB_CORRUPTED and kin do not say which file
+            release_environment(self.path)
+            raise CorruptDataError(f"the LMDB database {self.path.resolve()} is damaged ({error}); "
+                                   f"re-write it with python data/folder2lmdb.py --overwrite") from error
         if meta[KEY_FORMAT] != FORMAT:
             release_environment(self.path)
             raise RuntimeError(f"{self.path.resolve()} was not written by data/folder2lmdb.py "
@@ -87,8 +146,13 @@ class LMDBImageDataset(Dataset):
         if not 0 <= index < self._length:
             raise IndexError(f"index {index} out of range for {self._length} records in {self.path}")
         key = record_key(index)
-        with shared_environment(self.path).begin() as txn:
-            value = txn.get(key)
+        try:
+            with shared_environment(self.path).begin() as txn:
+                value = txn.get(key)
+        except lmdb.Error as error:  # MDB_CORRUPTED and kin do not say which file
+            raise LMDBRecordError(f"record {key.decode()!r} of {self.path.resolve()} cannot be read: the "
+                                  f"database is damaged ({error}); re-write it with python "
+                                  f"data/folder2lmdb.py --overwrite") from error
         if value is None:
             raise LMDBRecordError(f"record {key.decode()!r} is missing from {self.path}")
         label, payload = decode_record(value, key, self.path)

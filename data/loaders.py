@@ -12,6 +12,8 @@ sample of it, so the union of the ranks' batches is the batch a single process w
 """
 from __future__ import annotations
 
+import hashlib
+import random
 from typing import Union
 
 import torch
@@ -48,6 +50,68 @@ def fits_on_device(dataset: Dataset) -> bool:
     return True
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one sample's augmentation: a hash of (seed, epoch, index), so neighbours differ."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class EpochSampler(Sampler):
+    """Yields ``(epoch, index)`` for each index of ``sampler``: the worker that loads a sample learns
+    which epoch it belongs to, even a persistent worker started epochs ago."""
+
+    def __init__(self, sampler: Sampler[int]):
+        self.sampler = sampler
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        epoch = self.epoch
+        return ((epoch, index) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class SeededSamples(Dataset):
+    """``dataset[index]`` with its random transforms drawn from ``sample_seed(seed, epoch, index)``.
+
+    The augmentation of a sample is then a function of (seed, epoch, index) alone: not of which
+    worker loads it, of how many workers there are, or of what a worker loaded before. A run resumed
+    mid-way with fresh workers therefore sees exactly the images of an uninterrupted run. The
+    process's own random state is left as it was (torchvision's transforms draw from torch's global
+    generator and Python's ``random``; both are forked around the call).
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        seed = sample_seed(self.seed, epoch, index)
+        saved = random.getstate()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(seed)  # the CPU generator alone (torch.manual_seed: 200 us)
+                random.seed(seed)
+                return self.dataset[index]
+        finally:
+            random.setstate(saved)
+
+    def __getattr__(self, name):  # classes, targets, transform ... of the wrapped data set
+        if name in ("dataset", "seed") or name.startswith("__"):  # not while unpickling; no dunders
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
 class EvalShard(Sampler[int]):
     """Indices rank, rank + world_size, ...: every sample on exactly one rank, none repeated (unlike
     DistributedSampler, which pads), so that sums over ranks count each validation sample once."""
@@ -72,7 +136,8 @@ def build_loaders(train_ds: Dataset, val_ds: Dataset, batch_size: int, num_worke
         is CUDA and the training set has at most 100k images of at most 64 pixels a side.
     num_workers: DataLoader workers (kept alive between epochs), or the decoding processes of the
         one-time decode for DeviceLoaders.
-    seed: fixes the training order (and, for DeviceLoaders, the augmentation).
+    seed: fixes the training order and the augmentation (DataLoaders: each sample's from
+        (seed + rank, epoch, index); DeviceLoaders: one generator per epoch).
     drop_last: drop the last incomplete training batch. channels_last: DeviceLoaders only.
     rank, world_size: this process's shard (see above); augmentation is drawn from ``seed + rank``.
         The training order is then reshuffled by the trainer each epoch: ``set_epoch`` on the
@@ -93,8 +158,9 @@ def build_loaders(train_ds: Dataset, val_ds: Dataset, batch_size: int, num_worke
     # The sampler draws epoch e's permutation from seed * 1000 + e (as the DeviceLoader's order on the
     # CPU), for one process as for many; it pads the permutation so all ranks take as many steps.
     sampler = DistributedSampler(train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed * 1000)
-    # The generator seeds the worker processes, i.e. the per-sample augmentation: the rank's own.
-    train_loader = DataLoader(train_ds, batch_size, sampler=sampler, drop_last=drop_last,
-                              generator=torch.Generator().manual_seed(seed + rank), **common)
+    # Each sample's augmentation is drawn from (seed + rank, epoch, index) (SeededSamples), so it does
+    # not depend on the workers' own random state, which a resumed run could not restore.
+    train_loader = DataLoader(SeededSamples(train_ds, seed + rank), batch_size, sampler=EpochSampler(sampler),
+                              drop_last=drop_last, generator=torch.Generator().manual_seed(seed + rank), **common)
     val_loader = DataLoader(val_ds, val_batch_size, sampler=EvalShard(len(val_ds), rank, world_size), **common)
     return train_loader, val_loader

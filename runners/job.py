@@ -1,7 +1,11 @@
 """One job, whatever its mode: validate, seed, run the mode's runner, write the record everywhere.
 
-The record is written in every case: ``ok``, ``oom`` (a CUDA out-of-memory error is a result, and a
-sweep goes on) or ``error`` (written, then the error is raised again so the job fails visibly).
+Before any work: the config is validated (``checks.validate``), every output location is checked to be
+writable and free (``checks.check_outputs``), and temporary files that killed runs left in the run
+directory are removed. The record is written in every case: ``ok``, ``oom`` (a CUDA out-of-memory
+error is a result, and a sweep goes on) or ``error`` (written, then the error is raised again so the
+job fails visibly). A job of a sweep whose configuration is refused gets an error record too
+(``write_config_error_record``), so that the sweep's other jobs still run and the refusal is on file.
 Under torchrun every rank runs the job and only rank 0 writes (config, record, store row, tracker run);
 ``world_size`` in the record says how many processes trained together (1 without torchrun).
 """
@@ -10,6 +14,8 @@ from __future__ import annotations
 import importlib
 import logging
 import time
+import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,13 +24,19 @@ from omegaconf import OmegaConf
 
 from . import distributed
 from .build import build_method, resolve_device, seed_everything
-from .checks import ConfigError, validate
+from .checks import ConfigError, check_outputs, validate
+from .checkpoint import remove_stale_temp_files
 from .compiling import compile_problem
 from .gpu_memory import free_after_oom
-from .record import atomic_write_bytes, new_record, resolve_results_dir, write_record
+from .record import (COMMON_FIELDS, atomic_write_bytes, new_record, resolve_results_dir, write_json, write_record,
+                     write_store_row)
 from .tracking import derive_group, start_logger
 
 log = logging.getLogger(__name__)
+
+# (exit status, message) of the jobs of this process's sweep that failed with a user error; main.py
+# turns it into the sweep's exit status, and the sweep launcher adds the jobs that did not compose.
+FAILED_JOBS: list[tuple[int, str]] = []
 
 
 class JobEnv:
@@ -48,6 +60,8 @@ def run_job(cfg, run_dir: str | Path) -> dict[str, Any]:
     """Run one job and return its record (also written to results.json and the results store)."""
     validate(cfg)
     run_dir = Path(run_dir)
+    check_outputs(run_dir, resolve_results_dir(cfg), resume=bool(cfg.get("resume")))
+    remove_stale_temp_files(run_dir)
     device = distributed.setup(cfg, resolve_device(cfg))
     rank, writes = distributed.rank(), distributed.is_main()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -84,7 +98,7 @@ def run_job(cfg, run_dir: str | Path) -> dict[str, Any]:
         else:
             record["status"] = "error"
             failure = exc
-        record["error"] = f"{type(exc).__name__}: {exc}"
+        record["error"] = f"{type(exc).__name__}: {error_message(exc)}"
     record["duration_s"] = round(time.perf_counter() - start, 3)
     if writes:
         json_path, row_path = write_record(record, run_dir, resolve_results_dir(cfg))
@@ -94,6 +108,75 @@ def run_job(cfg, run_dir: str | Path) -> dict[str, Any]:
     if failure is not None:
         raise failure
     return record
+
+
+def error_message(exc: BaseException) -> str:
+    """The message of ``exc``; for an error re-raised from a DataLoader worker, the worker's own message
+    without the traceback text that the DataLoader puts in front of it."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        last = [line for line in text.strip().splitlines() if line.strip()][-1]
+        prefix = f"{type(exc).__module__}.{type(exc).__name__}: "
+        for p in (prefix, f"{type(exc).__name__}: "):
+            if last.startswith(p):
+                return last[len(p):]
+        return last
+    return text
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors about the user's input (config, data, a diverging run): reported by message, no traceback."""
+    from data.errors import DataError
+    from data.folder2lmdb import LMDBRecordError
+    from .train import NonFiniteError
+    return (ConfigError, DataError, LMDBRecordError, NonFiniteError)
+
+
+def _plain(cfg, key: str, kind: type):
+    """``key`` of ``cfg`` if it is of type ``kind`` (a refused config may hold anything), else None."""
+    try:
+        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+    except Exception:  # noqa: BLE001 - an interpolation that does not resolve
+        return None
+    if isinstance(value, bool) and kind is not bool:
+        return None
+    return value if isinstance(value, kind) else None
+
+
+def write_config_error_record(cfg, run_dir: str | Path, exc: BaseException) -> Path | None:
+    """The record of a job whose configuration was refused (a sweep's other jobs go on): status error,
+    the message, and the fields that could be read. Written where it can be; returns results.json's path."""
+    record = {field: None for field in COMMON_FIELDS}
+    record.update(
+        run_id=uuid.uuid4().hex[:12], mode=_plain(cfg, "mode.name", str), model=_plain(cfg, "model.name", str),
+        dataset=_plain(cfg, "dataset.name", str), method=_plain(cfg, "method.name", str),
+        block_size=_plain(cfg, "method.block_size", int), bits=_plain(cfg, "method.bits", int),
+        batch_size=_plain(cfg, "batch_size", int), precision=_plain(cfg, "precision", str),
+        cuda_graph=_plain(cfg, "cuda_graph", bool), seed=_plain(cfg, "seed", int), group=derive_group_safe(cfg),
+        status="error", error=f"{type(exc).__name__}: {exc}", run_dir=str(Path(run_dir).resolve()),
+        started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), duration_s=0.0)
+    json_path = None
+    if (Path(run_dir) / "results.json").exists():  # the folder holds another run: never overwrite it
+        log.warning("%s already holds a record; this job's error record goes to the results store only", run_dir)
+    else:
+        try:
+            json_path = write_json(record, run_dir)
+        except OSError as error:
+            log.warning("could not write the error record in %s: %s", run_dir, error)
+    try:
+        results_dir = _plain(cfg, "results_dir", str)
+        if results_dir:
+            write_store_row(record, resolve_results_dir(cfg))
+    except Exception as error:  # noqa: BLE001 - the store may be the very thing that was refused
+        log.warning("could not add the error record to the results store: %s", error)
+    return json_path
+
+
+def derive_group_safe(cfg):
+    try:
+        return derive_group(cfg)
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _previous_run_id(run_dir: Path):

@@ -7,9 +7,11 @@ The wandb mode is decided before ``wandb.init`` so a missing network or account 
   any server; ``wandb sync <run_dir>/wandb/offline-run-*`` uploads it later.
 - ``online``: only when credentials exist (``WANDB_API_KEY``, an identity token file, or a ``wandb login``
   entry in netrc); otherwise a warning and offline. ``WANDB_MODE=offline`` also forces offline, so a
-  cluster without network can be switched off the server with one environment variable.
+  cluster without network can be switched off the server with one environment variable. When the
+  server cannot be reached within ``logger.init_timeout`` seconds (default 5), the run is started
+  offline instead, with a warning: it stays tracked, and ``wandb sync`` uploads it later.
 
-Any failure of the tracker is a warning; the run goes on with a ``NullLogger``, its local record
+Any other failure of the tracker is a warning; the run goes on with a ``NullLogger``, its local record
 unaffected. Only rank 0 of a distributed job logs.
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-DEFAULT_INIT_TIMEOUT_S = 30  # online only: wandb's own default (90 s) is long for a job that will go on anyway
+DEFAULT_INIT_TIMEOUT_S = 5  # online only (logger.init_timeout): then the run falls back to offline
 
 
 class NullLogger:
@@ -179,17 +181,31 @@ def start_logger(cfg, run_dir: str, record: dict[str, Any], resume_id: Optional[
     if mode is None:
         return NullLogger()
     try:
-        import wandb
-        run = wandb.init(
-            project=cfg.logger.project, entity=cfg.logger.get("entity"), mode=mode,
-            dir=str(run_dir), config=OmegaConf.to_container(cfg, resolve=True), group=record.get("group"),
-            job_type=cfg.mode.name, name=run_name(record), tags=run_tags(cfg, record),
-            id=resume_id, resume="allow" if resume_id else None, reinit="finish_previous",
-            settings=wandb_settings(cfg, mode))
-        return WandbLogger(run)
+        return WandbLogger(_init(cfg, run_dir, record, resume_id, mode))
+    except Exception as exc:  # noqa: BLE001
+        if mode != "online":
+            _warn("init", exc)
+            return NullLogger()
+        timeout = float(cfg.logger.get("init_timeout") or DEFAULT_INIT_TIMEOUT_S)
+        warnings.warn(f"wandb online: the server did not answer within {timeout:g} s "
+                      f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); logging offline "
+                      f"instead, upload later with `wandb sync {run_dir}/wandb/offline-run-*` "
+                      f"(logger.init_timeout sets the wait)", stacklevel=2)
+    try:
+        return WandbLogger(_init(cfg, run_dir, record, resume_id, "offline"))
     except Exception as exc:  # noqa: BLE001
         _warn("init", exc)
         return NullLogger()
+
+
+def _init(cfg, run_dir: str, record: dict[str, Any], resume_id: Optional[str], mode: str):
+    import wandb
+    return wandb.init(
+        project=cfg.logger.project, entity=cfg.logger.get("entity"), mode=mode,
+        dir=str(run_dir), config=OmegaConf.to_container(cfg, resolve=True), group=record.get("group"),
+        job_type=cfg.mode.name, name=run_name(record), tags=run_tags(cfg, record),
+        id=resume_id, resume="allow" if resume_id else None, reinit="finish_previous",
+        settings=wandb_settings(cfg, mode))
 
 
 def run_tags(cfg, record: dict[str, Any]) -> list[str]:
@@ -201,15 +217,15 @@ def run_tags(cfg, record: dict[str, Any]) -> list[str]:
     return tags
 
 
-_TIME_DIR = re.compile(r"^\d{2}-\d{2}-\d{2}$")
+_TIME_DIR = re.compile(r"^\d{2}-\d{2}-\d{2}(_[\w.-]+)?$")  # <time>, or <time>_<unique suffix>
 
 
 def derive_group(cfg) -> Optional[str]:
     """``group=`` if set, else the experiment preset's name, else the multirun's sweep directory.
 
     A report run of ``report.group=X`` joins group X, next to the runs it tabulates. The default sweep
-    directory ends in ``<date>/<time>``; the time alone would collide across days, so such a group is
-    named ``<date>_<time>``.
+    directory ends in ``<date>/<time>_<unique>``; the time alone would collide across days, so such a
+    group is named ``<date>_<time>_<unique>``: two sweeps started in the same second get two groups.
     """
     if cfg.get("group"):
         return str(cfg.group)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -35,8 +37,16 @@ from .record import atomic_write_bytes
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+class NonFiniteError(RuntimeError):
+    """A loss, parameter or buffer became NaN or infinite; the last finite checkpoint is left as it was."""
+
+
+class NonFiniteLossError(NonFiniteError):
+    """The training loss became NaN or infinite."""
+
+
+# Test hook: SIGKILL this process right after this global step (a kill at a known point, mid-epoch).
+KILL_AT_STEP_ENV = "DIVISION_TEST_KILL_AT_STEP"
 
 
 def cosine_with_warmup(total_steps: int, warmup_steps: int):
@@ -155,6 +165,7 @@ def run(cfg, env) -> dict[str, Any]:
     elif cfg.resume:
         log.warning("resume=true but %s does not exist: starting from scratch", ckpt_path)
 
+    kill_at = int(os.environ.get(KILL_AT_STEP_ENV) or 0)
     train_seconds = sum(h["epoch_train_s"] for h in history)
     train_images = sum(h["train_images"] for h in history)
     net.train()
@@ -190,6 +201,8 @@ def run(cfg, env) -> dict[str, Any]:
             scheduler.step()
             method.after_step(model, global_step)
             global_step += 1
+            if global_step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
             loss_sum += loss.detach() * target.numel()
             correct += (logits.argmax(dim=1) == target).sum()
             seen += target.numel()
@@ -218,6 +231,8 @@ def run(cfg, env) -> dict[str, Any]:
                "images_per_sec": seen / epoch_train_s if epoch_train_s else None}
         if (epoch + 1) % train_cfg.eval_every == 0 or epoch + 1 == train_cfg.epochs:
             row.update(evaluate(model, val_loader, device, cfg))
+        # Before anything is saved: a checkpoint is only ever written of a finite model.
+        _check_finite_state(model, row, rank, epoch, ckpt_path)
         history.append(row)
         env.logger.log({f"epoch/{k}": v for k, v in row.items()}, step=global_step)
         rng_by_rank = distributed.gather_objects(rng_state())
@@ -258,6 +273,36 @@ def _check_finite(loss: torch.Tensor, rank: int, epoch: int, step: int, global_s
             f"step {step + 1} (global step {global_step + 1}); "
             + (f"the last good checkpoint {ckpt_path} is kept; " if ckpt_path.exists() else "")
             + "lower train.lr, or use precision=fp32 (or fp16, which has a GradScaler)")
+
+
+def first_non_finite(model: torch.nn.Module) -> str | None:
+    """The first parameter or buffer holding a NaN or an infinity, described, or None."""
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, tensor in named:
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                bad = tensor.detach()[~torch.isfinite(tensor.detach())]
+                return f"{kind} {name} ({bad.numel()} of {tensor.numel()} values non-finite, e.g. {bad[0].item()})"
+    return None
+
+
+def _check_finite_state(model, row: dict[str, Any], rank: int, epoch: int, ckpt_path: Path) -> None:
+    """Stop when the model's parameters or buffers (BatchNorm's running statistics) or the epoch's
+    losses are not finite, before the epoch's checkpoint or history is written."""
+    problems = []
+    for key in ("train_loss", "val_loss"):
+        value = row.get(key)
+        if value is not None and not math.isfinite(float(value)):
+            problems.append(f"{key.replace('_', ' ')} {float(value)}")
+    bad_tensor = first_non_finite(model)
+    if bad_tensor:
+        problems.append(bad_tensor)
+    if distributed.all_ranks(not problems):
+        return
+    raise NonFiniteError(
+        f"non-finite values after epoch {epoch + 1} (rank {rank}): {'; '.join(problems) or 'on another rank'}; "
+        + (f"the last finite checkpoint {ckpt_path} (epoch {epoch}) is kept; " if ckpt_path.exists()
+           else "no checkpoint was written; ")
+        + "lower train.lr (or add train.warmup_epochs), or use precision=fp32")
 
 
 def _rank_rng_state(state: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:

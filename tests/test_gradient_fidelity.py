@@ -37,7 +37,8 @@ def test_gradients_are_close_to_exact(reports):
     assert reports[2]["overall_cosine"] > 0.95
     for report in reports.values():
         assert len(report["layers"]) == sum(1 for _ in build_model("resnet20", 10).parameters())
-        assert all(-1.0 <= layer["cosine"] <= 1.0 and layer["rel_error"] >= 0 for layer in report["layers"])
+        # identical gradients give a cosine of 1 up to rounding (1.0000000000000002 on the real images)
+        assert all(-1.0 - 1e-12 <= layer["cosine"] <= 1.0 + 1e-12 and layer["rel_error"] >= 0 for layer in report["layers"])
 
 
 def test_more_hfc_bits_are_closer(reports):

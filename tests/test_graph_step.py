@@ -5,7 +5,6 @@ The refusals run everywhere; the captures need a GPU (``pytest -m gpu``).
 from __future__ import annotations
 
 import copy
-import json
 from types import SimpleNamespace
 
 import pytest
@@ -52,14 +51,12 @@ def test_capturable_methods_say_so(name):
     assert division.build_method(name).cuda_graph_safe
 
 
-def test_train_with_cuda_graph_on_cpu_fails_clearly_and_writes_a_record(tmp_path):
+def test_train_with_cuda_graph_on_cpu_is_refused_before_any_work(tmp_path):
     cfg = cfg_for("mode=train", "device=cpu", "cuda_graph=true", "train.epochs=1",
                   "train.max_steps_per_epoch=2", f"results_dir={tmp_path}/store")
-    with pytest.raises(CudaGraphError, match="drop cuda_graph=true"):
+    with pytest.raises(ConfigError, match="cuda_graph=true is not allowed: .*drop cuda_graph=true"):
         run_job(cfg, tmp_path / "run")
-    record = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert record["status"] == "error" and "drop cuda_graph=true" in record["error"]
-    assert record["cuda_graph"] is True
+    assert not (tmp_path / "store").exists() and not (tmp_path / "run" / "results.json").exists()
 
 
 @pytest.mark.parametrize("name", ["acgc", "checkpoint", "swap"])

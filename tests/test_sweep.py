@@ -133,10 +133,11 @@ def test_presets_compose_with_experiment_override(name):
 
 def test_run_directories_are_named_for_what_they_hold():
     report = compose_preset(["mode=report", "report.group=paper_memory"])
-    assert report.hydra.run.dir.endswith("_report-paper_memory")
-    assert compose_preset(["mode=report"]).hydra.run.dir.endswith("_report-all")
+    unique = r"_\d+-[0-9a-f]{4}$"  # runners/rundir.py: no two runs share a folder
+    assert re.search("_report-paper_memory" + unique, report.hydra.run.dir)
+    assert re.search("_report-all" + unique, compose_preset(["mode=report"]).hydra.run.dir)
     memory = compose_preset(["mode=memory", "model=resnet18", "method=blpa"])
-    assert memory.hydra.run.dir.endswith("_memory_resnet18_blpa")
+    assert re.search("_memory_resnet18_blpa" + unique, memory.hydra.run.dir)
     assert OmegaConf.to_container(memory.hydra.sweep)["subdir"] == "${hydra.job.num}_${mode.run_name}"
     assert memory.mode.run_name == "memory_resnet18_blpa"
 
