@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 
 import torch
@@ -58,7 +59,22 @@ def dataset_kwargs(cfg) -> dict:
         if OmegaConf.is_missing(cfg.dataset, key):
             kwargs[key] = None
     kwargs.setdefault("seed", int(cfg.seed))
+    if kwargs.get("num_workers") == "auto":
+        kwargs["num_workers"] = auto_workers()
     return kwargs
+
+
+AUTO_WORKERS_MAX = 8
+
+
+def auto_workers() -> int:
+    """``dataset.num_workers=auto``: one DataLoader worker per core this process may use, at most
+    AUTO_WORKERS_MAX (more rarely helps decoding, and PyTorch warns when workers outnumber cores)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return min(cores, AUTO_WORKERS_MAX)
 
 
 def build_data(cfg, device: torch.device):

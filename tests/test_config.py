@@ -92,3 +92,15 @@ def test_lmdb_without_a_root_names_the_key():
     cfg = compose_config(["dataset=lmdb", "logger=none"])  # conf/dataset/lmdb.yaml: root: ??? (no default)
     with pytest.raises(ValueError, match=r"no data folder given; set dataset\.root="):
         build_data(cfg, torch.device("cpu"))
+
+
+def test_num_workers_auto_follows_the_cores_this_process_may_use():
+    import os
+
+    from runners.build import AUTO_WORKERS_MAX, dataset_kwargs
+    cfg = compose_config(["dataset=cifar10", "dataset.root=/nowhere"])
+    assert cfg.dataset.num_workers == "auto"
+    assert dataset_kwargs(cfg)["num_workers"] == min(len(os.sched_getaffinity(0)), AUTO_WORKERS_MAX)
+    assert dataset_kwargs(compose_config(["dataset=cifar10", "dataset.num_workers=3"]))["num_workers"] == 3
+    with pytest.raises(ConfigError, match="dataset.num_workers"):
+        validate(compose_config(["dataset=cifar10", "dataset.num_workers=many"]))
