@@ -28,6 +28,7 @@ in-place changes between the two saves.
 """
 from __future__ import annotations
 
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Optional
@@ -123,6 +124,7 @@ class ActivationCompressor:
         # A ReLU mask whose bits the next save may write: (output, its version, the mask's Packed)
         self._pending_mask: Optional[tuple[torch.Tensor, int, Packed]] = None
         self._fuse_masks = exact_kernels and hasattr(codec, "packs_relu_mask")
+        self.compiled_form = False  # set by the method when division.compiled covers the codec
         self.norm_mode: Optional[NormFromCodes] = None
         if norm_from_codes and hasattr(codec, "norm_plan"):
             self.norm_mode = NormFromCodes(codec.norm_plan, self._norm_forward, self._store_norm_input,
@@ -166,7 +168,14 @@ class ActivationCompressor:
 
     def _enter_step(self, module, args) -> None:
         if torch.compiler.is_compiling():
-            return  # compiled: the layers' own functions store the codes (division.compiled)
+            # compiled: the layers' own functions store the codes (division.compiled), where the
+            # codec has them; a compiled graph never runs these hooks, so say so where it has not
+            if self.codec is not None and not self.compiled_form and module.training:
+                warnings.warn(f"torch.compile bypasses the saved-tensor hooks of codec "
+                              f"{getattr(self.codec, 'name', type(self.codec).__name__)!r}: this compiled "
+                              "model trains UNCOMPRESSED; train it without torch.compile, or use "
+                              "DIVISION, whose layers compress inside compiled graphs", RuntimeWarning)
+            return
         if self._active() or not (module.training and torch.is_grad_enabled()):
             return
         self._cache.clear()

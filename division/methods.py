@@ -263,6 +263,7 @@ class CodecMethod(TrainingMethod):
                                                min_numel=self.min_numel, ledger=ledger,
                                                exact_kernels=self.exact_kernels, encode_stream=stream,
                                                prefetcher=prefetcher, norm_from_codes=self.norm_from_codes)
+        self.compressor.compiled_form = self.compiled_layers is not None
         return model
 
     def stop_ledger(self) -> None:

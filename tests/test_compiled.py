@@ -7,6 +7,7 @@ convolutions, BatchNorm, ReLU, pooling, a linear head) is compiled once per meth
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -184,7 +185,10 @@ def compiled_runs():
         method = division.build_method(name, rounding="nearest")
         method.attach(model, ledger=ledger)
         compiled = method.compile(model)
-        loss, grads = step(compiled, x, y)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loss, grads = step(compiled, x, y)
+        assert not [w for w in caught if "UNCOMPRESSED" in str(w.message)]
         runs[name] = {"model": model, "method": method, "ledger": ledger, "loss": loss, "grads": grads,
                       "stored": ledger.stored_bytes, "by_codec": ledger.by_codec()}
     eager_ledger = division.ByteLedger()
@@ -308,3 +312,12 @@ def test_layers_without_a_compiled_form_are_named():
     layers = CompiledLayers(model, TensorCodec())
     assert layers.uncovered == ["0 (Conv2d)", "1 (GroupNorm)", "3 (Dropout)"]
     assert set(layers.modules.values()) == {"relu", "linear"}
+
+
+def test_plain_torch_compile_of_a_hook_only_method_warns_that_it_is_uncompressed():
+    model = small_net()
+    division.build_method("blpa").attach(model)
+    compiled = torch.compile(model)
+    x, _ = batch()
+    with pytest.warns(RuntimeWarning, match="UNCOMPRESSED"):
+        compiled(x)
