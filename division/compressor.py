@@ -124,7 +124,8 @@ class ActivationCompressor:
         # A ReLU mask whose bits the next save may write: (output, its version, the mask's Packed)
         self._pending_mask: Optional[tuple[torch.Tensor, int, Packed]] = None
         self._fuse_masks = exact_kernels and hasattr(codec, "packs_relu_mask")
-        self.compiled_form = False  # set by the method when division.compiled covers the codec
+        # set by the method when division.compiled covers the codec: the layers it leaves to the compiler
+        self.compiled_uncovered: Optional[list[str]] = None
         self.norm_mode: Optional[NormFromCodes] = None
         if norm_from_codes and hasattr(codec, "norm_plan"):
             self.norm_mode = NormFromCodes(codec.norm_plan, self._norm_forward, self._store_norm_input,
@@ -170,11 +171,19 @@ class ActivationCompressor:
         if torch.compiler.is_compiling():
             # compiled: the layers' own functions store the codes (division.compiled), where the
             # codec has them; a compiled graph never runs these hooks, so say so where it has not
-            if self.codec is not None and not self.compiled_form and module.training:
+            if self.codec is None or not module.training:
+                return
+            uncovered = self.compiled_uncovered
+            if uncovered is None:
                 warnings.warn(f"torch.compile bypasses the saved-tensor hooks of codec "
                               f"{getattr(self.codec, 'name', type(self.codec).__name__)!r}: this compiled "
                               "model trains UNCOMPRESSED; train it without torch.compile, or use "
                               "DIVISION, whose layers compress inside compiled graphs", RuntimeWarning)
+            elif uncovered:
+                warnings.warn(f"compiled, {len(uncovered)} layer(s) keep what they save as the compiler "
+                              "chooses, not compressed (the eager path compresses them): "
+                              + ", ".join(uncovered[:8]) + (", ..." if len(uncovered) > 8 else ""),
+                              RuntimeWarning)
             return
         if self._active() or not (module.training and torch.is_grad_enabled()):
             return

@@ -8,12 +8,10 @@ runners use; ``register_method`` adds new ones (the baselines register themselve
 from __future__ import annotations
 
 import contextlib
-import logging
 from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
-
 
 from .codec import ActivationCodec
 from .compiled import CompiledLayers, SavedTensorCounter, self_check, tensor_codec_for
@@ -21,8 +19,6 @@ from .compressor import ActivationCompressor, compress_activations
 from .decode_prefetch import DecodePrefetcher
 from .encode_stream import SideStreamEncoder
 from .ledger import ByteLedger
-
-log = logging.getLogger(__name__)
 
 
 class TrainingMethod:
@@ -65,22 +61,15 @@ class TrainingMethod:
                 f"method {self.name!r} keeps its activations through saved-tensor hooks, which a "
                 "torch.compile'd model bypasses (it would train uncompressed); train it without "
                 "compile, or use method 'division' or 'none'")
-        if isinstance(self, CodecMethod) and self.compiled_layers is not None:
-            device = next(model.parameters()).device
-            problem = self_check(device, **compile_kwargs)
-            if problem is not None:
-                raise CompileUnsupported(f"{problem}; DIVISION cannot train compiled here: use it "
-                                         "without torch.compile (its eager and CUDA-graph paths)")
-            uncovered = self.compiled_layers.uncovered
-            if uncovered:
-                log.warning("compiled, %d layer(s) keep what they save as the compiler chooses, not "
-                            "compressed (the eager path compresses them): %s", len(uncovered),
-                            ", ".join(uncovered[:8]) + (", ..." if len(uncovered) > 8 else ""))
+        self._check_compiled(model, compile_kwargs)
         compiled = torch.compile(model, **compile_kwargs)
         if self.ledger is not None:
             self.counter = SavedTensorCounter(model, self.ledger)
             self.counter.install(compiled)
         return compiled
+
+    def _check_compiled(self, model: nn.Module, compile_kwargs: dict) -> None:
+        """Raise ``CompileUnsupported`` if this method's compiled form cannot be trusted here."""
 
     def stop_ledger(self) -> None:
         """Stop recording into the ledger (a training run counts its first step only; the ledger
@@ -263,8 +252,17 @@ class CodecMethod(TrainingMethod):
                                                min_numel=self.min_numel, ledger=ledger,
                                                exact_kernels=self.exact_kernels, encode_stream=stream,
                                                prefetcher=prefetcher, norm_from_codes=self.norm_from_codes)
-        self.compressor.compiled_form = self.compiled_layers is not None
+        if self.compiled_layers is not None:
+            self.compressor.compiled_uncovered = self.compiled_layers.uncovered
         return model
+
+    def _check_compiled(self, model: nn.Module, compile_kwargs: dict) -> None:
+        if self.compiled_layers is None:
+            return
+        problem = self_check(next(model.parameters()).device, **compile_kwargs)
+        if problem is not None:
+            raise CompileUnsupported(f"{problem}; DIVISION cannot train compiled here: use it "
+                                     "without torch.compile (its eager and CUDA-graph paths)")
 
     def stop_ledger(self) -> None:
         if self.compressor is not None:

@@ -26,7 +26,7 @@ from . import distributed
 from .build import build_method, resolve_device, seed_everything
 from .checks import ConfigError, check_outputs, validate
 from .checkpoint import remove_stale_temp_files
-from .compiling import compile_problem
+from .compiling import compile_mode, compile_problem
 from .gpu_memory import free_after_oom
 from .record import (COMMON_FIELDS, atomic_write_bytes, new_record, resolve_results_dir, write_json, write_record,
                      write_store_row)
@@ -72,6 +72,8 @@ def run_job(cfg, run_dir: str | Path) -> dict[str, Any]:
         if problem is not None:
             raise ConfigError(problem)
         method_fields = method.describe()
+        if compile_mode(cfg) is not None and method_fields.get("kernels"):
+            method_fields["kernels"] = "inductor"  # compiled, the codec is the compiler's own kernels
     else:
         method_fields = {"method": cfg.method.name, "block_size": None, "bits": None}
     record = new_record(cfg, run_dir, method_fields)

@@ -44,7 +44,7 @@ STORE_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
     ("run_id", pa.string()), ("mode", pa.string()), ("model", pa.string()), ("dataset", pa.string()),
     ("method", pa.string()), ("block_size", pa.int64()),
     ("bits", pa.float64()),          # a float: adaptive methods (acgc) report their mean width
-    ("kernels", pa.string()),        # the codec's implementation: "triton" (fused kernels), "pytorch" (ops), null
+    ("kernels", pa.string()),        # the codec's implementation: "triton" (fused kernels), "pytorch" (ops), "inductor" (compiled), null
     ("batch_size", pa.int64()), ("device", pa.string()), ("precision", pa.string()),
     ("cuda_graph", pa.bool_()),
     ("compile", pa.string()),        # torch.compile mode ("default", "reduce-overhead", ...), null: eager

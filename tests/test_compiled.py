@@ -321,3 +321,13 @@ def test_plain_torch_compile_of_a_hook_only_method_warns_that_it_is_uncompressed
     x, _ = batch()
     with pytest.warns(RuntimeWarning, match="UNCOMPRESSED"):
         compiled(x)
+
+
+def test_compiled_division_warns_about_layers_it_leaves_to_the_compiler():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 16 * 16, 4))
+    division.build_method("division").attach(model)
+    x, _ = batch()
+    with pytest.warns(RuntimeWarning, match=r"1 layer\(s\).*1 \(GroupNorm\)"):
+        torch.compile(model)(x)
