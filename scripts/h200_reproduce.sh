@@ -11,7 +11,8 @@
 # COMPILE=0 skips the torch.compile stages of both;
 # MAX_BATCH=0 skips the largest-batch search (the longest memory stage); ACCURACY=0 skips the
 # accuracy runs (the longest stages; they can run on their own, e.g. one per GPU). ACC_METHODS
-# (default "none division") and SEEDS (default "0") choose them, one run per method and seed;
+# (default "none division") and SEEDS (default "0") choose them, one run per method and seed; a method
+# written METHOD+compile trains under torch.compile (compile=true); ACC_ARGS adds overrides to each;
 # ACC_JOBS (default 1) runs that many at once (three ResNet-18 runs share one H200 well; their
 # images/s are then not those of a run alone).
 #
@@ -37,11 +38,12 @@ python -c "import torch, triton, sys; print('python', sys.version.split()[0], 't
 # Accuracy: ResNet-18 (CIFAR variant) on the CIFAR-10 JPEG copy, the same recipe and seeds for every method.
 if [[ "${ACCURACY:-1}" == 1 ]]; then
   for seed in ${SEEDS:-0}; do
-    for method in ${ACC_METHODS:-none division}; do
+    for variant in ${ACC_METHODS:-none division}; do
+      method=${variant%+compile}; compiled=false; [[ $variant == *+compile ]] && compiled=true
       while (( $(jobs -rp | wc -l) >= ${ACC_JOBS:-1} )); do wait -n; done
-      stage "accuracy_${method}_s$seed" $(( 60 + 8 * epochs )) mode=train model=resnet18 dataset=imagefolder \
-        "dataset.root=$jpeg" method=$method batch_size=256 train.epochs=$epochs train.lr=0.1 train.weight_decay=5e-4 \
-        precision=bf16 channels_last=true seed=$seed group=h200_accuracy &
+      stage "accuracy_${variant/+/_}_s$seed" $(( 60 + 8 * epochs )) mode=train model=resnet18 dataset=imagefolder \
+        "dataset.root=$jpeg" method=$method compile=$compiled batch_size=256 train.epochs=$epochs train.lr=0.1 \
+        train.weight_decay=5e-4 precision=bf16 channels_last=true seed=$seed group=h200_accuracy ${ACC_ARGS:-} &
     done
   done
   wait
