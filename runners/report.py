@@ -178,6 +178,21 @@ def _raw_csv(rows: list[dict[str, Any]]) -> str:
     return out.getvalue()
 
 
+def reportable(stored: pa.Table) -> pa.Table:
+    """The store's runs a report tabulates: every run but the reports themselves."""
+    return stored.filter(pc.fill_null(pc.not_equal(stored.column("mode"), "report"), True))
+
+
+def select(candidates: pa.Table, store_dir, group: str | None, where: str | None, include_errors: bool) -> pa.Table:
+    """The runs of ``group`` (which must exist) that pass ``where`` (report_filter)."""
+    if group and group not in groups(candidates):
+        present = groups(candidates)
+        raise ConfigError(f"report.group={group!r}: no run of the store {store_dir} is in that group; "
+                          + (f"its groups: {', '.join(present)}" if present else "its runs have no group")
+                          + " (or drop report.group to report every run)")
+    return select_table(candidates, group, where, include_errors)
+
+
 def run(cfg, env) -> dict[str, Any]:
     formats = _formats(cfg)
     group = cfg.report.get("group")
@@ -185,13 +200,8 @@ def run(cfg, env) -> dict[str, Any]:
     include_errors = bool(cfg.report.get("include_errors", False))
     store_dir = resolve_results_dir(cfg)
     stored = read_store_table(store_dir)
-    candidates = stored.filter(pc.fill_null(pc.not_equal(stored.column("mode"), "report"), True))
-    if group and group not in groups(candidates):
-        present = groups(candidates)
-        raise ConfigError(f"report.group={group!r}: no run of the store {store_dir} is in that group; "
-                          + (f"its groups: {', '.join(present)}" if present else "its runs have no group")
-                          + " (or drop report.group to report every run)")
-    selected = select_table(candidates, group, where, include_errors)
+    candidates = reportable(stored)
+    selected = select(candidates, store_dir, group, where, include_errors)
     errors = 0 if include_errors else select_table(candidates, group, where, True).num_rows - selected.num_rows
 
     reports = stored.num_rows - candidates.num_rows

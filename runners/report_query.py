@@ -6,7 +6,9 @@ defines the view ``r``: every run with the labels the tables group by, computed 
 
 - ``_label``   the method with its knobs, a table's row ("division B8 Q2", "actnn Q2", "none");
 - ``_col``     model and batch size, a memory / throughput column ("resnet50 b128");
-- ``_setting`` model / data set and epochs, an accuracy column ("resnet18 / cifar10, 55 epochs");
+- ``_setting`` model / data set and epochs, an accuracy column ("resnet18 / cifar10, 55 epochs"), with
+               the processes (DDP), CUDA graphs or compile mode where a run used them: runs trained
+               differently are never averaged into one cell;
 - ``_ctx``     what a comparison holds fixed (data set, precision, device, CUDA graphs, compile mode,
                code version): runs of two contexts never share a table;
 - ``_version`` the code version (``code_version``), 'not recorded' for records written before it;
@@ -43,7 +45,11 @@ _SETUP = [
          coalesce(num(block_size), 0), coalesce(num(bits), 0)] AS _label_rank,
         txt(model) || ' b' || txt(batch_size) AS _col,
         txt(model) || ' / ' || txt(dataset)
-                   || CASE WHEN epochs IS NOT NULL THEN ', ' || CAST(epochs AS VARCHAR) || ' epochs' ELSE '' END AS _setting,
+                   || CASE WHEN epochs IS NOT NULL THEN ', ' || CAST(epochs AS VARCHAR) || ' epochs' ELSE '' END
+                   || CASE WHEN world_size > 1 THEN ', ' || CAST(world_size AS VARCHAR) || ' processes' ELSE '' END
+                   || CASE WHEN cuda_graph THEN ', CUDA graph' ELSE '' END
+                   || CASE WHEN compile IS NOT NULL AND compile <> '' THEN ', compile-' || compile ELSE '' END
+                   AS _setting,
         coalesce(code_version, '{UNKNOWN_VERSION}') AS _version,
         list_filter([txt(dataset), txt(precision), txt(device),
                      CASE WHEN cuda_graph THEN 'cuda_graph' END,

@@ -134,10 +134,14 @@ def contexts(db: RunsDB, mode: str) -> list[tuple[str, str, str]]:
     """(key suffix, title suffix, SQL condition selecting its runs) per context of ``mode``'s runs;
     an empty key suffix when they have one context."""
     found = db.values("SELECT DISTINCT _ctx FROM r WHERE mode = ? ORDER BY _ctx", [mode])
+    # A key names a table's files and a docs/results.md block: the code version joins it only where
+    # versions differ, so a table keeps its key from one release to the next.
+    versions = {c[-1] for c in found if c and c[-1].startswith("code ")}
     out = []
     for context in found:
         condition = f"mode = '{mode}' AND _ctx = {_sql_list(context)}"
-        out.append(("_" + "_".join(context) if len(found) > 1 else "", ", ".join(context), condition))
+        named = context if len(versions) > 1 or not context[-1].startswith("code ") else context[:-1]
+        out.append(("_" + "_".join(named) if len(found) > 1 else "", ", ".join(context), condition))
     return out
 
 
@@ -278,7 +282,13 @@ def _ledger_fallback_ratios(grid: Grid) -> None:
 
 
 def memory_table(grid: Grid) -> Table:
-    return grid_table(grid, lambda c: f"{c.value:.2f}" + (f" ({c.ratio:.1f}x)" if c.ratio else ""))
+    return grid_table(grid, lambda c: _amount(c.value) + (f" ({c.ratio:.1f}x)" if c.ratio else ""))
+
+
+def _amount(value: float) -> str:
+    """Two decimals, as the paper writes GiB; a value under 0.1 of the table's unit (a small model
+    beside a large one) keeps two significant digits instead of reading 0.01."""
+    return f"{value:.2f}" if value >= 0.1 or value == 0 else f"{value:.2g}"
 
 
 def throughput_grids(rows: "RunsDB | list[dict[str, Any]]") -> list[Grid]:
@@ -395,8 +405,9 @@ def fidelity_table(rows: "RunsDB | list[dict[str, Any]]") -> Optional[Table]:
     return Table("fidelity", "Gradient fidelity against exact backward" + f" - code {', '.join(versions)}",
                  ["model", "images", "method", "ReLU outputs decode with", "overall cosine",
                   "overall relative error", "worst layer cosine"], out,
-                 "cosine similarity and relative error ||g - g*|| / ||g*|| of all parameter gradients together "
-                 "against exact backward, same initial weights and batch; worst layer = the least similar parameter")
+                 "cosine similarity and relative error (norm of the difference / norm of the exact gradient) of all "
+                 "parameter gradients together against exact backward, same initial weights and batch; worst layer: "
+                 "the least similar parameter")
 
 
 def history(row: dict[str, Any]) -> list[dict[str, Any]]:
