@@ -312,7 +312,16 @@ def throughput_table(grid: Grid) -> Table:
 
 
 def setting_label(row: dict[str, Any]) -> str:
-    return f"{row.get('model')} / {row.get('dataset')}"
+    """Model / data set, with how the run trained where it was not one eager process (as report_query's
+    ``_setting``, which adds the epochs): "resnet18 / cifar10, 2 processes, CUDA graph"."""
+    label = f"{row.get('model')} / {row.get('dataset')}"
+    if (number(row.get("world_size")) or 1) > 1:
+        label += f", {row['world_size']} processes"
+    if row.get("cuda_graph"):
+        label += ", CUDA graph"
+    if row.get("compile"):
+        label += f", compile-{row['compile']}"
+    return label
 
 
 def code_versions(db: RunsDB, mode: str) -> list[str]:
