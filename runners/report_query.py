@@ -38,7 +38,8 @@ _SETUP = [
     # a finite number or NULL, as report_tables.number() reads a value
     "CREATE MACRO num(v) AS CASE WHEN isfinite(CAST(v AS DOUBLE)) THEN CAST(v AS DOUBLE) END",
     "CREATE MACRO txt(v) AS coalesce(CAST(v AS VARCHAR), 'None')",  # as Python's str(None)
-    f"""CREATE VIEW r AS SELECT *,
+    # a table, not a view: the labels are computed once, not in every one of a report's queries
+    f"""CREATE TEMP TABLE r AS SELECT *,
         txt(method) || CASE WHEN block_size IS NOT NULL THEN ' B' || knob(block_size) ELSE '' END
                     || CASE WHEN bits IS NOT NULL THEN ' Q' || knob(bits) ELSE '' END AS _label,
         [coalesce(list_position({list(METHOD_ORDER)}, method), {len(METHOD_ORDER) + 1})::DOUBLE,
@@ -66,7 +67,11 @@ def as_table(rows: "pa.Table | Iterable[dict[str, Any]]") -> pa.Table:
     """The runs as a table of the store's schema: store rows or records (nested values become JSON)."""
     if isinstance(rows, pa.Table):
         return rows
-    return pa.Table.from_pylist([to_row(r) for r in rows], schema=STORE_SCHEMA)
+    rows = list(rows)
+    try:  # store rows (what report_filter.select_rows gives) convert as they are
+        return pa.Table.from_pylist(rows, schema=STORE_SCHEMA)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):  # records: nested values, other types
+        return pa.Table.from_pylist([to_row(r) for r in rows], schema=STORE_SCHEMA)
 
 
 class RunsDB:
