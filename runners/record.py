@@ -117,11 +117,19 @@ def new_record(cfg, run_dir: str | Path, method_fields: dict[str, Any]) -> dict[
     return record
 
 
+CODE_VERSION_ENV = "DIVISION_CODE_VERSION"
+
+
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    """The code a run was made with: ``git describe --always --dirty`` of this checkout (a tag or commit,
-    ``-dirty`` with uncommitted changes), else the installed package's version. Results of two code
-    versions are never put in one table (runners.report_tables), so every record carries it."""
+    """The code a run was made with. Results of two code versions never share a table
+    (runners.report_tables, scripts/results_doc.py), so every record carries it. In order:
+    ``$DIVISION_CODE_VERSION`` (for a copy of the code without its git history, e.g. on a GPU machine:
+    set it to the checkout's ``git describe --always --dirty``), ``git describe --always --dirty`` of
+    this checkout (a tag or commit, ``-dirty`` with uncommitted changes), the installed package's
+    version, pyproject.toml's."""
+    if os.environ.get(CODE_VERSION_ENV, "").strip():
+        return os.environ[CODE_VERSION_ENV].strip()
     root = Path(__file__).resolve().parents[1]
     try:
         out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=root, capture_output=True,
@@ -131,9 +139,14 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         pass  # not a git checkout, or no git: the package's version
     try:
-        from importlib.metadata import version
+        from importlib.metadata import PackageNotFoundError, version
         return f"v{version('division')}"
-    except Exception:  # noqa: BLE001 - not installed either
+    except PackageNotFoundError:
+        pass
+    try:
+        import tomllib
+        return "v" + tomllib.loads((root / "pyproject.toml").read_text())["project"]["version"]
+    except (OSError, KeyError, ValueError):
         return "unknown"
 
 

@@ -2,7 +2,7 @@
 
 ``RunsDB`` opens one private in-memory connection (the same locked-down one report.where runs in:
 no file access, no extensions, no configuration changes) over the selection, as table ``runs``, and
-defines the view ``r``: every run with the labels the tables group by, computed once in SQL:
+makes the temporary table ``r``: every run with the labels the tables group by, computed once in SQL:
 
 - ``_label``   the method with its knobs, a table's row ("division B8 Q2", "actnn Q2", "none");
 - ``_col``     model and batch size, a memory / throughput column ("resnet50 b128");
@@ -11,9 +11,10 @@ defines the view ``r``: every run with the labels the tables group by, computed 
                differently are never averaged into one cell;
 - ``_ctx``     what a comparison holds fixed (data set, precision, device, CUDA graphs, compile mode,
                code version): runs of two contexts never share a table;
-- ``_version`` the code version (``code_version``), 'not recorded' for records written before it;
-- ``_latest``  the order that picks one run per cell: a successful run before a failed one, then the
-               latest (a rerun replaces a failed attempt), then the later in the store.
+- ``_version`` the code version (``code_version``), 'not recorded' for records written before it.
+
+``LATEST`` is the order that picks one run per cell: a successful run before a failed one, then the
+latest (a rerun replaces a failed attempt), then the later in the store.
 
 report_tables groups, pivots and averages with GROUP BY and window functions over ``r`` and keeps by
 hand only the paper's rules: ratios against method none, OOM cells, how cells are written.
@@ -25,7 +26,7 @@ from typing import Any, Iterable, Sequence
 import pyarrow as pa
 
 from .record import STORE_SCHEMA, to_row
-from .report_filter import _connection
+from .report_filter import locked_connection
 
 # The paper's order: the baseline first, then the memory-saving methods, DIVISION last; others after.
 METHOD_ORDER = ("none", "checkpoint", "swap", "blpa", "acgc", "actnn", "division")
@@ -80,7 +81,7 @@ class RunsDB:
     def __init__(self, rows: "pa.Table | Iterable[dict[str, Any]]"):
         table = as_table(rows)
         self.table = table
-        self._con = _connection(table.append_column("_order", pa.array(range(table.num_rows), type=pa.int64())))
+        self._con = locked_connection(table.append_column("_order", pa.array(range(table.num_rows), type=pa.int64())))
         for statement in _SETUP:
             self._con.execute(statement)
 
