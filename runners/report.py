@@ -16,8 +16,9 @@ Writes, per ``report.formats``:
 - html: dashboard.html, a self-contained page with every table and figure.
 
 Sections appear only for what the selected runs hold: memory (paper Table: methods x model/batch,
-activation / total / peak / ledger with "x" vs method none), throughput, accuracy (+ curves) and
-DIVISION B x Q sweeps. Tables and figures also go to the logger.
+activation / total / peak / ledger with "x" vs method none), throughput, accuracy (+ curves), gradient
+fidelity (scripts/gradient_fidelity.py's records) and DIVISION B x Q sweeps; no table mixes code
+versions. Tables and figures also go to the logger.
 """
 from __future__ import annotations
 

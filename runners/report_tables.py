@@ -15,6 +15,7 @@ import csv
 import io
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -136,12 +137,14 @@ def contexts(db: RunsDB, mode: str) -> list[tuple[str, str, str]]:
     found = db.values("SELECT DISTINCT _ctx FROM r WHERE mode = ? ORDER BY _ctx", [mode])
     # A key names a table's files and a docs/results.md block: the code version joins it only where
     # versions differ, so a table keeps its key from one release to the next.
-    versions = {c[-1] for c in found if c and c[-1].startswith("code ")}
+    versions = {c[-1] if c[-1].startswith("code ") else None for c in found}
+    one_version = len(versions) == 1 and None not in versions
     out = []
     for context in found:
         condition = f"mode = '{mode}' AND _ctx = {_sql_list(context)}"
-        named = context if len(versions) > 1 or not context[-1].startswith("code ") else context[:-1]
-        out.append(("_" + "_".join(named) if len(found) > 1 else "", ", ".join(context), condition))
+        named = context[:-1] if one_version else context
+        suffix = re.sub(r"[^\w.-]", "_", "_" + "_".join(named))  # a file name: no spaces or slashes
+        out.append((suffix if len(found) > 1 else "", ", ".join(context), condition))
     return out
 
 

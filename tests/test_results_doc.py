@@ -11,6 +11,7 @@ import pytest
 
 from runners.record import STORE_SCHEMA, code_version, read_store_table, write_store_row
 from runners.report import build_sections
+from runners.report_query import as_table
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("results_doc", ROOT / "scripts" / "results_doc.py")
@@ -83,6 +84,26 @@ def test_report_never_averages_two_code_versions(tmp_path):
     assert tables["accuracy_v1"].rows == [["none", "90.00 / 90.00"], ["division", "90.00 / 90.00 (+0.00)"]]
     assert tables["accuracy_v2"].rows == [["division", "92.00 / 92.00"]]
     assert tables["accuracy_not_recorded"].title.startswith("Top-1 accuracy, final / best - code not recorded")
+
+
+def test_memory_tables_keep_their_key_across_releases(tmp_path):
+    """One code version: the table's key has no version in it (a docs block keeps its name from one
+    release to the next); two, or one beside records without it: one table each, keys apart."""
+    def memory(version, method, kept):
+        return dict(run_id=uuid.uuid4().hex[:12], mode="memory", model="resnet18", dataset="synthetic", method=method,
+                    batch_size=32, device="cpu", precision="fp32", status="ok", started_at="2026-01-01T00:00:00",
+                    ledger_bytes=kept, ledger_plain_bytes=1000, code_version=version)
+
+    def keys(records):
+        table = as_table(records)
+        return {t.key: t.title for s in build_sections(table, with_figures=False) for t in s.tables
+                if t.key.startswith("memory")}
+    assert keys([memory("v1", "none", 1000), memory("v1", "division", 100)]) == {
+        "memory_ledger": "Activations kept for backward (exact byte ledger) - synthetic, fp32, cpu, code v1 (KiB)"}
+    assert set(keys([memory("v1", "none", 1000), memory(None, "none", 1000)])) == {
+        "memory_ledger_synthetic_fp32_cpu", "memory_ledger_synthetic_fp32_cpu_code_v1"}
+    assert set(keys([memory("v1", "none", 1000), memory("v2", "none", 1000)])) == {
+        "memory_ledger_synthetic_fp32_cpu_code_v1", "memory_ledger_synthetic_fp32_cpu_code_v2"}
 
 
 def test_records_name_their_code_version(monkeypatch):
