@@ -28,7 +28,7 @@ from .checks import ConfigError, check_outputs, validate
 from .checkpoint import remove_stale_temp_files
 from .compiling import compile_mode, compile_problem
 from .gpu_memory import free_after_oom
-from .record import (COMMON_FIELDS, atomic_write_bytes, new_record, resolve_results_dir, write_json, write_record,
+from .record import (COMMON_FIELDS, atomic_write_bytes, code_version, new_record, resolve_results_dir, write_json, write_record,
                      write_store_row)
 from .tracking import derive_group, start_logger
 
@@ -156,7 +156,8 @@ def write_config_error_record(cfg, run_dir: str | Path, exc: BaseException) -> P
         batch_size=_plain(cfg, "batch_size", int), precision=_plain(cfg, "precision", str),
         cuda_graph=_plain(cfg, "cuda_graph", bool), seed=_plain(cfg, "seed", int), group=derive_group_safe(cfg),
         status="error", error=f"{type(exc).__name__}: {exc}", run_dir=str(Path(run_dir).resolve()),
-        started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), duration_s=0.0)
+        started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), duration_s=0.0,
+        code_version=code_version())
     json_path = None
     if (Path(run_dir) / "results.json").exists():  # the folder holds another run: never overwrite it
         log.warning("%s already holds a record; this job's error record goes to the results store only", run_dir)

@@ -15,9 +15,11 @@ with a warning: declare new fields in ``STORE_FIELDS`` below, the one place that
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import subprocess
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,7 +35,7 @@ log = logging.getLogger(__name__)
 
 COMMON_FIELDS = ("run_id", "mode", "model", "dataset", "method", "block_size", "bits", "batch_size",
                  "device", "precision", "cuda_graph", "compile", "seed", "group", "status", "error", "run_dir",
-                 "started_at", "duration_s")
+                 "started_at", "duration_s", "code_version")
 
 
 _JSON = pa.string()  # nested values (lists, dicts) as JSON text
@@ -50,6 +52,7 @@ STORE_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
     ("compile", pa.string()),        # torch.compile mode ("default", "reduce-overhead", ...), null: eager
     ("seed", pa.int64()), ("group", pa.string()), ("status", pa.string()), ("error", pa.string()),
     ("run_dir", pa.string()), ("started_at", pa.string()), ("duration_s", pa.float64()),
+    ("code_version", pa.string()),   # the code that produced the run (code_version()): tables never mix two
     ("world_size", pa.int64()), ("wandb_run_id", pa.string()),
     # mode=memory
     ("image_size", pa.int64()), ("memory_steps", pa.int64()), ("param_bytes", pa.int64()),
@@ -69,6 +72,9 @@ STORE_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
     ("epochs", pa.int64()), ("final_val_top1", pa.float64()), ("final_val_top5", pa.float64()),
     ("best_val_top1", pa.float64()), ("final_train_loss", pa.float64()), ("images_per_sec_train", pa.float64()),
     ("peak_bytes_per_gpu", pa.int64()), ("num_classes", pa.int64()), ("history", _JSON),
+    # scripts/gradient_fidelity.py (mode "fidelity"): DIVISION's parameter gradients against exact backward
+    ("relu_zeros", pa.bool_()), ("grad_cosine", pa.float64()), ("grad_rel_error", pa.float64()),
+    ("grad_worst_cosine", pa.float64()),
     # mode=report
     ("report_dir", pa.string()), ("report_runs", pa.int64()), ("report_files", _JSON), ("report_note", pa.string()),
     # record fields not declared above, as one JSON object (a warning names them when written)
@@ -104,10 +110,44 @@ def new_record(cfg, run_dir: str | Path, method_fields: dict[str, Any]) -> dict[
         "run_dir": str(Path(run_dir).resolve()),
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "duration_s": None,
+        "code_version": code_version(),
     }
     if cfg.mode.name == "report":
         record.update(dict.fromkeys(("model", "dataset", "method", "block_size", "bits", "kernels", "batch_size")))
     return record
+
+
+CODE_VERSION_ENV = "DIVISION_CODE_VERSION"
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """The code a run was made with. Results of two code versions never share a table
+    (runners.report_tables, scripts/results_doc.py), so every record carries it. In order:
+    ``$DIVISION_CODE_VERSION`` (for a copy of the code without its git history, e.g. on a GPU machine:
+    set it to the checkout's ``git describe --always --dirty``), ``git describe --always --dirty`` of
+    this checkout (a tag or commit, ``-dirty`` with uncommitted changes), the installed package's
+    version, pyproject.toml's."""
+    if os.environ.get(CODE_VERSION_ENV, "").strip():
+        return os.environ[CODE_VERSION_ENV].strip()
+    root = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=root, capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        if out:
+            return out
+    except (OSError, subprocess.SubprocessError):
+        pass  # not a git checkout, or no git: the package's version
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+        return f"v{version('division')}"
+    except PackageNotFoundError:
+        pass
+    try:
+        import tomllib
+        return "v" + tomllib.loads((root / "pyproject.toml").read_text())["project"]["version"]
+    except (OSError, KeyError, ValueError):
+        return "unknown"
 
 
 def _resumed_run_id(cfg, run_dir: str | Path) -> str | None:

@@ -16,8 +16,9 @@ Writes, per ``report.formats``:
 - html: dashboard.html, a self-contained page with every table and figure.
 
 Sections appear only for what the selected runs hold: memory (paper Table: methods x model/batch,
-activation / total / peak / ledger with "x" vs method none), throughput, accuracy (+ curves) and
-DIVISION B x Q sweeps. Tables and figures also go to the logger.
+activation / total / peak / ledger with "x" vs method none), throughput, accuracy (+ curves), gradient
+fidelity (scripts/gradient_fidelity.py's records) and DIVISION B x Q sweeps; no table mixes code
+versions. Tables and figures also go to the logger.
 """
 from __future__ import annotations
 
@@ -29,15 +30,17 @@ from pathlib import Path
 from typing import Any
 
 from .checks import ConfigError
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from .record import atomic_write_bytes, read_store_table, resolve_results_dir
 from .report_figures import Figure, accuracy_bars, grid_bars, heatmap, tradeoff, training_curves
-from .report_filter import groups, select_rows
+from .report_filter import groups, select_table
 from .report_html import render
-from .report_tables import (Grid, Table, accuracy_grid, accuracy_table, accuracy_tradeoff, grid_has_values,
-                            heatmap_table, memory_grids, memory_table, runs_table, speed_tradeoffs, sweep_heatmaps,
-                            throughput_grids, throughput_table, training_details)
+from .report_query import RunsDB
+from .report_tables import (Grid, Table, accuracy_grids, accuracy_table, accuracy_tradeoff, fidelity_table,
+                            grid_has_values, heatmap_table, memory_grids, memory_table, runs_table, speed_tradeoffs,
+                            sweep_heatmaps, throughput_grids, throughput_table, training_details)
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +68,19 @@ def bar_grid(grid: Grid) -> Grid | None:
     return Grid(grid.key, grid.title, keep, grid.col_labels, cells, grid.unit, grid.note)
 
 
-def build_sections(rows: list[dict[str, Any]], with_figures: bool = True) -> list[Section]:
-    """The report's content for the selected rows; a section only where the rows have its figures."""
+def build_sections(runs: "pa.Table | list[dict[str, Any]]", with_figures: bool = True) -> list[Section]:
+    """The report's content for the selected runs; a section only where the runs have its figures.
+    One DuckDB connection over the selection serves every table's grouping (report_query)."""
+    db = RunsDB(runs)
+    try:
+        return _sections(db, db.table.to_pylist(), with_figures)
+    finally:
+        db.close()
+
+
+def _sections(db: RunsDB, rows: list[dict[str, Any]], with_figures: bool) -> list[Section]:
     sections = []
-    grids = memory_grids(rows)
+    grids = memory_grids(db)
     if grids:
         memory = Section("Memory", [memory_table(g) for g in grids])
         if with_figures:  # one chart per context: its first figure (activation on CUDA, else the ledger)
@@ -81,7 +93,7 @@ def build_sections(rows: list[dict[str, Any]], with_figures: bool = True) -> lis
                     if bars is not None:
                         memory.figures.append(grid_bars(bars, grid.unit, grid.title, "{:.1f}x"))
         sections.append(memory)
-    speed = throughput_grids(rows)
+    speed = throughput_grids(db)
     if speed:
         section = Section("Throughput", [throughput_table(g) for g in speed])
         if with_figures:
@@ -89,31 +101,35 @@ def build_sections(rows: list[dict[str, Any]], with_figures: bool = True) -> lis
                 bars = bar_grid(grid)
                 if bars is not None:
                     section.figures.append(grid_bars(bars, "images/s", grid.title, "{:.2f}x"))
-            for i, (title, points) in enumerate(speed_tradeoffs(rows)):
+            for i, (title, points) in enumerate(speed_tradeoffs(db)):
                 section.figures.append(tradeoff(points, f"tradeoff_speed_{i}", title,
                                                 "activation memory reduction vs none (x)",
                                                 "throughput relative to none (x)"))
         sections.append(section)
-    accuracy = accuracy_grid(rows)
-    if accuracy is not None:
-        section = Section("Accuracy", [accuracy_table(accuracy)])
+    accuracy = accuracy_grids(db)
+    if accuracy:
+        section = Section("Accuracy", [accuracy_table(g) for g in accuracy])
         details = training_details(rows)
         if details is not None:
             section.tables.append(details)
         if with_figures:
-            bars = bar_grid(accuracy) if grid_has_values(accuracy) else None
-            if bars is not None:
-                section.figures.append(accuracy_bars(bars))
+            for grid in accuracy:
+                bars = bar_grid(grid) if grid_has_values(grid) else None
+                if bars is not None:
+                    section.figures.append(accuracy_bars(bars))
             curves = training_curves(rows)
             if curves is not None:
                 section.figures.append(curves)
-            points = accuracy_tradeoff(rows)
+            points = accuracy_tradeoff(db)
             if len({p.method for p in points}) >= 2:
                 section.figures.append(tradeoff(points, "tradeoff_accuracy", "Memory against accuracy",
                                                 "activations kept for backward: reduction vs plain autograd (x)",
                                                 "final val top-1 (%)"))
         sections.append(section)
-    maps = sweep_heatmaps(rows)
+    fidelity = fidelity_table(db)
+    if fidelity is not None:
+        sections.append(Section("Gradient fidelity", [fidelity]))
+    maps = sweep_heatmaps(db)
     if maps:
         sections.append(Section("DIVISION block size x bits", [heatmap_table(h) for h in maps],
                                 [heatmap(h) for h in maps] if with_figures else []))
@@ -163,6 +179,21 @@ def _raw_csv(rows: list[dict[str, Any]]) -> str:
     return out.getvalue()
 
 
+def reportable(stored: pa.Table) -> pa.Table:
+    """The store's runs a report tabulates: every run but the reports themselves."""
+    return stored.filter(pc.fill_null(pc.not_equal(stored.column("mode"), "report"), True))
+
+
+def select(candidates: pa.Table, store_dir, group: str | None, where: str | None, include_errors: bool) -> pa.Table:
+    """The runs of ``group`` (which must exist) that pass ``where`` (report_filter)."""
+    if group and group not in groups(candidates):
+        present = groups(candidates)
+        raise ConfigError(f"report.group={group!r}: no run of the store {store_dir} is in that group; "
+                          + (f"its groups: {', '.join(present)}" if present else "its runs have no group")
+                          + " (or drop report.group to report every run)")
+    return select_table(candidates, group, where, include_errors)
+
+
 def run(cfg, env) -> dict[str, Any]:
     formats = _formats(cfg)
     group = cfg.report.get("group")
@@ -170,14 +201,9 @@ def run(cfg, env) -> dict[str, Any]:
     include_errors = bool(cfg.report.get("include_errors", False))
     store_dir = resolve_results_dir(cfg)
     stored = read_store_table(store_dir)
-    candidates = stored.filter(pc.fill_null(pc.not_equal(stored.column("mode"), "report"), True))
-    if group and group not in groups(candidates):
-        present = groups(candidates)
-        raise ConfigError(f"report.group={group!r}: no run of the store {store_dir} is in that group; "
-                          + (f"its groups: {', '.join(present)}" if present else "its runs have no group")
-                          + " (or drop report.group to report every run)")
-    rows = select_rows(candidates, group, where, include_errors)
-    errors = 0 if include_errors else len(select_rows(candidates, group, where, True)) - len(rows)
+    candidates = reportable(stored)
+    selected = select(candidates, store_dir, group, where, include_errors)
+    errors = 0 if include_errors else select_table(candidates, group, where, True).num_rows - selected.num_rows
 
     reports = stored.num_rows - candidates.num_rows
     meta = [f"store: {store_dir} ({candidates.num_rows} runs; {reports} report run{'' if reports == 1 else 's'} left out)",
@@ -188,9 +214,10 @@ def run(cfg, env) -> dict[str, Any]:
     empty_message = ""
     if not candidates.num_rows:
         empty_message = f"The results store {store_dir} holds no runs to report (empty, missing or only reports)."
-    elif not rows:
+    elif not selected.num_rows:
         empty_message = "No run matched the selection (report.group / report.where); nothing to tabulate."
-    sections = build_sections(rows, with_figures=bool({"png", "html"} & set(formats))) if rows else []
+    sections = build_sections(selected, with_figures=bool({"png", "html"} & set(formats))) if selected.num_rows else []
+    rows = selected.to_pylist()
 
     out_dir = Path(env.run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

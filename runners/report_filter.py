@@ -24,7 +24,9 @@ _CONFIG = {"enable_external_access": False, "autoinstall_known_extensions": Fals
            "autoload_known_extensions": False, "threads": 1, "memory_limit": "1GB"}
 
 
-def _connection(table: pa.Table) -> duckdb.DuckDBPyConnection:
+def locked_connection(table: pa.Table) -> duckdb.DuckDBPyConnection:
+    """A private in-memory connection that sees ``table`` as ``runs`` and nothing else (no files, no
+    extensions, configuration locked); report_query groups the report's tables in one too."""
     con = duckdb.connect(":memory:", config=dict(_CONFIG))
     con.register("runs", table)
     con.execute("SET lock_configuration = true")  # the condition cannot turn file access back on
@@ -55,7 +57,7 @@ def select_table(table: pa.Table, group: str | None = None, where: str | None = 
                  include_errors: bool = False) -> pa.Table:
     """The rows of ``table`` of ``group`` (any when None) that pass ``where`` (all when empty); rows with
     status ``error`` only with ``include_errors``. Order kept."""
-    con = _connection(table.append_column("_order", pa.array(range(table.num_rows), type=pa.int64())))
+    con = locked_connection(table.append_column("_order", pa.array(range(table.num_rows), type=pa.int64())))
     try:
         conditions, params = [], []
         if where and where.strip():

@@ -1,5 +1,10 @@
 """The report's numbers: paper-shaped grids (methods x model/batch) built from store rows, and tables.
 
+The grouping, pivoting and averaging run as DuckDB SQL over the selected runs (report_query.RunsDB);
+what is written here by hand are the paper's rules: ratios against method none, OOM cells, units and
+how a cell reads. Functions take a RunsDB (one connection for a whole report) or the runs themselves
+(an Arrow table of the store's schema, or records).
+
 A ``Grid`` keeps raw values (for figures and CSV) and a ``Table`` keeps display strings (for Markdown,
 HTML and the logger). Ratios are always against method ``none`` of the same column: the same model,
 batch size, precision (and data set / device where those vary), as in the paper's "x" figures.
@@ -10,14 +15,13 @@ import csv
 import io
 import json
 import math
-import statistics
+import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
+from .report_query import LATEST, METHOD_ORDER, UNKNOWN_VERSION, RunsDB, runs_db
 from .summary import human_bytes
 
-# The paper's order: the baseline first, then the memory-saving methods, DIVISION last; others after.
-METHOD_ORDER = ("none", "checkpoint", "swap", "blpa", "acgc", "actnn", "division")
 BASELINE = "none"
 
 MEMORY_METRICS = (
@@ -62,6 +66,7 @@ class Cell:
     extra: Optional[float] = None  # a second number (best top-1 next to final top-1)
     seeds: int = 1                 # runs averaged into value (accuracy: one per seed)
     spread: Optional[float] = None  # their sample standard deviation, where seeds > 1
+    fallback: Optional[float] = None  # the run's own ledger ratio, for a column without a none run
 
 
 @dataclass
@@ -98,7 +103,8 @@ def _knob(value: Any) -> str:
 
 
 def method_label(row: dict[str, Any]) -> str:
-    """The method with its knobs, as the tables' row names: "division B8 Q2", "actnn Q2", "none"."""
+    """The method with its knobs, as the tables' row names: "division B8 Q2", "actnn Q2", "none" (the
+    same label report_query's ``_label`` gives in SQL, for code that holds one row)."""
     label = str(row.get("method"))
     if row.get("block_size") is not None:
         label += f" B{_knob(row['block_size'])}"
@@ -118,71 +124,75 @@ def label_order(label: str) -> tuple:
     return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)), label
 
 
-def ordered_methods(rows: list[dict[str, Any]]) -> list[str]:
-    seen: dict[str, tuple] = {}
-    for row in rows:
-        seen.setdefault(method_label(row), method_sort_key(row))
-    return sorted(seen, key=seen.__getitem__)
-
-
-# A comparison is made within one context (data set, precision, device, eager or CUDA-graph steps,
-# eager or torch.compile'd): the paper compares methods on the same data, precision and GPU. Columns
-# within it are model x batch size.
-CONTEXT_FIELDS = ("dataset", "precision", "device")
-
-
-def context_of(row: dict[str, Any]) -> tuple[str, ...]:
-    context = tuple(str(row.get(f)) for f in CONTEXT_FIELDS)
-    if row.get("cuda_graph"):
-        context += ("cuda_graph",)
-    if row.get("compile"):  # the torch.compile mode: compiled and eager runs never share a cell
-        context += (f"compile-{row['compile']}",)
-    return context
-
-
-def contexts(rows: list[dict[str, Any]]) -> list[tuple[str, str, list[dict[str, Any]]]]:
-    """(key suffix, title suffix, rows) per context; empty suffixes when the selection has one context."""
-    by_context: dict[tuple, list[dict[str, Any]]] = {}
-    for row in rows:
-        by_context.setdefault(context_of(row), []).append(row)
-    if len(by_context) == 1:
-        (context, members), = by_context.items()
-        return [("", ", ".join(context), members)]
-    return [("_" + "_".join(context), ", ".join(context), members) for context, members in sorted(by_context.items())]
-
-
 def column_label(row: dict[str, Any]) -> str:
     return f"{row.get('model')} b{row.get('batch_size')}"
 
 
-def column_sort_key(row: dict[str, Any]) -> tuple:
-    return str(row.get("model")), number(row.get("batch_size")) or 0
+# A comparison is made within one context (data set, precision, device, eager or CUDA-graph steps,
+# eager or torch.compile'd, one code version): the paper compares methods on the same data, precision
+# and GPU, and a table never mixes two releases. Columns within it are model x batch size.
+def contexts(db: RunsDB, mode: str) -> list[tuple[str, str, str]]:
+    """(key suffix, title suffix, SQL condition selecting its runs) per context of ``mode``'s runs;
+    an empty key suffix when they have one context."""
+    found = db.values("SELECT DISTINCT _ctx FROM r WHERE mode = ? ORDER BY _ctx", [mode])
+    # A key names a table's files and a docs/results.md block: the code version joins it only where
+    # versions differ, so a table keeps its key from one release to the next.
+    versions = {c[-1] if c[-1].startswith("code ") else None for c in found}
+    one_version = len(versions) == 1 and None not in versions
+    out = []
+    for context in found:
+        condition = f"mode = '{mode}' AND _ctx = {_sql_list(context)}"
+        named = context[:-1] if one_version else context
+        suffix = re.sub(r"[^\w.-]", "_", "_" + "_".join(named))  # a file name: no spaces or slashes
+        out.append((suffix if len(found) > 1 else "", ", ".join(context), condition))
+    return out
 
 
-def latest_per_key(rows: list[dict[str, Any]], key: Callable[[dict], Any]) -> dict[Any, dict[str, Any]]:
-    """One run per key: the latest successful one, else the latest (a rerun replaces a failed attempt)."""
-    chosen: dict[Any, dict[str, Any]] = {}
-    for row in sorted(rows, key=lambda r: str(r.get("started_at") or "")):
-        k = key(row)
-        old = chosen.get(k)
-        if old is None or row.get("status") == "ok" or old.get("status") != "ok":
-            chosen[k] = row
-    return chosen
+def _sql_list(values: list[str]) -> str:
+    """A list of strings as an SQL literal (quotes doubled): contexts come from the store's values."""
+    return "[" + ", ".join("'" + str(v).replace("'", "''") + "'" for v in values) + "]::VARCHAR[]"
 
 
-def method_grid(rows: list[dict[str, Any]], key: str, title: str, value: Callable[[dict], Optional[float]],
-                ratio: Callable[[float, float], float]) -> Grid:
-    """Methods x columns of ``value(row)``; ``ratio(value, baseline)`` against method none of the column."""
-    runs = latest_per_key(rows, lambda r: (method_label(r), column_label(r)))
-    cols = sorted({column_label(r): column_sort_key(r) for r in rows}.items(), key=lambda kv: kv[1])
-    grid = Grid(key, title, ordered_methods(rows), [c for c, _ in cols])
-    for (label, col), row in runs.items():
-        grid.cells[(label, col)] = Cell(value(row) if row.get("status") == "ok" else None, str(row.get("status")))
+def ordered_labels(db: RunsDB, condition: str) -> list[str]:
+    """The rows of a table: method labels in the paper's order (then by name, block size, bits)."""
+    return db.values(f"SELECT _label FROM r WHERE {condition} GROUP BY _label "
+                     "ORDER BY min(_label_rank[1]), min(txt(method)), min(_label_rank[2]), min(_label_rank[3]), "
+                     "min(_order)")
+
+
+def ordered_columns(db: RunsDB, condition: str) -> list[str]:
+    """The columns of a memory / throughput table: model, then batch size."""
+    return db.values(f"SELECT _col FROM r WHERE {condition} GROUP BY _col "
+                     "ORDER BY min(txt(model)), min(coalesce(num(batch_size), 0)), min(_order)")
+
+
+def latest_runs(db: RunsDB, condition: str, partition: str, columns: str) -> list[dict[str, Any]]:
+    """One run per ``partition`` (an SQL expression list) among the runs passing ``condition``: the
+    latest successful one, else the latest (a rerun replaces a failed attempt)."""
+    return db.rows(f"SELECT {columns} FROM (SELECT *, row_number() OVER (PARTITION BY {partition} "
+                   f"ORDER BY {LATEST}) AS _n FROM r WHERE {condition}) WHERE _n = 1 ORDER BY _order")
+
+
+def method_grid(db: RunsDB, condition: str, key: str, title: str, value: str,
+                ratio: Callable[[float, float], Optional[float]]) -> Grid:
+    """Methods x columns of the SQL expression ``value`` over the runs passing ``condition``;
+    ``ratio(value, baseline)`` against method none of the column."""
+    grid = Grid(key, title, ordered_labels(db, condition), ordered_columns(db, condition))
+    for run in latest_runs(db, condition, "_label, _col", f"_label, _col, txt(status) AS status, num({value}) AS v, "
+                                                          "num(ledger_ratio) AS ledger_ratio"):
+        ok = run["status"] == "ok"
+        grid.cells[(run["_label"], run["_col"])] = Cell(run["v"] if ok else None, run["status"],
+                                                        fallback=run["ledger_ratio"])
+    add_ratios(grid, ratio)
+    return grid
+
+
+def add_ratios(grid: Grid, ratio: Callable[[float, float], Optional[float]]) -> None:
+    """The paper's "x": each cell against method none of its column (none where either is missing)."""
     for (label, col), cell in grid.cells.items():
         base = grid.cells.get((BASELINE, col))
         if label != BASELINE and base and base.value and cell.value:
             cell.ratio = ratio(cell.value, base.value)
-    return grid
 
 
 # --- formatting -------------------------------------------------------------------------------------
@@ -226,18 +236,19 @@ def grid_has_values(grid: Grid) -> bool:
 
 # --- sections ---------------------------------------------------------------------------------------
 
-def memory_grids(rows: list[dict[str, Any]]) -> list[Grid]:
+def memory_grids(rows: "RunsDB | list[dict[str, Any]]") -> list[Grid]:
     """Per context, one grid per memory figure the runs have (allocator figures are CUDA-only)."""
+    db = runs_db(rows)
     grids = []
-    for suffix, context, members in contexts([r for r in rows if r.get("mode") == "memory"]):
+    for suffix, context, condition in contexts(db, "memory"):
         candidates = []
         for field_name, title, how in MEMORY_METRICS:
-            if field_name == "activation_bytes" and activation_is_ledger(members):
+            if field_name == "activation_bytes" and activation_is_ledger(db, condition):
                 continue  # on CPU the memory runner reports the ledger's count as activation: one table
-            grid = method_grid(members, f"memory_{field_name.removesuffix('_bytes')}{suffix}", f"{title} - {context}",
-                               lambda r, f=field_name: number(r.get(f)), memory_ratio)
+            grid = method_grid(db, condition, f"memory_{field_name.removesuffix('_bytes')}{suffix}",
+                               f"{title} - {context}", field_name, memory_ratio)
             if field_name == "ledger_bytes":
-                _ledger_fallback_ratios(grid, members)
+                _ledger_fallback_ratios(grid)
             unit, size = byte_unit([c.value for c in grid.cells.values() if c.value is not None])
             for cell in grid.cells.values():
                 cell.value = cell.value / size if cell.value is not None else None
@@ -258,36 +269,43 @@ def memory_ratio(value: float, base: float):
     return base / value if value and value * 1000 >= base else None
 
 
-def activation_is_ledger(rows: list[dict[str, Any]]) -> bool:
+def activation_is_ledger(db: RunsDB, condition: str, params: Sequence[Any] = ()) -> bool:
     """Whether ``activation_bytes`` is just the ledger's count: no allocator was read (CPU runs)."""
-    measured = [r for r in rows if number(r.get("activation_bytes")) is not None]
-    return bool(measured) and all(number(r.get("total_bytes")) is None and number(r.get("peak_bytes")) is None
-                                  and r.get("activation_bytes") == r.get("ledger_bytes") for r in measured)
+    answer, = db.values(f"SELECT count(*) > 0 AND bool_and(total_bytes IS NULL AND peak_bytes IS NULL "
+                        f"AND activation_bytes IS NOT DISTINCT FROM ledger_bytes) "
+                        f"FROM r WHERE ({condition}) AND activation_bytes IS NOT NULL", params)
+    return bool(answer)
 
 
-def _ledger_fallback_ratios(grid: Grid, rows: list[dict[str, Any]]) -> None:
+def _ledger_fallback_ratios(grid: Grid) -> None:
     """Without a none run in a column, the ledger's own ratio (what plain autograd would keep / kept)."""
-    runs = latest_per_key(rows, lambda r: (method_label(r), column_label(r)))
-    for (label, col), row in runs.items():
-        cell = grid.cells[(label, col)]
+    for (label, col), cell in grid.cells.items():
         if cell.ratio is None and label != BASELINE and (BASELINE, col) not in grid.cells:
-            cell.ratio = number(row.get("ledger_ratio"))
+            cell.ratio = cell.fallback
 
 
 def memory_table(grid: Grid) -> Table:
-    return grid_table(grid, lambda c: f"{c.value:.2f}" + (f" ({c.ratio:.1f}x)" if c.ratio else ""))
+    return grid_table(grid, lambda c: _amount(c.value) + (f" ({c.ratio:.1f}x)" if c.ratio else ""))
 
 
-def throughput_grids(rows: list[dict[str, Any]]) -> list[Grid]:
+def _amount(value: float) -> str:
+    """Two decimals, as the paper writes GiB; a value under 0.1 of the table's unit (a small model
+    beside a large one) keeps two significant digits instead of reading 0.01."""
+    return f"{value:.2f}" if value >= 0.1 or value == 0 else f"{value:.2g}"
+
+
+def throughput_grids(rows: "RunsDB | list[dict[str, Any]]") -> list[Grid]:
+    db = runs_db(rows)
     grids = []
-    for suffix, context, members in contexts([r for r in rows if r.get("mode") == "speed"]):
-        grid = method_grid(members, f"throughput{suffix}", f"Throughput - {context}",
-                           lambda r: number(r.get("images_per_sec")), lambda v, base: v / base)
+    for suffix, context, condition in contexts(db, "speed"):
+        grid = method_grid(db, condition, f"throughput{suffix}", f"Throughput - {context}", "images_per_sec",
+                           lambda v, base: v / base)
         grid.unit = "images/s"
         grid.note = "from the median step time (warm-up excluded); x = speed relative to method none"
-        torch_ops = sorted({method_label(r) for r in members if r.get("kernels") == "pytorch"}, key=label_order)
-        if torch_ops and any(r.get("device") == "cuda" for r in members):
-            grid.note += ("; codecs run as PyTorch ops, not fused kernels: " + ", ".join(torch_ops))
+        torch_ops = db.values(f"SELECT DISTINCT _label FROM r WHERE ({condition}) AND kernels = 'pytorch' "
+                              f"AND (SELECT bool_or(device = 'cuda') FROM r WHERE {condition})")
+        if torch_ops:
+            grid.note += ("; codecs run as PyTorch ops, not fused kernels: " + ", ".join(sorted(torch_ops, key=label_order)))
         grids.append(grid)
     return grids
 
@@ -297,45 +315,59 @@ def throughput_table(grid: Grid) -> Table:
 
 
 def setting_label(row: dict[str, Any]) -> str:
-    return f"{row.get('model')} / {row.get('dataset')}"
+    """Model / data set, with how the run trained where it was not one eager process (as report_query's
+    ``_setting``, which adds the epochs): "resnet18 / cifar10, 2 processes, CUDA graph"."""
+    label = f"{row.get('model')} / {row.get('dataset')}"
+    if (number(row.get("world_size")) or 1) > 1:
+        label += f", {row['world_size']} processes"
+    if row.get("cuda_graph"):
+        label += ", CUDA graph"
+    if row.get("compile"):
+        label += f", compile-{row['compile']}"
+    return label
 
 
-def accuracy_setting(row: dict[str, Any]) -> str:
-    """An accuracy column: a model / data set trained for one number of epochs (accuracy after 30
-    epochs is not compared with accuracy after 55)."""
-    epochs = number(row.get("epochs"))
-    return setting_label(row) + (f", {epochs:.0f} epochs" if epochs is not None else "")
+def code_versions(db: RunsDB, mode: str) -> list[str]:
+    return db.values("SELECT DISTINCT _version FROM r WHERE mode = ? ORDER BY _version", [mode])
 
 
-def accuracy_grid(rows: list[dict[str, Any]]) -> Optional[Grid]:
-    """Methods x settings of final top-1, averaged over seeds (the latest run of each seed)."""
-    rows = [r for r in rows if r.get("mode") == "train"]
-    if not rows:
-        return None
-    runs = latest_per_key(rows, lambda r: (method_label(r), accuracy_setting(r), r.get("seed")))
-    seeds: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for (label, col, _), row in runs.items():
-        seeds.setdefault((label, col), []).append(row)
-    settings = sorted({accuracy_setting(r) for r in rows})
-    grid = Grid("accuracy", "Top-1 accuracy, final / best", ordered_methods(rows), settings, unit="%")
-    for key, members in seeds.items():
-        ok = [r for r in members if r.get("status") == "ok" and number(r.get("final_val_top1")) is not None]
-        if not ok:
-            latest = max(members, key=lambda r: str(r.get("started_at") or ""))
-            grid.cells[key] = Cell(None, str(latest.get("status")))
-            continue
-        finals = [number(r.get("final_val_top1")) for r in ok]
-        bests = [b for b in (number(r.get("best_val_top1")) for r in ok) if b is not None]
-        grid.cells[key] = Cell(statistics.fmean(finals), "ok",
-                               extra=statistics.fmean(bests) if bests else None, seeds=len(finals),
-                               spread=statistics.stdev(finals) if len(finals) > 1 else None)
-    for (label, col), cell in grid.cells.items():
-        base = grid.cells.get((BASELINE, col))
-        if label != BASELINE and base and base.value is not None and cell.value is not None:
-            cell.ratio = cell.value - base.value  # for accuracy, a difference in points reads better
-    grid.note = ("validation top-1 after the last epoch / best epoch, the mean over seeds (with their "
-                 "standard deviation and count where there are several); (+/-) = final vs method none, in points")
-    return grid
+def accuracy_grids(rows: "RunsDB | list[dict[str, Any]]") -> list[Grid]:
+    """Per code version, methods x settings (model / data set, trained for one number of epochs: 30
+    epochs are not compared with 55) of final top-1, averaged over seeds (the latest run of each seed).
+    Accuracy of two code versions is never averaged into one cell nor put in one table."""
+    db = runs_db(rows)
+    versions = code_versions(db, "train")
+    grids = []
+    for version in versions:
+        condition = "mode = 'train' AND _version = ?"
+        latest = (f"SELECT * FROM (SELECT *, row_number() OVER (PARTITION BY _label, _setting, seed "
+                  f"ORDER BY {LATEST}) AS _n FROM r WHERE {condition}) WHERE _n = 1")
+        ok = "status = 'ok' AND num(final_val_top1) IS NOT NULL"
+        cells = db.rows(f"""SELECT _label, _setting, count(*) FILTER ({ok}) AS seeds,
+                avg(num(final_val_top1)) FILTER ({ok}) AS mean, stddev_samp(num(final_val_top1)) FILTER ({ok}) AS spread,
+                avg(num(best_val_top1)) FILTER ({ok}) AS best, arg_max(txt(status), (coalesce(started_at, ''), _order)) AS latest
+            FROM ({latest}) GROUP BY _label, _setting ORDER BY min(_order)""", [version])
+        key, title = "accuracy", "Top-1 accuracy, final / best"
+        if len(versions) > 1:
+            key += "_" + "".join(c if c.isalnum() or c in "-." else "_" for c in version)
+        if len(versions) > 1 or version != UNKNOWN_VERSION:
+            title += f" - code {version}"
+        settings = db.values(f"SELECT DISTINCT _setting FROM r WHERE {condition} ORDER BY _setting", [version])
+        labels = db.values(f"SELECT _label FROM r WHERE {condition} GROUP BY _label ORDER BY min(_label_rank[1]), "
+                           "min(txt(method)), min(_label_rank[2]), min(_label_rank[3]), min(_order)", [version])
+        grid = Grid(key, title, labels, settings, unit="%")
+        for c in cells:
+            grid.cells[(c["_label"], c["_setting"])] = (
+                Cell(c["mean"], "ok", extra=c["best"], seeds=c["seeds"], spread=c["spread"]) if c["seeds"]
+                else Cell(None, c["latest"]))
+        for (label, col), cell in grid.cells.items():
+            base = grid.cells.get((BASELINE, col))
+            if label != BASELINE and base and base.value is not None and cell.value is not None:
+                cell.ratio = cell.value - base.value  # for accuracy, a difference in points reads better
+        grid.note = ("validation top-1 after the last epoch / best epoch, the mean over seeds (with their "
+                     "standard deviation and count where there are several); (+/-) = final vs method none, in points")
+        grids.append(grid)
+    return grids
 
 
 def accuracy_table(grid: Grid) -> Table:
@@ -356,10 +388,38 @@ def training_details(rows: list[dict[str, Any]]) -> Optional[Table]:
         out.append([setting_label(r), method_label(r), _fmt(r.get("epochs"), "{:.0f}"),
                     _fmt(r.get("final_val_top1"), "{:.2f}"), _fmt(r.get("best_val_top1"), "{:.2f}"),
                     _fmt(r.get("final_train_loss"), "{:.4f}"), _fmt(r.get("images_per_sec_train"), "{:.1f}"),
-                    _fmt(r.get("ledger_ratio"), "{:.1f}x"), str(r.get("status")), str(r.get("run_id"))])
+                    _fmt(r.get("ledger_ratio"), "{:.1f}x"), str(r.get("status")), str(r.get("run_id")),
+                    str(r.get("code_version") or "")])
     return Table("training", "Training runs",
                  ["setting", "method", "epochs", "final top-1", "best top-1", "final train loss",
-                  "train images/s", "activation compression", "status", "run"], out)
+                  "train images/s", "activation compression", "status", "run", "code"], out)
+
+
+def fidelity_table(rows: "RunsDB | list[dict[str, Any]]") -> Optional[Table]:
+    """Gradient fidelity (scripts/gradient_fidelity.py): a method's parameter gradients against exact
+    backward on one batch of real images, per model, bit width and decode (one run each)."""
+    db = runs_db(rows)
+    runs = latest_runs(db, "mode = 'fidelity'", "_version, model, dataset, batch_size, _label, relu_zeros, seed",
+                       "model, batch_size, _label, relu_zeros, txt(status) AS status, num(grad_cosine) AS cosine, "
+                       "num(grad_rel_error) AS rel_error, num(grad_worst_cosine) AS worst, _version, "
+                       "_label_rank, method")
+    if not runs:
+        return None
+    runs.sort(key=lambda r: (str(r["model"]), r["batch_size"] or 0, r["_label_rank"][0], str(r["method"]),
+                             r["_label_rank"][1], r["_label_rank"][2], not r["relu_zeros"], r["_version"]))
+    decode = {True: "mask zeros (default)", False: "paper's", None: ""}
+    out = [[str(r["model"]), _fmt(r["batch_size"], "{:.0f}"), r["_label"], decode[r["relu_zeros"]],
+            _fmt(r["cosine"], "{:.5f}"), _fmt(r["rel_error"], "{:.4f}"), _fmt(r["worst"], "{:.4f}")]
+           if r["status"] == "ok" else [str(r["model"]), _fmt(r["batch_size"], "{:.0f}"), r["_label"],
+                                        decode[r["relu_zeros"]], status_text(r["status"]), "", ""]
+           for r in runs]
+    versions = sorted({r["_version"] for r in runs})
+    return Table("fidelity", "Gradient fidelity against exact backward" + f" - code {', '.join(versions)}",
+                 ["model", "images", "method", "ReLU outputs decode with", "overall cosine",
+                  "overall relative error", "worst layer cosine"], out,
+                 "cosine similarity and relative error (norm of the difference / norm of the exact gradient) of all "
+                 "parameter gradients together against exact backward, same initial weights and batch; worst layer: "
+                 "the least similar parameter")
 
 
 def history(row: dict[str, Any]) -> list[dict[str, Any]]:
@@ -396,44 +456,51 @@ _SWEEP_METRICS = {
 }
 
 
-def sweep_heatmaps(rows: list[dict[str, Any]]) -> list[Heatmap]:
-    """B x Q grids for DIVISION runs that differ in block size or bits, per mode and setting."""
-    division = [r for r in rows if r.get("method") == "division" and r.get("block_size") is not None
-                and r.get("bits") is not None]
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for r in division:
-        key = (r.get("mode"), r.get("model"), r.get("dataset"), r.get("batch_size"), r.get("precision"),
-               r.get("device"))
-        groups.setdefault(key, []).append(r)
+_SETTING = "mode, model, dataset, batch_size, precision, device, _version"
+
+
+def sweep_heatmaps(rows: "RunsDB | list[dict[str, Any]]") -> list[Heatmap]:
+    """B x Q grids for DIVISION runs that differ in block size or bits, per mode, setting and code version."""
+    db = runs_db(rows)
+    division = "method = 'division' AND block_size IS NOT NULL AND bits IS NOT NULL"
+    settings = db.rows(f"""SELECT {_SETTING}, list(DISTINCT block_size ORDER BY block_size) AS blocks,
+            list(DISTINCT trunc(bits)::BIGINT ORDER BY trunc(bits)::BIGINT) AS bits
+        FROM r WHERE {division} GROUP BY ALL HAVING count(DISTINCT block_size) > 1 OR count(DISTINCT trunc(bits)) > 1""")
+    several_versions = len({s["_version"] for s in settings}) > 1
+    # the activation of method none in the same setting: the last successful run's
+    baselines = {tuple(b[f] for f in _SETTING.split(", ")): b["activation"] for b in db.rows(
+        f"SELECT {_SETTING}, arg_max(num(activation_bytes), _order) AS activation FROM r "
+        f"WHERE method = '{BASELINE}' AND status = 'ok' GROUP BY ALL")}
     heatmaps = []
-    for (mode, model, dataset, batch, precision, device), members in sorted(groups.items(), key=lambda kv: str(kv[0])):
-        blocks = sorted({int(r["block_size"]) for r in members})
-        bits = sorted({int(r["bits"]) for r in members})
-        if len(blocks) < 2 and len(bits) < 2:
-            continue
-        runs = latest_per_key(members, lambda r: (int(r["block_size"]), int(r["bits"])))
-        baseline = _baseline_activation(rows, mode, model, dataset, batch, precision, device)
+    for s in sorted(settings, key=lambda s: str(tuple(s[f] for f in _SETTING.split(", ")))):
+        key = tuple(s[f] for f in _SETTING.split(", "))
+        mode, model, dataset, batch, precision, device, version = key
+        same = " AND ".join(f"{f} IS NOT DISTINCT FROM ?" for f in _SETTING.split(", "))
+        runs = {(r["block_size"], r["q"]): r for r in db.rows(
+            f"SELECT block_size, trunc(bits)::BIGINT AS q, status, num(ledger_ratio) AS ledger_ratio, "
+            f"num(activation_bytes) AS activation_bytes, num(peak_bytes) AS peak_bytes, "
+            f"num(images_per_sec) AS images_per_sec, num(final_val_top1) AS final_val_top1, "
+            f"num(best_val_top1) AS best_val_top1 FROM (SELECT *, row_number() OVER (PARTITION BY block_size, "
+            f"trunc(bits) ORDER BY {LATEST}) AS _n FROM r WHERE {division} AND {same}) WHERE _n = 1 ORDER BY _order",
+            list(key))}
+        baseline = baselines.get(key)
         shown: list[dict] = []
         for metric, title, fmt in _SWEEP_METRICS.get(mode, ()):
-            if metric == "activation_ratio" and activation_is_ledger(members):
+            if metric == "activation_ratio" and activation_is_ledger(db, f"{division} AND {same}", key):
                 continue  # the ledger heatmap already shows it
             values = {k: _sweep_value(r, metric, baseline) for k, r in runs.items()}
             if all(v is None for v in values.values()) or values in shown:
                 continue  # nothing to show, or the same grid again (best = final after one epoch)
             shown.append(values)
             setting = f"{model} / {dataset} b{batch} {precision} {device}"
+            if version != UNKNOWN_VERSION:
+                setting += f", code {version}"
             slug = "_".join(str(x) for x in (mode, model, dataset, batch, precision, device, metric.split("_")[0]))
-            heatmaps.append(Heatmap(f"sweep_{slug}", f"{mode}: {title} - {setting}", blocks, bits, values, fmt))
+            if several_versions:
+                slug += "_" + "".join(c if c.isalnum() or c in "-." else "_" for c in version)
+            heatmaps.append(Heatmap(f"sweep_{slug}", f"{mode}: {title} - {setting}", s["blocks"], s["bits"],
+                                    values, fmt))
     return heatmaps
-
-
-def _baseline_activation(rows, mode, model, dataset, batch, precision, device) -> Optional[float]:
-    for r in reversed(rows):
-        if (r.get("method") == BASELINE and r.get("status") == "ok" and
-                (r.get("mode"), r.get("model"), r.get("dataset"), r.get("batch_size"), r.get("precision"),
-                 r.get("device")) == (mode, model, dataset, batch, precision, device)):
-            return number(r.get("activation_bytes"))
-    return None
 
 
 def _sweep_value(row: dict[str, Any], metric: str, baseline: Optional[float]) -> Optional[float]:
@@ -468,7 +535,8 @@ def headline(row: dict[str, Any]) -> str:
     mode = row.get("mode")
     if mode == "memory":
         activation = number(row.get("activation_bytes"))
-        if activation is not None and not activation_is_ledger([row]):
+        allocator = number(row.get("total_bytes")) is not None or number(row.get("peak_bytes")) is not None
+        if activation is not None and (allocator or row.get("activation_bytes") != row.get("ledger_bytes")):
             return f"activation {human_bytes(activation)}"
         if number(row.get("ledger_bytes")) is not None:
             return f"kept for backward {human_bytes(number(row['ledger_bytes']))}"
@@ -485,10 +553,11 @@ def runs_table(rows: list[dict[str, Any]]) -> Table:
     out = [[str(r.get("run_id")), str(r.get("mode")), str(r.get("model")), str(r.get("dataset")), str(r.get("method")),
             _fmt(r.get("block_size"), "{:.0f}"), _fmt(r.get("bits"), "{:.0f}"), _fmt(r.get("batch_size"), "{:.0f}"),
             str(r.get("precision")), str(r.get("device")), str(r.get("status")), headline(r),
-            _fmt(r.get("duration_s"), "{:.1f}"), str(r.get("group") or "")] for r in ordered]
+            _fmt(r.get("duration_s"), "{:.1f}"), str(r.get("group") or ""), str(r.get("code_version") or "")]
+           for r in ordered]
     return Table("runs", "Runs included",
                  ["run", "mode", "model", "dataset", "method", "B", "Q", "batch", "precision", "device", "status",
-                  "result", "seconds", "group"], out)
+                  "result", "seconds", "group", "code"], out)
 
 
 # --- trade-offs -------------------------------------------------------------------------------------
@@ -501,7 +570,7 @@ class TradeoffPoint:
     y: float
 
 
-def _memory_reductions(rows: list[dict[str, Any]]) -> dict[tuple[str, str], float]:
+def _memory_reductions(rows: "RunsDB | list[dict[str, Any]]") -> dict[tuple[str, str], float]:
     """(method, model/batch column) -> how many times less than method none the method keeps: the first
     figure of its memory table (activation memory on CUDA, else the exact ledger), 1 for none."""
     out: dict[tuple[str, str], float] = {}
@@ -519,9 +588,10 @@ def _memory_reductions(rows: list[dict[str, Any]]) -> dict[tuple[str, str], floa
     return out
 
 
-def speed_tradeoffs(rows: list[dict[str, Any]]) -> list[tuple[str, list[TradeoffPoint]]]:
+def speed_tradeoffs(rows: "RunsDB | list[dict[str, Any]]") -> list[tuple[str, list[TradeoffPoint]]]:
     """Per throughput context: (title, points of memory reduction x relative speed), one point per
     method and model / batch that has both a memory run and a speed run (and a none run for the ratios)."""
+    rows = runs_db(rows)
     memory = _memory_reductions(rows)
     out = []
     for grid in throughput_grids(rows):
@@ -535,15 +605,15 @@ def speed_tradeoffs(rows: list[dict[str, Any]]) -> list[tuple[str, list[Tradeoff
     return out
 
 
-def accuracy_tradeoff(rows: list[dict[str, Any]]) -> list[TradeoffPoint]:
-    """Per method and setting: the exact ledger's activation compression against final top-1 (the mean
-    over seeds), from training runs that recorded both."""
-    grid = accuracy_grid(rows)
-    if grid is None:
-        return []
-    ratios: dict[tuple[str, str], list[float]] = {}
-    for r in rows:
-        if r.get("mode") == "train" and r.get("status") == "ok" and number(r.get("ledger_ratio")) is not None:
-            ratios.setdefault((method_label(r), accuracy_setting(r)), []).append(number(r["ledger_ratio"]))
-    return [TradeoffPoint(label, col, statistics.fmean(ratios[(label, col)]), cell.value)
-            for (label, col), cell in grid.cells.items() if cell.value is not None and (label, col) in ratios]
+def accuracy_tradeoff(rows: "RunsDB | list[dict[str, Any]]") -> list[TradeoffPoint]:
+    """Per method, setting and code version: the exact ledger's activation compression (the mean over
+    the successful runs that recorded it) against final top-1 (the mean over seeds)."""
+    db = runs_db(rows)
+    points = []
+    for grid, version in zip(accuracy_grids(db), code_versions(db, "train")):
+        ratios = {(r["_label"], r["_setting"]): r["ratio"] for r in db.rows(
+            "SELECT _label, _setting, avg(num(ledger_ratio)) AS ratio FROM r WHERE mode = 'train' AND status = 'ok' "
+            "AND _version = ? AND num(ledger_ratio) IS NOT NULL GROUP BY ALL", [version])}
+        points += [TradeoffPoint(label, col, ratios[(label, col)], cell.value)
+                   for (label, col), cell in grid.cells.items() if cell.value is not None and (label, col) in ratios]
+    return points

@@ -2,13 +2,20 @@
 parameter gradients against exact backward, for several bit widths.
 
     python scripts/gradient_fidelity.py --root ../shared/data/cifar10-jpeg --model resnet18 \
-        --images 256 --bits 1 2 4 8 --out outputs/fidelity.json
+        --images 256 --bits 1 2 4 8 --out outputs/fidelity.json --results-dir outputs/results
+
+With ``--results-dir`` each bit width is one record (mode ``fidelity``) in that results store, with the
+overall figures (``grad_cosine``, ``grad_rel_error``, ``grad_worst_cosine``), so ``mode=report``
+tabulates them like any other run; ``--out`` keeps the per-layer figures as JSON.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
+import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
 
@@ -17,12 +24,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import build_datasets, sample_batch  # noqa: E402
 from division.fidelity import gradient_fidelity  # noqa: E402
 from models import build_model  # noqa: E402
+from runners.record import COMMON_FIELDS, code_version, write_store_row  # noqa: E402
 
 
 def real_batch(root: str, count: int):
     """``count`` validation images of an ImageFolder tree, spread evenly over it (so over the classes)."""
     _, val_ds, info = build_datasets("imagefolder", root=root, transforms="cifar", num_classes=None)
     return (*sample_batch(val_ds, count), info["num_classes"])
+
+
+def fidelity_record(args, bits: int, report: dict, started_at: str, duration_s: float) -> dict:
+    """One bit width's result as a store record: the batch of real images is ``batch_size``."""
+    record = dict.fromkeys(COMMON_FIELDS)
+    record.update(run_id=uuid.uuid4().hex[:12], mode="fidelity", model=args.model, dataset="imagefolder",
+                  method="division", block_size=args.block_size, bits=bits, kernels="pytorch",
+                  batch_size=args.images, device=args.device, precision="fp32", cuda_graph=False, seed=0,
+                  group=args.group, status="ok", started_at=started_at, duration_s=round(duration_s, 3),
+                  code_version=code_version(), relu_zeros=not args.paper_decode,
+                  grad_cosine=report["overall_cosine"], grad_rel_error=report["overall_rel_error"],
+                  grad_worst_cosine=report["worst_cosine"])
+    return record
 
 
 def main() -> None:
@@ -36,6 +57,8 @@ def main() -> None:
     p.add_argument("--paper-decode", action="store_true",
                    help="method.relu_zeros=false: ReLU outputs decode without their mask's zeros")
     p.add_argument("--out", default=None, help="write the full per-layer report as JSON")
+    p.add_argument("--results-dir", default=None, help="add one record per bit width to this results store")
+    p.add_argument("--group", default="gradient_fidelity", help="the records' group (with --results-dir)")
     args = p.parse_args()
     images, labels, classes = real_batch(args.root, args.images)
     images, labels = images.to(args.device), labels.to(args.device)
@@ -43,11 +66,16 @@ def main() -> None:
     print(f"{args.model}, {args.images} real images, B={args.block_size}")
     print(f"{'bits':>4} {'overall cosine':>15} {'overall rel.err':>16} {'worst layer cosine':>19}")
     for bits in args.bits:
+        started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        start = time.perf_counter()
         r = gradient_fidelity(lambda: build_model(args.model, num_classes=classes), "division", images, labels,
                               block_size=args.block_size, bits=bits, backend="torch",
                               relu_zeros=not args.paper_decode)
         reports.append(r)
         print(f"{bits:>4} {r['overall_cosine']:>15.5f} {r['overall_rel_error']:>16.4f} {r['worst_cosine']:>19.4f}")
+        if args.results_dir:
+            write_store_row(fidelity_record(args, bits, r, started_at, time.perf_counter() - start),
+                            args.results_dir)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
