@@ -16,8 +16,8 @@ traces (``torch.compiler.is_compiling()``) the module runs its compressing funct
 mode it runs its own forward, which the hooks already compress. The model's parameters, buffers
 and ``state_dict`` do not change.
 
-What is covered: convolutions (zero padding), BatchNorm in training mode, Linear, and ReLU. The
-rest (pooling, element-wise ops, modules this file does not know) is saved the way the compiler
+What is covered: convolutions (zero padding), BatchNorm in training mode, Linear, ReLU and
+MaxPool2d (its argmax as a uint8 position in the window, as the eager path keeps it). The rest (average pooling, element-wise ops, modules this file does not know) is saved the way the compiler
 chooses; the byte ledger (``SavedTensorCounter``) counts it and ``CompiledLayers.uncovered``
 names those layers, so nothing is hidden.
 
@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .exact import MaxPoolIndexCodec, indices_from_offsets, window_offsets
 from .ledger import COMPILED, LedgerEntry
 from .dual_precision import (LAYOUT_RAW, Geometry, block_mean, canonical_geometry, dequantize,
                              from_canonical, quantize, to_canonical, upsample)
@@ -302,6 +303,29 @@ class _Relu(torch.autograd.Function):
         return grad * _unpack_mask(bits, ctx.shape, ctx.channels_last).to(grad.dtype)
 
 
+class _MaxPool2d(torch.autograd.Function):
+    """MaxPool2d keeping each output's argmax as its uint8 position inside the pooling window (what
+    the eager path's ``MaxPoolIndexCodec`` keeps), not the int64 indices and the input that
+    ``max_pool2d_with_indices`` would save. The backward scatters the gradient to the exact argmax."""
+
+    @staticmethod
+    def forward(ctx, x, kernel, stride, padding, dilation, ceil_mode):
+        y, indices = torch.ops.aten.max_pool2d_with_indices(x, kernel, stride, padding, dilation, ceil_mode)
+        ctx.geometry = (kernel, stride, padding, dilation, x.shape[-1])
+        ctx.input_shape, ctx.channels_last = tuple(x.shape), _memory_format(x) == "channels_last"
+        ctx.save_for_backward(window_offsets(indices, *ctx.geometry))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (offset,) = ctx.saved_tensors
+        n, c, h, w = ctx.input_shape
+        indices = indices_from_offsets(offset, *ctx.geometry).reshape(n, c, -1)
+        gx = grad.new_zeros(n, c, h * w).scatter_add_(2, indices, grad.reshape(n, c, -1)).view(n, c, h, w)
+        gx = gx.contiguous(memory_format=torch.channels_last) if ctx.channels_last else gx
+        return gx, None, None, None, None, None
+
+
 # ------------------------------------------------------------------------ the modules' forwards
 def _cast(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> Optional[torch.Tensor]:
     """What autocast would hand the layer: ``t`` in the autocast dtype (its backward casts back)."""
@@ -361,12 +385,28 @@ def relu_forward(module: nn.ReLU, x: torch.Tensor, codec: TensorCodec) -> torch.
     return _Relu.apply(x)
 
 
+def max_pool_forward(module: nn.MaxPool2d, x: torch.Tensor, codec: TensorCodec) -> torch.Tensor:
+    if x.dim() != 4:  # an unbatched map: the module's own forward
+        return type(module).forward(module, x)
+    pair = torch.nn.modules.utils._pair
+    stride = module.stride if module.stride is not None else module.kernel_size
+    return _MaxPool2d.apply(x, list(pair(module.kernel_size)), list(pair(stride)), list(pair(module.padding)),
+                            list(pair(module.dilation)), module.ceil_mode)
+
+
+def max_pool_applies(module: nn.Module) -> bool:
+    """4-D MaxPool2d whose window fits a uint8 offset (256 positions); not return_indices."""
+    return isinstance(module, nn.MaxPool2d) and not module.return_indices \
+        and MaxPoolIndexCodec.fits(module.kernel_size)
+
+
 # (applies, forward, the ledger's kind) for each family of module, first match wins
 _LAYERS = (
     (conv_applies, conv_forward, "conv"),
     (batch_norm_applies, batch_norm_forward, "norm"),
     (lambda m: isinstance(m, nn.Linear), linear_forward, "linear"),
     (lambda m: isinstance(m, nn.ReLU), relu_forward, "relu"),
+    (max_pool_applies, max_pool_forward, "maxpool"),
 )
 
 

@@ -262,6 +262,32 @@ def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
+def _window_starts(out_h: int, out_w: int, stride, padding, device) -> tuple[torch.Tensor, torch.Tensor]:
+    hs = torch.arange(out_h, device=device) * stride[0] - padding[0]
+    ws = torch.arange(out_w, device=device) * stride[1] - padding[1]
+    return hs.view(-1, 1), ws.view(1, -1)
+
+
+def window_offsets(indices: torch.Tensor, kernel, stride, padding, dilation, input_width: int) -> torch.Tensor:
+    """MaxPool2d's flat argmax indices (into the input plane) as uint8 positions inside each window.
+    Plain tensor ops: the eager reference path and the compiled max-pooling function share them."""
+    hs, ws = _window_starts(indices.shape[-2], indices.shape[-1], stride, padding, indices.device)
+    row = torch.div(indices, input_width, rounding_mode="floor")
+    col = indices - row * input_width
+    dh = torch.div(row - hs, dilation[0], rounding_mode="floor")
+    dw = torch.div(col - ws, dilation[1], rounding_mode="floor")
+    return (dh * kernel[1] + dw).to(torch.uint8)
+
+
+def indices_from_offsets(offset: torch.Tensor, kernel, stride, padding, dilation, input_width: int) -> torch.Tensor:
+    """The inverse of ``window_offsets``: the exact int64 flat indices (contiguous layout)."""
+    offset = offset.long()
+    hs, ws = _window_starts(offset.shape[-2], offset.shape[-1], stride, padding, offset.device)
+    dh = torch.div(offset, kernel[1], rounding_mode="floor")
+    dw = offset - dh * kernel[1]
+    return (hs + dh * dilation[0]) * input_width + ws + dw * dilation[1]
+
+
 class MaxPoolIndexCodec(_ExactCodec):
     """MaxPool2d's int64 argmax indices as the position inside the pooling window (uint8).
 
@@ -285,11 +311,6 @@ class MaxPoolIndexCodec(_ExactCodec):
         kh, kw = _pair(kernel_size)
         return kh * kw <= 256
 
-    def _window_starts(self, out_h: int, out_w: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        hs = torch.arange(out_h, device=device) * self.stride[0] - self.padding[0]
-        ws = torch.arange(out_w, device=device) * self.stride[1] - self.padding[1]
-        return hs.view(-1, 1), ws.view(1, -1)
-
     def _geometry(self) -> tuple:
         return self.kernel, self.stride, self.padding, self.dilation, self.input_width
 
@@ -298,12 +319,7 @@ class MaxPoolIndexCodec(_ExactCodec):
         offset = fast.encode_offsets(x, self._geometry()) if fast is not None else None
         if offset is not None:
             return Packed(self, {"offset": offset}, {"channels_last": _is_channels_last(x)})
-        hs, ws = self._window_starts(x.shape[-2], x.shape[-1], x.device)
-        row = torch.div(x, self.input_width, rounding_mode="floor")
-        col = x - row * self.input_width
-        dh = torch.div(row - hs, self.dilation[0], rounding_mode="floor")
-        dw = torch.div(col - ws, self.dilation[1], rounding_mode="floor")
-        offset = (dh * self.kernel[1] + dw).to(torch.uint8)
+        offset = window_offsets(x, *self._geometry())
         return Packed(self, {"offset": offset}, {"channels_last": _is_channels_last(x)})
 
     def decode(self, packed: Packed) -> torch.Tensor:
@@ -311,13 +327,8 @@ class MaxPoolIndexCodec(_ExactCodec):
         indices = None if fast is None else fast.decode_offsets(packed.tensors["offset"], self._geometry())
         if indices is not None:
             return indices
-        offset = packed.tensors["offset"].long()
-        hs, ws = self._window_starts(offset.shape[-2], offset.shape[-1], offset.device)
-        dh = torch.div(offset, self.kernel[1], rounding_mode="floor")
-        dw = offset - dh * self.kernel[1]
-        row = hs + dh * self.dilation[0]
-        col = ws + dw * self.dilation[1]
-        return _restore_format(row * self.input_width + col, packed.meta["channels_last"])
+        indices = indices_from_offsets(packed.tensors["offset"], *self._geometry())
+        return _restore_format(indices, packed.meta["channels_last"])
 
     def closed_form_nbytes(self, shape, dtype) -> int:
         return math.prod(shape)

@@ -331,3 +331,26 @@ def test_compiled_division_warns_about_layers_it_leaves_to_the_compiler():
     x, _ = batch()
     with pytest.warns(RuntimeWarning, match=r"1 layer\(s\).*1 \(GroupNorm\)"):
         torch.compile(model)(x)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_max_pool_function_keeps_uint8_window_positions_and_gives_the_exact_gradient(channels_last):
+    """ResNet's stem pooling (3x3, stride 2, padding 1): int64 indices and the input would be 9x the
+    uint8 positions it keeps; the gradient lands on exactly the argmax ``F.max_pool2d`` picks."""
+    pool = nn.MaxPool2d(3, stride=2, padding=1)
+    layers = CompiledLayers(pool, TensorCodec(), eager=True)
+    assert layers.modules == {"": "maxpool"}
+    x = torch.randn(2, 4, 11, 12).round(decimals=1)  # rounded: ties inside windows
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    x_ref = x.clone().requires_grad_(True)
+    x = x.requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = pool(x)
+    assert [(t.dtype, t.numel()) for t in saved] == [(torch.uint8, y.numel())]
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g)
+    y_ref = F.max_pool2d(x_ref, 3, 2, 1)
+    (gx_ref,) = torch.autograd.grad(y_ref, x_ref, g)
+    assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref)
+    assert gx.is_contiguous(memory_format=torch.channels_last) == channels_last
