@@ -418,6 +418,11 @@ def layer_for(module: nn.Module):
     return None
 
 
+# Modules without a compressing compiled function whose saves the eager path's cover_all compresses
+_SAVING_MODULES = (nn.GELU, nn.SiLU, nn.Hardswish, nn.Sigmoid, nn.Hardsigmoid, nn.Tanh, nn.Softmax,
+                   nn.Mish, nn.ELU, nn.LeakyReLU, nn.MultiheadAttention)
+
+
 class CompiledLayers:
     """The dispatching forwards put on a model's known leaf modules (see the module docstring).
 
@@ -436,7 +441,8 @@ class CompiledLayers:
         for name, module in model.named_modules():
             found = layer_for(module)
             if found is None or "forward" in module.__dict__:
-                if module_kind(module) in ("conv", "norm", "linear", "dropout"):
+                if module_kind(module) in ("conv", "norm", "linear", "dropout") \
+                        or isinstance(module, _SAVING_MODULES):
                     self.uncovered.append(f"{name} ({type(module).__name__})")
                 continue
             forward, kind = found

@@ -8,7 +8,20 @@
   conv / norm / linear inputs go through the codec, ReLU outputs and dropout noise become exact 1-bit
   masks, max-pool indices become uint8 window offsets, and the inputs of max- and average-pooling,
   whose backward reads only their shape, need no storage;
-  parameters, tiny tensors and anything saved elsewhere are kept as they are.
+  parameters, tiny tensors and anything saved elsewhere are kept as they are;
+- with ``cover_all`` (DIVISION's default), every other floating-point tensor autograd saves goes
+  through the codec too, whoever saves it (an activation function, attention, a layer scale, a
+  functional call): any tensor of at least ``min_numel`` elements that is part of the differentiable
+  graph (``requires_grad``) and does not derive from a parameter alone (a weight's transpose or
+  autocast copy, an expanded class token: model memory, held anyway). Statistics that backward reads
+  exactly (LayerNorm's mean / rstd, attention's log-sum-exp, BatchNorm's batch statistics) are not
+  differentiable outputs, so they stay exact. The codec's canonical view gives each shape its
+  blocks: 2-D blocks for (N, C, H, W) maps (and attention's (N, heads, L, E)), blocks of tokens for
+  (N, L, C) sequences, features for (N, F) (``division.dual_precision``);
+- every module without a family of its own also marks "who is saving now", so the ledger names the
+  operator (module type) behind each save, and the first training forward measures coverage: the
+  fraction of the bytes plain autograd would keep that are stored compressed. Under
+  ``coverage_warning`` (90%) a warning names the fraction and the operators kept raw.
 The model itself is untouched: same modules, same ``state_dict``. ``remove()`` uninstalls.
 
 A ReLU output that the next save encodes through the activation codec (a convolution's input) gets
@@ -28,6 +41,7 @@ in-place changes between the two saves.
 """
 from __future__ import annotations
 
+import logging
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -41,8 +55,11 @@ from .decode_prefetch import PREVIOUS, DecodePrefetcher
 from .encode_stream import SideStreamEncoder
 from .exact import (RELU_MASK, BoolMaskCodec, DropoutMaskCodec, MaxPoolIndexCodec, ReluMaskCodec,
                     ShapeOnlyCodec, add_reader)
-from .ledger import ByteLedger, LedgerEntry
+from .layouts import LayoutCodec, NormalizedCodec, fit
+from .ledger import ByteLedger, LedgerEntry, coverage_of
 from .norm_from_codes import NormFromCodes
+
+log = logging.getLogger(__name__)
 
 # Module families whose saved input goes through the activation codec.
 ACTIVATION_KINDS = ("conv", "norm", "linear")
@@ -59,11 +76,37 @@ _MODULE_KINDS: tuple[tuple[tuple[type, ...], str], ...] = (
 )
 
 
+# Containers only route their children's calls: they save nothing themselves.
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+OTHER = "other"  # SaveContext.kind of a module without a family of its own (GELU, attention, a block)
+OUTSIDE = "(functional)"  # the ledger's op for a save outside every module below the root
+
+
 def module_kind(module: nn.Module) -> Optional[str]:
     for types, kind in _MODULE_KINDS:
         if isinstance(module, types):
             return kind
     return None
+
+
+def _derives_from_parameter(t: torch.Tensor, depth: int = 8) -> bool:
+    """Does ``t`` come from a leaf that requires grad (a parameter) through one-input ops only?
+    A weight's transpose, its autocast copy, an expanded class token, a gathered relative-position
+    bias: model memory, not activations. An activation meets an op of two graph inputs (or the
+    graph's start, the data) before any parameter."""
+    if _is_parameter(t):
+        return True
+    fn = t.grad_fn
+    for _ in range(depth):
+        if fn is None:
+            return False
+        if type(fn).__name__ == "AccumulateGrad":
+            return True
+        nexts = [f for f, _ in fn.next_functions if f is not None]
+        if len(nexts) != 1:
+            return False
+        fn = nexts[0]
+    return False
 
 
 @dataclass
@@ -75,6 +118,7 @@ class _Frame:
     input: Optional[torch.Tensor]
     param_shapes: tuple = field(default_factory=tuple)
     norm_mode: Optional["NormFromCodes"] = None  # entered for this module's forward (BatchNorm)
+    op: str = ""  # the module's type name, the ledger's operator
 
 
 @dataclass
@@ -103,13 +147,24 @@ class ActivationCompressor:
     norm_from_codes: BatchNorm layers whose input the codec stores in the fused kernels' format
         compute their backward from the codes (``division.norm_from_codes``); needs a codec with
         ``norm_plan``.
+    cover_all: every other float activation autograd saves goes through the codec too (see the
+        module docstring); False: only conv / norm / linear inputs (and the exact codecs).
+    coverage_warning: warn when the first training forward stores less than this fraction of the
+        bytes plain autograd would keep compressed (with a codec; 0 never warns).
     """
 
     def __init__(self, model: nn.Module, codec: Optional[ActivationCodec], *, exact_masks: bool = True,
                  min_numel: int = 1024, ledger: Optional[ByteLedger] = None, exact_kernels: bool = True,
                  encode_stream: Optional[SideStreamEncoder] = None,
-                 prefetcher: Optional[DecodePrefetcher] = None, norm_from_codes: bool = False):
+                 prefetcher: Optional[DecodePrefetcher] = None, norm_from_codes: bool = False,
+                 cover_all: bool = False, coverage_warning: float = 0.9):
         self.model = model
+        self.cover_all = cover_all and codec is not None
+        self.coverage_warning = coverage_warning
+        # the first training forward's coverage (plain bytes, bytes stored compressed, raw bytes by
+        # operator), checked once against coverage_warning; then None
+        self._coverage: Optional[ByteLedger] = ByteLedger() if codec is not None else None
+        self.coverage: Optional[float] = None
         self.codec = codec
         self.exact_masks = exact_masks
         self.exact_kernels = exact_kernels
@@ -133,6 +188,8 @@ class ActivationCompressor:
         # tensors a custom Function saves that are stored already (a BatchNorm's codes): autograd
         # packs them after the Function's forward returns, so they are marked, not flagged
         self._as_is: dict[int, weakref.ref] = {}
+        # the codec seen through views of other layouts (division.layouts), one per layout
+        self._layouts: dict[str, ActivationCodec] = {}
         self._stack: list[_Frame] = []
         self._cache: dict[tuple[int, int], _CacheEntry] = {}
         self._plain_seen: dict[int, weakref.ref] = {}
@@ -147,7 +204,11 @@ class ActivationCompressor:
         for name, module in self.model.named_modules():
             kind = module_kind(module)
             if kind is None:
-                continue
+                # modules without a family: only to name the operator behind a save (and, with
+                # cover_all, their saves go through the codec by the general rule)
+                if module is self.model or isinstance(module, _CONTAINERS):
+                    continue
+                kind = OTHER
             self._handles.append(module.register_forward_pre_hook(self._make_push(name, kind)))
             self._handles.append(module.register_forward_hook(self._pop, always_call=True))
 
@@ -181,7 +242,8 @@ class ActivationCompressor:
                               "DIVISION, whose layers compress inside compiled graphs", RuntimeWarning)
             elif uncovered:
                 warnings.warn(f"compiled, {len(uncovered)} layer(s) keep what they save as the compiler "
-                              "chooses, not compressed (the eager path compresses them): "
+                              "chooses, not compressed (the eager path compresses them, and the "
+                              "functional ops outside modules): "
                               + ", ".join(uncovered[:8]) + (", ..." if len(uncovered) > 8 else ""),
                               RuntimeWarning)
             return
@@ -204,6 +266,8 @@ class ActivationCompressor:
         self._hooks_ctx.__exit__(None, None, None)
         self._hooks_ctx = None
         self._settle_mask(None, None)
+        if self._coverage is not None:
+            self._check_coverage()
         if self.encode_stream is not None:
             self.encode_stream.join()  # backward reads finished codes
         self._stack.clear()
@@ -216,15 +280,17 @@ class ActivationCompressor:
         # shapes until its own pre-hook has run on the first input.
         param_shapes: Optional[tuple] = None
         ctx = SaveContext(name, kind)
+        op: Optional[str] = None
 
         def push(module, args):
-            nonlocal param_shapes
+            nonlocal param_shapes, op
             if self._active():
                 if param_shapes is None:
                     param_shapes = tuple(p.shape for p in module.parameters(recurse=False))
+                    op = type(module).__name__
                 first = args[0] if args and isinstance(args[0], torch.Tensor) else None
                 mode = self.norm_mode if isinstance(module, nn.modules.batchnorm._BatchNorm) else None
-                self._stack.append(_Frame(ctx, module, first, param_shapes, mode))
+                self._stack.append(_Frame(ctx, module, first, param_shapes, mode, op))
                 if mode is not None:
                     mode.__enter__()  # only this module's own calls go through it
         return push
@@ -248,7 +314,7 @@ class ActivationCompressor:
         frame = self._stack[-1]
         self._settle_mask(None, None)
         packed = self._encode(self.codec, x, frame.ctx)
-        if self.ledger is not None:
+        if self.ledger is not None or self._coverage is not None:
             self._record(x, frame, packed, False)
         return packed
 
@@ -262,7 +328,7 @@ class ActivationCompressor:
         frame = self._stack[-1]
         self._settle_mask(None, None)
         y, mean, invstd, packed = triton_norm.batch_norm_forward(self.codec, x, plan, *batch_norm_args)
-        if self.ledger is not None:
+        if self.ledger is not None or self._coverage is not None:
             self._record(x, frame, packed, False)
         return y, mean, invstd, packed
 
@@ -299,7 +365,7 @@ class ActivationCompressor:
                 if self.prefetcher is not None and hasattr(codec, "decode_ahead"):
                     packed.meta[PREVIOUS] = self._last_saved  # backward decodes in about reverse order
                     self._last_saved = weakref.ref(packed)
-        if self.ledger is not None:
+        if self.ledger is not None or self._coverage is not None:
             self._record(t, frame, packed, shared)
         return packed
 
@@ -355,8 +421,10 @@ class ActivationCompressor:
         return drop
 
     def _choose_codec(self, t: torch.Tensor, frame: Optional[_Frame]) -> ActivationCodec:
-        if frame is None or t.numel() < self.min_numel:
+        if t.numel() < self.min_numel:
             return _RAW
+        if frame is None:
+            return self._general(t)
         kind = frame.ctx.kind
         if self.exact_masks:
             if t.dtype == torch.bool:
@@ -371,8 +439,38 @@ class ActivationCompressor:
                     and t.shape == frame.input.shape:
                 return _SHAPE_ONLY  # average pooling's backward reads only its input's shape
         if kind in ACTIVATION_KINDS and self.codec is not None and self._is_input(t, frame):
-            return self.codec
+            if not self.cover_all:
+                return self.codec
+            module = frame.module
+            if isinstance(module, nn.LayerNorm) and t is frame.input:
+                return self._normalized(t, len(module.normalized_shape))
+            return self._fitted(t, isinstance(module, (nn.Linear, nn.LayerNorm)))
+        return self._general(t)
+
+    def _general(self, t: torch.Tensor) -> ActivationCodec:
+        """The rule for a save no module family claims (see ``cover_all``)."""
+        if (self.cover_all and t.is_floating_point() and t.requires_grad
+                and not _derives_from_parameter(t)):
+            return self._fitted(t, False)
         return _RAW
+
+    def _normalized(self, t: torch.Tensor, dims: int) -> ActivationCodec:
+        """A LayerNorm input, stored normalized (``division.layouts.NormalizedCodec``)."""
+        key = f"normalized{dims}:{fit(t, True)}"
+        codec = self._layouts.get(key)
+        if codec is None:
+            codec = self._layouts[key] = NormalizedCodec(self._fitted(t, True), dims)
+        return codec
+
+    def _fitted(self, t: torch.Tensor, feature_last: bool) -> ActivationCodec:
+        """The codec, seen through the view that fits t's layout (``division.layouts.fit``)."""
+        layout = fit(t, feature_last)
+        if layout is None:
+            return self.codec
+        codec = self._layouts.get(layout)
+        if codec is None:
+            codec = self._layouts[layout] = LayoutCodec(self.codec, layout)
+        return codec
 
     @staticmethod
     def _is_input(t: torch.Tensor, frame: _Frame) -> bool:
@@ -398,15 +496,37 @@ class ActivationCompressor:
         plain_seen = ref is not None and ref() is t
         if not plain_seen:
             self._plain_seen[id(t)] = weakref.ref(t)
-        self.ledger.record(LedgerEntry(
+        entry = LedgerEntry(
             layer=frame.ctx.layer if frame else "",
-            kind=frame.ctx.kind if frame else "other",
+            kind=frame.ctx.kind if frame else OTHER,
             codec="shared" if shared else packed.codec.name,
             shape=tuple(t.shape),
             dtype=str(t.dtype).replace("torch.", ""),
             plain_bytes=0 if plain_seen else t.numel() * t.element_size(),
             stored_bytes=0 if shared else packed.nbytes,
-        ))
+            op=frame.op if frame else OUTSIDE,
+            compressed=packed.codec is not _RAW,
+        )
+        for ledger in (self.ledger, self._coverage):
+            if ledger is not None:
+                ledger.record(entry)
+
+    def _check_coverage(self) -> None:
+        """Once, after the first training forward: the fraction of the bytes plain autograd would
+        keep that this codec stores compressed; a warning under ``coverage_warning``."""
+        seen, self._coverage = self._coverage, None
+        self.coverage = seen.coverage
+        if self.coverage is None or self.coverage >= self.coverage_warning:
+            return
+        raw = sorted(((row["raw_plain_bytes"], op) for op, row in seen.by_op().items()
+                      if row["raw_plain_bytes"]), reverse=True)
+        name = getattr(self.codec, "name", type(self.codec).__name__)
+        message = (f"{name} compresses {self.coverage:.1%} of the activation bytes this model saves "
+                   f"(under {self.coverage_warning:.0%}); kept raw: "
+                   + ", ".join(f"{op} {b / 2**20:.1f} MiB" for b, op in raw[:6])
+                   + ("" if self.cover_all else "; cover_all=true compresses every saved activation"))
+        log.warning(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
 
 
 def _is_parameter(t: torch.Tensor) -> bool:

@@ -23,6 +23,8 @@ class LedgerEntry:
     dtype: str
     plain_bytes: int
     stored_bytes: int
+    op: str = ""             # the operator behind the save: the saving module's type (Conv2d, GELU, ...)
+    compressed: bool = True  # stored by a compressing codec (False: kept raw, as plain autograd keeps it)
 
 
 class ByteLedger:
@@ -71,6 +73,25 @@ class ByteLedger:
             row["tensors"] += 1
         return list(rows.values())
 
+    @property
+    def coverage(self) -> Optional[float]:
+        """The fraction of the bytes plain autograd would keep that are stored compressed; None when
+        nothing was saved or the step was compiled (no per-save plain reference)."""
+        return coverage_of(self.entries)
+
+    def by_op(self) -> dict[str, dict[str, int]]:
+        """Totals per operator, largest plain bytes first: plain_bytes, stored_bytes, raw_plain_bytes
+        (the part kept raw), tensors."""
+        out: dict[str, dict[str, int]] = defaultdict(
+            lambda: {"plain_bytes": 0, "stored_bytes": 0, "raw_plain_bytes": 0, "tensors": 0})
+        for e in self.entries:
+            row = out[e.op or e.kind]
+            row["plain_bytes"] += e.plain_bytes
+            row["stored_bytes"] += e.stored_bytes
+            row["raw_plain_bytes"] += 0 if e.compressed else e.plain_bytes
+            row["tensors"] += 1
+        return dict(sorted(out.items(), key=lambda item: -item[1]["plain_bytes"]))
+
     def by_codec(self) -> dict[str, dict[str, int]]:
         """Totals per storage kind: how many bytes went to masks, DIVISION, raw tensors, ..."""
         out: dict[str, dict[str, int]] = defaultdict(lambda: {"plain_bytes": 0, "stored_bytes": 0, "tensors": 0})
@@ -82,7 +103,17 @@ class ByteLedger:
 
     def summary(self) -> dict:
         return {"plain_bytes": self.plain_bytes, "stored_bytes": self.stored_bytes,
-                "ratio": self.ratio, "tensors": len(self.entries)}
+                "ratio": self.ratio, "coverage": self.coverage, "tensors": len(self.entries)}
 
     def as_rows(self) -> list[dict]:
         return [asdict(e) for e in self.entries]
+
+
+def coverage_of(entries: list[LedgerEntry]) -> Optional[float]:
+    """Compressed share of the plain bytes of these entries (see ``ByteLedger.coverage``)."""
+    if any(e.kind == COMPILED for e in entries):
+        return None
+    plain = sum(e.plain_bytes for e in entries)
+    if not plain:
+        return None
+    return sum(e.plain_bytes for e in entries if e.compressed) / plain

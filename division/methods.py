@@ -217,7 +217,7 @@ class CodecMethod(TrainingMethod):
     def __init__(self, name: str, codec: ActivationCodec, *, exact_masks: bool = True,
                  min_numel: int = 1024, exact_kernels: bool = True, side_stream="auto",
                  prefetch_decode="auto", prefetch_ahead: int = 1, norm_from_codes: bool = False,
-                 seed: Optional[int] = None) -> None:
+                 seed: Optional[int] = None, cover_all: bool = False) -> None:
         super().__init__()
         for knob, value in (("side_stream", side_stream), ("prefetch_decode", prefetch_decode)):
             if not valid_side_stream(value):
@@ -233,6 +233,7 @@ class CodecMethod(TrainingMethod):
         self.prefetch_decode = prefetch_decode
         self.prefetch_ahead = prefetch_ahead
         self.norm_from_codes = bool(norm_from_codes)
+        self.cover_all = bool(cover_all)
         self.tensor_codec = tensor_codec_for(codec)  # None: the codec has no compiled form
         self.compile_safe = self.tensor_codec is not None
         self.compiled_layers: Optional[CompiledLayers] = None
@@ -251,7 +252,8 @@ class CodecMethod(TrainingMethod):
         self.compressor = compress_activations(model, self.codec, exact_masks=self.exact_masks,
                                                min_numel=self.min_numel, ledger=ledger,
                                                exact_kernels=self.exact_kernels, encode_stream=stream,
-                                               prefetcher=prefetcher, norm_from_codes=self.norm_from_codes)
+                                               prefetcher=prefetcher, norm_from_codes=self.norm_from_codes,
+                                               cover_all=self.cover_all)
         if self.compiled_layers is not None:
             self.compressor.compiled_uncovered = self.compiled_layers.uncovered
         return model
@@ -304,13 +306,13 @@ class CodecMethod(TrainingMethod):
 def _division(block_size: int = 8, bits: int = 2, rounding: str = "stochastic", keep_lfc: bool = True,
               keep_hfc: bool = True, simulate: bool = False, backend: str = "auto", relu_zeros: bool = True,
               side_stream="auto", prefetch_decode="auto", prefetch_ahead: int = 1, norm_from_codes: bool = True,
-              seed: Optional[int] = None, **_) -> TrainingMethod:
+              seed: Optional[int] = None, cover_all: bool = True, **_) -> TrainingMethod:
     from .backends import division_codec
     codec = division_codec(backend=backend, block_size=block_size, bits=bits, rounding=rounding,
                            keep_lfc=keep_lfc, keep_hfc=keep_hfc, simulate=simulate, relu_zeros=relu_zeros)
     return CodecMethod("division", codec, exact_kernels=backend != "torch", side_stream=side_stream,
                        prefetch_decode=prefetch_decode, prefetch_ahead=prefetch_ahead,
-                       norm_from_codes=norm_from_codes, seed=seed)
+                       norm_from_codes=norm_from_codes, seed=seed, cover_all=cover_all)
 
 
 _REGISTRY: dict[str, Callable[..., TrainingMethod]] = {

@@ -287,7 +287,8 @@ def _ledger_fields(ledger: ByteLedger) -> dict[str, Any]:
         # A method that keeps its saves outside the hooks leaves the ledger empty: say so, not 0.
         log.warning("the method recorded nothing in the byte ledger; ledger fields are null")
         return {"ledger_bytes": None, "ledger_plain_bytes": None, "ledger_ratio": None,
-                "ledger_tensors": 0, "ledger_by_codec": {}, "ledger_layers": []}
+                "ledger_tensors": 0, "ledger_by_codec": {}, "ledger_layers": [], "ledger_coverage": None,
+                "ledger_by_op": {}}
     stored = ledger.stored_bytes
     return {
         "ledger_bytes": stored,
@@ -296,6 +297,8 @@ def _ledger_fields(ledger: ByteLedger) -> dict[str, Any]:
         "ledger_tensors": len(ledger.entries),
         "ledger_by_codec": ledger.by_codec(),
         "ledger_layers": ledger.by_layer(),
+        "ledger_coverage": ledger.coverage,  # share of plain bytes stored compressed; null when compiled
+        "ledger_by_op": ledger.by_op(),
     }
 
 
@@ -376,6 +379,8 @@ def _log_summary(fields: dict[str, Any]) -> None:
         plain = f" of {mib('ledger_plain_bytes')} plain" if fields["ledger_plain_bytes"] is not None \
             else " saved by the compiled graph"
         parts.append(f"ledger {mib('ledger_bytes')}{plain}" + (f" ({ratio:.2f}x)" if ratio is not None else ""))
+        if fields.get("ledger_coverage") is not None:
+            parts.append(f"coverage {fields['ledger_coverage']:.1%}")
     if fields["peak_bytes"] is not None:
         parts.append(f"peak {mib('peak_bytes')}, total {mib('total_bytes')}")
     log.info("memory: %s", ", ".join(parts))

@@ -260,6 +260,7 @@ def run(cfg, env) -> dict[str, Any]:
         "ledger_plain_bytes": (first_step_ledger or {}).get("plain_bytes"),
         "ledger_bytes": (first_step_ledger or {}).get("stored_bytes"),
         "ledger_ratio": (first_step_ledger or {}).get("ratio"),
+        "ledger_coverage": (first_step_ledger or {}).get("coverage"),
         "num_classes": info["num_classes"],
         "history": history,
         **method_record_fields(method),

@@ -15,6 +15,8 @@ import json
 import sys
 import time
 import uuid
+
+import torch
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data import build_datasets, sample_batch  # noqa: E402
 from division.fidelity import gradient_fidelity  # noqa: E402
-from models import build_model  # noqa: E402
+from models import MODEL_NAMES, build_model  # noqa: E402
 from runners.record import COMMON_FIELDS, code_version, write_store_row  # noqa: E402
 
 
@@ -33,12 +35,28 @@ def real_batch(root: str, count: int):
     return (*sample_batch(val_ds, count), info["num_classes"])
 
 
+def make_model(name: str, classes: int):
+    """A framework model by name, else a torchvision classification model (random weights).
+    A weight matrix initialised to zeros (torchvision ViT's head) is drawn from N(0, 0.02) instead:
+    with a zero head no gradient reaches the layers below, and the comparison would be empty."""
+    if name in MODEL_NAMES:
+        model = build_model(name, num_classes=classes)
+    else:
+        import torchvision
+        model = torchvision.models.get_model(name, weights=None, num_classes=classes)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2 and not p.any():
+                p.normal_(0.0, 0.02)
+    return model
+
+
 def fidelity_record(args, bits: int, report: dict, started_at: str, duration_s: float) -> dict:
     """One bit width's result as a store record: the batch of real images is ``batch_size``."""
     record = dict.fromkeys(COMMON_FIELDS)
     record.update(run_id=uuid.uuid4().hex[:12], mode="fidelity", model=args.model, dataset="imagefolder",
                   method="division", block_size=args.block_size, bits=bits, kernels="pytorch",
-                  batch_size=args.images, device=args.device, precision="fp32", cuda_graph=False, seed=0,
+                  batch_size=args.images, image_size=args.image_size, device=args.device, precision="fp32", cuda_graph=False, seed=0,
                   group=args.group, status="ok", started_at=started_at, duration_s=round(duration_s, 3),
                   code_version=code_version(), relu_zeros=not args.paper_decode,
                   grad_cosine=report["overall_cosine"], grad_rel_error=report["overall_rel_error"],
@@ -53,6 +71,8 @@ def main() -> None:
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--bits", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--block-size", type=int, default=8)
+    p.add_argument("--image-size", type=int, default=None,
+                   help="resize the images to this size (bilinear), e.g. 224 for ImageNet-shaped models")
     p.add_argument("--device", default="cpu")
     p.add_argument("--paper-decode", action="store_true",
                    help="method.relu_zeros=false: ReLU outputs decode without their mask's zeros")
@@ -62,13 +82,16 @@ def main() -> None:
     args = p.parse_args()
     images, labels, classes = real_batch(args.root, args.images)
     images, labels = images.to(args.device), labels.to(args.device)
+    if args.image_size:
+        images = torch.nn.functional.interpolate(images, size=(args.image_size, args.image_size),
+                                                 mode="bilinear", align_corners=False)
     reports = []
     print(f"{args.model}, {args.images} real images, B={args.block_size}")
     print(f"{'bits':>4} {'overall cosine':>15} {'overall rel.err':>16} {'worst layer cosine':>19}")
     for bits in args.bits:
         started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         start = time.perf_counter()
-        r = gradient_fidelity(lambda: build_model(args.model, num_classes=classes), "division", images, labels,
+        r = gradient_fidelity(lambda: make_model(args.model, classes), "division", images, labels,
                               block_size=args.block_size, bits=bits, backend="torch",
                               relu_zeros=not args.paper_decode)
         reports.append(r)

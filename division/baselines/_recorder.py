@@ -132,4 +132,5 @@ class SaveRecorder:
         layer, kind = self._layers[-1] if self._layers else ("", "other")
         self.ledger.record(LedgerEntry(layer=layer, kind=kind, codec=codec, shape=tuple(t.shape),
                                        dtype=str(t.dtype).replace("torch.", ""),
-                                       plain_bytes=nbytes if plain else 0, stored_bytes=nbytes if stored else 0))
+                                       plain_bytes=nbytes if plain else 0, stored_bytes=nbytes if stored else 0,
+                                       op=kind, compressed=codec != "raw"))

@@ -1,0 +1,126 @@
+"""Fitting the DIVISION codec's blocks to tensors that are not (N, C, H, W) maps.
+
+The codec pools 2-D maps (``division.dual_precision``: one mn / step pair per (n, c) map, LFC blocks
+over its last two dims). A transformer or a channels-last CNN saves other shapes, and read as maps
+those would pool across channels (whose scales differ by orders of magnitude in a transformer).
+``LayoutCodec`` shows the codec a 4-D view of such a tensor in which the channels are C and the
+blocks run over tokens or pixels, and gives backward the tensor back in its own shape:
+
+==================  ==========================  ================================================
+layout              saved tensor                view the codec encodes (N, C, H, W)
+==================  ==========================  ================================================
+``nhwc``            (N, H, W, C)                permute: (N, C, H, W), channels_last: 2-D blocks
+``tokens``          (N, L, C)                   (N, C, L, 1): blocks of B tokens per channel
+``rows``            (M, C) (tokens, flattened)  (1, C, M, 1): blocks of B rows per channel
+==================  ==========================  ================================================
+
+Attention's (N, heads, L, E) tensors stay (N, C, H, W) maps (one mn / step per head, 2-D blocks of
+tokens x head dims): per head dim they cost twice the bytes for no measured gain in gradient fidelity.
+
+A LayerNorm's input is stored normalized (``NormalizedCodec``): its backward normalizes the decoded
+input with the statistics of the exact one, so the error that counts is relative to each token's
+own spread, and a channel with outlier values (a transformer's residual stream has them) would
+make the per-channel quantization step far larger than that spread.
+
+``fit`` picks one from the shape and who saves it (``feature_last``: a Linear or LayerNorm input,
+whose last dim is the features by definition); for anything else the codec's own canonical view
+applies. The views are strided views of the tensor, so the fused kernels read channels_last ones
+in place; the reference path copies where it must.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .codec import ActivationCodec, Packed, SaveContext
+
+NHWC, TOKENS, ROWS = "nhwc", "tokens", "rows"
+
+
+def _view(x: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == NHWC:
+        return x.permute(0, 3, 1, 2)
+    if layout == TOKENS:
+        return x.transpose(1, 2).unsqueeze(-1)
+    return x.t().unsqueeze(0).unsqueeze(-1)  # ROWS
+
+
+def _unview(y: torch.Tensor, layout: str, shape: torch.Size) -> torch.Tensor:
+    if layout == NHWC:
+        return y.permute(0, 2, 3, 1)
+    if layout == TOKENS:
+        return y.squeeze(-1).transpose(1, 2)
+    return y.squeeze(-1).squeeze(0).t()  # ROWS
+
+
+def fit(t: torch.Tensor, feature_last: bool) -> Optional[str]:
+    """The layout for ``t``, or None for the codec's own view (4-D (N, C, H, W) maps, (N, F) features).
+
+    4-D: (N, H, W, C) when the features are last (a Linear / LayerNorm input) or dims 1 and 2 are the
+    equal sides of a square grid and dim 3 is not; else maps ((N, C, H, W), attention's (N, h, L, E)).
+    3-D: tokens. 2-D: rows, unless it is a Linear's own (N, F) input."""
+    if t.dim() == 4:
+        _, a, b, c = t.shape
+        return NHWC if feature_last or (a == b and b != c) else None
+    if t.dim() == 3:
+        return TOKENS
+    if t.dim() == 2 and not feature_last:
+        return ROWS
+    return None
+
+
+class LayoutCodec(ActivationCodec):
+    """``codec`` applied to the ``layout`` view of each tensor (see the module docstring)."""
+
+    def __init__(self, codec: ActivationCodec, layout: str):
+        self.codec = codec
+        self.layout = layout
+        self.name = codec.name
+
+    def encode(self, x: torch.Tensor, ctx: Optional[SaveContext] = None) -> Packed:
+        inner = self.codec.encode(_view(x, self.layout), ctx)
+        return Packed(self, inner.tensors, {"inner": inner, "shape": x.shape})
+
+    def decode(self, packed: Packed) -> torch.Tensor:
+        return _unview(packed.meta["inner"].unpack(), self.layout, packed.meta["shape"])
+
+    def closed_form_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        return self.codec.closed_form_nbytes(tuple(_view(torch.empty(shape, device="meta"), self.layout).shape),
+                                             dtype)
+
+    def describe(self) -> dict:
+        return {**self.codec.describe(), "layout": self.layout}
+
+
+class NormalizedCodec(ActivationCodec):
+    """A LayerNorm input over its last ``dims`` dims, stored as ``(x - mean) * rstd`` through
+    ``codec`` with mean and rstd kept exactly (fp32, one pair per normalized row); decode undoes it."""
+
+    def __init__(self, codec: ActivationCodec, dims: int):
+        self.codec = codec
+        self.dims = dims
+        self.name = codec.name
+
+    def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        var, mean = torch.var_mean(x.float(), dim=tuple(range(-self.dims, 0)), keepdim=True, correction=0)
+        return mean, (var + 1e-12).rsqrt()
+
+    def encode(self, x: torch.Tensor, ctx: Optional[SaveContext] = None) -> Packed:
+        mean, rstd = self._stats(x)
+        inner = self.codec.encode(((x.float() - mean) * rstd).to(x.dtype), ctx)
+        return Packed(self, {**inner.tensors, "mean": mean, "rstd": rstd}, {"inner": inner})
+
+    def decode(self, packed: Packed) -> torch.Tensor:
+        x_hat = packed.meta["inner"].unpack()
+        t = packed.tensors
+        return (x_hat.float() / t["rstd"] + t["mean"]).to(x_hat.dtype)
+
+    def closed_form_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        rows = 1
+        for size in shape[:len(shape) - self.dims]:
+            rows *= size
+        return self.codec.closed_form_nbytes(shape, dtype) + 2 * 4 * rows
+
+    def describe(self) -> dict:
+        return {**self.codec.describe(), "normalized": True}
