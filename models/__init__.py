@@ -13,12 +13,14 @@ from .cifar_densenet import densenet121
 from .cifar_resnet import resnet18, resnet20
 from .imagenet import densenet161, resnet50, wrn50_2
 from .preact_resnet import resnet164
+from .vit import vit_cifar
 
 _BUILDERS: dict[str, Callable[[int], nn.Module]] = {
     "resnet20": resnet20,
     "resnet18": resnet18,
     "resnet164": resnet164,
     "densenet121": densenet121,
+    "vit_cifar": vit_cifar,
     "resnet50": resnet50,
     "densenet161": densenet161,
     "wrn50_2": wrn50_2,
@@ -32,6 +34,7 @@ MODEL_INFO: dict[str, dict] = {
     "resnet18": dict(_CIFAR),
     "resnet164": dict(_CIFAR),
     "densenet121": dict(_CIFAR),
+    "vit_cifar": dict(_CIFAR),
     "resnet50": dict(_IMAGENET),
     "densenet161": dict(_IMAGENET),
     "wrn50_2": dict(_IMAGENET),

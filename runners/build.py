@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+from typing import Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -109,8 +110,13 @@ def check_model(cfg) -> None:
                           f"or any torchvision classification model with model=torchvision model.name={name}")
 
 
-def build_model(cfg, num_classes: int, device: torch.device) -> torch.nn.Module:
+def build_model(cfg, num_classes: int, device: torch.device, image_size: Optional[int] = None) -> torch.nn.Module:
+    """The configured model for ``image_size`` inputs (default: ``dataset.image_size``, else the model's
+    own). A model whose input size is fixed when it is built (a Vision Transformer's position embedding)
+    is built for that size where its builder takes one (torchvision's ``vit_*``), and refused with a
+    ``ConfigError`` where it cannot take it."""
     check_model(cfg)
+    size = input_size(cfg, image_size)
     if cfg.model.get("_target_"):  # model.name=... +model._target_=torchvision.models.mobilenet_v3_small
         from hydra.utils import instantiate
         knobs = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
@@ -118,17 +124,58 @@ def build_model(cfg, num_classes: int, device: torch.device) -> torch.nn.Module:
         model = instantiate(knobs, num_classes=num_classes).to(device)
     elif cfg.model.get("source") == "torchvision":
         import torchvision
-        model = torchvision.models.get_model(cfg.model.name, weights=None, num_classes=num_classes).to(device)
+        model = torchvision.models.get_model(cfg.model.name, weights=None, num_classes=num_classes,
+                                             **torchvision_size_kwargs(cfg.model.name, size)).to(device)
     else:
         model = _build_model(cfg.model.name, num_classes=num_classes).to(device)
+    check_input_size(model, cfg.model.name, size)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
 
 
+def input_size(cfg, image_size: Optional[int] = None) -> int:
+    """The side of the images the model will be fed: ``image_size``, else ``dataset.image_size``, else
+    the size the model was designed for."""
+    if image_size is not None:
+        return int(image_size)
+    configured = cfg.dataset.get("image_size")
+    return int(configured) if configured is not None else model_image_size(cfg)
+
+
+def torchvision_size_kwargs(name: str, image_size: int) -> dict:
+    """Builder arguments that fix a torchvision model's input size: ``vit_*`` (``vit_b_16``: 16x16
+    patches) builds its position embedding for ``image_size``, which must be a multiple of the patch."""
+    if not name.startswith("vit_"):
+        return {}
+    tail = name.rsplit("_", 1)[1]
+    patch = int(tail) if tail.isdigit() else 1
+    if image_size % patch:
+        raise ConfigError(f"dataset.image_size={image_size} is not allowed: model {name} cuts images into "
+                          f"{patch}x{patch} patches; use a multiple of {patch} (224 as designed)")
+    return {"image_size": image_size}
+
+
+def check_input_size(model: torch.nn.Module, name: str, image_size: int) -> None:
+    """ConfigError when ``model`` was built for one input size (a Vision Transformer) other than ``image_size``."""
+    from torchvision.models import VisionTransformer
+    if isinstance(model, VisionTransformer) and model.image_size != image_size:
+        raise ConfigError(f"dataset.image_size={image_size} is not allowed: model {name} takes "
+                          f"{model.image_size}x{model.image_size} images only (its position embedding is "
+                          f"built for that size); use dataset.image_size={model.image_size}")
+
+
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """SGD with the ``train.*`` settings: mode=train trains with it, memory and speed measure it."""
+    """The ``train.optimizer`` with the ``train.*`` settings: mode=train trains with it, memory and speed
+    measure it. ``sgd``: SGD (``train.momentum``, ``train.nesterov``), every parameter decayed.
+    ``adamw``: AdamW (betas 0.9 / 0.999); as usual for transformers, ``train.weight_decay`` applies to
+    the weight matrices and kernels only, not to biases and norm scales (1-D parameters)."""
     train = cfg.train
+    if train.get("optimizer", "sgd") == "adamw":
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": train.weight_decay},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr, betas=(0.9, 0.999))
     return torch.optim.SGD(model.parameters(), lr=train.lr, momentum=train.momentum,
                            weight_decay=train.weight_decay, nesterov=train.nesterov)
 

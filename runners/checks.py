@@ -113,6 +113,7 @@ RULES: dict[str, Rule] = {
     "results_dir": text(),
     "group": text(null=True),
     "train.epochs": integer(1),
+    "train.optimizer": choice("sgd", "adamw"),
     "train.lr": number(0, strict=True),
     "train.momentum": number(0, strict=False),
     "train.weight_decay": number(0, strict=False),

@@ -17,7 +17,8 @@ and null on CPU, where no allocator is measured:
 - ``model_bytes`` (allocator): ``memory_allocated`` growth while building the model on the device.
 - ``batch_bytes``: the fixed batch, images plus labels, counted from the tensors (any device).
 - ``output_bytes``: the logits of the measured step, counted from the tensor (any device).
-- ``optimizer_state_bytes`` (allocator): growth over the first optimizer step (SGD momentum).
+- ``optimizer_state_bytes`` (allocator): growth over the first optimizer step (SGD momentum,
+  AdamW's two moments).
 - ``grad_bytes`` (allocator): the previous step's grads, freed by ``zero_grad`` right before this
   step's backward (0 when the measured step is the first).
 - ``total_bytes`` (allocator): ``memory_allocated`` right before backward, i.e. after forward,

@@ -1,4 +1,5 @@
-"""mode=train: SGD with momentum, cosine schedule, evaluation each epoch, atomic checkpoints, resume.
+"""mode=train: SGD with momentum (or AdamW), cosine schedule after a linear warmup, evaluation each
+epoch, atomic checkpoints, resume.
 
 Resuming (``resume=true`` with the same ``hydra.run.dir``) restores model, optimizer, scheduler,
 scaler, RNG states, epoch count and history from ``checkpoint.pt``, which is written at the end of
@@ -126,7 +127,7 @@ def run(cfg, env) -> dict[str, Any]:
     device = env.device
     rank, is_main = distributed.rank(), distributed.is_main()
     train_loader, val_loader, info = build_data(cfg, device)
-    model = build_model(cfg, info["num_classes"], device)
+    model = build_model(cfg, info["num_classes"], device, image_size=info["image_size"])
     method = build_method(cfg)
     ledger = ByteLedger()
     net = distributed.prepare_model(model, method, cfg, device, ledger)  # SyncBN, method, DDP

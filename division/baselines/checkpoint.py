@@ -11,10 +11,12 @@ Finding the chain (the model is never re-parented: forwards are wrapped per inst
 1. an ``nn.Sequential`` model: its children;
 2. torchvision's ResNet: the stem (conv1, bn1, relu, maxpool), the blocks of layer1..layer4, and the
    head (avgpool, flatten, fc), exactly what its forward runs;
-3. a model with a body ``nn.Sequential`` child holding most of its parameters (the project's CIFAR
-   ResNets, PreAct ResNet and DenseNet, torchvision's DenseNet ``features``): the body's forward is
-   replaced, the stem and head around it run plainly;
-4. anything else: every top-level child's forward is checkpointed on its own (correct for any
+3. torchvision's VisionTransformer: the patch embedding (with the class token and the position
+   embedding), the encoder blocks, and the head (final LayerNorm, class token, heads);
+4. a model with a body ``nn.Sequential`` child holding most of its parameters (the project's CIFAR
+   ResNets, PreAct ResNet and DenseNet, torchvision's DenseNet, Swin, ConvNeXt, EfficientNet and
+   MobileNet ``features``): the body's forward is replaced, the stem and head around it run plainly;
+5. anything else: every top-level child's forward is checkpointed on its own (correct for any
    forward; ``segments`` does not apply).
 Nested plain ``nn.Sequential`` stages are flattened into their children, so the groups balance
 blocks rather than whole stages; a stage that starts with an in-place op is kept with the stage
@@ -128,6 +130,28 @@ def _torchvision_resnet_chain(model: nn.Module) -> Optional[list[Stage]]:
     return [stem] + blocks + [head]
 
 
+def _torchvision_vit_chain(model: nn.Module) -> Optional[list[Stage]]:
+    """The chain of torchvision's VisionTransformer (its ``forward`` and its encoder's), if ``model`` is
+    one and unmodified."""
+    try:
+        from torchvision.models.vision_transformer import Encoder, VisionTransformer
+    except ImportError:
+        return None
+    if not isinstance(model, VisionTransformer) or type(model).forward is not VisionTransformer.forward \
+            or type(model.encoder).forward is not Encoder.forward:
+        return None
+    m, encoder = model, model.encoder
+
+    def embed(x: torch.Tensor) -> torch.Tensor:
+        x = m._process_input(x)
+        x = torch.cat([m.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return encoder.dropout(x + encoder.pos_embedding)
+
+    stem = Stage("embed", embed, [m.conv_proj, encoder.dropout])
+    head = Stage("head", lambda x: m.heads(encoder.ln(x)[:, 0]), [encoder.ln, m.heads])
+    return [stem] + _flatten("encoder.layers", encoder.layers) + [head]
+
+
 def _body_sequential(model: nn.Module) -> Optional[tuple[str, nn.Module]]:
     """The plain ``nn.Sequential`` child that holds most of the model's parameters, if any."""
     total = sum(p.numel() for p in model.parameters())
@@ -199,6 +223,8 @@ class CheckpointMethod(TrainingMethod):
             host, chain = model, _flatten("", model)
         elif (resnet := _torchvision_resnet_chain(model)) is not None:
             host, chain = model, resnet
+        elif (vit := _torchvision_vit_chain(model)) is not None:
+            host, chain = model, vit
         elif (body := _body_sequential(model)) is not None:
             host, chain = body[1], _flatten(body[0], body[1])
         if chain:
