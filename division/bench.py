@@ -17,15 +17,18 @@ same run (``dst.copy_(src)`` of 1 GiB, read + write bytes). "combined" is (compr
 decompress bytes) / (compress time + decompress time), as a fraction of copy bandwidth.
 
 Prints a table and writes JSON (``--out``), updated after every row so a cut-short run keeps what
-it measured. Needs no Hydra or wandb.
+it measured; ``scripts/bench_records.py`` turns it into results-store records for ``mode=report``.
+Needs no Hydra or wandb.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -92,6 +95,19 @@ class Timer:
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end) * 1e-3 / batch)
         return {"s": statistics.median(times), "host_s": statistics.median(host), "batch": batch}
+
+
+def code_version() -> Optional[str]:
+    """The code measured, as the framework's records name it: ``$DIVISION_CODE_VERSION``, else the
+    checkout's ``git describe --always --dirty``; None outside a checkout."""
+    if os.environ.get("DIVISION_CODE_VERSION", "").strip():
+        return os.environ["DIVISION_CODE_VERSION"].strip()
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        return out or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def copy_bandwidth(timer: Timer, device, nbytes: int = 1 << 30) -> float:
@@ -204,6 +220,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
         "triton": triton.__version__, "python": platform.python_version(),
         "command": " ".join(["python -m division.bench"] + (argv if argv is not None else sys.argv[1:])),
+        "code_version": code_version(),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
         "copy_GBps": copy_gbps, "tuning": dict(tc.TUNING), "rows": [], "sweep": [],
         "codec": {"block_size": 8, "bits": 2, "rounding": "stochastic"},
     }

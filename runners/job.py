@@ -28,8 +28,8 @@ from .checks import ConfigError, check_outputs, validate
 from .checkpoint import remove_stale_temp_files
 from .compiling import compile_mode, compile_problem
 from .gpu_memory import free_after_oom
-from .record import (COMMON_FIELDS, atomic_write_bytes, code_version, new_record, resolve_results_dir, write_json, write_record,
-                     write_store_row)
+from .record import (COMMON_FIELDS, atomic_write_bytes, code_version, new_record, record_run_dir, resolve_results_dir,
+                     write_json, write_record, write_store_row)
 from .tracking import derive_group, start_logger
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def write_config_error_record(cfg, run_dir: str | Path, exc: BaseException) -> P
         block_size=_plain(cfg, "method.block_size", int), bits=_plain(cfg, "method.bits", int),
         batch_size=_plain(cfg, "batch_size", int), precision=_plain(cfg, "precision", str),
         cuda_graph=_plain(cfg, "cuda_graph", bool), seed=_plain(cfg, "seed", int), group=derive_group_safe(cfg),
-        status="error", error=f"{type(exc).__name__}: {exc}", run_dir=str(Path(run_dir).resolve()),
+        status="error", error=f"{type(exc).__name__}: {exc}", run_dir=record_run_dir(run_dir),
         started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), duration_s=0.0,
         code_version=code_version())
     json_path = None

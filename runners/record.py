@@ -51,7 +51,8 @@ STORE_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
     ("cuda_graph", pa.bool_()),
     ("compile", pa.string()),        # torch.compile mode ("default", "reduce-overhead", ...), null: eager
     ("seed", pa.int64()), ("group", pa.string()), ("status", pa.string()), ("error", pa.string()),
-    ("run_dir", pa.string()), ("started_at", pa.string()), ("duration_s", pa.float64()),
+    ("run_dir", pa.string()),        # relative to the launch directory when inside it (record_run_dir), else absolute
+    ("started_at", pa.string()), ("duration_s", pa.float64()),
     ("code_version", pa.string()),   # the code that produced the run (code_version()): tables never mix two
     ("world_size", pa.int64()), ("wandb_run_id", pa.string()),
     # mode=memory
@@ -76,6 +77,10 @@ STORE_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
     # scripts/gradient_fidelity.py (mode "fidelity"): DIVISION's parameter gradients against exact backward
     ("relu_zeros", pa.bool_()), ("grad_cosine", pa.float64()), ("grad_rel_error", pa.float64()),
     ("grad_worst_cosine", pa.float64()),
+    # python -m division.bench, one record per activation (mode "bench", scripts/bench_records.py)
+    ("device_name", pa.string()), ("activation", pa.string()),  # "256x64x56x56 NHWC"
+    ("compress_gbps", pa.float64()), ("decompress_gbps", pa.float64()), ("copy_gbps", pa.float64()),
+    ("combined_of_copy", pa.float64()), ("reference_speedup", pa.float64()),
     # mode=report
     ("report_dir", pa.string()), ("report_runs", pa.int64()), ("report_files", _JSON), ("report_note", pa.string()),
     # record fields not declared above, as one JSON object (a warning names them when written)
@@ -108,7 +113,7 @@ def new_record(cfg, run_dir: str | Path, method_fields: dict[str, Any]) -> dict[
         "group": cfg.get("group"),
         "status": "running",
         "error": None,
-        "run_dir": str(Path(run_dir).resolve()),
+        "run_dir": record_run_dir(run_dir),
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "duration_s": None,
         "code_version": code_version(),
@@ -116,6 +121,28 @@ def new_record(cfg, run_dir: str | Path, method_fields: dict[str, Any]) -> dict[
     if cfg.mode.name == "report":
         record.update(dict.fromkeys(("model", "dataset", "method", "block_size", "bits", "kernels", "batch_size")))
     return record
+
+
+def launch_dir() -> Path:
+    """The directory the run was started from (Hydra's original working directory; else the cwd)."""
+    try:
+        from hydra.utils import get_original_cwd
+        return Path(get_original_cwd()).resolve()
+    except (ImportError, ValueError):  # outside a Hydra app
+        return Path.cwd().resolve()
+
+
+def record_run_dir(run_dir: str | Path, base: str | Path | None = None) -> str:
+    """``run_dir`` as records keep it: relative to ``base`` (the launch directory) when it lies inside
+    it, so a record names ``outputs/runs/...`` and not the machine's own folders; else absolute.
+    Readers resolve a relative one against the directory the runs were started from."""
+    path = Path(run_dir)
+    path = path.resolve() if path.is_absolute() else (launch_dir() / path).resolve()
+    root = Path(base).resolve() if base is not None else launch_dir()
+    try:
+        return str(path.relative_to(root))
+    except ValueError:  # outside the launch directory (hydra.run.dir=/scratch/...): absolute
+        return str(path)
 
 
 CODE_VERSION_ENV = "DIVISION_CODE_VERSION"

@@ -16,8 +16,10 @@ Writes, per ``report.formats``:
 - html: dashboard.html, a self-contained page with every table and figure.
 
 Sections appear only for what the selected runs hold: memory (paper Table: methods x model/batch,
-activation / total / peak / ledger with "x" vs method none), throughput, accuracy (+ curves), gradient
-fidelity (scripts/gradient_fidelity.py's records) and DIVISION B x Q sweeps; no table mixes code
+activation / total / peak / ledger with "x" vs method none; the largest batch that trains where
+``memory.find_max_batch`` searched it), throughput, accuracy (+ curves), gradient
+fidelity (scripts/gradient_fidelity.py's records), the codec's bandwidth (division.bench's, through
+scripts/bench_records.py) and DIVISION B x Q sweeps; no table mixes code
 versions. Tables and figures also go to the logger.
 """
 from __future__ import annotations
@@ -33,14 +35,15 @@ from .checks import ConfigError
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .record import atomic_write_bytes, read_store_table, resolve_results_dir
+from .record import atomic_write_bytes, read_store_table, record_run_dir, resolve_results_dir
 from .report_figures import Figure, accuracy_bars, grid_bars, heatmap, tradeoff, training_curves
 from .report_filter import groups, select_table
 from .report_html import render
 from .report_query import RunsDB
 from .report_tables import (Grid, Table, accuracy_grids, accuracy_table, accuracy_tradeoff, fidelity_table,
-                            grid_has_values, heatmap_table, memory_grids, memory_table, runs_table, speed_tradeoffs,
-                            sweep_heatmaps, throughput_grids, throughput_table, training_details)
+                            grid_has_values, heatmap_table, kernels_tables, max_batch_grids, max_batch_table, memory_grids,
+                            memory_table, runs_table, speed_tradeoffs, sweep_heatmaps, throughput_grids,
+                            throughput_table, training_details)
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +95,7 @@ def _sections(db: RunsDB, rows: list[dict[str, Any]], with_figures: bool) -> lis
                     bars = bar_grid(grid)
                     if bars is not None:
                         memory.figures.append(grid_bars(bars, grid.unit, grid.title, "{:.1f}x"))
+        memory.tables += [max_batch_table(g) for g in max_batch_grids(db)]
         sections.append(memory)
     speed = throughput_grids(db)
     if speed:
@@ -129,6 +133,9 @@ def _sections(db: RunsDB, rows: list[dict[str, Any]], with_figures: bool) -> lis
     fidelity = fidelity_table(db)
     if fidelity is not None:
         sections.append(Section("Gradient fidelity", [fidelity]))
+    kernels = kernels_tables(db)
+    if kernels:
+        sections.append(Section("Kernels", kernels))
     maps = sweep_heatmaps(db)
     if maps:
         sections.append(Section("DIVISION block size x bits", [heatmap_table(h) for h in maps],
@@ -252,5 +259,5 @@ def run(cfg, env) -> dict[str, Any]:
     if empty_message:
         log.warning("%s", empty_message)
     log.info("report of %d runs: %s", len(rows), ", ".join(written))
-    return {"report_dir": str(out_dir), "report_runs": len(rows), "report_files": written,
+    return {"report_dir": record_run_dir(out_dir), "report_runs": len(rows), "report_files": written,
             "report_note": empty_message or None}

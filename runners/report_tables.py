@@ -67,6 +67,7 @@ class Cell:
     seeds: int = 1                 # runs averaged into value (accuracy: one per seed)
     spread: Optional[float] = None  # their sample standard deviation, where seeds > 1
     fallback: Optional[float] = None  # the run's own ledger ratio, for a column without a none run
+    capped: bool = False           # a lower bound: the largest-batch search stopped at its limit
 
 
 @dataclass
@@ -294,6 +295,40 @@ def _amount(value: float) -> str:
     return f"{value:.2f}" if value >= 0.1 or value == 0 else f"{value:.2g}"
 
 
+def max_batch_grids(rows: "RunsDB | list[dict[str, Any]]") -> list[Grid]:
+    """Per context, the largest batch that trains (``memory.find_max_batch``): methods x model, with
+    how many times method none's batch it is. A search that reached ``memory.max_batch_limit`` without
+    running out of memory gives a lower bound (">="); against such a none there is no ratio."""
+    db = runs_db(rows)
+    grids = []
+    for suffix, context, condition in contexts(db, "memory"):
+        searched = f"({condition}) AND max_batch IS NOT NULL AND status = 'ok'"
+        runs = latest_runs(db, searched, "_label, txt(model)", "_label, txt(model) AS model, "
+                           "num(max_batch) AS v, coalesce(max_batch_capped, false) AS capped")
+        if not runs:
+            continue
+        models = db.values(f"SELECT DISTINCT txt(model) FROM r WHERE {searched} ORDER BY 1")
+        grid = Grid(f"max_batch{suffix}", f"Largest batch that trains - {context}", ordered_labels(db, searched),
+                    models, unit="images")
+        for run in runs:
+            grid.cells[(run["_label"], run["model"])] = Cell(run["v"], capped=bool(run["capped"]))
+        add_ratios(grid, lambda v, base: v / base)
+        for (label, col), cell in grid.cells.items():
+            if grid.cells.get((BASELINE, col), cell).capped and label != BASELINE:
+                cell.ratio = None  # none's own batch is only a lower bound
+        grid.note = ("memory.find_max_batch: doubling from batch_size, then bisecting, to the largest batch whose "
+                     "training steps fit; >= : the search reached memory.max_batch_limit without running out of "
+                     "memory; x = times method none's largest batch")
+        grids.append(grid)
+    return grids
+
+
+def max_batch_table(grid: Grid) -> Table:
+    at_least = lambda c: ">= " if c.capped else ""  # noqa: E731
+    return grid_table(grid, lambda c: f"{at_least(c)}{c.value:.0f}"
+                      + (f" ({at_least(c)}{c.ratio:.1f}x)" if c.ratio else ""))
+
+
 def throughput_grids(rows: "RunsDB | list[dict[str, Any]]") -> list[Grid]:
     db = runs_db(rows)
     grids = []
@@ -422,6 +457,35 @@ def fidelity_table(rows: "RunsDB | list[dict[str, Any]]") -> Optional[Table]:
                  "the least similar parameter")
 
 
+def kernels_tables(rows: "RunsDB | list[dict[str, Any]]") -> list[Table]:
+    """The codec's bandwidth (``python -m division.bench`` through scripts/bench_records.py), one table
+    per device and code version: per activation, compress and decompress GB/s, both together as a
+    fraction of the device's copy bandwidth, and the PyTorch reference's time over the kernels'."""
+    db = runs_db(rows)
+    keyed = db.values("SELECT DISTINCT [txt(device_name), _version] FROM r WHERE mode = 'bench' ORDER BY 1")
+    tables = []
+    for device_name, version in keyed:
+        quoted = ["'" + str(v).replace("'", "''") + "'" for v in (device_name, version)]  # values of the store
+        runs = latest_runs(db, f"mode = 'bench' AND txt(device_name) = {quoted[0]} AND _version = {quoted[1]}",
+                           "activation, precision, _label",
+                           "txt(activation) AS activation, txt(precision) AS precision, _label, "
+                           "num(compress_gbps) AS c, num(decompress_gbps) AS d, num(copy_gbps) AS copy, "
+                           "num(combined_of_copy) AS comb, num(reference_speedup) AS ref, num(batch_size) AS n")
+        runs.sort(key=lambda r: (r["_label"], -(r["n"] or 0), r["activation"], r["precision"]))
+        copies = sorted({round(r["copy"]) for r in runs if r["copy"]})
+        out = [[r["activation"], r["precision"], r["_label"], _fmt(r["c"], "{:.0f}"), _fmt(r["d"], "{:.0f}"),
+                _fmt(r["comb"], "{:.0%}"), _fmt(r["ref"], "{:.1f}x")] for r in runs]
+        key = "kernels" if len(keyed) == 1 else "kernels_" + re.sub(r"[^\w.-]", "_", f"{device_name}_{version}")
+        tables.append(Table(key, f"Codec bandwidth - {device_name}, code {version}",
+                            ["activation", "dtype", "codec", "compress GB/s", "decompress GB/s",
+                             "combined, of copy", "vs PyTorch reference"], out,
+                            "fused kernels; compress reads x and writes the stored tensors, decompress the reverse; "
+                            "combined: both byte counts over both times, as a fraction of the device's copy bandwidth "
+                            f"({', '.join(str(c) for c in copies) or 'n/a'} GB/s, read + write); vs PyTorch "
+                            "reference: its compress + decompress time over the kernels'"))
+    return tables
+
+
 def history(row: dict[str, Any]) -> list[dict[str, Any]]:
     """The per-epoch history of a train row (a JSON string in the store, a list in results.json)."""
     value = row.get("history")
@@ -542,6 +606,8 @@ def headline(row: dict[str, Any]) -> str:
             return f"kept for backward {human_bytes(number(row['ledger_bytes']))}"
     if mode == "speed" and number(row.get("images_per_sec")) is not None:
         return f"{number(row['images_per_sec']):.1f} images/s"
+    if mode == "bench" and number(row.get("combined_of_copy")) is not None:
+        return f"{number(row['combined_of_copy']):.0%} of copy bandwidth"
     if mode == "train" and number(row.get("final_val_top1")) is not None:
         return f"val top-1 {number(row['final_val_top1']):.2f}%"
     return ""

@@ -217,8 +217,9 @@ def test_concurrent_jobs_and_sweeps_get_their_own_folders_and_groups(tmp_path):
     assert len(records) == 4 and sorted(r["seed"] for r in records) == [0, 1, 2, 3]
     assert len({r["run_dir"] for r in records}) == 4
     for record in records:  # each folder holds its own run, end to end
+        assert record["run_dir"].startswith("outputs/runs/")  # relative to the launch directory
         assert Path(record["run_dir"]).name.endswith(tuple("0123456789abcdef"))
-        state = load_checkpoint(Path(record["run_dir"]) / "checkpoint.pt")
+        state = load_checkpoint(tmp_path / record["run_dir"] / "checkpoint.pt")
         assert state["history"] == [{k: v for k, v in h.items()} for h in record["history"]]
     swept = [json.loads(p.read_text()) for p in (tmp_path / "outputs" / "multirun").glob("*/*/*/results.json")]
     assert sorted(r["seed"] for r in swept) == [10, 11]

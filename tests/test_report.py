@@ -146,6 +146,23 @@ def test_memory_table_has_the_papers_shape(tmp_path):
         assert list(csv.reader(f))[1][:2] == ["none", "5.14"]
 
 
+
+def test_largest_batch_table(tmp_path):
+    """memory.find_max_batch's runs: methods x model, the batch and how many times none's; a search
+    that reached its limit is a lower bound; runs that did not search stay out of the table."""
+    store = tmp_path / "store"
+    fill(store, [record(method="none", batch_size=256, max_batch=1707, max_batch_capped=False),
+                 record(method="division", batch_size=256, max_batch=5888, max_batch_capped=False),
+                 record(method="actnn", batch_size=256, max_batch=8192, max_batch_capped=True),
+                 record(model="wrn50_2", method="none", batch_size=256, max_batch=8192, max_batch_capped=True),
+                 record(model="wrn50_2", method="division", batch_size=256, max_batch=8192, max_batch_capped=True),
+                 record(method="checkpoint", batch_size=64, activation_bytes=GIB)])  # no search
+    run_report(store, tmp_path / "out", formats=("md", "csv"))
+    rows = md_table((tmp_path / "out" / "report.md").read_text(), "Largest batch that trains")
+    assert rows == [["method", "resnet50", "wrn50_2"], ["none", "1707", ">= 8192"],
+                    ["actnn", ">= 8192 (>= 4.8x)", ""], ["division B8 Q2", "5888 (3.4x)", ">= 8192"]]
+    assert (tmp_path / "out" / "max_batch.csv").exists()
+
 def test_throughput_accuracy_and_curves(tmp_path):
     store = tmp_path / "store"
     fill(store, speed_records() + train_records())

@@ -17,6 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("results_doc", ROOT / "scripts" / "results_doc.py")
 results_doc = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(results_doc)
+_spec = importlib.util.spec_from_file_location("bench_records", ROOT / "scripts" / "bench_records.py")
+bench_records = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_records)
 
 
 def test_results_md_is_what_its_records_give():
@@ -35,6 +38,16 @@ def test_no_table_outside_a_generated_block():
         assert list((ROOT / "docs" / "records" / name).glob("*.parquet")), name
         block = re.search(rf"<!-- generated: {name}/.*?<!-- end generated -->", text, re.S).group(0)
         assert "\n| " in block and "Not yet measured" not in block, name
+
+
+def test_committed_records_name_no_machine_folder():
+    """docs/records is committed: a record's run_dir is relative to where the runs were started
+    (runners.record.record_run_dir), never an absolute folder of the machine that made it."""
+    records = [r for folder in sorted((ROOT / "docs" / "records").iterdir()) if folder.is_dir()
+               for r in read_store_table(folder).to_pylist()]
+    assert records
+    absolute = [(r["run_id"], r["run_dir"]) for r in records if r["run_dir"] and Path(r["run_dir"]).is_absolute()]
+    assert absolute == [], absolute[:3]
 
 
 def _record(version: str | None, method: str, final: float, seed: int = 0) -> dict:
@@ -68,6 +81,41 @@ def test_missing_set_mixed_versions_and_unknown_tables(tmp_path):
         results_doc.regenerate(_doc("one/accuracy"), records)
     with pytest.raises(results_doc.DocError, match="well-formed"):
         results_doc.regenerate("<!-- generated: one/accuracy -->\nno end\n", records)
+
+
+def _bench_result() -> dict:
+    """What python -m division.bench --out writes (the fields the records read), two rows."""
+    def fast(c_s, d_s, nbytes):
+        return {"compress_s": c_s, "decompress_s": d_s, "compress_GBps": nbytes / c_s / 1e9,
+                "decompress_GBps": nbytes / d_s / 1e9, "combined_GBps": 2 * nbytes / (c_s + d_s) / 1e9}
+    return {"device": "NVIDIA H200", "copy_GBps": 4000.0, "code_version": "v9",
+            "started_at": "2026-01-01T00:00:00+00:00", "codec": {"block_size": 8, "bits": 2, "rounding": "stochastic"},
+            "rows": [{"shape": [256, 64, 56, 56], "dtype": "fp32", "format": "NCHW", "fast": fast(1e-6, 1e-6, 2.6e6),
+                      "ref": {"compress_s": 1e-5, "decompress_s": 1e-5}},
+                     {"shape": [128, 2048, 7, 7], "dtype": "bf16", "format": "NHWC", "fast": fast(5e-4, 3e-4, 1e6),
+                      "ref": None}]}
+
+
+def test_kernel_and_largest_batch_blocks_fill_from_their_records(tmp_path):
+    """The kernels and largest-batch sections of docs/results.md are blocks like the others: made by
+    mode=report's tables over records (division.bench's JSON through scripts/bench_records.py, and
+    memory.find_max_batch runs), 'not yet measured' while their set is empty."""
+    records = tmp_path / "records"
+    text = results_doc.regenerate(_doc("kernels/kernels") + _doc("mb/max_batch*"), records)
+    assert text.count("Not yet measured in this release") == 2
+    for record in bench_records.bench_records(_bench_result()):
+        write_store_row(record, records / "kernels")
+    text = results_doc.regenerate(_doc("kernels/kernels"), records)
+    assert "_Codec bandwidth - NVIDIA H200, code v9: fused kernels;" in text and "(4000 GB/s, read + write)" in text
+    assert "| 256x64x56x56 NCHW | fp32 | division B8 Q2 | 2600 | 2600 | 65% | 10.0x |" in text
+    assert "| 128x2048x7x7 NHWC | bf16 | division B8 Q2 | 2 | 3 | 0% |  |" in text
+    for method, found in (("none", 1707), ("division", 5888)):
+        write_store_row(dict(run_id=uuid.uuid4().hex[:12], mode="memory", model="resnet50", dataset="synthetic",
+                             method=method, batch_size=256, device="cuda", precision="fp32", status="ok",
+                             started_at="2026-01-01T00:00:00", code_version="v9", max_batch=found,
+                             max_batch_capped=False), records / "mb")
+    text = results_doc.regenerate(_doc("mb/max_batch*"), records)
+    assert "| none | 1707 |" in text and "| division | 5888 (3.4x) |" in text
 
 
 def test_report_never_averages_two_code_versions(tmp_path):

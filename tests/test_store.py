@@ -15,8 +15,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import runners.job as job
-from runners.record import (STORE_SCHEMA, migrate_store, read_store, read_store_table, to_row, write_record,
-                            write_store_row)
+from runners.record import (STORE_SCHEMA, migrate_store, read_store, read_store_table, record_run_dir, to_row,
+                            write_record, write_store_row)
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -139,3 +139,18 @@ def test_values_of_another_type_go_to_extra_not_into_a_new_column_type():
     assert json.loads(row["history"]) == [{"epoch": 1}]
     assert json.loads(row["extra"]) == {"block_size": "eight", "new_field": 1}
     assert set(row) == set(STORE_SCHEMA.names)
+
+
+def test_run_dir_is_recorded_relative_to_the_launch_directory(tmp_path, monkeypatch):
+    """Records name outputs/runs/..., not the machine's own folders (docs/records are committed);
+    a run folder outside the launch directory stays absolute, so a reader can always find it."""
+    launch = tmp_path / "launch"
+    launch.mkdir()
+    monkeypatch.chdir(launch)
+    assert record_run_dir(launch / "outputs" / "runs" / "a") == "outputs/runs/a"
+    assert record_run_dir("outputs/runs/b") == "outputs/runs/b"
+    assert record_run_dir(tmp_path / "elsewhere") == str((tmp_path / "elsewhere").resolve())
+    record = job.run_job(compose_job(tmp_path, "mode=memory", "memory.steps=1"), launch / "outputs" / "runs" / "m")
+    assert record["run_dir"] == "outputs/runs/m"
+    assert (launch / record["run_dir"] / "results.json").exists()
+    assert [row["run_dir"] for row in read_store(tmp_path / "store")] == ["outputs/runs/m"]
