@@ -66,7 +66,7 @@ def test_layouts_fit_shapes(shape, feature_last, layout):
     assert fit(torch.empty(shape), feature_last) == layout
 
 
-@pytest.mark.parametrize("shape", [(2, 9, 9, 24), (3, 50, 16), (40, 24)])
+@pytest.mark.parametrize("shape", [(2, 9, 9, 24), (3, 50, 16), (40, 24), (2 * 36 * 36, 24), (4099, 8)])
 def test_layout_codec_round_trips_within_the_codec_bound(shape):
     from division.dual_precision import DivisionCodec as DualPrecisionCodec
     torch.manual_seed(0)
@@ -78,6 +78,19 @@ def test_layout_codec_round_trips_within_the_codec_bound(shape):
     assert y.shape == x.shape and y.dtype == x.dtype
     assert (y - x).abs().max() < 0.05 * x.abs().max()
     assert packed.nbytes == codec.closed_form_nbytes(tuple(x.shape), x.dtype)
+
+
+@pytest.mark.parametrize("rows,group", [(401408, 2048), (128 * 197, 1576), (394, 394), (2 * 36 * 36, 1296),
+                                        (4099, 4099), (7, 7)])
+def test_flattened_rows_are_coded_in_groups_of_rows(rows, group):
+    """(M, C) rows are coded as M / R sequences (row_group): each group its own quantization step
+    per channel, and as many maps as groups for the kernels, not one (1, C, M, 1) map."""
+    from division.layouts import _view, row_group
+    assert row_group(rows, 8) == group
+    view = _view(torch.empty(rows, 24, device="meta"), ROWS, 8)
+    assert tuple(view.shape) == (rows // group, 24, group, 1)
+    x = torch.randn(rows if rows < 10000 else 16, 24)
+    assert _view(x, ROWS, 8).data_ptr() == x.data_ptr()  # a view of x's storage, not a copy
 
 
 def test_normalized_codec_bounds_the_error_relative_to_each_tokens_own_spread():
