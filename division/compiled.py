@@ -21,8 +21,11 @@ MaxPool2d (its argmax as a uint8 position in the window, as the eager path keeps
 chooses; the byte ledger (``SavedTensorCounter``) counts it and ``CompiledLayers.uncovered``
 names those layers, so nothing is hidden.
 
-The codec is DIVISION's PyTorch reference (``division.dual_precision``), written in tensor ops
-that inductor turns into fused kernels. Its stochastic rounding takes its uniform draw from a hash
+On a GPU, the codec is the fused Triton kernels that eager DIVISION runs, called as custom ops
+(``division.compiled_ops``: opaque to inductor, one encode and one decode per activation).
+Elsewhere (the CPU, shapes the kernels have no plan for, dynamic shapes) it is DIVISION's
+PyTorch reference (``division.dual_precision``), written in tensor ops that inductor turns into
+kernels. Its stochastic rounding takes its uniform draw from a hash
 of each element's value bits and position (``hash_dither``) instead of a random-number op: the
 encode is then a pure function of its input, so when two layers read the same tensor (a ResNet
 block's input, read by conv1 and by the downsample convolution) the compiler's common-subexpression
@@ -33,6 +36,7 @@ saves, from autograd's own saved-tensor hooks around it: every tensor but the pa
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -53,6 +57,10 @@ from .packing import pack_bits, packed_nbytes, unpack_bits
 class TensorCodec:
     """DIVISION's knobs as a hashable constant that a traced function can close over.
 
+    ``fused``: where the fused GPU kernels have a plan for a tensor, encode and decode call them
+    as custom ops (``division.compiled_ops``) instead of tensor ops that inductor generates
+    kernels for; set when the eager codec is the fused one (``tensor_codec_for``).
+
     ``encode`` returns a tuple of tensors (what is kept), ``decode`` rebuilds the activation from
     it; the shapes, dtype and memory format travel separately as a ``Layout``.
     """
@@ -62,6 +70,17 @@ class TensorCodec:
     rounding: str = "stochastic"
     keep_lfc: bool = True
     keep_hfc: bool = True
+    fused: bool = False  # the fused GPU kernels as custom ops (division.compiled_ops) where they apply
+
+    @property
+    def stochastic(self) -> bool:
+        return self.rounding == "stochastic"
+
+    def _fused_applies(self, x: torch.Tensor, geom: Geometry) -> bool:
+        if not (self.fused and self.keep_lfc and self.keep_hfc) or geom.layout == LAYOUT_RAW:
+            return False
+        from . import compiled_ops
+        return compiled_ops.applies(x, self.block_size, self.bits, self.stochastic)
 
     def parts(self, geom: Geometry) -> tuple[bool, bool]:
         """(store the LFC, store the HFC): the same rule as ``DivisionCodec._parts``."""
@@ -72,6 +91,9 @@ class TensorCodec:
     def encode(self, x: torch.Tensor) -> tuple["Layout", tuple[torch.Tensor, ...]]:
         geom = canonical_geometry(x.shape, x.dtype, self.block_size)
         layout = Layout(tuple(x.shape), x.dtype, _memory_format(x), geom)
+        if self._fused_applies(x, geom):
+            stored = torch.ops.division.encode(x, self.block_size, self.bits, self.stochastic)
+            return dataclasses.replace(layout, fused=True), tuple(stored)
         if geom.layout == LAYOUT_RAW:
             return layout, (x,)
         has_lfc, has_hfc = self.parts(geom)
@@ -91,6 +113,10 @@ class TensorCodec:
 
     def decode(self, layout: "Layout", stored: tuple[torch.Tensor, ...]) -> torch.Tensor:
         geom = layout.geometry
+        if layout.fused:
+            return torch.ops.division.decode(*stored, list(layout.shape), layout.dtype,
+                                             layout.memory_format == "channels_last",
+                                             self.block_size, self.bits)
         if geom.layout == LAYOUT_RAW:
             return stored[0]
         has_lfc, has_hfc = self.parts(geom)
@@ -145,7 +171,8 @@ def tensor_codec_for(codec) -> Optional[TensorCodec]:
     from .dual_precision import DivisionCodec
     if not isinstance(codec, DivisionCodec) or codec.simulate:
         return None
-    return TensorCodec(codec.block_size, codec.bits, codec.rounding, codec.keep_lfc, codec.keep_hfc)
+    return TensorCodec(codec.block_size, codec.bits, codec.rounding, codec.keep_lfc, codec.keep_hfc,
+                       fused=type(codec).__name__ == "TritonDivisionCodec")
 
 
 @dataclass(frozen=True)
@@ -156,6 +183,7 @@ class Layout:
     dtype: torch.dtype
     memory_format: Optional[str]
     geometry: Geometry
+    fused: bool = False  # coded by division.compiled_ops' custom ops (decode with them too)
 
 
 def _memory_format(x: torch.Tensor) -> Optional[str]:
@@ -535,17 +563,17 @@ def _identity(t):
 _CHECKED: dict[tuple, Optional[str]] = {}
 
 
-def self_check(device: torch.device, **compile_kwargs) -> Optional[str]:
+def self_check(device: torch.device, fused: bool = False, **compile_kwargs) -> Optional[str]:
     """Compile a small network through these functions and compare its gradients with the same
     functions run eagerly; return why compiled training cannot be trusted here, or None.
 
-    Run once per device type, compile options and PyTorch version. It guards against compilers
+    Run once per device type, codec kernels (``fused``), compile options and PyTorch version. It guards against compilers
     that lose the functions' backward (torch 2.11 once returned zero gradients for one of them)
     or recompute instead of keeping the codes; either would train silently wrong or slow.
     """
-    key = (torch.device(device).type, tuple(sorted(compile_kwargs.items())), torch.__version__)
+    key = (torch.device(device).type, fused, tuple(sorted(compile_kwargs.items())), torch.__version__)
     if key not in _CHECKED:
-        _CHECKED[key] = _check(torch.device(device), compile_kwargs)
+        _CHECKED[key] = _check(torch.device(device), fused, compile_kwargs)
     return _CHECKED[key]
 
 
@@ -555,8 +583,8 @@ def _probe_net() -> nn.Module:
                          nn.Flatten(), nn.Linear(8 * 8 * 8, 4))
 
 
-def _check(device: torch.device, compile_kwargs: dict) -> Optional[str]:
-    codec = TensorCodec(block_size=4, bits=8, rounding="nearest")
+def _check(device: torch.device, fused: bool, compile_kwargs: dict) -> Optional[str]:
+    codec = TensorCodec(block_size=4, bits=8, rounding="nearest", fused=fused)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(4, 3, 8, 8, generator=gen).to(device)
     target = torch.randint(0, 4, (4,), generator=gen).to(device)

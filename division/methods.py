@@ -261,7 +261,7 @@ class CodecMethod(TrainingMethod):
     def _check_compiled(self, model: nn.Module, compile_kwargs: dict) -> None:
         if self.compiled_layers is None:
             return
-        problem = self_check(next(model.parameters()).device, **compile_kwargs)
+        problem = self_check(next(model.parameters()).device, self.tensor_codec.fused, **compile_kwargs)
         if problem is not None:
             raise CompileUnsupported(f"{problem}; DIVISION cannot train compiled here: use it "
                                      "without torch.compile (its eager and CUDA-graph paths)")

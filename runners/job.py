@@ -73,11 +73,15 @@ def run_job(cfg, run_dir: str | Path) -> dict[str, Any]:
             raise ConfigError(problem)
         method_fields = method.describe()
         if compile_mode(cfg) is not None and method_fields.get("kernels"):
-            method_fields["kernels"] = "inductor"  # compiled, the codec is the compiler's own kernels
+            # compiled, the codec runs the fused kernels as custom ops where they apply
+            # (division.compiled_ops), else tensor ops that the compiler generates kernels for
+            codec = getattr(method, "tensor_codec", None)
+            method_fields["kernels"] = "triton" if codec is not None and codec.fused else "inductor"
     else:
         method_fields = {"method": cfg.method.name, "block_size": None, "bits": None}
     record = new_record(cfg, run_dir, method_fields)
     record["device"] = device.type
+    record["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     record["group"] = derive_group(cfg)
     record["world_size"] = distributed.world_size()
     if writes:

@@ -1,0 +1,111 @@
+"""DIVISION's fused kernels inside a compiled graph (division/compiled_ops.py): the graph calls the
+``division::encode`` / ``division::decode`` custom ops, keeps what they write, and trains like the
+same layers run eagerly.
+
+The kernels run on the CPU through Triton's interpreter, which has to be switched on before the
+kernels' module loads: the checks run in a subprocess started with TRITON_INTERPRET=1.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _checks() -> dict:
+    """Run in the interpreter subprocess; returns what the test asserts on."""
+    import torch
+    import torch.nn.functional as F
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    from division.compiled import CompiledLayers, TensorCodec, _identity
+    from division.triton_codec import TritonDivisionCodec
+    from tests.test_compiled import batch, small_net, step, cosine
+
+    codec = TensorCodec(block_size=4, bits=4, rounding="nearest", fused=True)
+    x, y = batch()
+    graphs = {}
+
+    def backend(gm, example_inputs):
+        def keep(name):
+            def compiler(g, _):
+                graphs[name] = [str(n.target) for n in g.graph.nodes if n.op == "call_function"]
+                return g.forward
+            return compiler
+        # inductor's partitioner: it merges equal encodes and decides what is saved
+        return aot_module_simplified(gm, example_inputs, fw_compiler=keep("forward"), bw_compiler=keep("backward"),
+                                     partition_fn=min_cut_rematerialization_partition)
+
+    out = {}
+    eager_net = small_net()
+    CompiledLayers(eager_net, codec, eager=True)  # the same functions and ops, run eagerly
+    _, eager_grads = step(eager_net, x, y)
+    for name, compiler in (("aot", backend), ("inductor", "inductor")):
+        net = small_net()
+        CompiledLayers(net, codec)
+        kept = []
+        run = torch.compile(net, backend=compiler)
+        net.zero_grad(set_to_none=True)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, _identity):
+            loss = F.cross_entropy(run(x), y)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+        out[name] = {"cosine_to_eager": cosine(grads, eager_grads),
+                     "codes_bytes": sum(t.numel() for t in kept if t.dtype == torch.uint8)}
+    out["forward_ops"] = graphs["forward"]
+    out["backward_ops"] = graphs["backward"]
+    # what the eager fused codec keeps of the same activations (the ReLU masks beside them: 1 bit)
+    triton = TritonDivisionCodec(block_size=4, bits=4, rounding="nearest")
+    codes = lambda *shape: triton.encode(torch.randn(*shape)).tensors["codes"].numel()  # noqa: E731
+    masks = (8 * 16 * 16 * 16 + 2 * 8 * 32 * 16 * 16) // 8
+    out["eager_codes_bytes"] = (2 * codes(8, 16, 16, 16) + codes(8, 3, 16, 16) + 3 * codes(8, 32, 16, 16)
+                                + codes(8, 32) + masks)
+    from division import compiled_ops
+    out["applies_cpu_tensor_interpreted"] = compiled_ops.applies(x, 4, 4, False)
+    return out
+
+
+def _main(path: str) -> None:
+    Path(path).write_text(json.dumps(_checks()))
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compiled_ops") / "results.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import tests.test_compiled_ops as T; T._main(sys.argv[2])"
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT), str(out)], env=env, cwd=str(ROOT),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def test_compiled_graph_calls_the_fused_encode_and_decode(interpreted):
+    fwd, bwd = interpreted["forward_ops"], interpreted["backward_ops"]
+    # conv0, bn0, the block input (read by conv1 and the shortcut: one encode), bn1, conv2, bn2, linear
+    assert fwd.count("division.encode.default") == 7, fwd
+    assert bwd.count("division.decode.default") >= 7, bwd
+    assert "division.decode.default" not in fwd and "division.encode.default" not in bwd
+
+
+def test_compiled_fused_layers_train_like_the_same_layers_run_eagerly(interpreted):
+    for name in ("aot", "inductor"):
+        assert interpreted[name]["cosine_to_eager"] > 0.9999, (name, interpreted[name])
+    assert interpreted["aot"]["codes_bytes"] == interpreted["inductor"]["codes_bytes"] \
+        == interpreted["eager_codes_bytes"]
+
+
+def test_cpu_tensors_take_the_fused_ops_only_under_the_interpreter(interpreted):
+    import torch
+    from division import compiled_ops
+    assert interpreted["applies_cpu_tensor_interpreted"] is True
+    from division.triton_launch import interpreting
+    if not interpreting():
+        assert compiled_ops.applies(torch.randn(8, 3, 16, 16), 4, 4, False) is False
