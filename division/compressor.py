@@ -18,6 +18,19 @@
   differentiable outputs, so they stay exact. The codec's canonical view gives each shape its
   blocks: 2-D blocks for (N, C, H, W) maps (and attention's (N, heads, L, E)), blocks of tokens for
   (N, L, C) sequences, features for (N, F) (``division.dual_precision``);
+- attention is stored at more bits (``attention_codec``, DIVISION's ``attention_bits``). The fused
+  attention kernels (``F.scaled_dot_product_attention``'s flash, memory-efficient and cuDNN paths,
+  on CPU and CUDA) save query, key, value, output and the exact log-sum-exp; their backward
+  recomputes the probabilities as exp(q.k / sqrt(E) - lse) from the decoded q and k (an error in q.k
+  lands in an exponent, against a normalizer of the exact q and k) and the softmax gradient as
+  P (dO.V - dO.O), a difference of two nearly equal terms once attention is sharp, that only
+  cancels where the decoded V and O agree. Measured (scripts/gradient_fidelity.py, README): with
+  sharp attention, any subset of the four at more bits leaves the gradients wrong; all four
+  restore them. So all four go through ``attention_codec``: the output when it is saved (its
+  grad_fn is the kernel's node), query, key and value, saved a moment earlier, by redoing their
+  encodes then (``_attention_output``: the node's first three inputs). The math fallback and an
+  explicit ``softmax(q k^T) v`` save the probabilities, whose softmax backward has the same
+  cancellation: softmax outputs (and views of them) go through ``attention_codec`` too;
 - every module without a family of its own also marks "who is saving now", so the ledger names the
   operator (module type) behind each save, and the first training forward measures coverage: the
   fraction of the bytes plain autograd would keep that are stored compressed. Under
@@ -44,6 +57,7 @@ from __future__ import annotations
 import logging
 import warnings
 import weakref
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -131,6 +145,22 @@ class _CacheEntry:
 _RAW = RawCodec()
 _SHAPE_ONLY = ShapeOnlyCodec()
 
+# The autograd nodes of the fused attention kernels start with this (ScaledDotProductFlashAttention-
+# ForCpuBackward0, ...EfficientAttention..., ...FlashAttention..., ...CudnnAttention...); their first
+# three inputs are query, key and value. The math fallback records plain matmul / softmax nodes instead.
+_FUSED_ATTENTION = "ScaledDotProduct"
+_SOFTMAX = ("SoftmaxBackward0", "SafeSoftmaxBackward0")
+_RECENT = 8  # codec saves remembered for _attention_output (query, key, value and a few more)
+
+
+@dataclass(eq=False)  # found by identity: comparing fields would compare tensors
+class _Recent:
+    """A save through the codec that the attention kernel being recorded may turn out to own."""
+
+    ref: weakref.ref
+    packed: Packed
+    entry: Optional[LedgerEntry]  # its ledger row, whose bytes change if the encode is redone
+
 
 class ActivationCompressor:
     """Hooks that store a model's saved activations through a codec. Build with ``compress_activations``.
@@ -151,15 +181,21 @@ class ActivationCompressor:
         module docstring); False: only conv / norm / linear inputs (and the exact codecs).
     coverage_warning: warn when the first training forward stores less than this fraction of the
         bytes plain autograd would keep compressed (with a codec; 0 never warns).
+    attention_codec: with cover_all, what the tensors of attention (a fused kernel's query, key,
+        value and output; softmax outputs) are stored with (see the module docstring): the codec at
+        more bits, or ``RawCodec()`` to keep them exact; None: the codec, like every other save.
     """
 
     def __init__(self, model: nn.Module, codec: Optional[ActivationCodec], *, exact_masks: bool = True,
                  min_numel: int = 1024, ledger: Optional[ByteLedger] = None, exact_kernels: bool = True,
                  encode_stream: Optional[SideStreamEncoder] = None,
                  prefetcher: Optional[DecodePrefetcher] = None, norm_from_codes: bool = False,
-                 cover_all: bool = False, coverage_warning: float = 0.9):
+                 cover_all: bool = False, coverage_warning: float = 0.9,
+                 attention_codec: Optional[ActivationCodec] = None):
         self.model = model
         self.cover_all = cover_all and codec is not None
+        self.attention_codec = attention_codec if self.cover_all else None
+        self._recent: deque[_Recent] = deque(maxlen=_RECENT)
         self.coverage_warning = coverage_warning
         # the first training forward's coverage (plain bytes, bytes stored compressed, raw bytes by
         # operator), checked once against coverage_warning; then None
@@ -251,6 +287,7 @@ class ActivationCompressor:
             return
         self._cache.clear()
         self._plain_seen.clear()
+        self._recent.clear()
         self._last_saved = None
         self._pending_mask = None
         if self.prefetcher is not None:
@@ -273,6 +310,7 @@ class ActivationCompressor:
         self._stack.clear()
         self._cache.clear()
         self._plain_seen.clear()
+        self._recent.clear()
         self._as_is.clear()
 
     def _make_push(self, name: str, kind: str):
@@ -365,9 +403,42 @@ class ActivationCompressor:
                 if self.prefetcher is not None and hasattr(codec, "decode_ahead"):
                     packed.meta[PREVIOUS] = self._last_saved  # backward decodes in about reverse order
                     self._last_saved = weakref.ref(packed)
+        entry = None
         if self.ledger is not None or self._coverage is not None:
-            self._record(t, frame, packed, shared)
+            entry = self._record(t, frame, packed, shared)
+        if self.attention_codec is not None and not shared:
+            if packed.codec is self.codec or getattr(packed.codec, "codec", None) is self.codec:
+                self._recent.append(_Recent(weakref.ref(t), packed, entry))
+            if type(t.grad_fn).__name__.startswith(_FUSED_ATTENTION):  # stored by _general already
+                self._attention_output(t.grad_fn)
         return packed
+
+    def _attention_output(self, node) -> None:
+        """``node``, a fused attention kernel's autograd node, is saving its output (stored through
+        the attention codec by ``_general``): store its query, key and value (its first three inputs,
+        saved just before) through the attention codec too. The Packed objects autograd holds are
+        refilled in place; their ledger rows follow."""
+        wanted = [fn_nr for fn_nr in node.next_functions[:3] if fn_nr[0] is not None]
+        for recent in list(self._recent):
+            t = recent.ref()
+            if t is None or (t.grad_fn, t.output_nr) not in wanted or recent.packed.codec is _RAW:
+                continue
+            self._recent.remove(recent)
+            codec = self._attention_fitted(t)
+            redone = self._encode(codec, t, None)
+            packed = recent.packed
+            packed.codec, packed.tensors = redone.codec, redone.tensors
+            packed.meta = {**redone.meta, **{k: v for k, v in packed.meta.items() if k in (PREVIOUS, RELU_MASK)}}
+            if recent.entry is not None:
+                recent.entry.codec = packed.codec.name
+                recent.entry.stored_bytes = packed.nbytes
+                recent.entry.compressed = packed.codec is not _RAW
+
+    def _attention_fitted(self, t: torch.Tensor) -> ActivationCodec:
+        if isinstance(self.attention_codec, RawCodec):
+            return _RAW
+        self.attention_codec.generator = getattr(self.codec, "generator", None)  # one rounding stream
+        return self._fitted(t, False, self.attention_codec)
 
     def _unpack(self, packed):
         if not isinstance(packed, Packed):
@@ -451,6 +522,8 @@ class ActivationCompressor:
         """The rule for a save no module family claims (see ``cover_all``)."""
         if (self.cover_all and t.is_floating_point() and t.requires_grad
                 and not _derives_from_parameter(t)):
+            if self.attention_codec is not None and _attention_save(t):
+                return self._attention_fitted(t)
             return self._fitted(t, False)
         return _RAW
 
@@ -462,14 +535,17 @@ class ActivationCompressor:
             codec = self._layouts[key] = NormalizedCodec(self._fitted(t, True), dims)
         return codec
 
-    def _fitted(self, t: torch.Tensor, feature_last: bool) -> ActivationCodec:
-        """The codec, seen through the view that fits t's layout (``division.layouts.fit``)."""
+    def _fitted(self, t: torch.Tensor, feature_last: bool,
+                base: Optional[ActivationCodec] = None) -> ActivationCodec:
+        """The codec (or ``base``), seen through the view that fits t's layout (``division.layouts.fit``)."""
+        base = self.codec if base is None else base
         layout = fit(t, feature_last)
         if layout is None:
-            return self.codec
-        codec = self._layouts.get(layout)
+            return base
+        key = layout if base is self.codec else f"{layout}:{id(base)}"
+        codec = self._layouts.get(key)
         if codec is None:
-            codec = self._layouts[layout] = LayoutCodec(self.codec, layout)
+            codec = self._layouts[key] = LayoutCodec(base, layout)
         return codec
 
     @staticmethod
@@ -491,7 +567,7 @@ class ActivationCompressor:
             return _SHAPE_ONLY
         return _RAW
 
-    def _record(self, t: torch.Tensor, frame: Optional[_Frame], packed: Packed, shared: bool) -> None:
+    def _record(self, t: torch.Tensor, frame: Optional[_Frame], packed: Packed, shared: bool) -> LedgerEntry:
         ref = self._plain_seen.get(id(t))
         plain_seen = ref is not None and ref() is t
         if not plain_seen:
@@ -510,6 +586,7 @@ class ActivationCompressor:
         for ledger in (self.ledger, self._coverage):
             if ledger is not None:
                 ledger.record(entry)
+        return entry
 
     def _check_coverage(self) -> None:
         """Once, after the first training forward: the fraction of the bytes plain autograd would
@@ -527,6 +604,16 @@ class ActivationCompressor:
                    + ("" if self.cover_all else "; cover_all=true compresses every saved activation"))
         log.warning(message)
         warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+
+def _attention_save(t: torch.Tensor) -> bool:
+    """Is ``t`` a fused attention kernel's output, or attention probabilities (a softmax output, or a
+    view of one: the math fallback's batched matmul reads one)?"""
+    name = type(t.grad_fn).__name__
+    if name.startswith(_FUSED_ATTENTION):
+        return True
+    base = t if t._base is None else t._base
+    return type(base.grad_fn).__name__ in _SOFTMAX
 
 
 def _is_parameter(t: torch.Tensor) -> bool:

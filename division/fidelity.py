@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ledger import ByteLedger
 from .methods import build_method
 
 
@@ -50,7 +51,8 @@ def compare_gradients(got: dict[str, torch.Tensor], exact: dict[str, torch.Tenso
 
 def gradient_fidelity(make_model: Callable[[], nn.Module], method: str, images: torch.Tensor,
                       labels: torch.Tensor, seed: int = 0, **knobs) -> dict[str, Any]:
-    """Gradients of ``method`` (built with ``knobs``) against plain autograd's, same init and batch."""
+    """Gradients of ``method`` (built with ``knobs``) against plain autograd's, same init and batch;
+    ``ledger_ratio``: how many times fewer bytes than plain autograd the method kept for that step."""
     torch.manual_seed(seed)
     exact_model = make_model().to(images.device)
     torch.manual_seed(seed)
@@ -60,10 +62,11 @@ def gradient_fidelity(make_model: Callable[[], nn.Module], method: str, images: 
     torch.manual_seed(seed + 1)
     exact = parameter_gradients(exact_model, images, labels)
     compressed = build_method(method, **knobs)
-    model = compressed.attach(model)
+    ledger = ByteLedger()
+    model = compressed.attach(model, ledger)
     torch.manual_seed(seed + 1)
     try:
         got = parameter_gradients(model, images, labels, compressed.step_context())
     finally:
         compressed.detach()
-    return {"method": method, **knobs, **compare_gradients(got, exact)}
+    return {"method": method, **knobs, "ledger_ratio": ledger.ratio, **compare_gradients(got, exact)}

@@ -13,12 +13,13 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from .codec import ActivationCodec
+from .codec import ActivationCodec, RawCodec
 from .compiled import CompiledLayers, SavedTensorCounter, self_check, tensor_codec_for
 from .compressor import ActivationCompressor, compress_activations
 from .decode_prefetch import DecodePrefetcher
 from .encode_stream import SideStreamEncoder
 from .ledger import ByteLedger
+from .packing import SUPPORTED_BITS
 
 
 class TrainingMethod:
@@ -196,6 +197,11 @@ def valid_prefetch_ahead(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+def valid_attention_bits(value) -> bool:
+    """0 (exact) or one of the codec's bit widths (an integer, not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and (value == 0 or value in SUPPORTED_BITS)
+
+
 class CompileUnsupported(RuntimeError):
     """``TrainingMethod.compile`` on a method whose storage a compiled graph would bypass."""
 
@@ -217,7 +223,8 @@ class CodecMethod(TrainingMethod):
     def __init__(self, name: str, codec: ActivationCodec, *, exact_masks: bool = True,
                  min_numel: int = 1024, exact_kernels: bool = True, side_stream="auto",
                  prefetch_decode="auto", prefetch_ahead: int = 1, norm_from_codes: bool = False,
-                 seed: Optional[int] = None, cover_all: bool = False) -> None:
+                 seed: Optional[int] = None, cover_all: bool = False,
+                 attention_codec: Optional[ActivationCodec] = None) -> None:
         super().__init__()
         for knob, value in (("side_stream", side_stream), ("prefetch_decode", prefetch_decode)):
             if not valid_side_stream(value):
@@ -234,6 +241,7 @@ class CodecMethod(TrainingMethod):
         self.prefetch_ahead = prefetch_ahead
         self.norm_from_codes = bool(norm_from_codes)
         self.cover_all = bool(cover_all)
+        self.attention_codec = attention_codec
         self.tensor_codec = tensor_codec_for(codec)  # None: the codec has no compiled form
         self.compile_safe = self.tensor_codec is not None
         self.compiled_layers: Optional[CompiledLayers] = None
@@ -253,7 +261,8 @@ class CodecMethod(TrainingMethod):
                                                min_numel=self.min_numel, ledger=ledger,
                                                exact_kernels=self.exact_kernels, encode_stream=stream,
                                                prefetcher=prefetcher, norm_from_codes=self.norm_from_codes,
-                                               cover_all=self.cover_all)
+                                               cover_all=self.cover_all,
+                                               attention_codec=self.attention_codec)
         if self.compiled_layers is not None:
             self.compressor.compiled_uncovered = self.compiled_layers.uncovered
         return model
@@ -306,13 +315,22 @@ class CodecMethod(TrainingMethod):
 def _division(block_size: int = 8, bits: int = 2, rounding: str = "stochastic", keep_lfc: bool = True,
               keep_hfc: bool = True, simulate: bool = False, backend: str = "auto", relu_zeros: bool = True,
               side_stream="auto", prefetch_decode="auto", prefetch_ahead: int = 1, norm_from_codes: bool = True,
-              seed: Optional[int] = None, cover_all: bool = True, **_) -> TrainingMethod:
+              seed: Optional[int] = None, cover_all: bool = True, attention_bits: int = 8,
+              **_) -> TrainingMethod:
     from .backends import division_codec
-    codec = division_codec(backend=backend, block_size=block_size, bits=bits, rounding=rounding,
-                           keep_lfc=keep_lfc, keep_hfc=keep_hfc, simulate=simulate, relu_zeros=relu_zeros)
+    if not valid_attention_bits(attention_bits):
+        raise ValueError(f"method.attention_bits={attention_bits!r} is not allowed: "
+                         f"use 0 (attention kept exact) or one of {', '.join(map(str, SUPPORTED_BITS))}")
+    knobs = dict(backend=backend, block_size=block_size, rounding=rounding, keep_lfc=keep_lfc,
+                 keep_hfc=keep_hfc, simulate=simulate, relu_zeros=relu_zeros)
+    codec = division_codec(bits=bits, **knobs)
+    # attention's tensors (see division.compressor): exact (0), stored apart at more bits, or as the rest
+    attention = RawCodec() if attention_bits == 0 else \
+        None if attention_bits == bits else division_codec(bits=attention_bits, **knobs)
     return CodecMethod("division", codec, exact_kernels=backend != "torch", side_stream=side_stream,
                        prefetch_decode=prefetch_decode, prefetch_ahead=prefetch_ahead,
-                       norm_from_codes=norm_from_codes, seed=seed, cover_all=cover_all)
+                       norm_from_codes=norm_from_codes, seed=seed, cover_all=cover_all,
+                       attention_codec=attention)
 
 
 _REGISTRY: dict[str, Callable[..., TrainingMethod]] = {

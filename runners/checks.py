@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 import torch
 from omegaconf import OmegaConf
 
-from division.methods import valid_prefetch_ahead, valid_side_stream
+from division.methods import valid_attention_bits, valid_prefetch_ahead, valid_side_stream
 from division.packing import SUPPORTED_BITS
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -157,6 +157,8 @@ RULES: dict[str, Rule] = {
     "method.side_stream": (valid_side_stream, "use auto, true or false"),
     "method.prefetch_decode": (valid_side_stream, "use auto, true or false"),
     "method.prefetch_ahead": (valid_prefetch_ahead, "use an integer >= 1"),
+    "method.attention_bits": (valid_attention_bits, "use 0 (exact) or one of "
+                              + ", ".join(map(str, SUPPORTED_BITS))),
     "method.backend": choice("auto", "torch", "triton"),
     "method.group_size": integer(1),
     "method.refresh_every": integer(1),

@@ -35,6 +35,16 @@ def real_batch(root: str, count: int):
     return (*sample_batch(val_ds, count), info["num_classes"])
 
 
+def sharpen(model, scale: float):
+    """Scale the query and key projections of every nn.MultiheadAttention by ``scale`` (logits by
+    scale^2): the sharp attention of a trained model, which initialisation does not have."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.MultiheadAttention) and m.in_proj_weight is not None:
+                m.in_proj_weight[:2 * m.embed_dim] *= scale
+    return model
+
+
 def make_model(name: str, classes: int):
     """A framework model by name, else a torchvision classification model (random weights).
     A weight matrix initialised to zeros (torchvision ViT's head) is drawn from N(0, 0.02) instead:
@@ -74,6 +84,10 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=None,
                    help="resize the images to this size (bilinear), e.g. 224 for ImageNet-shaped models")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--attention-bits", type=int, default=8,
+                   help="method.attention_bits: bits of the query and key of fused attention (0: exact)")
+    p.add_argument("--sharpen", type=float, default=1.0,
+                   help="scale attention's query and key projections by this (logits by its square)")
     p.add_argument("--paper-decode", action="store_true",
                    help="method.relu_zeros=false: ReLU outputs decode without their mask's zeros")
     p.add_argument("--out", default=None, help="write the full per-layer report as JSON")
@@ -86,16 +100,17 @@ def main() -> None:
         images = torch.nn.functional.interpolate(images, size=(args.image_size, args.image_size),
                                                  mode="bilinear", align_corners=False)
     reports = []
-    print(f"{args.model}, {args.images} real images, B={args.block_size}")
-    print(f"{'bits':>4} {'overall cosine':>15} {'overall rel.err':>16} {'worst layer cosine':>19}")
+    print(f"{args.model}, {args.images} real images, B={args.block_size}, attention_bits={args.attention_bits}")
+    print(f"{'bits':>4} {'overall cosine':>15} {'overall rel.err':>16} {'worst layer cosine':>19} {'ledger ratio':>13}")
     for bits in args.bits:
         started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         start = time.perf_counter()
-        r = gradient_fidelity(lambda: make_model(args.model, classes), "division", images, labels,
+        r = gradient_fidelity(lambda: sharpen(make_model(args.model, classes), args.sharpen), "division", images, labels,
                               block_size=args.block_size, bits=bits, backend="torch",
-                              relu_zeros=not args.paper_decode)
+                              relu_zeros=not args.paper_decode, attention_bits=args.attention_bits)
         reports.append(r)
-        print(f"{bits:>4} {r['overall_cosine']:>15.5f} {r['overall_rel_error']:>16.4f} {r['worst_cosine']:>19.4f}")
+        print(f"{bits:>4} {r['overall_cosine']:>15.5f} {r['overall_rel_error']:>16.4f} {r['worst_cosine']:>19.4f}"
+              f" {r['ledger_ratio']:>12.2f}x")
         if args.results_dir:
             write_store_row(fidelity_record(args, bits, r, started_at, time.perf_counter() - start),
                             args.results_dir)

@@ -52,6 +52,7 @@ def test_experiment_presets_compose_into_valid_configs():
     ("method.side_stream=sometimes", "method.side_stream", "auto, true or false"),
     ("method.prefetch_decode=1", "method.prefetch_decode", "auto, true or false"),
     ("method.prefetch_ahead=0", "method.prefetch_ahead", "integer >= 1"),
+    ("method.attention_bits=3", "method.attention_bits", "use 0 (exact) or one of 1, 2, 4, 8"),
     ("method.relu_zeros=maybe", "method.relu_zeros", "true or false"),
     ("method.norm_from_codes=2", "method.norm_from_codes", "true or false"),
 ])
