@@ -16,8 +16,9 @@ traces (``torch.compiler.is_compiling()``) the module runs its compressing funct
 mode it runs its own forward, which the hooks already compress. The model's parameters, buffers
 and ``state_dict`` do not change.
 
-What is covered: convolutions (zero padding), BatchNorm in training mode, Linear, ReLU and
-MaxPool2d (its argmax as a uint8 position in the window, as the eager path keeps it). The rest (average pooling, element-wise ops, modules this file does not know) is saved the way the compiler
+What is covered: convolutions (zero padding), BatchNorm in training mode, Linear, ReLU,
+GELU / SiLU / Hardswish (their input as codes) and MaxPool2d (its argmax as a uint8 position in
+the window, as the eager path keeps it). The rest (average pooling, element-wise ops, modules this file does not know) is saved the way the compiler
 chooses; the byte ledger (``SavedTensorCounter``) counts it and ``CompiledLayers.uncovered``
 names those layers, so nothing is hidden.
 
@@ -331,6 +332,33 @@ class _Relu(torch.autograd.Function):
         return grad * _unpack_mask(bits, ctx.shape, ctx.channels_last).to(grad.dtype)
 
 
+class _Activation(torch.autograd.Function):
+    """GELU, SiLU or Hardswish whose backward takes the derivative at the input decoded from
+    DIVISION's codes (what their own backward reads, kept as codes instead of the tensor)."""
+
+    @staticmethod
+    def forward(ctx, x, kind: str, approximate: str, codec: TensorCodec):
+        if kind == "gelu":
+            y = F.gelu(x, approximate=approximate)
+        else:
+            y = F.silu(x) if kind == "silu" else F.hardswish(x)
+        layout, stored = codec.encode(x)
+        ctx.save_for_backward(*stored)
+        ctx.codec, ctx.layout, ctx.kind, ctx.approximate = codec, layout, kind, approximate
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x = ctx.codec.decode(ctx.layout, tuple(ctx.saved_tensors))
+        if ctx.kind == "gelu":
+            gx = torch.ops.aten.gelu_backward(grad, x, approximate=ctx.approximate)
+        elif ctx.kind == "silu":
+            gx = torch.ops.aten.silu_backward(grad, x)
+        else:
+            gx = torch.ops.aten.hardswish_backward(grad, x)
+        return gx, None, None, None
+
+
 class _MaxPool2d(torch.autograd.Function):
     """MaxPool2d keeping each output's argmax as its uint8 position inside the pooling window (what
     the eager path's ``MaxPoolIndexCodec`` keeps), not the int64 indices and the input that
@@ -413,6 +441,18 @@ def relu_forward(module: nn.ReLU, x: torch.Tensor, codec: TensorCodec) -> torch.
     return _Relu.apply(x)
 
 
+_ACTIVATIONS = {nn.GELU: "gelu", nn.SiLU: "silu", nn.Hardswish: "hardswish"}
+
+
+def activation_forward(module: nn.Module, x: torch.Tensor, codec: TensorCodec) -> torch.Tensor:
+    return _Activation.apply(x, _ACTIVATIONS[type(module)], getattr(module, "approximate", "none"), codec)
+
+
+def activation_applies(module: nn.Module) -> bool:
+    """GELU, SiLU and Hardswish modules (not in place: their input is what backward reads)."""
+    return type(module) in _ACTIVATIONS and not getattr(module, "inplace", False)
+
+
 def max_pool_forward(module: nn.MaxPool2d, x: torch.Tensor, codec: TensorCodec) -> torch.Tensor:
     if x.dim() != 4:  # an unbatched map: the module's own forward
         return type(module).forward(module, x)
@@ -435,6 +475,7 @@ _LAYERS = (
     (lambda m: isinstance(m, nn.Linear), linear_forward, "linear"),
     (lambda m: isinstance(m, nn.ReLU), relu_forward, "relu"),
     (max_pool_applies, max_pool_forward, "maxpool"),
+    (activation_applies, activation_forward, "other"),
 )
 
 
@@ -447,7 +488,7 @@ def layer_for(module: nn.Module):
 
 
 # Modules without a compressing compiled function whose saves the eager path's cover_all compresses
-_SAVING_MODULES = (nn.GELU, nn.SiLU, nn.Hardswish, nn.Sigmoid, nn.Hardsigmoid, nn.Tanh, nn.Softmax,
+_SAVING_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.Tanh, nn.Softmax,
                    nn.Mish, nn.ELU, nn.LeakyReLU, nn.MultiheadAttention)
 
 

@@ -354,3 +354,29 @@ def test_max_pool_function_keeps_uint8_window_positions_and_gives_the_exact_grad
     (gx_ref,) = torch.autograd.grad(y_ref, x_ref, g)
     assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref)
     assert gx.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+@pytest.mark.parametrize("activation", [nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU(), nn.Hardswish()])
+def test_activation_functions_keep_their_input_as_codes_when_compiled(activation):
+    """A compiled MLP with GELU / SiLU / Hardswish keeps no hidden-size fp32 tensor: the activations'
+    inputs are codes, and the gradients are those of the decoded inputs (8 bits: close to exact)."""
+    from division.compiled import _identity
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(64, 256), activation, nn.Linear(256, 64))
+    x = torch.randn(32, 64)
+    mlp(x).sin().sum().backward()
+    plain = {n: p.grad.clone() for n, p in mlp.named_parameters()}
+    mlp.zero_grad(set_to_none=True)
+    layers = CompiledLayers(mlp, TensorCodec(block_size=4, bits=8, rounding="nearest"))
+    assert layers.modules["1"] == "other" and not layers.uncovered
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, _identity):
+        loss = torch.compile(mlp)(x).sin().sum()
+    loss.backward()
+    layers.remove()
+    params = {p.data_ptr() for p in mlp.parameters()}
+    # the hidden activations are 32 x 256; what else is kept: weights, codes, the output (for sin)
+    full = [t for t in kept if t.dtype == torch.float32 and t.numel() >= 32 * 256 and t.data_ptr() not in params
+            and tuple(t.shape) not in {tuple(p.shape) for p in mlp.parameters()}]
+    assert not full, [(tuple(t.shape), t.dtype) for t in full]
+    assert cosine({n: p.grad for n, p in mlp.named_parameters()}, plain) > 0.999
