@@ -46,6 +46,10 @@ With ``norm_from_codes``, a BatchNorm's forward runs under ``division.norm_from_
 (entered and left by the module's hooks): where the codec's fused kernels can store its input, the
 input is encoded here and the backward reads the codes, with no decoded input in memory.
 
+With ``rebuild_conv_input``, a convolution's (or Linear's) input that is provably ReLU(BN(x)) or
+BN(x) of a training BatchNorm whose input x is stored here holds no bytes: backward rebuilds it from
+x's codes, the BatchNorm's statistics and parameters, and the ReLU's exact mask (``division.rebuild``).
+
 A tensor saved twice (a ResNet block input read by conv1 and by the downsample conv) is encoded and
 stored once. The cache that makes this possible is keyed by the tensor's identity, which is held
 by a weak reference: an entry dies with its tensor, so a new tensor that reuses the freed memory
@@ -72,6 +76,7 @@ from .exact import (RELU_MASK, BoolMaskCodec, DropoutMaskCodec, MaxPoolIndexCode
 from .layouts import LayoutCodec, NormalizedCodec, fit
 from .ledger import ByteLedger, LedgerEntry, coverage_of
 from .norm_from_codes import NormFromCodes
+from .rebuild import ChainTracker, RebuildCodec, take_decoded
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +138,7 @@ class _Frame:
     param_shapes: tuple = field(default_factory=tuple)
     norm_mode: Optional["NormFromCodes"] = None  # entered for this module's forward (BatchNorm)
     op: str = ""  # the module's type name, the ledger's operator
+    input_packed: Optional[Packed] = None  # how its input was stored (a BatchNorm's, for rebuilds)
 
 
 @dataclass
@@ -184,6 +190,8 @@ class ActivationCompressor:
     attention_codec: with cover_all, what the tensors of attention (a fused kernel's query, key,
         value and output; softmax outputs) are stored with (see the module docstring): the codec at
         more bits, or ``RawCodec()`` to keep them exact; None: the codec, like every other save.
+    rebuild_conv_input: a convolution's input that is ReLU(BN(x)) or BN(x) of a BatchNorm whose input
+        is stored here is rebuilt in backward instead of stored (``division.rebuild``; with a codec).
     """
 
     def __init__(self, model: nn.Module, codec: Optional[ActivationCodec], *, exact_masks: bool = True,
@@ -191,7 +199,7 @@ class ActivationCompressor:
                  encode_stream: Optional[SideStreamEncoder] = None,
                  prefetcher: Optional[DecodePrefetcher] = None, norm_from_codes: bool = False,
                  cover_all: bool = False, coverage_warning: float = 0.9,
-                 attention_codec: Optional[ActivationCodec] = None):
+                 attention_codec: Optional[ActivationCodec] = None, rebuild_conv_input: bool = False):
         self.model = model
         self.cover_all = cover_all and codec is not None
         self.attention_codec = attention_codec if self.cover_all else None
@@ -217,6 +225,9 @@ class ActivationCompressor:
         self._fuse_masks = exact_kernels and hasattr(codec, "packs_relu_mask")
         # set by the method when division.compiled covers the codec: the layers it leaves to the compiler
         self.compiled_uncovered: Optional[list[str]] = None
+        # the BN(x) / ReLU(BN(x)) tensors of this forward, whose conv saves are rebuilt (None: off)
+        self._chains = ChainTracker() if rebuild_conv_input and codec is not None else None
+        self._rebuild = RebuildCodec()
         self.norm_mode: Optional[NormFromCodes] = None
         if norm_from_codes and hasattr(codec, "norm_plan"):
             self.norm_mode = NormFromCodes(codec.norm_plan, self._norm_forward, self._store_norm_input,
@@ -288,6 +299,8 @@ class ActivationCompressor:
         self._cache.clear()
         self._plain_seen.clear()
         self._recent.clear()
+        if self._chains is not None:
+            self._chains.clear()
         self._last_saved = None
         self._pending_mask = None
         if self.prefetcher is not None:
@@ -312,6 +325,8 @@ class ActivationCompressor:
         self._plain_seen.clear()
         self._recent.clear()
         self._as_is.clear()
+        if self._chains is not None:
+            self._chains.clear()  # its autograd nodes and weak references, no longer needed
 
     def _make_push(self, name: str, kind: str):
         # Read at the first call, not at install: a lazy module (nn.LazyConv2d) has no parameter
@@ -338,6 +353,11 @@ class ActivationCompressor:
             frame = self._stack.pop()
             if frame.norm_mode is not None:
                 frame.norm_mode.__exit__(None, None, None)
+            if self._chains is not None:
+                if frame.ctx.kind == "norm":
+                    self._chains.after_norm(module, frame.ctx.layer, frame.input, frame.input_packed, output)
+                elif frame.ctx.kind == "relu":
+                    self._chains.after_relu(frame.input, output)
 
     def _save_as_is(self, ctx, tensors, stored) -> None:
         """``ctx.save_for_backward(*tensors)``, where the tensors in ``stored`` (a BatchNorm's codes,
@@ -382,12 +402,17 @@ class ActivationCompressor:
         key = (id(t), id(codec))
         entry = self._cache.get(key)
         shared = entry is not None and entry.ref() is t and entry.version == t._version
+        rebuilt = None if shared else self._rebuilt(t, frame, codec)
         relu_bits = None
         if self._pending_mask is not None and codec is not _RAW:
-            relu_bits = self._settle_mask(None if shared else t, codec)
+            # a rebuilt input is never encoded: its ReLU mask is packed on its own
+            relu_bits = self._settle_mask(None if shared or rebuilt is not None else t, codec)
         if shared:
             packed = entry.packed
             add_reader(packed)
+        elif rebuilt is not None:
+            packed = rebuilt
+            self._cache[key] = _CacheEntry(weakref.ref(t, self._forget(key)), t._version, packed)
         else:
             if codec is self._relu and self._fuse_masks and self.codec.packs_relu_mask(t):
                 packed = self._relu.reserve(t)  # bits written by the next save (_settle_mask)
@@ -404,6 +429,8 @@ class ActivationCompressor:
                     packed.meta[PREVIOUS] = self._last_saved  # backward decodes in about reverse order
                     self._last_saved = weakref.ref(packed)
         entry = None
+        if frame is not None and t is frame.input:
+            frame.input_packed = packed  # a BatchNorm's: what a rebuild of its output decodes
         if self.ledger is not None or self._coverage is not None:
             entry = self._record(t, frame, packed, shared)
         if self.attention_codec is not None and not shared:
@@ -443,10 +470,30 @@ class ActivationCompressor:
     def _unpack(self, packed):
         if not isinstance(packed, Packed):
             return packed
-        decoded = packed.unpack()
+        decoded = take_decoded(packed)  # decoded already, by a rebuild of the BatchNorm's output
+        if decoded is None:
+            decoded = packed.unpack()
         if self.prefetcher is not None and PREVIOUS in packed.meta:
             self.prefetcher.after_unpack(packed)  # the next decode backward needs, on a side stream
         return decoded
+
+    def _rebuilt(self, t: torch.Tensor, frame: Optional[_Frame], codec: ActivationCodec) -> Optional[Packed]:
+        """The zero-byte Packed of a convolution's (or Linear's) input that ``division.rebuild``
+        can rebuild in backward, or None to store it as usual."""
+        if self._chains is None or frame is None or frame.ctx.kind not in ("conv", "linear") \
+                or t is not frame.input or codec is _RAW:
+            return None
+        chain = self._chains.lookup(t)
+        if chain is None:
+            return None
+        mask = None
+        if chain.relu:
+            # the ReLU's exact mask of this very value gives the rebuilt input its zeros
+            entry = self._cache.get((id(t), id(self._relu)))
+            if entry is None or entry.ref() is not t or entry.version != t._version:
+                return None
+            mask = entry.packed
+        return self._rebuild.reference(t, chain.source, mask)
 
     def _link_relu_mask(self, t: torch.Tensor, packed: Packed) -> None:
         """``t`` is also a ReLU output kept as its mask (same tensor, same version): give the
@@ -582,6 +629,7 @@ class ActivationCompressor:
             stored_bytes=0 if shared else packed.nbytes,
             op=frame.op if frame else OUTSIDE,
             compressed=packed.codec is not _RAW,
+            rebuilt_from="" if shared else packed.meta.get("rebuilt_from", ""),
         )
         for ledger in (self.ledger, self._coverage):
             if ledger is not None:

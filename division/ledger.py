@@ -7,24 +7,28 @@ Parameters are left out of both: they are model memory, not activation memory.
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Optional
 
 COMPILED = "compiled"  # LedgerEntry.kind of a tensor saved by a compiled graph
+REBUILT = "rebuilt"    # LedgerEntry.codec of a tensor rebuilt in backward, not stored (division.rebuild)
 
 
 @dataclass
 class LedgerEntry:
     layer: str          # module name that saved the tensor ("" outside any tracked module)
     kind: str           # module family: conv, bn, linear, relu, dropout, maxpool, other
-    codec: str          # how it is stored: division, relu_mask, raw, shared (stored once elsewhere), ...
+    codec: str          # how it is stored: division, relu_mask, raw, shared (stored once elsewhere),
+                        # rebuilt (not stored: rebuilt in backward from a BatchNorm's stored input), ...
     shape: tuple
     dtype: str
     plain_bytes: int
     stored_bytes: int
     op: str = ""             # the operator behind the save: the saving module's type (Conv2d, GELU, ...)
     compressed: bool = True  # stored by a compressing codec (False: kept raw, as plain autograd keeps it)
+    rebuilt_from: str = ""   # codec "rebuilt": the BatchNorm whose stored input backward rebuilds it from
 
 
 class ByteLedger:
@@ -101,12 +105,25 @@ class ByteLedger:
             out[e.codec]["tensors"] += 1
         return dict(out)
 
+    def rebuilt(self) -> list[dict]:
+        """The tensors rebuilt in backward instead of stored, one row each: layer (the saving module),
+        rebuilt_from (the BatchNorm whose stored input rebuilds it), shape, dtype and tensor_bytes
+        (the tensor's full size, which it does not cost)."""
+        return [{"layer": e.layer, "rebuilt_from": e.rebuilt_from, "shape": e.shape, "dtype": e.dtype,
+                 "tensor_bytes": math.prod(e.shape) * _itemsize(e.dtype)}
+                for e in self.entries if e.codec == REBUILT]
+
     def summary(self) -> dict:
         return {"plain_bytes": self.plain_bytes, "stored_bytes": self.stored_bytes,
                 "ratio": self.ratio, "coverage": self.coverage, "tensors": len(self.entries)}
 
     def as_rows(self) -> list[dict]:
         return [asdict(e) for e in self.entries]
+
+
+def _itemsize(dtype: str) -> int:
+    import torch
+    return getattr(torch, dtype).itemsize
 
 
 def coverage_of(entries: list[LedgerEntry]) -> Optional[float]:

@@ -218,14 +218,18 @@ class CodecMethod(TrainingMethod):
     more decoded activation alive at a time.
     norm_from_codes: BatchNorm layers compute their backward from their input's codes where the
     codec's fused kernels stored them (``division.norm_from_codes``), instead of decoding it.
+    rebuild_conv_input: a convolution's input that is ReLU(BN(x)) or BN(x) is not stored but rebuilt
+    in backward from the BatchNorm's stored input (``division.rebuild``; eager steps).
     """
 
     def __init__(self, name: str, codec: ActivationCodec, *, exact_masks: bool = True,
                  min_numel: int = 1024, exact_kernels: bool = True, side_stream="auto",
                  prefetch_decode="auto", prefetch_ahead: int = 1, norm_from_codes: bool = False,
                  seed: Optional[int] = None, cover_all: bool = False,
-                 attention_codec: Optional[ActivationCodec] = None) -> None:
+                 attention_codec: Optional[ActivationCodec] = None, rebuild_conv_input: bool = False) -> None:
         super().__init__()
+        if not isinstance(rebuild_conv_input, bool):
+            raise ValueError(f"rebuild_conv_input must be true or false, got {rebuild_conv_input!r}")
         for knob, value in (("side_stream", side_stream), ("prefetch_decode", prefetch_decode)):
             if not valid_side_stream(value):
                 raise ValueError(f"{knob} must be one of {SIDE_STREAM_CHOICES}, got {value!r}")
@@ -242,6 +246,7 @@ class CodecMethod(TrainingMethod):
         self.norm_from_codes = bool(norm_from_codes)
         self.cover_all = bool(cover_all)
         self.attention_codec = attention_codec
+        self.rebuild_conv_input = rebuild_conv_input
         self.tensor_codec = tensor_codec_for(codec)  # None: the codec has no compiled form
         self.compile_safe = self.tensor_codec is not None
         self.compiled_layers: Optional[CompiledLayers] = None
@@ -262,7 +267,8 @@ class CodecMethod(TrainingMethod):
                                                exact_kernels=self.exact_kernels, encode_stream=stream,
                                                prefetcher=prefetcher, norm_from_codes=self.norm_from_codes,
                                                cover_all=self.cover_all,
-                                               attention_codec=self.attention_codec)
+                                               attention_codec=self.attention_codec,
+                                               rebuild_conv_input=self.rebuild_conv_input)
         if self.compiled_layers is not None:
             self.compressor.compiled_uncovered = self.compiled_layers.uncovered
         return model
@@ -309,13 +315,15 @@ class CodecMethod(TrainingMethod):
     def describe(self) -> dict[str, Any]:
         knobs = self.codec.describe()
         return {"method": self.name, "block_size": knobs.get("block_size"), "bits": knobs.get("bits"),
-                "kernels": codec_kernels(self.codec)}
+                "kernels": codec_kernels(self.codec),
+                **({"rebuild_conv_input": self.rebuild_conv_input} if self.name == "division" else {})}
 
 
 def _division(block_size: int = 8, bits: int = 2, rounding: str = "stochastic", keep_lfc: bool = True,
               keep_hfc: bool = True, simulate: bool = False, backend: str = "auto", relu_zeros: bool = True,
               side_stream="auto", prefetch_decode="auto", prefetch_ahead: int = 1, norm_from_codes: bool = True,
               seed: Optional[int] = None, cover_all: bool = True, attention_bits: int = 8,
+              rebuild_conv_input: bool = False,
               **_) -> TrainingMethod:
     from .backends import division_codec
     if not valid_attention_bits(attention_bits):
@@ -330,7 +338,7 @@ def _division(block_size: int = 8, bits: int = 2, rounding: str = "stochastic", 
     return CodecMethod("division", codec, exact_kernels=backend != "torch", side_stream=side_stream,
                        prefetch_decode=prefetch_decode, prefetch_ahead=prefetch_ahead,
                        norm_from_codes=norm_from_codes, seed=seed, cover_all=cover_all,
-                       attention_codec=attention)
+                       attention_codec=attention, rebuild_conv_input=rebuild_conv_input)
 
 
 _REGISTRY: dict[str, Callable[..., TrainingMethod]] = {

@@ -382,6 +382,9 @@ def _log_summary(fields: dict[str, Any]) -> None:
         parts.append(f"ledger {mib('ledger_bytes')}{plain}" + (f" ({ratio:.2f}x)" if ratio is not None else ""))
         if fields.get("ledger_coverage") is not None:
             parts.append(f"coverage {fields['ledger_coverage']:.1%}")
+        rebuilt = (fields.get("ledger_by_codec") or {}).get("rebuilt")
+        if rebuilt:  # method.rebuild_conv_input: tensors not stored at all
+            parts.append(f"{rebuilt['tensors']} conv inputs rebuilt in backward")
     if fields["peak_bytes"] is not None:
         parts.append(f"peak {mib('peak_bytes')}, total {mib('total_bytes')}")
     log.info("memory: %s", ", ".join(parts))

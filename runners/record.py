@@ -47,6 +47,7 @@ STORE_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
     ("method", pa.string()), ("block_size", pa.int64()),
     ("bits", pa.float64()),          # a float: adaptive methods (acgc) report their mean width
     ("kernels", pa.string()),        # the codec's implementation: "triton" (fused kernels), "pytorch" (ops), "inductor" (compiled), null
+    ("rebuild_conv_input", pa.bool_()),  # DIVISION's method.rebuild_conv_input; null for other methods
     ("batch_size", pa.int64()), ("device", pa.string()), ("precision", pa.string()),
     ("cuda_graph", pa.bool_()),
     ("compile", pa.string()),        # torch.compile mode ("default", "reduce-overhead", ...), null: eager
@@ -104,6 +105,7 @@ def new_record(cfg, run_dir: str | Path, method_fields: dict[str, Any]) -> dict[
         "block_size": method_fields.get("block_size"),
         "bits": method_fields.get("bits"),
         "kernels": method_fields.get("kernels"),
+        "rebuild_conv_input": method_fields.get("rebuild_conv_input"),
         "batch_size": int(cfg.batch_size),
         "device": None,  # filled with the resolved device (cpu / cuda) when the job starts
         "precision": cfg.precision,
@@ -119,7 +121,8 @@ def new_record(cfg, run_dir: str | Path, method_fields: dict[str, Any]) -> dict[
         "code_version": code_version(),
     }
     if cfg.mode.name == "report":
-        record.update(dict.fromkeys(("model", "dataset", "method", "block_size", "bits", "kernels", "batch_size")))
+        record.update(dict.fromkeys(("model", "dataset", "method", "block_size", "bits", "kernels",
+                                     "rebuild_conv_input", "batch_size")))
     return record
 
 

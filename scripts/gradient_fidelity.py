@@ -69,6 +69,7 @@ def fidelity_record(args, bits: int, report: dict, started_at: str, duration_s: 
                   batch_size=args.images, image_size=args.image_size, device=args.device, precision="fp32", cuda_graph=False, seed=0,
                   group=args.group, status="ok", started_at=started_at, duration_s=round(duration_s, 3),
                   code_version=code_version(), relu_zeros=not args.paper_decode,
+                  rebuild_conv_input=args.rebuild_conv_input,
                   grad_cosine=report["overall_cosine"], grad_rel_error=report["overall_rel_error"],
                   grad_worst_cosine=report["worst_cosine"])
     return record
@@ -90,6 +91,8 @@ def main() -> None:
                    help="scale attention's query and key projections by this (logits by its square)")
     p.add_argument("--paper-decode", action="store_true",
                    help="method.relu_zeros=false: ReLU outputs decode without their mask's zeros")
+    p.add_argument("--rebuild-conv-input", action="store_true",
+                   help="method.rebuild_conv_input=true: a conv input that is ReLU(BN(x)) is rebuilt in backward")
     p.add_argument("--out", default=None, help="write the full per-layer report as JSON")
     p.add_argument("--results-dir", default=None, help="add one record per bit width to this results store")
     p.add_argument("--group", default="gradient_fidelity", help="the records' group (with --results-dir)")
@@ -100,14 +103,16 @@ def main() -> None:
         images = torch.nn.functional.interpolate(images, size=(args.image_size, args.image_size),
                                                  mode="bilinear", align_corners=False)
     reports = []
-    print(f"{args.model}, {args.images} real images, B={args.block_size}, attention_bits={args.attention_bits}")
+    print(f"{args.model}, {args.images} real images, B={args.block_size}, attention_bits={args.attention_bits}"
+          + (", conv inputs rebuilt from BatchNorm" if args.rebuild_conv_input else ""))
     print(f"{'bits':>4} {'overall cosine':>15} {'overall rel.err':>16} {'worst layer cosine':>19} {'ledger ratio':>13}")
     for bits in args.bits:
         started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         start = time.perf_counter()
         r = gradient_fidelity(lambda: sharpen(make_model(args.model, classes), args.sharpen), "division", images, labels,
                               block_size=args.block_size, bits=bits, backend="torch",
-                              relu_zeros=not args.paper_decode, attention_bits=args.attention_bits)
+                              relu_zeros=not args.paper_decode, attention_bits=args.attention_bits,
+                              rebuild_conv_input=args.rebuild_conv_input)
         reports.append(r)
         print(f"{bits:>4} {r['overall_cosine']:>15.5f} {r['overall_rel_error']:>16.4f} {r['worst_cosine']:>19.4f}"
               f" {r['ledger_ratio']:>12.2f}x")
