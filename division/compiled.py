@@ -16,8 +16,8 @@ traces (``torch.compiler.is_compiling()``) the module runs its compressing funct
 mode it runs its own forward, which the hooks already compress. The model's parameters, buffers
 and ``state_dict`` do not change.
 
-What is covered: convolutions (zero padding), BatchNorm in training mode, Linear, ReLU,
-GELU / SiLU / Hardswish (their input as codes) and MaxPool2d (its argmax as a uint8 position in
+What is covered: convolutions (zero padding), BatchNorm in training mode, LayerNorm (its input
+normalized, with exact statistics), Linear, ReLU, GELU / SiLU / Hardswish (their input as codes) and MaxPool2d (its argmax as a uint8 position in
 the window, as the eager path keeps it). The rest (average pooling, element-wise ops, modules this file does not know) is saved the way the compiler
 chooses; the byte ledger (``SavedTensorCounter``) counts it and ``CompiledLayers.uncovered``
 names those layers, so nothing is hidden.
@@ -332,6 +332,33 @@ class _Relu(torch.autograd.Function):
         return grad * _unpack_mask(bits, ctx.shape, ctx.channels_last).to(grad.dtype)
 
 
+class _LayerNorm(torch.autograd.Function):
+    """LayerNorm whose input is kept as the codes of its normalized form (x - mean) * rstd, with
+    mean and rstd exact (fp32, one pair per row), as the eager path's ``NormalizedCodec`` keeps it:
+    the quantization step then follows each row's own spread, not the largest channel's."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, normalized_shape, eps: float, codec: TensorCodec):
+        y, mean, rstd = torch.ops.aten.native_layer_norm(x, normalized_shape, weight, bias, eps)
+        x_hat = (x.float() - mean) * rstd
+        layout, stored = codec.encode(x_hat if x_hat.dtype == x.dtype else x_hat.to(x.dtype))
+        ctx.save_for_backward(weight, bias, mean, rstd, *stored)
+        ctx.codec, ctx.layout, ctx.normalized_shape = codec, layout, normalized_shape
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, bias, mean, rstd, *stored = ctx.saved_tensors
+        x_hat = ctx.codec.decode(ctx.layout, tuple(stored))
+        x = x_hat.float() / rstd + mean
+        x = x if x.dtype == x_hat.dtype else x.to(x_hat.dtype)
+        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
+                bias is not None and ctx.needs_input_grad[2]]
+        gx, gw, gb = torch.ops.aten.native_layer_norm_backward(grad, x, ctx.normalized_shape, mean, rstd,
+                                                               weight, bias, mask)
+        return gx, gw, gb, None, None, None
+
+
 class _Activation(torch.autograd.Function):
     """GELU, SiLU or Hardswish whose backward takes the derivative at the input decoded from
     DIVISION's codes (what their own backward reads, kept as codes instead of the tensor)."""
@@ -441,6 +468,19 @@ def relu_forward(module: nn.ReLU, x: torch.Tensor, codec: TensorCodec) -> torch.
     return _Relu.apply(x)
 
 
+def layer_norm_forward(module: nn.LayerNorm, x: torch.Tensor, codec: TensorCodec) -> torch.Tensor:
+    """In the dtype autocast gives ``layer_norm`` (fp32), as the module's own forward runs it."""
+    dtype = torch.float32 if _compute_dtype(x) is not None else None
+    return _LayerNorm.apply(_cast(x, dtype), _cast(module.weight, dtype), _cast(module.bias, dtype),
+                            list(module.normalized_shape), module.eps, codec)
+
+
+def layer_norm_applies(module: nn.Module) -> bool:
+    """``nn.LayerNorm`` itself: a subclass may have its own forward (torchvision's LayerNorm2d
+    permutes channels last around it), which this function would skip."""
+    return type(module) is nn.LayerNorm
+
+
 _ACTIVATIONS = {nn.GELU: "gelu", nn.SiLU: "silu", nn.Hardswish: "hardswish"}
 
 
@@ -473,6 +513,7 @@ _LAYERS = (
     (conv_applies, conv_forward, "conv"),
     (batch_norm_applies, batch_norm_forward, "norm"),
     (lambda m: isinstance(m, nn.Linear), linear_forward, "linear"),
+    (layer_norm_applies, layer_norm_forward, "norm"),
     (lambda m: isinstance(m, nn.ReLU), relu_forward, "relu"),
     (max_pool_applies, max_pool_forward, "maxpool"),
     (activation_applies, activation_forward, "other"),

@@ -380,3 +380,38 @@ def test_activation_functions_keep_their_input_as_codes_when_compiled(activation
             and tuple(t.shape) not in {tuple(p.shape) for p in mlp.parameters()}]
     assert not full, [(tuple(t.shape), t.dtype) for t in full]
     assert cosine({n: p.grad for n, p in mlp.named_parameters()}, plain) > 0.999
+
+
+def test_layer_norm_keeps_its_normalized_input_as_codes_when_compiled():
+    """A compiled pre-norm MLP block: LayerNorm keeps codes of its normalized input plus exact
+    per-token statistics (no token-size fp32 tensor), and its gradients follow plain training."""
+    from division.compiled import _identity
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.LayerNorm(64), nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64))
+    # a residual stream's outlier channel: one quantization step per channel would drown the rest
+    x = torch.randn(8, 16, 64) * torch.logspace(-1, 1, 64)
+    block(x).sin().sum().backward()
+    plain = {n: p.grad.clone() for n, p in block.named_parameters()}
+    block.zero_grad(set_to_none=True)
+    layers = CompiledLayers(block, TensorCodec(block_size=4, bits=8, rounding="nearest"))
+    assert layers.modules["0"] == "norm" and not layers.uncovered
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, _identity):
+        out = torch.compile(block)(x)
+        loss = out.sin().sum()
+    loss.backward()
+    layers.remove()
+    shapes = {tuple(p.shape) for p in block.parameters()}
+    full = [t for t in kept if t.dtype == torch.float32 and t.numel() >= 8 * 16 * 64
+            and tuple(t.shape) not in shapes and t.data_ptr() != out.data_ptr()]  # (sin keeps the output)
+    assert not full, [tuple(t.shape) for t in full]
+    assert sum(tuple(t.shape) == (8, 16, 1) and t.dtype == torch.float32 for t in kept) == 2  # mean, rstd
+    assert cosine({n: p.grad for n, p in block.named_parameters()}, plain) > 0.999
+
+
+def test_layer_norm_subclasses_keep_their_own_forward():
+    """torchvision's LayerNorm2d permutes around LayerNorm: it is left to the compiler, and named."""
+    from torchvision.models.convnext import LayerNorm2d
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), LayerNorm2d(8))
+    layers = CompiledLayers(model, TensorCodec())
+    assert "1" not in layers.modules and layers.uncovered == ["1 (LayerNorm2d)"]
