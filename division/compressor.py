@@ -74,7 +74,7 @@ from .encode_stream import SideStreamEncoder
 from .exact import (RELU_MASK, BoolMaskCodec, DropoutMaskCodec, MaxPoolIndexCodec, ReluMaskCodec,
                     ShapeOnlyCodec, add_reader)
 from .layouts import LayoutCodec, NormalizedCodec, fit
-from .ledger import ByteLedger, LedgerEntry, coverage_of
+from .ledger import REBUILT, ByteLedger, LedgerEntry, coverage_of
 from .norm_from_codes import NormFromCodes
 from .rebuild import ChainTracker, RebuildCodec, take_decoded
 
@@ -641,6 +641,14 @@ class ActivationCompressor:
         keep that this codec stores compressed; a warning under ``coverage_warning``."""
         seen, self._coverage = self._coverage, None
         self.coverage = seen.coverage
+        if self._chains is not None and not any(e.codec == REBUILT for e in seen.entries):
+            # the knob asked for rebuilds and none could be proved: say so, the bytes stay stored
+            message = ("rebuild_conv_input=true rebuilt no convolution input of this model: no "
+                       "BatchNorm(+ReLU) -> convolution chain through PyTorch's native BatchNorm was "
+                       "found (cuDNN's BatchNorm, the fused norm_from_codes BatchNorm of channels_last "
+                       "GPU runs and SyncBatchNorm are not rebuilt); those inputs are stored as usual")
+            log.warning(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
         if self.coverage is None or self.coverage >= self.coverage_warning:
             return
         raw = sorted(((row["raw_plain_bytes"], op) for op, row in seen.by_op().items()

@@ -216,3 +216,14 @@ def test_the_knob_is_off_by_default_and_recorded():
     assert method.describe()["rebuild_conv_input"] is False
     assert division.build_method("division", backend="torch", rebuild_conv_input=True).describe()[
         "rebuild_conv_input"] is True
+
+
+def test_a_model_with_nothing_to_rebuild_says_so_once():
+    """The knob on and no chain proved (here a functional ReLU): a warning, not silence."""
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.warns(RuntimeWarning, match="rebuild_conv_input=true rebuilt no convolution input"):
+        _step(_FunctionalRelu().train(), x, True)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a model whose chains are rebuilt: no warning
+        _step(conv_bn_relu_conv(False), x, True)
