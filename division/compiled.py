@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import compiled_ops
 from .exact import MaxPoolIndexCodec, indices_from_offsets, window_offsets
 from .ledger import COMPILED, LedgerEntry
 from .dual_precision import (LAYOUT_RAW, Geometry, block_mean, canonical_geometry, dequantize,
@@ -80,7 +81,6 @@ class TensorCodec:
     def _fused_applies(self, x: torch.Tensor, geom: Geometry) -> bool:
         if not (self.fused and self.keep_lfc and self.keep_hfc) or geom.layout == LAYOUT_RAW:
             return False
-        from . import compiled_ops
         return compiled_ops.applies(x, self.block_size, self.bits, self.stochastic)
 
     def parts(self, geom: Geometry) -> tuple[bool, bool]:
@@ -97,6 +97,16 @@ class TensorCodec:
             return dataclasses.replace(layout, fused=True), tuple(stored)
         if geom.layout == LAYOUT_RAW:
             return layout, (x,)
+        # one opaque op (division.compiled_ops.encode_reference), not tensor ops the compiler sees:
+        # its partitioner would otherwise keep a full-size tensor and redo the encodes in backward
+        stored = torch.ops.division.encode_reference(x, self.block_size, self.bits, self.rounding,
+                                                     self.keep_lfc, self.keep_hfc)
+        return layout, tuple(stored)
+
+    def encode_tensors(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The reference encode in tensor ops (a canonical, not raw, geometry): what
+        ``division::encode_reference`` runs."""
+        geom = canonical_geometry(x.shape, x.dtype, self.block_size)
         has_lfc, has_hfc = self.parts(geom)
         x4 = to_canonical(x, geom)
         stored = []
@@ -110,7 +120,7 @@ class TensorCodec:
             noise = hash_dither(x4) if self.rounding == "stochastic" else None
             codes, mn, step = quantize(hfc, self.bits, self.rounding, None, noise)
             stored += [pack_bits(codes, self.bits), mn, step]
-        return layout, tuple(stored)
+        return tuple(stored)
 
     def decode(self, layout: "Layout", stored: tuple[torch.Tensor, ...]) -> torch.Tensor:
         geom = layout.geometry
@@ -476,9 +486,19 @@ def layer_norm_forward(module: nn.LayerNorm, x: torch.Tensor, codec: TensorCodec
 
 
 def layer_norm_applies(module: nn.Module) -> bool:
-    """``nn.LayerNorm`` itself: a subclass may have its own forward (torchvision's LayerNorm2d
-    permutes channels last around it), which this function would skip."""
+    """``nn.LayerNorm`` itself: a subclass may have its own forward, which this function would skip
+    (torchvision's LayerNorm2d has its own function below)."""
     return type(module) is nn.LayerNorm
+
+
+def layer_norm_2d_forward(module: nn.LayerNorm, x: torch.Tensor, codec: TensorCodec) -> torch.Tensor:
+    """torchvision's LayerNorm2d (ConvNeXt): LayerNorm over the channels of an (N, C, H, W) map,
+    written as its own forward writes it (channels moved last and back)."""
+    return layer_norm_forward(module, x.permute(0, 2, 3, 1), codec).permute(0, 3, 1, 2)
+
+
+def layer_norm_2d_applies(module: nn.Module) -> bool:
+    return type(module).__name__ == "LayerNorm2d" and type(module).__module__ == "torchvision.models.convnext"
 
 
 _ACTIVATIONS = {nn.GELU: "gelu", nn.SiLU: "silu", nn.Hardswish: "hardswish"}
@@ -514,6 +534,7 @@ _LAYERS = (
     (batch_norm_applies, batch_norm_forward, "norm"),
     (lambda m: isinstance(m, nn.Linear), linear_forward, "linear"),
     (layer_norm_applies, layer_norm_forward, "norm"),
+    (layer_norm_2d_applies, layer_norm_2d_forward, "norm"),
     (lambda m: isinstance(m, nn.ReLU), relu_forward, "relu"),
     (max_pool_applies, max_pool_forward, "maxpool"),
     (activation_applies, activation_forward, "other"),

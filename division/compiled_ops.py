@@ -16,6 +16,10 @@ what the eager path's cache does as well. Inside a CUDA graph (``mode="reduce-ov
 host seed would be frozen at capture; the kernel then mixes in a device counter that the graph
 advances at every replay (``triton_codec.graph_seed_counter``), made here before any capture.
 
+``encode_reference`` wraps the tensor-op codec (``compiled.TensorCodec.encode_tensors``) the same
+way, for the CPU and for shapes the kernels have no plan for: as one opaque op, its outputs are
+what the compiled graph keeps (see its docstring).
+
 ``applies`` says, at trace time, whether a tensor takes these ops (a CUDA tensor the fused kernels
 have a plan for, or any tensor while Triton's interpreter runs, which is how the CPU tests run
 them); everything else keeps the tensor-op codec.
@@ -121,3 +125,22 @@ def decode(lfc: torch.Tensor, codes: torch.Tensor, mn: torch.Tensor, step: torch
 def _decode_fake(lfc, codes, mn, step, shape, dtype, channels_last, block_size, bits):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return torch.empty(shape, dtype=dtype, device=codes.device, memory_format=fmt)
+
+
+@custom_op("division::encode_reference", mutates_args=())
+def encode_reference(x: torch.Tensor, block_size: int, bits: int, rounding: str, keep_lfc: bool,
+                     keep_hfc: bool) -> list[torch.Tensor]:
+    """DIVISION's reference encode (``TensorCodec.encode_tensors``: tensor ops) as one opaque op.
+
+    Seen op by op, the compiler's partitioner may keep a full-size activation and redo its encodes
+    in backward (it did for a LayerNorm input read by a convolution: one fp32 map kept instead of
+    two sets of codes), which defeats the point; an opaque op's outputs are what is saved. Its
+    fake implementation is the same tensor ops on fake tensors."""
+    from .compiled import TensorCodec
+    return list(TensorCodec(block_size, bits, rounding, keep_lfc, keep_hfc).encode_tensors(x))
+
+
+@encode_reference.register_fake
+def _encode_reference_fake(x, block_size, bits, rounding, keep_lfc, keep_hfc):
+    from .compiled import TensorCodec
+    return list(TensorCodec(block_size, bits, rounding, keep_lfc, keep_hfc).encode_tensors(x))

@@ -409,9 +409,25 @@ def test_layer_norm_keeps_its_normalized_input_as_codes_when_compiled():
     assert cosine({n: p.grad for n, p in block.named_parameters()}, plain) > 0.999
 
 
-def test_layer_norm_subclasses_keep_their_own_forward():
-    """torchvision's LayerNorm2d permutes around LayerNorm: it is left to the compiler, and named."""
+def test_convnext_layer_norm_2d_is_compressed_with_its_own_permutes():
+    """torchvision's LayerNorm2d normalizes channels of an (N, C, H, W) map: compiled, it keeps
+    codes and gives the module's own output and, at 8 bits, close to its gradients."""
+    from division.compiled import _identity
     from torchvision.models.convnext import LayerNorm2d
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), LayerNorm2d(8))
-    layers = CompiledLayers(model, TensorCodec())
-    assert "1" not in layers.modules and layers.uncovered == ["1 (LayerNorm2d)"]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), LayerNorm2d(16), nn.Conv2d(16, 4, 1))
+    x = torch.randn(4, 3, 16, 16)
+    expected = model(x)
+    expected.sin().sum().backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    layers = CompiledLayers(model, TensorCodec(block_size=4, bits=8, rounding="nearest"))
+    assert layers.modules["1"] == "norm" and not layers.uncovered
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, _identity):
+        out = torch.compile(model)(x)
+    out.sin().sum().backward()
+    layers.remove()
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert [tuple(t.shape) for t in kept if t.dtype == torch.float32 and t.numel() == 4 * 16 * 16 * 16] == []
+    assert cosine({n: p.grad for n, p in model.named_parameters()}, plain) > 0.999
