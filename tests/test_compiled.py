@@ -356,78 +356,63 @@ def test_max_pool_function_keeps_uint8_window_positions_and_gives_the_exact_grad
     assert gx.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
-@pytest.mark.parametrize("activation", [nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU(), nn.Hardswish()])
-def test_activation_functions_keep_their_input_as_codes_when_compiled(activation):
-    """A compiled MLP with GELU / SiLU / Hardswish keeps no hidden-size fp32 tensor: the activations'
-    inputs are codes, and the gradients are those of the decoded inputs (8 bits: close to exact)."""
+def _compiled_beside_plain(model: nn.Module, x: torch.Tensor, module: str, kind: str):
+    """One step of ``model`` as is, then one compiled through the compressing layers (8 bits,
+    nearest) with ``module`` checked to compress as ``kind``: (output, kept tensors, cosine of the
+    gradients). The loss is sin(output).sum(), whose backward keeps the output itself."""
     from division.compiled import _identity
-    torch.manual_seed(0)
-    mlp = nn.Sequential(nn.Linear(64, 256), activation, nn.Linear(256, 64))
-    x = torch.randn(32, 64)
-    mlp(x).sin().sum().backward()
-    plain = {n: p.grad.clone() for n, p in mlp.named_parameters()}
-    mlp.zero_grad(set_to_none=True)
-    layers = CompiledLayers(mlp, TensorCodec(block_size=4, bits=8, rounding="nearest"))
-    assert layers.modules["1"] == "other" and not layers.uncovered
-    kept = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, _identity):
-        loss = torch.compile(mlp)(x).sin().sum()
-    loss.backward()
-    layers.remove()
-    params = {p.data_ptr() for p in mlp.parameters()}
-    # the hidden activations are 32 x 256; what else is kept: weights, codes, the output (for sin)
-    full = [t for t in kept if t.dtype == torch.float32 and t.numel() >= 32 * 256 and t.data_ptr() not in params
-            and tuple(t.shape) not in {tuple(p.shape) for p in mlp.parameters()}]
-    assert not full, [(tuple(t.shape), t.dtype) for t in full]
-    assert cosine({n: p.grad for n, p in mlp.named_parameters()}, plain) > 0.999
-
-
-def test_layer_norm_keeps_its_normalized_input_as_codes_when_compiled():
-    """A compiled pre-norm MLP block: LayerNorm keeps codes of its normalized input plus exact
-    per-token statistics (no token-size fp32 tensor), and its gradients follow plain training."""
-    from division.compiled import _identity
-    torch.manual_seed(0)
-    block = nn.Sequential(nn.LayerNorm(64), nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64))
-    # a residual stream's outlier channel: one quantization step per channel would drown the rest
-    x = torch.randn(8, 16, 64) * torch.logspace(-1, 1, 64)
-    block(x).sin().sum().backward()
-    plain = {n: p.grad.clone() for n, p in block.named_parameters()}
-    block.zero_grad(set_to_none=True)
-    layers = CompiledLayers(block, TensorCodec(block_size=4, bits=8, rounding="nearest"))
-    assert layers.modules["0"] == "norm" and not layers.uncovered
-    kept = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, _identity):
-        out = torch.compile(block)(x)
-        loss = out.sin().sum()
-    loss.backward()
-    layers.remove()
-    shapes = {tuple(p.shape) for p in block.parameters()}
-    full = [t for t in kept if t.dtype == torch.float32 and t.numel() >= 8 * 16 * 64
-            and tuple(t.shape) not in shapes and t.data_ptr() != out.data_ptr()]  # (sin keeps the output)
-    assert not full, [tuple(t.shape) for t in full]
-    assert sum(tuple(t.shape) == (8, 16, 1) and t.dtype == torch.float32 for t in kept) == 2  # mean, rstd
-    assert cosine({n: p.grad for n, p in block.named_parameters()}, plain) > 0.999
-
-
-def test_convnext_layer_norm_2d_is_compressed_with_its_own_permutes():
-    """torchvision's LayerNorm2d normalizes channels of an (N, C, H, W) map: compiled, it keeps
-    codes and gives the module's own output and, at 8 bits, close to its gradients."""
-    from division.compiled import _identity
-    from torchvision.models.convnext import LayerNorm2d
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), LayerNorm2d(16), nn.Conv2d(16, 4, 1))
-    x = torch.randn(4, 3, 16, 16)
     expected = model(x)
     expected.sin().sum().backward()
     plain = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     layers = CompiledLayers(model, TensorCodec(block_size=4, bits=8, rounding="nearest"))
-    assert layers.modules["1"] == "norm" and not layers.uncovered
+    assert layers.modules[module] == kind and not layers.uncovered
     kept = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, _identity):
         out = torch.compile(model)(x)
     out.sin().sum().backward()
     layers.remove()
-    assert torch.allclose(out, expected, atol=1e-5)
-    assert [tuple(t.shape) for t in kept if t.dtype == torch.float32 and t.numel() == 4 * 16 * 16 * 16] == []
-    assert cosine({n: p.grad for n, p in model.named_parameters()}, plain) > 0.999
+    assert torch.allclose(out, expected, atol=1e-5)  # the forward is exact
+    return out, kept, cosine({n: p.grad for n, p in model.named_parameters()}, plain)
+
+
+def _full_size_fp32(model: nn.Module, kept: list, out: torch.Tensor, numel: int) -> list:
+    """Shapes of the fp32 tensors of at least ``numel`` elements kept besides weights and the output."""
+    shapes = {tuple(p.shape) for p in model.parameters()}
+    return [tuple(t.shape) for t in kept if t.dtype == torch.float32 and t.numel() >= numel
+            and tuple(t.shape) not in shapes and t.data_ptr() != out.data_ptr()]
+
+
+@pytest.mark.parametrize("activation", [nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU(), nn.Hardswish()])
+def test_activation_functions_keep_their_input_as_codes_when_compiled(activation):
+    """A compiled MLP with GELU / SiLU / Hardswish keeps no hidden-size fp32 tensor: the activations'
+    inputs are codes, and the gradients are those of the decoded inputs (8 bits: close to exact)."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(64, 256), activation, nn.Linear(256, 64))
+    out, kept, grad_cosine = _compiled_beside_plain(mlp, torch.randn(32, 64), "1", "other")
+    assert _full_size_fp32(mlp, kept, out, 32 * 256) == []  # the hidden activations are 32 x 256
+    assert grad_cosine > 0.999
+
+
+def test_layer_norm_keeps_its_normalized_input_as_codes_when_compiled():
+    """A compiled pre-norm MLP block: LayerNorm keeps codes of its normalized input plus exact
+    per-token statistics (no token-size fp32 tensor), and its gradients follow plain training."""
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.LayerNorm(64), nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64))
+    # a residual stream's outlier channel: one quantization step per channel would drown the rest
+    x = torch.randn(8, 16, 64) * torch.logspace(-1, 1, 64)
+    out, kept, grad_cosine = _compiled_beside_plain(block, x, "0", "norm")
+    assert _full_size_fp32(block, kept, out, 8 * 16 * 64) == []
+    assert sum(tuple(t.shape) == (8, 16, 1) and t.dtype == torch.float32 for t in kept) == 2  # mean, rstd
+    assert grad_cosine > 0.999
+
+
+def test_convnext_layer_norm_2d_is_compressed_with_its_own_permutes():
+    """torchvision's LayerNorm2d normalizes channels of an (N, C, H, W) map: compiled, it keeps
+    codes and gives the module's own output and, at 8 bits, close to its gradients."""
+    from torchvision.models.convnext import LayerNorm2d
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), LayerNorm2d(16), nn.Conv2d(16, 4, 1))
+    out, kept, grad_cosine = _compiled_beside_plain(model, torch.randn(4, 3, 16, 16), "1", "norm")
+    assert _full_size_fp32(model, kept, out, 4 * 16 * 16 * 16) == []
+    assert grad_cosine > 0.999
