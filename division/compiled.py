@@ -599,6 +599,73 @@ class CompiledLayers:
         self.modules = {}
 
 
+# ------------------------------------------------------------------------------------ coverage
+@dataclass
+class Coverage:
+    """What plain autograd saves in one forward, split by who saves it (``plain_save_coverage``)."""
+
+    fraction: Optional[float]           # share of the bytes saved inside modules that compress compiled
+    raw_bytes: dict[str, int]           # the rest, by the type of the innermost module saving it
+
+
+def plain_save_coverage(model: nn.Module, layers: "CompiledLayers", args: tuple) -> Coverage:
+    """One eager forward of ``model`` on ``args`` with a saved-tensor hook that attributes every
+    float tensor autograd saves (parameters and repeats left out) to the innermost module running;
+    a save inside a module that ``layers`` compresses when compiled counts as covered.
+
+    A compiled graph saves what its partitioner chooses, so its own bytes say nothing about what
+    it left uncompressed; this is the same measure as the eager path's coverage (the share of the
+    bytes plain autograd would keep), taken over the layers the compiled path covers. The forward
+    leaves no trace: buffers (BatchNorm's running statistics) and random-number states are
+    restored."""
+    covered = {id(m) for name, m in model.named_modules() if name in layers.modules}
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    stack: list[nn.Module] = []
+    seen: set[tuple] = set()
+    totals = {"covered": 0, "all": 0}
+    raw: dict[str, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not t.is_floating_point() or t.untyped_storage().data_ptr() in params:
+            return t
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            return t
+        seen.add(key)
+        nbytes = t.numel() * t.element_size()
+        totals["all"] += nbytes
+        if stack and id(stack[-1]) in covered:
+            totals["covered"] += nbytes
+        else:
+            owner = type(stack[-1]).__name__ if stack else "outside modules"
+            raw[owner] = raw.get(owner, 0) + nbytes
+        return t
+
+    def enter(module, _args) -> None:
+        stack.append(module)
+
+    def leave(_module, _args, _output) -> None:  # (returning anything would replace the output)
+        stack.pop()
+
+    handles = []
+    for module in model.modules():
+        handles.append(module.register_forward_pre_hook(enter))
+        handles.append(module.register_forward_hook(leave, always_call=True))
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    devices = [a.device for a in args if isinstance(a, torch.Tensor) and a.is_cuda][:1]
+    try:
+        with torch.random.fork_rng(devices=devices), torch.autograd.graph.saved_tensors_hooks(pack, _identity):
+            model(*args)
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+    fraction = totals["covered"] / totals["all"] if totals["all"] else None
+    return Coverage(fraction, dict(sorted(raw.items(), key=lambda kv: -kv[1])))
+
+
 # ------------------------------------------------------------------------------- the byte ledger
 class SavedTensorCounter:
     """A context that records every tensor autograd saves inside it into a ``ByteLedger``, as is.

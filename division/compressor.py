@@ -58,6 +58,7 @@ in-place changes between the two saves.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 import weakref
@@ -275,7 +276,19 @@ class ActivationCompressor:
     def _active(self) -> bool:
         return self._hooks_ctx is not None
 
+    @contextlib.contextmanager
+    def paused(self):
+        """Forwards inside run as if these hooks were not there (nothing stored, nothing counted):
+        for a look at what plain autograd saves (``division.compiled.plain_save_coverage``)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+
     def _enter_step(self, module, args) -> None:
+        if getattr(self, "_paused", False):
+            return
         if torch.compiler.is_compiling():
             # compiled: the layers' own functions store the codes (division.compiled), where the
             # codec has them; a compiled graph never runs these hooks, so say so where it has not
@@ -311,7 +324,7 @@ class ActivationCompressor:
         self._hooks_ctx.__enter__()
 
     def _exit_step(self, module, args, output) -> None:
-        if self._hooks_ctx is None:
+        if self._hooks_ctx is None or getattr(self, "_paused", False):
             return
         self._hooks_ctx.__exit__(None, None, None)
         self._hooks_ctx = None

@@ -8,18 +8,23 @@ runners use; ``register_method`` adds new ones (the baselines register themselve
 from __future__ import annotations
 
 import contextlib
+import logging
+import warnings
 from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
 from .codec import ActivationCodec, RawCodec
-from .compiled import CompiledLayers, SavedTensorCounter, self_check, tensor_codec_for
+from .compiled import (CompiledLayers, Coverage, SavedTensorCounter, plain_save_coverage, self_check,
+                       tensor_codec_for)
 from .compressor import ActivationCompressor, compress_activations
 from .decode_prefetch import DecodePrefetcher
 from .encode_stream import SideStreamEncoder
 from .ledger import ByteLedger
 from .packing import SUPPORTED_BITS
+
+log = logging.getLogger(__name__)
 
 
 class TrainingMethod:
@@ -250,6 +255,8 @@ class CodecMethod(TrainingMethod):
         self.tensor_codec = tensor_codec_for(codec)  # None: the codec has no compiled form
         self.compile_safe = self.tensor_codec is not None
         self.compiled_layers: Optional[CompiledLayers] = None
+        # compiled: the share of plain autograd's saved bytes inside layers that compress compiled
+        self.compiled_coverage: Optional[Coverage] = None
         self.seed = seed  # stochastic rounding's own generator; None: torch.initial_seed() at attach
         self._generator: Optional[CodecGenerator] = None
 
@@ -272,6 +279,38 @@ class CodecMethod(TrainingMethod):
         if self.compiled_layers is not None:
             self.compressor.compiled_uncovered = self.compiled_layers.uncovered
         return model
+
+    def compile(self, model: nn.Module, **compile_kwargs) -> nn.Module:
+        """``TrainingMethod.compile``; the first training call of the compiled model also measures
+        the compiled coverage (``compiled_coverage``) on two of its samples, and warns under the
+        compressor's threshold (90%) naming what stays uncompressed."""
+        compiled = super().compile(model, **compile_kwargs)
+        if self.compiled_layers is not None and self.compressor is not None:
+            handle = None
+
+            def measure(_module, args):
+                if not (model.training and torch.is_grad_enabled()) or not args \
+                        or not isinstance(args[0], torch.Tensor) or args[0].dim() == 0:
+                    return
+                handle.remove()
+                with self.compressor.paused():
+                    self.compiled_coverage = plain_save_coverage(
+                        model, self.compiled_layers, (args[0][:2], *args[1:]))
+                self._warn_compiled_coverage()
+            handle = compiled.register_forward_pre_hook(measure)
+        return compiled
+
+    def _warn_compiled_coverage(self) -> None:
+        cov = self.compiled_coverage
+        threshold = self.compressor.coverage_warning
+        if cov.fraction is None or cov.fraction >= threshold:
+            return
+        message = (f"compiled, {self.name} compresses {cov.fraction:.1%} of the activation bytes this "
+                   f"model saves (under {threshold:.0%}); kept as the compiler chooses: "
+                   + ", ".join(f"{owner} {b / 2**20:.1f} MiB" for owner, b in list(cov.raw_bytes.items())[:6])
+                   + "; train it eagerly to compress every saved activation (cover_all)")
+        log.warning(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def _check_compiled(self, model: nn.Module, compile_kwargs: dict) -> None:
         if self.compiled_layers is None:

@@ -50,7 +50,12 @@ def build_method(cfg) -> division.TrainingMethod:
 def method_record_fields(method: division.TrainingMethod) -> dict:
     """B and Q as the method ended the run (adaptive methods such as ACGC choose bits as they go)."""
     described = method.describe()
-    return {"block_size": described["block_size"], "bits": described["bits"]}
+    fields = {"block_size": described["block_size"], "bits": described["bits"]}
+    compiled = getattr(method, "compiled_coverage", None)
+    if compiled is not None and compiled.fraction is not None:
+        # compiled: the share of plain autograd's saved bytes inside layers that compress compiled
+        fields["ledger_coverage"] = compiled.fraction
+    return fields
 
 
 def dataset_kwargs(cfg) -> dict:

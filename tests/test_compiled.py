@@ -416,3 +416,30 @@ def test_convnext_layer_norm_2d_is_compressed_with_its_own_permutes():
     out, kept, grad_cosine = _compiled_beside_plain(model, torch.randn(4, 3, 16, 16), "1", "norm")
     assert _full_size_fp32(model, kept, out, 4 * 16 * 16 * 16) == []
     assert grad_cosine > 0.999
+
+
+def test_compiled_coverage_is_measured_on_the_first_step_and_warns_when_low():
+    """Compression is never silently partial: the first compiled training call measures which
+    share of plain autograd's saved bytes lies in layers that compress compiled, without touching
+    the BatchNorm statistics, and warns with the fraction when it is under 90%."""
+    x, y = batch()
+    model = small_net()
+    method = division.build_method("division", rounding="nearest")
+    method.attach(model)
+    compiled = method.compile(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        step(compiled, x, y)
+    assert method.compiled_coverage.fraction > 0.9
+    assert int(model[1].num_batches_tracked) == 1  # the measuring forward left no trace
+    from runners.build import method_record_fields
+    assert method_record_fields(method)["ledger_coverage"] == method.compiled_coverage.fraction
+
+    torch.manual_seed(0)
+    tanh_heavy = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.Tanh(), nn.Tanh(),
+                               nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    method = division.build_method("division", rounding="nearest")
+    method.attach(tanh_heavy)
+    with pytest.warns(RuntimeWarning, match=r"compresses \d+\.\d% of the activation bytes.*Tanh"):
+        step(method.compile(tanh_heavy), x, y)
+    assert method.compiled_coverage.fraction < 0.5
