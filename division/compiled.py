@@ -22,8 +22,9 @@ the window, as the eager path keeps it). The rest (average pooling, element-wise
 chooses; the byte ledger (``SavedTensorCounter``) counts it and ``CompiledLayers.uncovered``
 names those layers, so nothing is hidden.
 
-On a GPU, the codec is the fused Triton kernels that eager DIVISION runs, called as custom ops
-(``division.compiled_ops``: opaque to inductor, one encode and one decode per activation).
+On a GPU, the codec is the fused Triton kernels that eager DIVISION runs, as ``triton_op``s that
+inductor launches from its own code (``division.compiled_ops``: one encode and one decode per
+activation).
 Elsewhere (the CPU, shapes the kernels have no plan for, dynamic shapes) it is DIVISION's
 PyTorch reference (``division.dual_precision``), written in tensor ops that inductor turns into
 kernels. Its stochastic rounding takes its uniform draw from a hash
@@ -59,9 +60,9 @@ from .packing import pack_bits, packed_nbytes, unpack_bits
 class TensorCodec:
     """DIVISION's knobs as a hashable constant that a traced function can close over.
 
-    ``fused``: where the fused GPU kernels have a plan for a tensor, encode and decode call them
-    as custom ops (``division.compiled_ops``) instead of tensor ops that inductor generates
-    kernels for; set when the eager codec is the fused one (``tensor_codec_for``).
+    ``fused``: where the fused GPU kernels have a plan for a tensor, encode and decode run them
+    (``division.compiled_ops``) instead of tensor ops that inductor generates kernels for; set
+    when the eager codec is the fused one (``tensor_codec_for``).
 
     ``encode`` returns a tuple of tensors (what is kept), ``decode`` rebuilds the activation from
     it; the shapes, dtype and memory format travel separately as a ``Layout``.
@@ -93,7 +94,7 @@ class TensorCodec:
         geom = canonical_geometry(x.shape, x.dtype, self.block_size)
         layout = Layout(tuple(x.shape), x.dtype, _memory_format(x), geom)
         if self._fused_applies(x, geom):
-            stored = torch.ops.division.encode(x, self.block_size, self.bits, self.stochastic)
+            stored = compiled_ops.fused_encode(x, self.block_size, self.bits, self.stochastic)
             return dataclasses.replace(layout, fused=True), tuple(stored)
         if geom.layout == LAYOUT_RAW:
             return layout, (x,)
@@ -125,7 +126,7 @@ class TensorCodec:
     def decode(self, layout: "Layout", stored: tuple[torch.Tensor, ...]) -> torch.Tensor:
         geom = layout.geometry
         if layout.fused:
-            return torch.ops.division.decode(*stored, list(layout.shape), layout.dtype,
+            return compiled_ops.fused_decode(*stored, list(layout.shape), layout.dtype,
                                              layout.memory_format == "channels_last",
                                              self.block_size, self.bits)
         if geom.layout == LAYOUT_RAW:

@@ -1,37 +1,46 @@
-"""DIVISION's fused GPU encode and decode as ``torch.library`` custom ops, for compiled graphs.
+"""DIVISION's fused GPU encode and decode as ops of compiled graphs.
 
 Under ``torch.compile`` the compressing layers (``division.compiled``) can write their codec in
 two ways. As tensor ops (``TensorCodec`` with ``fused=False``), inductor generates the kernels: it
 fuses them with the layer around them, but the codec's per-plane reductions, bit packing and
 dither become a few dozen generated kernels per layer, which were slow to compile and slow to
-run on ResNet-50. As the two ops below (``fused=True``), the compiled graph calls the same fused
+run on ResNet-50. As the ops below (``fused=True``), the compiled graph runs the same fused
 Triton kernels that eager DIVISION runs (``division.triton_codec``): one encode (two launches
-for the largest maps) and one decode per activation, opaque to inductor, with a fake
-implementation that tells the compiler each output's shape, dtype and layout.
+for the largest maps) and one decode per activation.
 
-The encode draws its seed on the host at every call, as eager DIVISION does, so the op is not a
-pure function of its input; the compiler's common-subexpression pass may still merge two encodes
-of one tensor (a ResNet block's input read by conv1 and by the downsample convolution), which is
-what the eager path's cache does as well. Inside a CUDA graph (``mode="reduce-overhead"``) a
-host seed would be frozen at capture; the kernel then mixes in a device counter that the graph
-advances at every replay (``triton_codec.graph_seed_counter``), made here before any capture.
+``encode`` and ``decode`` are ``torch.library.triton_op``s: inductor sees each kernel launch
+(``wrap_triton``) and calls the kernel from its generated code, as it calls its own kernels. As
+Python custom ops (an earlier version) every call went through the dispatcher and this module's
+Python, about 320 calls per ResNet-50 step. Under Triton's interpreter (the CPU tests) the
+compiler cannot record a launch, so the same code runs as opaque custom ops (``encode_opaque``,
+``decode_opaque``); ``fused_encode`` / ``fused_decode`` pick the op.
 
-``encode_reference`` wraps the tensor-op codec (``compiled.TensorCodec.encode_tensors``) the same
-way, for the CPU and for shapes the kernels have no plan for: as one opaque op, its outputs are
-what the compiled graph keeps (see its docstring).
+Stochastic rounding draws with ``RNG_DATA``: the hash of each code byte's position is keyed by
+the bits of the values being rounded, not by a host seed. The encode is then a pure function of
+its input, which the compiler needs twice over: a host seed inside a compiled graph (or a CUDA
+graph, ``mode="reduce-overhead"``) would be frozen at trace time, and two encodes of one tensor
+(a ResNet block's input, read by conv1 and by the downsample convolution) are merged by the
+compiler's common-subexpression pass into one encode and one copy of the codes, as the eager
+path's cache does. The draws change whenever the activations do (every step); the tensor-op
+codec's ``hash_dither`` makes the same trade.
 
-``applies`` says, at trace time, whether a tensor takes these ops (a CUDA tensor the fused kernels
-have a plan for, or any tensor while Triton's interpreter runs, which is how the CPU tests run
-them); everything else keeps the tensor-op codec.
+``encode_reference`` wraps the tensor-op codec (``compiled.TensorCodec.encode_tensors``) as one
+opaque op, for the CPU and for shapes the kernels have no plan for: its outputs are what the
+compiled graph keeps (see its docstring).
+
+``applies`` says, at trace time, whether a tensor takes the fused ops (a CUDA tensor the fused
+kernels have a plan for, or any tensor while Triton's interpreter runs, which is how the CPU tests
+run them); everything else keeps the tensor-op codec.
 """
 from __future__ import annotations
 
 from functools import lru_cache
 
 import torch
-from torch.library import custom_op
+from torch.library import custom_op, triton_op, wrap_triton
 
 from .packing import packed_nbytes
+from .triton_launch import interpreting
 
 
 @lru_cache(maxsize=None)
@@ -76,55 +85,118 @@ def _has_plan(shape, stride, dtype, device, block_size, bits, stochastic) -> boo
         codec.plan_for(tuple(maps.shape), dtype, channels_last, device) is not None
 
 
-@custom_op("division::encode", mutates_args=())
-def encode(x: torch.Tensor, block_size: int, bits: int, stochastic: bool
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x's (lfc, codes, mn, step), as ``TritonDivisionCodec.encode`` writes them."""
-    codec, plan, maps = _plan(x, block_size, bits, stochastic)
+def _encode_into(x: torch.Tensor, block_size: int, bits: int, stochastic: bool, launch
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x's (lfc, codes, mn, step) as ``TritonDivisionCodec.encode`` writes them, with stochastic
+    rounding drawn by ``RNG_DATA`` (no host seed: a pure function of x, see the module docstring).
+    ``launch(kernel, grid, args, constexprs, num_warps)`` runs each kernel (or nothing: fake)."""
+    from .triton_codec_kernels import _encode_kernel
+    from .triton_plan import RNG_DATA, _lfc_format
+    _, plan, maps = _plan(x, block_size, bits, stochastic)
     if plan is None:
         raise RuntimeError(f"division::encode has no fused plan for {tuple(x.shape)} {x.dtype}: "
                            "check division.compiled_ops.applies before tracing it")
-    if x.is_cuda and not torch.cuda.is_current_stream_capturing():
-        from .triton_codec import prepare_graph_capture
-        prepare_graph_capture(x.device)  # before any capture: a captured encode reads its counter
-    t = codec._encode_kernel(maps, plan)
-    return t["lfc"], t["codes"], t["mn"], t["step"]
-
-
-@encode.register_fake
-def _encode_fake(x, block_size, bits, stochastic):
-    from .triton_plan import _lfc_format
-    _, plan, _ = _plan(x, block_size, bits, stochastic)
     n, c = plan.n, plan.c
     lfc = torch.empty((n, c, plan.hb, plan.wb), dtype=torch.bfloat16, device=x.device,
                       memory_format=_lfc_format(plan))
     codes = x.new_empty((packed_nbytes(n * c * plan.h * plan.w, plan.bits),), dtype=torch.uint8)
-    return lfc, codes, x.new_empty((n, c), dtype=torch.bfloat16), x.new_empty((n, c), dtype=torch.bfloat16)
+    mn = x.new_empty((n, c), dtype=torch.bfloat16)
+    step = x.new_empty((n, c), dtype=torch.bfloat16)
+    # split planes: each chunk's HFC (min, max), written by phase 1 and reduced by phase 2
+    part = x.new_empty((n * c * plan.enc_split * 2,), dtype=torch.float32) \
+        if len(plan.encode_phases) > 1 else step
+    for phase in plan.encode_phases:
+        # unused pointers (seed counter, ReLU mask words, BatchNorm outputs) get any tensor: step
+        launch(_encode_kernel, plan.encode_grid,
+               (maps, lfc, codes, mn, step, part, step, step, step, step, step, step, 0, c, c // plan.g),
+               dict(STOCHASTIC=stochastic, RNG=RNG_DATA, SEED_PTR=False, FMA_Q=stochastic and plan.fma_q,
+                    PACK_MASK=False, NORM=False, **plan.encode_constexprs(phase)),
+               plan.enc_warps)
+    return lfc, codes, mn, step
 
 
-def _decode_plan(shape, dtype, channels_last: bool, block_size: int, bits: int, device):
+def _decode_into(lfc, codes, mn, step, shape, dtype, channels_last, block_size, bits, launch) -> torch.Tensor:
+    """The activation of ``shape`` and ``dtype`` (channels_last or contiguous) rebuilt from
+    ``_encode_into``'s outputs; ``launch`` as there."""
+    from .triton_codec_kernels import _decode_kernel
     codec = _codec(block_size, bits, True)  # the plan does not depend on the rounding
     geom = codec.geometry(shape, dtype)
-    return codec, codec.plan_for((geom.n, geom.c, geom.h, geom.w), dtype, channels_last, device)
-
-
-@custom_op("division::decode", mutates_args=())
-def decode(lfc: torch.Tensor, codes: torch.Tensor, mn: torch.Tensor, step: torch.Tensor,
-           shape: list[int], dtype: torch.dtype, channels_last: bool, block_size: int, bits: int
-           ) -> torch.Tensor:
-    """The activation of ``shape`` and ``dtype`` (channels_last or contiguous) rebuilt from ``encode``'s outputs."""
-    codec, plan = _decode_plan(shape, dtype, channels_last, block_size, bits, codes.device)
-    t = {"lfc": lfc, "codes": codes, "mn": mn, "step": step}
-    out = codec._decode_kernel(t, dtype, plan).view(shape)
+    plan = codec.plan_for((geom.n, geom.c, geom.h, geom.w), dtype, channels_last, codes.device)
+    fmt = torch.channels_last if plan.channels_last else torch.contiguous_format
+    out = torch.empty((plan.n, plan.c, plan.h, plan.w), dtype=dtype, device=codes.device, memory_format=fmt)
+    launch(_decode_kernel, plan.decode_grid, (codes, lfc, mn, step, out, out, plan.c, plan.c // plan.g),
+           dict(plan.decode_constexprs(), MASK=0, TINY=float(torch.finfo(dtype).tiny)), plan.dec_warps)
+    out = out.view(shape)
     if channels_last and not plan.channels_last:
         out = out.contiguous(memory_format=torch.channels_last)  # a narrow map's NCHW decode
     return out
 
 
-@decode.register_fake
-def _decode_fake(lfc, codes, mn, step, shape, dtype, channels_last, block_size, bits):
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty(shape, dtype=dtype, device=codes.device, memory_format=fmt)
+def _traced_launch(kernel, grid, args, constexprs, num_warps) -> None:
+    """Inside ``triton_op``: the compiler records the launch and calls the kernel from its own code."""
+    wrap_triton(kernel)[grid](*args, **constexprs, num_warps=num_warps)
+
+
+def _direct_launch(kernel, grid, args, constexprs, num_warps) -> None:
+    kernel[grid](*args, **constexprs, num_warps=num_warps)
+
+
+def _no_launch(*_) -> None:
+    """Fake tensors: the outputs' shapes, dtypes and layouts, nothing run."""
+
+
+@triton_op("division::encode", mutates_args=())
+def encode(x: torch.Tensor, block_size: int, bits: int, stochastic: bool
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x's (lfc, codes, mn, step): the fused encode, launched from inductor's own code."""
+    return _encode_into(x, block_size, bits, stochastic, _traced_launch)
+
+
+@triton_op("division::decode", mutates_args=())
+def decode(lfc: torch.Tensor, codes: torch.Tensor, mn: torch.Tensor, step: torch.Tensor,
+           shape: list[int], dtype: torch.dtype, channels_last: bool, block_size: int, bits: int
+           ) -> torch.Tensor:
+    """The activation rebuilt from ``encode``'s outputs: the fused decode, launched from inductor's code."""
+    return _decode_into(lfc, codes, mn, step, shape, dtype, channels_last, block_size, bits, _traced_launch)
+
+
+@custom_op("division::encode_opaque", mutates_args=())
+def encode_opaque(x: torch.Tensor, block_size: int, bits: int, stochastic: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``encode`` as an opaque op: under Triton's interpreter (the CPU tests), whose kernels the
+    compiler cannot record (``wrap_triton`` takes compiled kernels only)."""
+    return _encode_into(x, block_size, bits, stochastic, _direct_launch)
+
+
+@encode_opaque.register_fake
+def _encode_opaque_fake(x, block_size, bits, stochastic):
+    return _encode_into(x, block_size, bits, stochastic, _no_launch)
+
+
+@custom_op("division::decode_opaque", mutates_args=())
+def decode_opaque(lfc: torch.Tensor, codes: torch.Tensor, mn: torch.Tensor, step: torch.Tensor,
+                  shape: list[int], dtype: torch.dtype, channels_last: bool, block_size: int, bits: int
+                  ) -> torch.Tensor:
+    """``decode`` as an opaque op (see ``encode_opaque``)."""
+    return _decode_into(lfc, codes, mn, step, shape, dtype, channels_last, block_size, bits, _direct_launch)
+
+
+@decode_opaque.register_fake
+def _decode_opaque_fake(lfc, codes, mn, step, shape, dtype, channels_last, block_size, bits):
+    return _decode_into(lfc, codes, mn, step, shape, dtype, channels_last, block_size, bits, _no_launch)
+
+
+def fused_encode(x: torch.Tensor, block_size: int, bits: int, stochastic: bool):
+    """The encode op for this process: ``encode``, or ``encode_opaque`` under the interpreter."""
+    op = torch.ops.division.encode_opaque if interpreting() else torch.ops.division.encode
+    return op(x, block_size, bits, stochastic)
+
+
+def fused_decode(lfc, codes, mn, step, shape: list[int], dtype: torch.dtype, channels_last: bool,
+                 block_size: int, bits: int) -> torch.Tensor:
+    """The decode op for this process (see ``fused_encode``)."""
+    op = torch.ops.division.decode_opaque if interpreting() else torch.ops.division.decode
+    return op(lfc, codes, mn, step, shape, dtype, channels_last, block_size, bits)
 
 
 @custom_op("division::encode_reference", mutates_args=())

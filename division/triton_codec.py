@@ -44,7 +44,7 @@ from .dual_precision import (CODES_NCHW, CODES_NHWC, LAYOUT_FEATURES, LAYOUT_MAP
 from .packing import packed_nbytes
 from .triton_codec_kernels import _DECODE, _ENCODE
 from .triton_launch import aligned, dense_layout, interpreting, runs_here
-from .triton_plan import (_INTERPRET, _MASK_WORDS, RNG_HASH, RNG_PHILOX, TUNING, Plan, _lfc_format,
+from .triton_plan import (_INTERPRET, _MASK_WORDS, RNG_DATA, RNG_HASH, RNG_PHILOX, TUNING, Plan, _lfc_format,
                           _mask_argument, _plan, _sm_count)
 
 _FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -98,8 +98,8 @@ class TritonDivisionCodec(DivisionCodec):
     """``DivisionCodec`` whose encode / decode run fused Triton kernels on CUDA 4-D inputs.
 
     Same constructor and stored format as the reference; see the module docstring for what runs
-    where and what falls back. ``rng`` picks the in-kernel random numbers (RNG_HASH or RNG_PHILOX);
-    None takes ``TUNING["rng"]``.
+    where and what falls back. ``rng`` picks the in-kernel random numbers (RNG_HASH, RNG_PHILOX, or
+    RNG_DATA: seeded by the values being rounded, no host seed); None takes ``TUNING["rng"]``.
     """
 
     def __init__(self, block_size: int = 8, bits: int = 2, rounding: str = "stochastic",
@@ -109,8 +109,8 @@ class TritonDivisionCodec(DivisionCodec):
         super().__init__(block_size=block_size, bits=bits, rounding=rounding, keep_lfc=keep_lfc,
                          keep_hfc=keep_hfc, simulate=simulate, generator=generator,
                          relu_zeros=relu_zeros)
-        if rng not in (None, RNG_HASH, RNG_PHILOX):
-            raise ValueError(f"rng must be None, RNG_HASH or RNG_PHILOX, got {rng!r}")
+        if rng not in (None, RNG_HASH, RNG_PHILOX, RNG_DATA):
+            raise ValueError(f"rng must be None, RNG_HASH, RNG_PHILOX or RNG_DATA, got {rng!r}")
         self.rng = rng
         self._seed_key: Optional[int] = None
         self._seed_gen: Optional[random.Random] = None
@@ -339,5 +339,5 @@ class TritonDivisionCodec(DivisionCodec):
         return out
 
 
-__all__ = ["TritonDivisionCodec", "Plan", "TUNING", "RNG_HASH", "RNG_PHILOX", "interpreting",
+__all__ = ["TritonDivisionCodec", "Plan", "TUNING", "RNG_HASH", "RNG_PHILOX", "RNG_DATA", "interpreting",
            "prepare_graph_capture", "graph_seed_counter"]

@@ -121,26 +121,33 @@ def _quotient(a, b, rcp, EXACT: tl.constexpr):
 
 
 @triton.jit
-def _lane_uniform(seed, bctr, jl, PB: tl.constexpr, RNG: tl.constexpr):
-    """U[0, 1) for code lane ``jl`` (0..PB-1) of byte ``bctr`` (uint32 global byte index).
+def _lane_uniform(seed, bctr, jl, v, LANES: tl.constexpr, PB: tl.constexpr, RNG: tl.constexpr):
+    """U[0, 1) for code lane ``jl`` (0..PB-1) of byte ``bctr`` (uint32 global byte index);
+    ``v``: the byte's PB quantization ratios along axis ``LANES``, the last (read by RNG 2 only).
 
     RNG 0: one 32-bit hash per byte (golden-ratio spread + seed, then Wellons' lowbias32), spread
     to the byte's lanes by distinct odd multipliers (each lane is exactly uniform: a bijection of
     the hash); the top 23 bits become the mantissa of a float in [1, 2). No int->float conversion.
     RNG 1: Triton's Philox ``tl.rand`` on the element index (slower, reference quality).
+    RNG 2: RNG 0 with the XOR of the byte's ratio bits mixed into the seed: the draw is a pure
+    function of the encode's input, so a compiled graph may merge two encodes of one tensor, and
+    it changes whenever the values do (each step's activations), without a host seed.
     """
-    if RNG == 0:
+    if RNG != 1:
         h = bctr * 0x9E3779B1 + seed.to(tl.uint32)
+        if RNG == 2:
+            h ^= tl.xor_sum(v.to(tl.uint32, bitcast=True), axis=LANES)
         h ^= h >> 16
         h *= 0x21F0AAAD
         h ^= h >> 15
         h *= 0x735A2D97
         h ^= h >> 15
+        h = tl.expand_dims(h, -1)
         if PB > 1:
             h = h * (jl.to(tl.uint32) * 0xB0A3E85A + 1)
         return ((h >> 9) | 0x3F800000).to(tl.float32, bitcast=True) - 1.0
     else:
-        return tl.rand(seed, (bctr * PB + jl.to(tl.uint32)).to(tl.int32, bitcast=True))
+        return tl.rand(seed, (tl.expand_dims(bctr, -1) * PB + jl.to(tl.uint32)).to(tl.int32, bitcast=True))
 
 
 @triton.jit
@@ -480,7 +487,7 @@ def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_p
                                 bctr = bidx.to(tl.uint32)
                             else:
                                 bctr = bidx.to(tl.uint32, bitcast=True)
-                            v = v + _lane_uniform(seed, bctr[:, :, :, None], jl, PB, RNG)
+                            v = v + _lane_uniform(seed, bctr, jl, v, 3, PB, RNG)
                         else:
                             v = v + 0.5
                         code = tl.minimum(tl.maximum(v, 0.0), LEVELS * 1.0).to(tl.int32)
@@ -544,7 +551,7 @@ def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_p
                             bctr = bidx.to(tl.uint32)
                         else:
                             bctr = bidx.to(tl.uint32, bitcast=True)
-                        v = v + _lane_uniform(seed, bctr[:, :, :, :, None], jl, PB, RNG)
+                        v = v + _lane_uniform(seed, bctr, jl, v, 4, PB, RNG)
                     else:
                         v = v + 0.5
                     code = tl.minimum(tl.maximum(v, 0.0), LEVELS * 1.0).to(tl.int32)  # floor: v >= 0
@@ -609,7 +616,7 @@ def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_p
                         bctr = bidx.to(tl.uint32)
                     else:
                         bctr = bidx.to(tl.uint32, bitcast=True)
-                    v = v + _lane_uniform(seed, bctr[:, :, None], j3, PB, RNG)
+                    v = v + _lane_uniform(seed, bctr, j3, v, 2, PB, RNG)
                 else:
                     v = v + 0.5
                 code = tl.minimum(tl.maximum(v, 0.0), LEVELS * 1.0).to(tl.int32)

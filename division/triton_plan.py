@@ -18,6 +18,7 @@ from .triton_launch import INT32_LIMIT, interpreting
 
 RNG_HASH = 0
 RNG_PHILOX = 1
+RNG_DATA = 2  # RNG_HASH keyed by the values being rounded: a pure function of the input (compiled graphs)
 
 _INTERPRET = interpreting()
 

@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from runners.build import seed_everything  # noqa: E402
+from runners.compiling import compile_mode  # noqa: E402
 from runners.memory import train_step  # noqa: E402
 from runners.speed import build_speed_bench, cuda_step_ms, warmup_steps  # noqa: E402
 
@@ -81,7 +82,8 @@ def profile_method(name: str, overrides: list[str], out: Path, steps: int) -> st
         buf = io.StringIO()
         pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(45)
         (out / f"{name}_python.txt").write_text(buf.getvalue())
-        if bench.graphed is None:  # inside a graph replay there are no calls to time
+        if bench.graphed is None and compile_mode(cfg) is None:
+            # inside a graph replay or a compiled graph the codec classes are not called
             (out / f"{name}_codec_calls.txt").write_text(codec_call_table(bench, cfg, device))
     finally:
         bench.close()

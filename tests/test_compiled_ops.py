@@ -1,6 +1,7 @@
 """DIVISION's fused kernels inside a compiled graph (division/compiled_ops.py): the graph calls the
-``division::encode`` / ``division::decode`` custom ops, keeps what they write, and trains like the
-same layers run eagerly.
+fused encode and decode, keeps what they write, and trains like the same layers run eagerly.
+Under the interpreter these are the opaque ``division::encode_opaque`` / ``decode_opaque`` ops,
+which share everything but the launch with the ``triton_op``s a GPU compiles (the ``gpu`` test below).
 
 The kernels run on the CPU through Triton's interpreter, which has to be switched on before the
 kernels' module loads: the checks run in a subprocess started with TRITON_INTERPRET=1.
@@ -96,9 +97,9 @@ def interpreted(tmp_path_factory):
 def test_compiled_graph_calls_the_fused_encode_and_decode(interpreted):
     fwd, bwd = interpreted["forward_ops"], interpreted["backward_ops"]
     # conv0, bn0, the block input (read by conv1 and the shortcut: one encode), bn1, conv2, bn2, linear
-    assert fwd.count("division.encode.default") == 7, fwd
-    assert bwd.count("division.decode.default") >= 7, bwd
-    assert "division.decode.default" not in fwd and "division.encode.default" not in bwd
+    assert fwd.count("division.encode_opaque.default") == 7, fwd
+    assert bwd.count("division.decode_opaque.default") >= 7, bwd
+    assert "division.decode_opaque.default" not in fwd and "division.encode_opaque.default" not in bwd
 
 
 def test_compiled_fused_layers_train_like_the_same_layers_run_eagerly(interpreted):
@@ -120,3 +121,49 @@ def test_cpu_tensors_take_the_fused_ops_only_under_the_interpreter(interpreted):
     from division.triton_launch import interpreting
     if not interpreting():
         assert compiled_ops.applies(torch.randn(8, 3, 16, 16), 4, 4, False) is False
+
+
+@pytest.mark.gpu
+def test_gpu_inductor_launches_the_fused_kernels_from_its_own_code():
+    """On a GPU the graph's encodes and decodes are ``triton_op``s: inductor's generated code
+    launches ``_encode_kernel`` / ``_decode_kernel`` itself (no call back into Python ops), keeps
+    the bytes eager DIVISION keeps, and gives the gradients of the same layers run eagerly."""
+    import torch
+    import torch.nn.functional as F
+    from torch._inductor.utils import run_and_get_code
+
+    from division.compiled import CompiledLayers, TensorCodec, _identity
+    from tests.test_compiled import batch, cosine, small_net, step
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    codec = TensorCodec(block_size=4, bits=4, rounding="nearest", fused=True)
+    x, y = (t.cuda() for t in batch())
+    eager_net = small_net().cuda()
+    CompiledLayers(eager_net, codec, eager=True)
+    eager_kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: eager_kept.append(t) or t, _identity):
+        _, eager_grads = step(eager_net, x, y)
+    net = small_net().cuda()
+    CompiledLayers(net, codec)
+    run = torch.compile(net)
+    kept = []
+
+    def train_step():
+        net.zero_grad(set_to_none=True)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, _identity):
+            loss = F.cross_entropy(run(x), y)
+        loss.backward()
+
+    _, code = run_and_get_code(train_step)
+    code = "\n".join(code)
+    assert "_encode_kernel" in code and "_decode_kernel" in code
+    assert "division.encode" not in code and "division.decode" not in code
+    grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+    assert cosine(grads, eager_grads) > 0.9999
+    # run eagerly, the functions encode the block input once per reader (conv1, shortcut), with
+    # the same bytes; the compiled graph keeps one copy
+    distinct = lambda ts: {(tuple(t.shape), t.cpu().numpy().tobytes())  # noqa: E731
+                           for t in ts if t.dtype == torch.uint8}
+    assert distinct(kept) == distinct(eager_kept)
+    assert sum(t.numel() for t in kept if t.dtype == torch.uint8) == sum(len(b) for _, b in distinct(kept))

@@ -524,6 +524,34 @@ def check_seed_counter(device):
     assert abs(corr) < 5 / (z[1:].numel()) ** 0.5, corr
 
 
+def check_data_rng(device, shape=(2, 4, 16, 16), draws=64, small=(1, 2, 8, 8)):
+    """The compiled graph's encode (division.compiled_ops: RNG_DATA, draws keyed by the values
+    rounded, no host seed): a pure function of its input, with the laws of stochastic rounding
+    (below one step, P(round up) = the fraction, unbiased per element over independent draws),
+    decoded by the eager codec too; NCHW, channels_last, and 7x7 maps (pass 2 in flat order)."""
+    from division import compiled_ops
+    for shp, cl in ((shape, False), (shape, True), ((2, 8, 7, 7), False)):
+        x = random_input(shp, torch.float32, channels_last=cl, seed=7, device=device)
+        t = compiled_ops.fused_encode(x, 8, 2, True)
+        again = compiled_ops.fused_encode(x.clone(), 8, 2, True)
+        assert all(torch.equal(a, b) for a, b in zip(t, again)), "the encode must be a function of x"
+        other = compiled_ops.fused_encode(x * (1 + 2 ** -20), 8, 2, True)
+        assert not torch.equal(t[1], other[1]), "other values must draw other numbers"
+        codec, plan, _ = compiled_ops._plan(x, 8, 2, True)
+        packed = codec.packed(x, plan, dict(zip(("lfc", "codes", "mn", "step"), t)))
+        _frac_check(x, packed)
+        xh = compiled_ops.fused_decode(*t, list(x.shape), x.dtype, cl, 8, 2)
+        assert torch.equal(xh, codec.decode(packed))
+        assert xh.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        assert ((xh - x).abs() < t[3].float()[:, :, None, None] + 1e-5).all()
+    # copies of one map along the batch draw independently (the byte index is hashed too)
+    xs = random_input(small, torch.float32, seed=8, device=device)
+    t = compiled_ops.fused_encode(xs.repeat(draws, 1, 1, 1), 8, 2, True)
+    xh = compiled_ops.fused_decode(*t, [draws * small[0], *small[1:]], xs.dtype, False, 8, 2)
+    mean_err = (xh.view(draws, *small).mean(0) - xs) / t[3].float()[: small[0], :, None, None]
+    assert mean_err.abs().max().item() < 5 * 0.5 / draws ** 0.5, mean_err.abs().max().item()
+
+
 # (shape, channels_last, dtype): NHWC programs of 8 to 64 channels read a word of mask bits per
 # pixel (mode 2); NCHW maps, and NHWC programs of fewer channels, a byte per element (mode 1)
 RELU_ZERO_CASES = [((2, 64, 16, 16), True, torch.bfloat16), ((2, 128, 8, 8), True, torch.float32),
@@ -844,6 +872,7 @@ CPU_CHECKS = {
     "relu_masks_in_training": lambda: check_relu_masks_from_encodes_in_training("cpu"),
     "masks": lambda: check_masks("cpu"),
     "seed_counter": lambda: check_seed_counter("cpu"),
+    "data_rng": lambda: check_data_rng("cpu"),
     "maxpool_offsets": lambda: check_maxpool_offsets("cpu"),
     "direct_launch": lambda: check_direct_launch("cpu"),
     "tilings": lambda: check_tilings("cpu"),
@@ -1000,6 +1029,12 @@ def test_gpu_split_planes():
 @needs_cuda
 def test_gpu_stochastic():
     check_stochastic("cuda", shape=(8, 64, 28, 28), draws=64, small=(2, 16, 14, 14))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_data_rng():
+    check_data_rng("cuda", shape=(8, 64, 28, 28), draws=64, small=(2, 16, 14, 14))
 
 
 @pytest.mark.gpu
