@@ -17,7 +17,7 @@ mode it runs its own forward, which the hooks already compress. The model's para
 and ``state_dict`` do not change.
 
 What is covered: convolutions (zero padding), BatchNorm in training mode, LayerNorm (its input
-normalized, with exact statistics), Linear, ReLU, GELU / SiLU / Hardswish (their input as codes) and MaxPool2d (its argmax as a uint8 position in
+normalized, with exact statistics), Linear, ReLU, GELU / SiLU (their input as codes), Hardswish (its derivative as codes) and MaxPool2d (its argmax as a uint8 position in
 the window, as the eager path keeps it). The rest (average pooling, element-wise ops, modules this file does not know) is saved the way the compiler
 chooses; the byte ledger (``SavedTensorCounter``) counts it and ``CompiledLayers.uncovered``
 names those layers, so nothing is hidden.
@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import compiled_ops
+from .activations import HardswishKeepingDerivative, hardswish_derivative
 from .exact import MaxPoolIndexCodec, indices_from_offsets, window_offsets
 from .ledger import COMPILED, LedgerEntry
 from .dual_precision import (LAYOUT_RAW, Geometry, block_mean, canonical_geometry, dequantize,
@@ -371,8 +372,9 @@ class _LayerNorm(torch.autograd.Function):
 
 
 class _Activation(torch.autograd.Function):
-    """GELU, SiLU or Hardswish whose backward takes the derivative at the input decoded from
-    DIVISION's codes (what their own backward reads, kept as codes instead of the tensor)."""
+    """GELU or SiLU whose backward takes the derivative at the input decoded from DIVISION's
+    codes (what their own backward reads, kept as codes instead of the tensor); Hardswish keeps
+    the codes of its derivative instead (``division.activations``: its derivative jumps)."""
 
     @staticmethod
     def forward(ctx, x, kind: str, approximate: str, codec: TensorCodec):
@@ -380,20 +382,20 @@ class _Activation(torch.autograd.Function):
             y = F.gelu(x, approximate=approximate)
         else:
             y = F.silu(x) if kind == "silu" else F.hardswish(x)
-        layout, stored = codec.encode(x)
+        layout, stored = codec.encode(hardswish_derivative(x) if kind == "hardswish" else x)
         ctx.save_for_backward(*stored)
         ctx.codec, ctx.layout, ctx.kind, ctx.approximate = codec, layout, kind, approximate
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x = ctx.codec.decode(ctx.layout, tuple(ctx.saved_tensors))
+        kept = ctx.codec.decode(ctx.layout, tuple(ctx.saved_tensors))
         if ctx.kind == "gelu":
-            gx = torch.ops.aten.gelu_backward(grad, x, approximate=ctx.approximate)
+            gx = torch.ops.aten.gelu_backward(grad, kept, approximate=ctx.approximate)
         elif ctx.kind == "silu":
-            gx = torch.ops.aten.silu_backward(grad, x)
+            gx = torch.ops.aten.silu_backward(grad, kept)
         else:
-            gx = torch.ops.aten.hardswish_backward(grad, x)
+            gx = grad * kept
         return gx, None, None, None
 
 
@@ -510,8 +512,8 @@ def activation_forward(module: nn.Module, x: torch.Tensor, codec: TensorCodec) -
 
 
 def activation_applies(module: nn.Module) -> bool:
-    """GELU, SiLU and Hardswish modules (not in place: their input is what backward reads)."""
-    return type(module) in _ACTIVATIONS and not getattr(module, "inplace", False)
+    """GELU, SiLU and Hardswish modules; in-place ones (``inplace=True``) compute out of place."""
+    return type(module) in _ACTIVATIONS
 
 
 def max_pool_forward(module: nn.MaxPool2d, x: torch.Tensor, codec: TensorCodec) -> torch.Tensor:
@@ -584,12 +586,16 @@ class CompiledLayers:
 
     def _dispatch(self, module: nn.Module, compressed_forward):
         own_forward = type(module).forward.__get__(module)
+        # eager training of a Hardswish: its derivative is saved (and coded by the hooks), not its input
+        eager_forward = HardswishKeepingDerivative.apply if isinstance(module, nn.Hardswish) else None
         codec = self.codec
 
         def forward(x, *args, **kwargs):
-            if (self.enabled and (self.eager or torch.compiler.is_compiling()) and module.training
-                    and torch.is_grad_enabled() and not args and not kwargs):
-                return compressed_forward(module, x, codec)
+            if self.enabled and module.training and torch.is_grad_enabled() and not args and not kwargs:
+                if self.eager or torch.compiler.is_compiling():
+                    return compressed_forward(module, x, codec)
+                if eager_forward is not None:
+                    return eager_forward(x)
             return own_forward(x, *args, **kwargs)
         return forward
 

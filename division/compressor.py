@@ -75,6 +75,7 @@ from .encode_stream import SideStreamEncoder
 from .exact import (RELU_MASK, BoolMaskCodec, DropoutMaskCodec, MaxPoolIndexCodec, ReluMaskCodec,
                     ShapeOnlyCodec, add_reader)
 from .layouts import LayoutCodec, NormalizedCodec, fit
+from .activations import KEEPS_DERIVATIVE
 from .ledger import REBUILT, ByteLedger, LedgerEntry, coverage_of
 from .norm_from_codes import NormFromCodes
 from .rebuild import ChainTracker, RebuildCodec, take_decoded
@@ -576,6 +577,9 @@ class ActivationCompressor:
             if isinstance(module, nn.LayerNorm) and t is frame.input:
                 return self._normalized(t, len(module.normalized_shape))
             return self._fitted(t, isinstance(module, (nn.Linear, nn.LayerNorm)))
+        if self.cover_all and self.codec is not None and isinstance(frame.module, KEEPS_DERIVATIVE) \
+                and t.is_floating_point():
+            return self._fitted(t, False)  # its derivative (division.activations): no grad of its own
         return self._general(t)
 
     def _general(self, t: torch.Tensor) -> ActivationCodec:
