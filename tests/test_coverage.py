@@ -204,3 +204,30 @@ def test_attention_bits_out_of_range_is_one_clear_error(value):
     with pytest.raises(ValueError, match=r"method\.attention_bits=.* is not allowed: use 0 \(attention kept "
                                          r"exact\) or one of 1, 2, 4, 8"):
         division.build_method("division", attention_bits=value)
+
+
+def test_hardswish_keeps_its_derivative_so_no_decoded_input_takes_the_wrong_branch():
+    """Hardswish's derivative jumps at -3 and 3. Inputs clustered just around both jumps, in planes
+    whose range (+-20) makes an 8-bit step of the input 0.16: kept as input codes, many would land
+    across a jump (a gradient error of 0.5); kept as the derivative's codes (range 2), the error stays
+    within the derivative's own step. The derivative is coded, not kept raw."""
+    from division.activations import HardswishKeepingDerivative
+    torch.manual_seed(0)
+    x = torch.where(torch.rand(2, 4, 32, 32) < 0.5, -3.0, 3.0) + (torch.rand(2, 4, 32, 32) - 0.5) * 0.1
+    x[:, :, 0, 0], x[:, :, 0, 1] = -20.0, 20.0
+    x[0, 0, 1, :4] = torch.tensor([-3.0, 3.0, -3.0, 3.0])  # exactly on the jumps: PyTorch's branches
+    exact_in = x.clone().requires_grad_()
+    torch.nn.functional.hardswish(exact_in).backward(torch.ones_like(x))
+    same_in = x.clone().requires_grad_()
+    HardswishKeepingDerivative.apply(same_in).backward(torch.ones_like(x))
+    assert torch.equal(same_in.grad, exact_in.grad)
+
+    coded_in = x.clone().requires_grad_()
+    ledger, warned = _step(nn.Sequential(nn.Identity(), nn.Hardswish()).train(), coded_in, bits=8)
+    rows = [e for e in ledger.entries if e.op == "Hardswish"]
+    assert rows and all(e.stored_bytes < e.plain_bytes / 3 for e in rows) and not warned
+    # d(mean of squares)/dx = 2 y hardswish'(x) / numel: compare hardswish'(x) itself
+    y = torch.nn.functional.hardswish(x)
+    derivative = coded_in.grad * x.numel() / (2 * y)
+    ok = y.abs() > 1e-3
+    assert (derivative[ok] - exact_in.grad[ok]).abs().max() < 0.02
