@@ -564,8 +564,13 @@ class CompiledLayers:
     ``remove`` restores the modules' own forwards.
     """
 
-    def __init__(self, model: nn.Module, codec: TensorCodec, *, eager: bool = False):
+    def __init__(self, model: nn.Module, codec: TensorCodec, *, eager: bool = False,
+                 attention: Optional[TensorCodec] = None):
+        """``attention``: the codec of self-attention's query, key and value
+        (``division.compiled_attention``); None leaves ``nn.MultiheadAttention`` to the compiler."""
+        from .compiled_attention import attention_applies
         self.codec = codec
+        self.attention = attention
         self.enabled = True
         self.eager = eager  # True: the compressing functions run in eager mode too (self_check)
         self.modules: dict[str, str] = {}  # name -> kind, the modules that compress when compiled
@@ -573,8 +578,15 @@ class CompiledLayers:
         self._patched: list[nn.Module] = []
         from .compressor import module_kind
         for name, module in model.named_modules():
+            if attention is not None and attention_applies(module) and "forward" not in module.__dict__:
+                module.forward = self._dispatch_attention(module)
+                self._patched.append(module)
+                self.modules[name] = "attention"
+                continue
             found = layer_for(module)
             if found is None or "forward" in module.__dict__:
+                if isinstance(module, nn.modules.dropout._DropoutNd) and module.p == 0:
+                    continue  # saves nothing
                 if module_kind(module) in ("conv", "norm", "linear", "dropout") \
                         or isinstance(module, _SAVING_MODULES):
                     self.uncovered.append(f"{name} ({type(module).__name__})")
@@ -597,6 +609,22 @@ class CompiledLayers:
                 if eager_forward is not None:
                     return eager_forward(x)
             return own_forward(x, *args, **kwargs)
+        return forward
+
+    def _dispatch_attention(self, module: nn.MultiheadAttention):
+        from .compiled_attention import attention_call_applies, attention_forward
+        own_forward = type(module).forward.__get__(module)
+
+        def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                    average_attn_weights=True, is_causal=False):
+            if (self.enabled and (self.eager or torch.compiler.is_compiling()) and module.training
+                    and torch.is_grad_enabled()
+                    and attention_call_applies(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                               is_causal)):
+                return attention_forward(module, query, self.codec, self.attention), None
+            return own_forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                               attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+                               is_causal=is_causal)
         return forward
 
     def remove(self) -> None:

@@ -263,7 +263,10 @@ class CodecMethod(TrainingMethod):
     def attach(self, model: nn.Module, ledger: Optional[ByteLedger] = None) -> nn.Module:
         self.ledger = ledger
         if self.tensor_codec is not None:
-            self.compiled_layers = CompiledLayers(model, self.tensor_codec)
+            # self-attention's query, key and value at attention_bits (exact, 0: left to the compiler)
+            attention = self.tensor_codec if self.attention_codec is None \
+                else tensor_codec_for(self.attention_codec)
+            self.compiled_layers = CompiledLayers(model, self.tensor_codec, attention=attention)
         if CodecGenerator.wants(self.codec):
             self._generator = CodecGenerator(self.codec, self.seed)
             self._generator.install(model)
