@@ -134,7 +134,7 @@ def _lane_uniform(seed, bctr, jl, v, LANES: tl.constexpr, PB: tl.constexpr, RNG:
     it changes whenever the values do (each step's activations), without a host seed.
     """
     if RNG != 1:
-        h = bctr * 0x9E3779B1 + seed.to(tl.uint32)
+        h = bctr * 0x9E3779B1 + tl.cast(seed, tl.uint32)  # (a plain int where a compiler made it constant)
         if RNG == 2:
             h ^= tl.xor_sum(v.to(tl.uint32, bitcast=True), axis=LANES)
         h ^= h >> 16
