@@ -568,7 +568,7 @@ class CompiledLayers:
                  attention: Optional[TensorCodec] = None):
         """``attention``: the codec of self-attention's query, key and value
         (``division.compiled_attention``); None leaves ``nn.MultiheadAttention`` to the compiler."""
-        from .compiled_attention import attention_applies
+        from .attention import attention_applies
         self.codec = codec
         self.attention = attention
         self.enabled = True
@@ -612,16 +612,19 @@ class CompiledLayers:
         return forward
 
     def _dispatch_attention(self, module: nn.MultiheadAttention):
-        from .compiled_attention import attention_call_applies, attention_forward
+        from .attention import attention_call_applies, eager_self_attention
+        from .compiled_attention import attention_forward
         own_forward = type(module).forward.__get__(module)
 
         def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                     average_attn_weights=True, is_causal=False):
-            if (self.enabled and (self.eager or torch.compiler.is_compiling()) and module.training
-                    and torch.is_grad_enabled()
+            if (self.enabled and module.training and torch.is_grad_enabled()
                     and attention_call_applies(query, key, value, key_padding_mask, need_weights, attn_mask,
                                                is_causal)):
-                return attention_forward(module, query, self.codec, self.attention), None
+                if self.eager or torch.compiler.is_compiling():
+                    return attention_forward(module, query, self.codec, self.attention), None
+                # eager training: the query, key and value alone, coded by the hooks (division.attention)
+                return eager_self_attention(module, query), None
             return own_forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                                attn_mask=attn_mask, average_attn_weights=average_attn_weights,
                                is_causal=is_causal)

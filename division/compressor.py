@@ -580,13 +580,13 @@ class ActivationCompressor:
         if self.cover_all and self.codec is not None and isinstance(frame.module, KEEPS_DERIVATIVE) \
                 and t.is_floating_point():
             return self._fitted(t, False)  # its derivative (division.activations): no grad of its own
-        return self._general(t)
+        return self._general(t, frame)
 
-    def _general(self, t: torch.Tensor) -> ActivationCodec:
+    def _general(self, t: torch.Tensor, frame: Optional[_Frame] = None) -> ActivationCodec:
         """The rule for a save no module family claims (see ``cover_all``)."""
         if (self.cover_all and t.is_floating_point() and t.requires_grad
                 and not _derives_from_parameter(t)):
-            if self.attention_codec is not None and _attention_save(t):
+            if self.attention_codec is not None and (_attention_save(t) or _attention_input(t, frame)):
                 return self._attention_fitted(t)
             return self._fitted(t, False)
         return _RAW
@@ -687,6 +687,12 @@ def _attention_save(t: torch.Tensor) -> bool:
         return True
     base = t if t._base is None else t._base
     return type(base.grad_fn).__name__ in _SOFTMAX
+
+
+def _attention_input(t: torch.Tensor, frame: Optional[_Frame]) -> bool:
+    """Is ``t`` the query, key or value that ``division.attention.RecomputedAttention`` saves: the
+    (N, heads, L, E) maps saved inside a ``MultiheadAttention`` (its projections' saves are 3-D)?"""
+    return frame is not None and t.dim() == 4 and isinstance(frame.module, nn.MultiheadAttention)
 
 
 def _is_parameter(t: torch.Tensor) -> bool:
