@@ -145,45 +145,30 @@ def _no_launch(*_) -> None:
     """Fake tensors: the outputs' shapes, dtypes and layouts, nothing run."""
 
 
-@triton_op("division::encode", mutates_args=())
-def encode(x: torch.Tensor, block_size: int, bits: int, stochastic: bool
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x's (lfc, codes, mn, step): the fused encode, launched from inductor's own code."""
-    return _encode_into(x, block_size, bits, stochastic, _traced_launch)
+def _encode_op(launch):
+    def encode(x: torch.Tensor, block_size: int, bits: int, stochastic: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _encode_into(x, block_size, bits, stochastic, launch)
+    return encode
 
 
-@triton_op("division::decode", mutates_args=())
-def decode(lfc: torch.Tensor, codes: torch.Tensor, mn: torch.Tensor, step: torch.Tensor,
-           shape: list[int], dtype: torch.dtype, channels_last: bool, block_size: int, bits: int
-           ) -> torch.Tensor:
-    """The activation rebuilt from ``encode``'s outputs: the fused decode, launched from inductor's code."""
-    return _decode_into(lfc, codes, mn, step, shape, dtype, channels_last, block_size, bits, _traced_launch)
+def _decode_op(launch):
+    def decode(lfc: torch.Tensor, codes: torch.Tensor, mn: torch.Tensor, step: torch.Tensor,
+               shape: list[int], dtype: torch.dtype, channels_last: bool, block_size: int, bits: int
+               ) -> torch.Tensor:
+        return _decode_into(lfc, codes, mn, step, shape, dtype, channels_last, block_size, bits, launch)
+    return decode
 
 
-@custom_op("division::encode_opaque", mutates_args=())
-def encode_opaque(x: torch.Tensor, block_size: int, bits: int, stochastic: bool
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``encode`` as an opaque op: under Triton's interpreter (the CPU tests), whose kernels the
-    compiler cannot record (``wrap_triton`` takes compiled kernels only)."""
-    return _encode_into(x, block_size, bits, stochastic, _direct_launch)
-
-
-@encode_opaque.register_fake
-def _encode_opaque_fake(x, block_size, bits, stochastic):
-    return _encode_into(x, block_size, bits, stochastic, _no_launch)
-
-
-@custom_op("division::decode_opaque", mutates_args=())
-def decode_opaque(lfc: torch.Tensor, codes: torch.Tensor, mn: torch.Tensor, step: torch.Tensor,
-                  shape: list[int], dtype: torch.dtype, channels_last: bool, block_size: int, bits: int
-                  ) -> torch.Tensor:
-    """``decode`` as an opaque op (see ``encode_opaque``)."""
-    return _decode_into(lfc, codes, mn, step, shape, dtype, channels_last, block_size, bits, _direct_launch)
-
-
-@decode_opaque.register_fake
-def _decode_opaque_fake(lfc, codes, mn, step, shape, dtype, channels_last, block_size, bits):
-    return _decode_into(lfc, codes, mn, step, shape, dtype, channels_last, block_size, bits, _no_launch)
+# x's (lfc, codes, mn, step), and the activation rebuilt from them: launched from inductor's code
+encode = triton_op("division::encode", mutates_args=())(_encode_op(_traced_launch))
+decode = triton_op("division::decode", mutates_args=())(_decode_op(_traced_launch))
+# the same as opaque ops: under Triton's interpreter (the CPU tests), whose kernels the compiler
+# cannot record (``wrap_triton`` takes compiled kernels only)
+encode_opaque = custom_op("division::encode_opaque", mutates_args=())(_encode_op(_direct_launch))
+decode_opaque = custom_op("division::decode_opaque", mutates_args=())(_decode_op(_direct_launch))
+encode_opaque.register_fake(_encode_op(_no_launch))
+decode_opaque.register_fake(_decode_op(_no_launch))
 
 
 def fused_encode(x: torch.Tensor, block_size: int, bits: int, stochastic: bool):
