@@ -9,6 +9,11 @@ finished run) replaces its row instead of adding one. Every file is written with
     pl.read_parquet("outputs/results/*.parquet")              # polars
     duckdb.sql("FROM 'outputs/results/*.parquet'")            # DuckDB
 
+A store may also hold its rows as text, one JSON object per line in ``records.jsonl``
+(``python -m runners.record pack DIR`` turns a folder's Parquet files into it): the form of the
+record sets committed under docs/records, which ``read_store_table`` (and so the report) reads like
+the Parquet files.
+
 Nested values (per-epoch history, per-layer ledger) are kept in results.json and stored as JSON strings
 in Parquet. A record field the schema does not declare goes into the ``extra`` column (a JSON object)
 with a warning: declare new fields in ``STORE_FIELDS`` below, the one place that lists them.
@@ -329,14 +334,26 @@ def _cast(column: pa.ChunkedArray, kind: pa.DataType) -> pa.ChunkedArray | pa.Ar
         return pa.array(cells, type=kind)
 
 
+PACKED = "records.jsonl"  # a store's rows as text (see the module docstring)
+
+
 def store_files(results_dir: str | Path) -> list[Path]:
     store = Path(results_dir)
-    return sorted(store.glob("*.parquet")) if store.is_dir() else []
+    if not store.is_dir():
+        return []
+    return sorted(store.glob("*.parquet")) + ([store / PACKED] if (store / PACKED).is_file() else [])
+
+
+def _read_file(path: Path) -> pa.Table:
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return pa.Table.from_pylist(rows, schema=STORE_SCHEMA)
+    return conform(pq.read_table(path))
 
 
 def read_store_table(results_dir: str | Path) -> pa.Table:
     """The whole store as one Arrow table of ``STORE_SCHEMA``, oldest run first (old files conformed)."""
-    tables = [conform(pq.read_table(path)) for path in store_files(results_dir)]
+    tables = [_read_file(path) for path in store_files(results_dir)]
     table = pa.concat_tables(tables) if tables else STORE_SCHEMA.empty_table()
     return table.sort_by([("started_at", "ascending")]) if table.num_rows else table
 
@@ -346,6 +363,8 @@ def migrate_store(results_dir: str | Path) -> int:
     was declared), so that pandas and polars read the folder; returns how many files were rewritten."""
     rewritten = 0
     for path in store_files(results_dir):
+        if path.suffix != ".parquet":
+            continue  # records.jsonl is read with the schema
         table = pq.read_table(path)
         if table.schema.remove_metadata().equals(STORE_SCHEMA):
             continue
@@ -378,8 +397,23 @@ def write_record(record: dict[str, Any], run_dir: str | Path, results_dir: str |
     return write_json(record, run_dir), write_store_row(record, results_dir)
 
 
-if __name__ == "__main__":  # python -m runners.record migrate outputs/results
+def pack_store(results_dir: str | Path) -> int:
+    """Move every row of the store into its ``records.jsonl`` (one JSON object per line, oldest
+    first, one line per run id) and remove its Parquet files; returns how many rows it holds."""
+    store = Path(results_dir)
+    rows = {row["run_id"]: row for row in read_store_table(store).to_pylist()}  # a later file wins
+    text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows.values())
+    atomic_write_bytes(store / PACKED, text.encode())
+    for path in store.glob("*.parquet"):
+        path.unlink()
+    return len(rows)
+
+
+if __name__ == "__main__":  # python -m runners.record migrate|pack outputs/results
     import sys
-    if len(sys.argv) != 3 or sys.argv[1] != "migrate":
-        sys.exit("usage: python -m runners.record migrate RESULTS_DIR")
-    print(f"{migrate_store(sys.argv[2])} file(s) rewritten with the store's schema")
+    if len(sys.argv) != 3 or sys.argv[1] not in ("migrate", "pack"):
+        sys.exit("usage: python -m runners.record migrate|pack RESULTS_DIR")
+    if sys.argv[1] == "migrate":
+        print(f"{migrate_store(sys.argv[2])} file(s) rewritten with the store's schema")
+    else:
+        print(f"{pack_store(sys.argv[2])} row(s) in {Path(sys.argv[2]) / PACKED}")

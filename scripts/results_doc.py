@@ -6,7 +6,8 @@ Every table of docs/results.md sits in a generated block:
     ...
     <!-- end generated -->
 
-SET is a folder of docs/records (a results store: the Parquet files of one set of runs); TABLES is
+SET is a folder of docs/records (a results store of one set of runs, packed into its records.jsonl
+by ``python -m runners.record pack``); TABLES is
 the key of a table of ``mode=report`` over it (the name of its CSV: ``memory_ledger``, ``fidelity``,
 ``training``) or a pattern of keys (``throughput*``); ``group=`` narrows the set as ``report.group``
 does. The block's text is the report's tables, made by the same code as

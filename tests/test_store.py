@@ -154,3 +154,25 @@ def test_run_dir_is_recorded_relative_to_the_launch_directory(tmp_path, monkeypa
     assert record["run_dir"] == "outputs/runs/m"
     assert (launch / record["run_dir"] / "results.json").exists()
     assert [row["run_dir"] for row in read_store(tmp_path / "store")] == ["outputs/runs/m"]
+
+
+def test_a_packed_store_reads_as_its_parquet_files_did(tmp_path):
+    """``pack`` moves a store's rows into records.jsonl (the text form committed under docs/records):
+    the same table, NaN and nulls included, no Parquet file left; a store may hold both forms."""
+    import math
+    from runners.record import PACKED, pack_store, store_files, write_store_row
+    rows = [dict(run_id=f"r{i}", mode="speed", model="resnet18", method="none", status="ok", group="g",
+                 started_at=f"2026-01-01T00:00:0{i}", images_per_sec=float("nan") if i else 123.5)
+            for i in range(3)]
+    for row in rows:
+        write_store_row(row, tmp_path)
+    before = read_store(tmp_path)
+    assert pack_store(tmp_path) == 3
+    assert store_files(tmp_path) == [tmp_path / PACKED]
+    after = read_store(tmp_path)
+    assert [r["run_id"] for r in after] == ["r0", "r1", "r2"]
+    for a, b in zip(before, after):
+        assert a.keys() == b.keys()
+        assert all(a[k] == b[k] or (isinstance(a[k], float) and math.isnan(a[k]) and math.isnan(b[k])) for k in a)
+    write_store_row(dict(rows[0], run_id="r3", started_at="2026-01-01T00:00:09"), tmp_path)
+    assert [r["run_id"] for r in read_store(tmp_path)] == ["r0", "r1", "r2", "r3"]
