@@ -76,7 +76,7 @@ from .exact import (RELU_MASK, BoolMaskCodec, DropoutMaskCodec, MaxPoolIndexCode
                     ShapeOnlyCodec, add_reader)
 from .layouts import LayoutCodec, NormalizedCodec, fit
 from .activations import KEEPS_DERIVATIVE
-from .ledger import REBUILT, ByteLedger, LedgerEntry, coverage_of
+from .ledger import REBUILT, ByteLedger, LedgerEntry
 from .norm_from_codes import NormFromCodes
 from .rebuild import ChainTracker, RebuildCodec, take_decoded
 
