@@ -161,10 +161,11 @@ def test_gpu_inductor_launches_the_fused_kernels_from_its_own_code():
     assert "division.encode" not in code and "division.decode" not in code
     grads = {n: p.grad.clone() for n, p in net.named_parameters()}
     assert cosine(grads, eager_grads) > 0.9999
-    # run eagerly, the functions encode the block input once per reader (conv1, shortcut); the
-    # compiled graph keeps one copy. (Bytes may differ: inductor's fused kernels round differently.)
+    # the compiled graph keeps the codes eager DIVISION keeps, compared by size: inductor may keep
+    # a mask as (n, 1) where eager keeps (n,), and its fused kernels round differently, so the
+    # bytes may differ. And nothing full-size in floating point: the smallest activation here is
+    # 8 x 16 x 16 x 16 elements; the largest float kept is a weight or a low-frequency part.
     from collections import Counter
-    shapes = lambda ts: Counter(tuple(t.shape) for t in ts if t.dtype == torch.uint8)  # noqa: E731
-    block_input_codes = (8 * 16 * 16 * 16 * 4 // 8,)
-    assert list((shapes(eager_kept) - shapes(kept)).elements()) == [block_input_codes]
-    assert not shapes(kept) - shapes(eager_kept)
+    sizes = lambda ts: Counter(t.numel() for t in ts if t.dtype == torch.uint8)  # noqa: E731
+    assert sizes(kept) == sizes(eager_kept)
+    assert max(t.numel() for t in kept if t.is_floating_point()) < 8 * 16 * 16 * 16
