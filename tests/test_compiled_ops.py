@@ -127,7 +127,7 @@ def test_cpu_tensors_take_the_fused_ops_only_under_the_interpreter(interpreted):
 def test_gpu_inductor_launches_the_fused_kernels_from_its_own_code():
     """On a GPU the graph's encodes and decodes are ``triton_op``s: inductor's generated code
     launches ``_encode_kernel`` / ``_decode_kernel`` itself (no call back into Python ops), keeps
-    the bytes eager DIVISION keeps, and gives the gradients of the same layers run eagerly."""
+    the codes eager DIVISION keeps, and gives the gradients of the same layers run eagerly."""
     import torch
     import torch.nn.functional as F
     from torch._inductor.utils import run_and_get_code
