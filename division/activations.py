@@ -23,8 +23,10 @@ KEEPS_DERIVATIVE = (nn.Hardswish,)  # modules whose training forward saves their
 
 
 def hardswish_derivative(x: torch.Tensor) -> torch.Tensor:
-    """d hardswish / dx at x, with PyTorch's own branch boundaries."""
-    return torch.ops.aten.hardswish_backward(torch.ones_like(x), x)
+    """d hardswish / dx at x, with PyTorch's own branch boundaries (its backward at a gradient of
+    ones: a broadcast scalar, so no full-size tensor of ones is allocated)."""
+    ones = torch.ones((), dtype=x.dtype, device=x.device).expand_as(x)
+    return torch.ops.aten.hardswish_backward(ones, x)
 
 
 class HardswishKeepingDerivative(torch.autograd.Function):
