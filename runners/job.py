@@ -28,8 +28,8 @@ from .checks import ConfigError, check_outputs, validate
 from .checkpoint import remove_stale_temp_files
 from .compiling import compile_mode, compile_problem
 from .gpu_memory import free_after_oom
-from .record import (COMMON_FIELDS, atomic_write_bytes, code_version, new_record, record_run_dir, resolve_results_dir,
-                     write_json, write_record, write_store_row)
+from .record import (COMMON_FIELDS, PACKED, atomic_write_bytes, code_version, new_record, record_run_dir,
+                     resolve_results_dir, write_json, write_record, write_store_row)
 from .tracking import derive_group, start_logger
 
 log = logging.getLogger(__name__)
@@ -107,8 +107,15 @@ def run_job(cfg, run_dir: str | Path) -> dict[str, Any]:
         record["error"] = f"{type(exc).__name__}: {error_message(exc)}"
     record["duration_s"] = round(time.perf_counter() - start, 3)
     if writes:
-        json_path, row_path = write_record(record, run_dir, resolve_results_dir(cfg))
-        log.info("record: %s (store row %s)", json_path, row_path)
+        store = resolve_results_dir(cfg)
+        if cfg.mode.name == "report" and (Path(store) / PACKED).is_file():
+            # a committed record set (docs/records/SET, packed as text) holds measurements only:
+            # a report over it must not add its own row there
+            json_path = write_json(record, run_dir)
+            log.info("record: %s (no store row: %s is a packed record set)", json_path, store)
+        else:
+            json_path, row_path = write_record(record, run_dir, store)
+            log.info("record: %s (store row %s)", json_path, row_path)
     logger.summary(record)
     logger.finish(exit_code=0 if record["status"] != "error" else 1)
     if failure is not None:

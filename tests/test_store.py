@@ -176,3 +176,27 @@ def test_a_packed_store_reads_as_its_parquet_files_did(tmp_path):
         assert all(a[k] == b[k] or (isinstance(a[k], float) and math.isnan(a[k]) and math.isnan(b[k])) for k in a)
     write_store_row(dict(rows[0], run_id="r3", started_at="2026-01-01T00:00:09"), tmp_path)
     assert [r["run_id"] for r in read_store(tmp_path)] == ["r0", "r1", "r2", "r3"]
+
+
+def test_a_report_over_a_packed_record_set_adds_nothing_to_it(tmp_path):
+    """docs/records/SET holds measurements only: ``mode=report results_dir=docs/records/SET`` keeps
+    its own record in its run folder; over an ordinary store it adds its row as before."""
+    from runners.job import run_job
+    from runners.record import PACKED, pack_store, write_record
+    from tests.helpers import compose_config
+
+    packed, plain = tmp_path / "packed", tmp_path / "plain"
+    for store in (packed, plain):
+        for method in ("none", "division"):
+            write_record({"run_id": f"{method}-{store.name}", "mode": "memory", "method": method,
+                          "model": "resnet20", "status": "ok", "started_at": "2026-01-01T00:00:00"},
+                         tmp_path / "runs" / method, store)
+    pack_store(packed)
+    before = (packed / PACKED).read_bytes()
+    for store in (packed, plain):
+        cfg = compose_config(["mode=report", f"results_dir={store}", "logger=none", "device=cpu"])
+        record = run_job(cfg, tmp_path / f"report-{store.name}")
+        assert record["status"] == "ok"
+        assert (tmp_path / f"report-{store.name}" / "results.json").is_file()
+    assert (packed / PACKED).read_bytes() == before and not list(packed.glob("*.parquet"))
+    assert len(list(plain.glob("*.parquet"))) == 3  # the two runs and the report
