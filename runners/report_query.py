@@ -42,9 +42,11 @@ _SETUP = [
     # a table, not a view: the labels are computed once, not in every one of a report's queries
     f"""CREATE TEMP TABLE r AS SELECT *,
         txt(method) || CASE WHEN block_size IS NOT NULL THEN ' B' || knob(block_size) ELSE '' END
-                    || CASE WHEN bits IS NOT NULL THEN ' Q' || knob(bits) ELSE '' END AS _label,
+                    || CASE WHEN bits IS NOT NULL THEN ' Q' || knob(bits) ELSE '' END
+                    || CASE WHEN rebuild_conv_input THEN ' rebuild' ELSE '' END AS _label,
         [coalesce(list_position({list(METHOD_ORDER)}, method), {len(METHOD_ORDER) + 1})::DOUBLE,
-         coalesce(num(block_size), 0), coalesce(num(bits), 0)] AS _label_rank,
+         coalesce(num(block_size), 0), coalesce(num(bits), 0),
+         CASE WHEN rebuild_conv_input THEN 1.0 ELSE 0.0 END] AS _label_rank,
         txt(model) || ' b' || txt(batch_size) AS _col,
         txt(model) || ' / ' || txt(dataset)
                    || CASE WHEN epochs IS NOT NULL THEN ', ' || CAST(epochs AS VARCHAR) || ' epochs' ELSE '' END

@@ -104,20 +104,24 @@ def _knob(value: Any) -> str:
 
 
 def method_label(row: dict[str, Any]) -> str:
-    """The method with its knobs, as the tables' row names: "division B8 Q2", "actnn Q2", "none" (the
-    same label report_query's ``_label`` gives in SQL, for code that holds one row)."""
+    """The method with its knobs, as the tables' row names: "division B8 Q2", "actnn Q2", "none",
+    "division B8 Q2 rebuild" (``method.rebuild_conv_input``) (the same label report_query's
+    ``_label`` gives in SQL, for code that holds one row)."""
     label = str(row.get("method"))
     if row.get("block_size") is not None:
         label += f" B{_knob(row['block_size'])}"
     if row.get("bits") is not None:
         label += f" Q{_knob(row['bits'])}"
+    if row.get("rebuild_conv_input"):
+        label += " rebuild"
     return label
 
 
 def method_sort_key(row: dict[str, Any]) -> tuple:
     method = str(row.get("method"))
     rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
-    return rank, method, number(row.get("block_size")) or 0, number(row.get("bits")) or 0
+    return (rank, method, number(row.get("block_size")) or 0, number(row.get("bits")) or 0,
+            bool(row.get("rebuild_conv_input")))
 
 
 def label_order(label: str) -> tuple:
@@ -158,7 +162,7 @@ def ordered_labels(db: RunsDB, condition: str) -> list[str]:
     """The rows of a table: method labels in the paper's order (then by name, block size, bits)."""
     return db.values(f"SELECT _label FROM r WHERE {condition} GROUP BY _label "
                      "ORDER BY min(_label_rank[1]), min(txt(method)), min(_label_rank[2]), min(_label_rank[3]), "
-                     "min(_order)")
+                     "min(_label_rank[4]), min(_order)")
 
 
 def ordered_columns(db: RunsDB, condition: str) -> list[str]:
@@ -389,7 +393,8 @@ def accuracy_grids(rows: "RunsDB | list[dict[str, Any]]") -> list[Grid]:
             title += f" - code {version}"
         settings = db.values(f"SELECT DISTINCT _setting FROM r WHERE {condition} ORDER BY _setting", [version])
         labels = db.values(f"SELECT _label FROM r WHERE {condition} GROUP BY _label ORDER BY min(_label_rank[1]), "
-                           "min(txt(method)), min(_label_rank[2]), min(_label_rank[3]), min(_order)", [version])
+                           "min(txt(method)), min(_label_rank[2]), min(_label_rank[3]), min(_label_rank[4]), "
+                           "min(_order)", [version])
         grid = Grid(key, title, labels, settings, unit="%")
         for c in cells:
             grid.cells[(c["_label"], c["_setting"])] = (
@@ -437,24 +442,31 @@ def fidelity_table(rows: "RunsDB | list[dict[str, Any]]") -> Optional[Table]:
     runs = latest_runs(db, "mode = 'fidelity'", "_version, model, dataset, batch_size, _label, relu_zeros, seed",
                        "model, batch_size, _label, relu_zeros, txt(status) AS status, num(grad_cosine) AS cosine, "
                        "num(grad_rel_error) AS rel_error, num(grad_worst_cosine) AS worst, _version, "
-                       "_label_rank, method")
+                       "_label_rank, method, num(ledger_ratio) AS ledger_ratio")
     if not runs:
         return None
     runs.sort(key=lambda r: (str(r["model"]), r["batch_size"] or 0, r["_label_rank"][0], str(r["method"]),
-                             r["_label_rank"][1], r["_label_rank"][2], not r["relu_zeros"], r["_version"]))
+                             r["_label_rank"][1], r["_label_rank"][2], r["_label_rank"][3], not r["relu_zeros"],
+                             r["_version"]))
     decode = {True: "mask zeros (default)", False: "paper's", None: ""}
+    # the ledger's ratio for the step, where the records keep it (earlier ones did not)
+    ledger = any(r["ledger_ratio"] is not None for r in runs)
     out = [[str(r["model"]), _fmt(r["batch_size"], "{:.0f}"), r["_label"], decode[r["relu_zeros"]],
             _fmt(r["cosine"], "{:.5f}"), _fmt(r["rel_error"], "{:.4f}"), _fmt(r["worst"], "{:.4f}")]
+           + ([_fmt(r["ledger_ratio"], "{:.1f}x")] if ledger else [])
            if r["status"] == "ok" else [str(r["model"]), _fmt(r["batch_size"], "{:.0f}"), r["_label"],
                                         decode[r["relu_zeros"]], status_text(r["status"]), "", ""]
+           + ([""] if ledger else [])
            for r in runs]
     versions = sorted({r["_version"] for r in runs})
     return Table("fidelity", "Gradient fidelity against exact backward" + f" - code {', '.join(versions)}",
                  ["model", "images", "method", "ReLU outputs decode with", "overall cosine",
-                  "overall relative error", "worst layer cosine"], out,
+                  "overall relative error", "worst layer cosine"]
+                 + (["activation compression (ledger)"] if ledger else []), out,
                  "cosine similarity and relative error (norm of the difference / norm of the exact gradient) of all "
                  "parameter gradients together against exact backward, same initial weights and batch; worst layer: "
-                 "the least similar parameter")
+                 "the least similar parameter" + ("; activation compression: plain autograd's bytes over the "
+                                                  "method's for the same step, by the ledger" if ledger else ""))
 
 
 def kernels_tables(rows: "RunsDB | list[dict[str, Any]]") -> list[Table]:

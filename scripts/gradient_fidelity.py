@@ -71,7 +71,7 @@ def fidelity_record(args, bits: int, report: dict, started_at: str, duration_s: 
                   code_version=code_version(), relu_zeros=not args.paper_decode,
                   rebuild_conv_input=args.rebuild_conv_input,
                   grad_cosine=report["overall_cosine"], grad_rel_error=report["overall_rel_error"],
-                  grad_worst_cosine=report["worst_cosine"])
+                  grad_worst_cosine=report["worst_cosine"], ledger_ratio=report["ledger_ratio"])
     return record
 
 

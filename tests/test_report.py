@@ -402,3 +402,21 @@ def test_tradeoff_figures_and_loss_beside_top1(tmp_path):
     with Image.open(tmp_path / "out" / "training_curves.png") as image:
         width, height = image.size
     assert width > 1.8 * height  # two panels side by side: loss and top-1
+
+
+def test_fidelity_table_keeps_rebuilt_runs_apart_and_shows_the_ledger_ratio():
+    """A run with ``method.rebuild_conv_input`` is its own row ("... rebuild"), not a later copy of
+    the same B and Q that replaces the stored one; the ledger ratio is shown where recorded."""
+    from runners.report_tables import fidelity_table, method_label
+    runs = [record(mode="fidelity", method="division", bits=2, batch_size=4, relu_zeros=True,
+                   rebuild_conv_input=rebuild, grad_cosine=cosine, grad_rel_error=0.5,
+                   grad_worst_cosine=0.3, ledger_ratio=ratio)
+            for rebuild, cosine, ratio in ((False, 0.74, 11.5), (True, 0.60, 13.2))]
+    assert [method_label(r) for r in runs] == ["division B8 Q2", "division B8 Q2 rebuild"]
+    table = fidelity_table(runs)
+    assert table.columns[-1] == "activation compression (ledger)"
+    assert [(row[2], row[4], row[-1]) for row in table.rows] == [
+        ("division B8 Q2", "0.74000", "11.5x"), ("division B8 Q2 rebuild", "0.60000", "13.2x")]
+    # records without a ledger ratio (made before it was kept) get no empty column
+    old = [{**r, "ledger_ratio": None} for r in runs]
+    assert fidelity_table(old).columns[-1] == "worst layer cosine"
