@@ -42,7 +42,7 @@ from .report_html import render
 from .report_query import RunsDB
 from .report_tables import (Grid, Table, accuracy_grids, accuracy_table, accuracy_tradeoff, fidelity_table,
                             grid_has_values, heatmap_table, kernels_tables, max_batch_grids, max_batch_table, memory_grids,
-                            memory_table, runs_table, speed_tradeoffs, sweep_heatmaps, throughput_grids,
+                            memory_table, operator_tables, runs_table, speed_tradeoffs, sweep_heatmaps, throughput_grids,
                             throughput_table, training_details)
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,7 @@ def _sections(db: RunsDB, rows: list[dict[str, Any]], with_figures: bool) -> lis
                     if bars is not None:
                         memory.figures.append(grid_bars(bars, grid.unit, grid.title, "{:.1f}x"))
         memory.tables += [max_batch_table(g) for g in max_batch_grids(db)]
+        memory.tables += operator_tables(db)
         sections.append(memory)
     speed = throughput_grids(db)
     if speed:

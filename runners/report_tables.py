@@ -192,6 +192,37 @@ def method_grid(db: RunsDB, condition: str, key: str, title: str, value: str,
     return grid
 
 
+def operator_tables(rows: "RunsDB | list[dict[str, Any]]") -> list[Table]:
+    """Activation memory by operator, from the ledger (``ledger_by_op``): for each memory run of a
+    compressing method, what each operator type's saves take under plain autograd and as kept,
+    largest first, then the run's total; "kept raw" is the part of the plain bytes stored as they
+    were (uncompressed). One table per context, keyed like the memory tables."""
+    db = runs_db(rows)
+    tables = []
+    for suffix, context, condition in contexts(db, "memory"):
+        runs = latest_runs(db, f"{condition} AND txt(method) <> 'none' AND ledger_by_op IS NOT NULL",
+                           "_label, _col", "_label, _col, txt(status) AS status, txt(ledger_by_op) AS by_op")
+        out = []
+        for run in sorted(runs, key=lambda r: (r["_col"], label_order(r["_label"]))):
+            ops = json.loads(run["by_op"]) if run["status"] == "ok" and run["by_op"] not in ("None", "") else {}
+            if not ops:
+                continue
+            entries = sorted(ops.items(), key=lambda kv: (-kv[1].get("plain_bytes", 0), kv[0]))
+            total = {k: sum(v.get(k, 0) for _, v in entries) for k in ("plain_bytes", "stored_bytes", "raw_plain_bytes")}
+            for op, v in entries + [("all", total)]:
+                plain, kept, raw = v.get("plain_bytes", 0), v.get("stored_bytes", 0), v.get("raw_plain_bytes", 0)
+                out.append([run["_col"], run["_label"], op, f"{plain / 2 ** 20:.1f}", f"{kept / 2 ** 20:.1f}",
+                            f"{plain / kept:.1f}x" if kept else ("-" if not plain else "inf"),
+                            f"{100 * raw / plain:.1f}%" if plain else "-"])
+        if out:
+            tables.append(Table(f"memory_by_op{suffix}", f"Activation memory by operator - {context}",
+                                ["model", "method", "operator", "plain MiB", "kept MiB", "reduction", "kept raw"],
+                                out, "the ledger's bytes per operator type that saved them: plain = what plain "
+                                "autograd keeps, kept = what the method stores; kept raw = share of the plain "
+                                "bytes stored uncompressed"))
+    return tables
+
+
 def add_ratios(grid: Grid, ratio: Callable[[float, float], Optional[float]]) -> None:
     """The paper's "x": each cell against method none of its column (none where either is missing)."""
     for (label, col), cell in grid.cells.items():

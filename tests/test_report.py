@@ -420,3 +420,28 @@ def test_fidelity_table_keeps_rebuilt_runs_apart_and_shows_the_ledger_ratio():
     # records without a ledger ratio (made before it was kept) get no empty column
     old = [{**r, "ledger_ratio": None} for r in runs]
     assert fidelity_table(old).columns[-1] == "worst layer cosine"
+
+
+def test_operator_table_breaks_each_compressing_run_down_by_the_ledger_operators():
+    """Per memory run of a compressing method: one row per operator type, largest plain bytes
+    first, then "all"; reduction = plain / kept; kept raw = share of plain bytes stored as they
+    were. Plain runs and failed runs have no breakdown."""
+    import json
+
+    from runners.report_tables import operator_tables
+    mib = 2 ** 20
+    by_op = {"ReLU": {"plain_bytes": 32 * mib, "stored_bytes": mib, "raw_plain_bytes": 0, "tensors": 2},
+             "BatchNorm2d": {"plain_bytes": 64 * mib, "stored_bytes": 8 * mib, "raw_plain_bytes": 4 * mib,
+                             "tensors": 3}}
+    runs = [record(method="division", ledger_by_op=json.dumps(by_op)),
+            record(method="none", ledger_by_op=json.dumps(by_op)),
+            record(method="actnn", bits=2, status="oom", ledger_by_op=json.dumps(by_op))]
+    (table,) = operator_tables(runs)
+    assert table.key == "memory_by_op" and table.columns[2:] == ["operator", "plain MiB", "kept MiB", "reduction",
+                                                                  "kept raw"]
+    assert [row[1:] for row in table.rows] == [
+        ["division B8 Q2", "BatchNorm2d", "64.0", "8.0", "8.0x", "6.2%"],
+        ["division B8 Q2", "ReLU", "32.0", "1.0", "32.0x", "0.0%"],
+        ["division B8 Q2", "all", "96.0", "9.0", "10.7x", "4.2%"]]
+    assert table.rows[0][0] == "resnet50 b64"
+    assert operator_tables([runs[1]]) == []
