@@ -10,10 +10,20 @@ blocks run over tokens or pixels, and gives backward the tensor back in its own 
 layout              saved tensor                view the codec encodes (N, C, H, W)
 ==================  ==========================  ================================================
 ``nhwc``            (N, H, W, C)                permute: (N, C, H, W), channels_last: 2-D blocks
-``tokens``          (N, L, C)                   (N, C, L, 1): blocks of B tokens per channel
+``grid``            (N, k * k, C), k >= 4       (N, C, k, k), channels_last: 2-D blocks of the
+                                                token grid (a Swin window, a ViT's patches)
+``cls_grid``        (N, 1 + k * k, C), k >= 4   the first token (a class token) kept exactly,
+                                                the other k * k tokens as ``grid``
+``tokens``          (N, L, C), other L          (N, C, L, 1): blocks of B tokens per channel
 ``rows``            (M, C) (tokens, flattened)  (M / R, C, R, 1): groups of R rows (``row_group``),
                                                 blocks of B rows per channel in each group
 ==================  ==========================  ================================================
+
+A sequence whose tokens are a square grid (plus a class token in front, as in ViT) is coded over
+that grid: an LFC block then covers B x B tokens, 16 bits per B * B elements, where blocks of B
+tokens cost 16 bits per B elements (2 bits per element at B = 8, as much as 2-bit codes). The grid
+view of a dense (N, k * k, C) tensor is a view; the class token's sequence is split, its grid part
+copied once for the encode.
 
 Flattened rows are cut into groups (each with its own mn / step per channel) rather than coded as one
 (1, C, M, 1) map: a single map of M = N * H * W rows gives the codec one plane per channel and so C
@@ -36,13 +46,15 @@ in place; the reference path copies where it must.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
 from .codec import ActivationCodec, Packed, SaveContext
 
-NHWC, TOKENS, ROWS = "nhwc", "tokens", "rows"
+NHWC, TOKENS, ROWS, GRID, CLS_GRID = "nhwc", "tokens", "rows", "grid", "cls_grid"
+MIN_GRID_SIDE = 4  # a sequence of fewer than 4 x 4 (+ 1) tokens keeps blocks of tokens
 
 
 MAX_ROW_GROUP = 2048  # rows per group of a ``rows`` view: a token sequence's length or a few image rows
@@ -59,9 +71,19 @@ def row_group(rows: int, block_size: int) -> int:
     return best if best > 1 or rows == 1 else rows
 
 
+def grid_side(tokens: int) -> Optional[int]:
+    """k when ``tokens`` is k * k with k >= MIN_GRID_SIDE, else None."""
+    k = math.isqrt(tokens)
+    return k if k >= MIN_GRID_SIDE and k * k == tokens else None
+
+
 def _view(x: torch.Tensor, layout: str, block_size: int = 8) -> torch.Tensor:
     if layout == NHWC:
         return x.permute(0, 3, 1, 2)
+    if layout == GRID:  # (N, k * k, C) as the channels_last map (N, C, k, k)
+        n, tokens, c = x.shape
+        k = grid_side(tokens)
+        return x.reshape(n, k, k, c).permute(0, 3, 1, 2)
     if layout == TOKENS:
         return x.transpose(1, 2).unsqueeze(-1)
     # ROWS: (M, C) as M / R sequences of R tokens (a view when x's rows are dense)
@@ -73,6 +95,8 @@ def _view(x: torch.Tensor, layout: str, block_size: int = 8) -> torch.Tensor:
 def _unview(y: torch.Tensor, layout: str, shape: torch.Size) -> torch.Tensor:
     if layout == NHWC:
         return y.permute(0, 2, 3, 1)
+    if layout == GRID:
+        return y.permute(0, 2, 3, 1).reshape(shape)
     if layout == TOKENS:
         return y.squeeze(-1).transpose(1, 2)
     return y.squeeze(-1).transpose(1, 2).reshape(shape)  # ROWS
@@ -83,12 +107,16 @@ def fit(t: torch.Tensor, feature_last: bool) -> Optional[str]:
 
     4-D: (N, H, W, C) when the features are last (a Linear / LayerNorm input) or dims 1 and 2 are the
     equal sides of a square grid and dim 3 is not; else maps ((N, C, H, W), attention's (N, h, L, E)).
-    3-D: tokens. 2-D: rows, unless it is a Linear's own (N, F) input."""
+    3-D: a grid of k * k tokens, or a class token and such a grid, else tokens. 2-D: rows, unless it
+    is a Linear's own (N, F) input."""
     if t.dim() == 4:
         _, a, b, c = t.shape
         return NHWC if feature_last or (a == b and b != c) else None
     if t.dim() == 3:
-        return TOKENS
+        tokens = t.shape[1]
+        if grid_side(tokens):
+            return GRID
+        return CLS_GRID if tokens > 1 and grid_side(tokens - 1) else TOKENS
     if t.dim() == 2 and not feature_last:
         return ROWS
     return None
@@ -103,13 +131,26 @@ class LayoutCodec(ActivationCodec):
         self.name = codec.name
 
     def encode(self, x: torch.Tensor, ctx: Optional[SaveContext] = None) -> Packed:
+        if self.layout == CLS_GRID:  # the class token exactly (a copy: no view keeps x alive)
+            head, grid = x[:, :1].clone(), x[:, 1:].contiguous()
+            inner = self.codec.encode(_view(grid, GRID), ctx)
+            return Packed(self, {**inner.tensors, "cls": head}, {"inner": inner, "shape": x.shape})
         inner = self.codec.encode(_view(x, self.layout, self._block_size()), ctx)
         return Packed(self, inner.tensors, {"inner": inner, "shape": x.shape})
 
     def decode(self, packed: Packed) -> torch.Tensor:
-        return _unview(packed.meta["inner"].unpack(), self.layout, packed.meta["shape"])
+        shape = packed.meta["shape"]
+        if self.layout == CLS_GRID:
+            n, tokens, c = shape
+            grid = _unview(packed.meta["inner"].unpack(), GRID, torch.Size((n, tokens - 1, c)))
+            return torch.cat([packed.tensors["cls"], grid], dim=1)
+        return _unview(packed.meta["inner"].unpack(), self.layout, shape)
 
     def closed_form_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        if self.layout == CLS_GRID:
+            n, tokens, c = shape
+            grid = _view(torch.empty((n, tokens - 1, c), device="meta"), GRID)
+            return self.codec.closed_form_nbytes(tuple(grid.shape), dtype) + n * c * dtype.itemsize
         view = _view(torch.empty(shape, device="meta"), self.layout, self._block_size())
         return self.codec.closed_form_nbytes(tuple(view.shape), dtype)
 

@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 import division
-from division.layouts import NHWC, ROWS, TOKENS, LayoutCodec, NormalizedCodec, fit
+from division.layouts import CLS_GRID, GRID, NHWC, ROWS, TOKENS, LayoutCodec, NormalizedCodec, fit
 from division.ledger import ByteLedger
 
 
@@ -60,13 +60,15 @@ def test_parameters_and_their_copies_are_never_compressed():
 
 @pytest.mark.parametrize("shape,feature_last,layout", [
     ((2, 7, 7, 96), False, NHWC), ((2, 96, 14, 14), True, NHWC), ((2, 96, 14, 14), False, None),
-    ((2, 12, 197, 64), False, None), ((2, 197, 64), False, TOKENS), ((394, 64), False, ROWS),
-    ((2, 64), True, None)])
+    ((2, 12, 197, 64), False, None), ((2, 197, 64), False, CLS_GRID), ((2, 49, 64), True, GRID),
+    ((2, 50, 16), False, CLS_GRID), ((2, 10, 64), False, TOKENS), ((2, 9, 8), False, TOKENS),
+    ((2, 198, 64), False, TOKENS), ((394, 64), False, ROWS), ((2, 64), True, None)])
 def test_layouts_fit_shapes(shape, feature_last, layout):
     assert fit(torch.empty(shape), feature_last) == layout
 
 
-@pytest.mark.parametrize("shape", [(2, 9, 9, 24), (3, 50, 16), (40, 24), (2 * 36 * 36, 24), (4099, 8)])
+@pytest.mark.parametrize("shape", [(2, 9, 9, 24), (3, 50, 16), (3, 49, 16), (3, 37, 16), (40, 24),
+                                   (2 * 36 * 36, 24), (4099, 8)])
 def test_layout_codec_round_trips_within_the_codec_bound(shape):
     from division.dual_precision import DivisionCodec as DualPrecisionCodec
     torch.manual_seed(0)
@@ -78,6 +80,30 @@ def test_layout_codec_round_trips_within_the_codec_bound(shape):
     assert y.shape == x.shape and y.dtype == x.dtype
     assert (y - x).abs().max() < 0.05 * x.abs().max()
     assert packed.nbytes == codec.closed_form_nbytes(tuple(x.shape), x.dtype)
+
+
+def test_a_token_grid_is_coded_over_the_grid_and_a_class_token_exactly():
+    """(N, 1 + k * k, C) (a ViT's class token and patches): the class token comes back exactly, the
+    patches as the (N, C, k, k) map they form, with one LFC value per B x B tokens instead of per
+    B tokens: fewer bytes than blocks of tokens, and a view, not a copy, for a plain grid."""
+    from division.dual_precision import DivisionCodec as DualPrecisionCodec
+    from division.layouts import _view
+    torch.manual_seed(0)
+    base = DualPrecisionCodec(block_size=8, bits=2, rounding="nearest")
+    x = torch.randn(2, 1 + 14 * 14, 32)
+    codec = LayoutCodec(base, CLS_GRID)
+    packed = codec.encode(x)
+    y = codec.decode(packed)
+    assert torch.equal(y[:, 0], x[:, 0])
+    grid = LayoutCodec(base, GRID)
+    assert torch.equal(y[:, 1:], grid.decode(grid.encode(x[:, 1:].contiguous())))
+    assert packed.nbytes == codec.closed_form_nbytes(tuple(x.shape), x.dtype)
+    tokens = LayoutCodec(base, TOKENS).closed_form_nbytes(tuple(x.shape), x.dtype)
+    # 2-bit codes, then LFC: 2 bits per element in blocks of 8 tokens, 2/64 bits over the grid
+    assert packed.nbytes < 0.65 * tokens  # here 4160 against 6608 bytes
+    square = torch.randn(2, 49, 32)
+    assert _view(square, GRID).data_ptr() == square.data_ptr()
+    assert _view(square, GRID).is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("rows,group", [(401408, 2048), (128 * 197, 1576), (394, 394), (2 * 36 * 36, 1296),
@@ -177,7 +203,8 @@ def test_softmax_probabilities_are_stored_at_attention_bits():
     model = nn.Sequential(nn.Linear(16, 16), _SoftmaxAttention(), nn.Linear(16, 4))
     ledger, _ = _step(model, torch.randn(4, 65, 16), bits=2)
     rows = [e for e in ledger.entries if e.op == "_SoftmaxAttention" and e.shape == (4, 65, 65)]
-    want = DivisionCodec(bits=8).closed_form_nbytes((4, 65, 65), torch.float32)
+    # coded at 8 bits, through the view that fits a (N, 1 + 8 * 8, 65) tensor (division.layouts)
+    want = LayoutCodec(DivisionCodec(bits=8), CLS_GRID).closed_form_nbytes((4, 65, 65), torch.float32)
     assert rows and all(e.stored_bytes == want for e in rows)
 
 
