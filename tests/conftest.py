@@ -35,6 +35,16 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def pytest_collection_finish(session):
+    from tests import background
+    background.start_for(session.items)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from tests import background
+    background.stop_all()
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
     if torch.cuda.is_available():

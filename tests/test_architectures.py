@@ -70,7 +70,10 @@ def test_model_config_composes_and_names_its_input(name):
 @pytest.mark.parametrize("method", ["none", "division"])
 @pytest.mark.parametrize("name", IMAGENET_MODELS)
 def test_imagenet_model_trains(name, method):
-    _, ledger = train_steps(configured([f"model={name}", f"method={method}", "dataset.image_size=32"]))
+    # EfficientNet at 32x32 ends in 1x1 maps whose BatchNorm over a batch of 2 has next to no variance:
+    # gradients of 1e9 and more, and after one SGD step dead units, on some CPUs. At 64 its last maps are 2x2.
+    size = 64 if name == "efficientnet_b0" else 32
+    _, ledger = train_steps(configured([f"model={name}", f"method={method}", f"dataset.image_size={size}"]))
     assert ledger.stored_bytes <= ledger.plain_bytes
     if method == "division":
         assert ledger.stored_bytes < ledger.plain_bytes

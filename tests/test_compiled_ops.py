@@ -4,17 +4,18 @@ Under the interpreter these are the opaque ``division::encode_opaque`` / ``decod
 which share everything but the launch with the ``triton_op``s a GPU compiles (the ``gpu`` test below).
 
 The kernels run on the CPU through Triton's interpreter, which has to be switched on before the
-kernels' module loads: the checks run in a subprocess started with TRITON_INTERPRET=1.
+kernels' module loads: the checks run in a subprocess started with TRITON_INTERPRET=1, beside the
+rest of the suite from the end of collection (tests/background.py).
 """
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests import background
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,20 +79,20 @@ def _main(path: str, inductor: str) -> None:
     Path(path).write_text(json.dumps(_checks(inductor == "1")))
 
 
-def _run_checks(tmp_path_factory, inductor: bool) -> dict:
-    out = tmp_path_factory.mktemp("compiled_ops") / "results.json"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import tests.test_compiled_ops as T; "
-            "T._main(sys.argv[2], sys.argv[3])")
-    proc = subprocess.run([sys.executable, "-c", code, str(ROOT), str(out), "1" if inductor else "0"],
-                          env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return json.loads(out.read_text())
+def _command(inductor: bool):
+    def command(out_path: str) -> list[str]:
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); import tests.test_compiled_ops as T; "
+                "T._main(sys.argv[2], sys.argv[3])")
+        return [sys.executable, "-c", code, str(ROOT), out_path, "1" if inductor else "0"]
+    return command
+
+
+BACKGROUND = {"interpreted": _command(inductor=False)}  # started after collection (tests/background.py)
 
 
 @pytest.fixture(scope="module")
-def interpreted(tmp_path_factory):
-    return _run_checks(tmp_path_factory, inductor=False)
+def interpreted():
+    return background.result(f"{__name__}.interpreted", _command(inductor=False))
 
 
 def test_compiled_graph_calls_the_fused_encode_and_decode(interpreted):
@@ -108,8 +109,8 @@ def test_compiled_fused_layers_train_like_the_same_layers_run_eagerly(interprete
 
 
 @pytest.mark.slow
-def test_inductor_compiles_the_fused_ops_and_keeps_what_eager_keeps(tmp_path_factory):
-    checks = _run_checks(tmp_path_factory, inductor=True)
+def test_inductor_compiles_the_fused_ops_and_keeps_what_eager_keeps():
+    checks = background.result(f"{__name__}.inductor", _command(inductor=True))
     assert checks["inductor"]["cosine_to_eager"] > 0.9999, checks["inductor"]
     assert checks["inductor"]["codes_bytes"] == checks["eager_codes_bytes"]
 
