@@ -33,6 +33,10 @@ encode is then a pure function of its input, so when two layers read the same te
 block's input, read by conv1 and by the downsample convolution) the compiler's common-subexpression
 pass keeps one encode and one copy of the codes, as the eager path's cache does.
 
+With ``rebuild_conv_input``, a convolution that reads a BatchNorm's output (or the ReLU module's
+after it) keeps nothing of its input: its backward rebuilds it from what the BatchNorm and the ReLU
+keep (``division.compiled_rebuild``).
+
 The byte ledger of a compiled step (``SavedTensorCounter``) counts what the compiled graph really
 saves, from autograd's own saved-tensor hooks around it: every tensor but the parameters.
 """
@@ -50,7 +54,7 @@ from torch import nn
 from . import compiled_ops
 from .activations import HardswishKeepingDerivative, hardswish_derivative
 from .exact import MaxPoolIndexCodec, indices_from_offsets, window_offsets
-from .ledger import COMPILED, LedgerEntry
+from .ledger import COMPILED, REBUILT, LedgerEntry
 from .dual_precision import (LAYOUT_RAW, Geometry, block_mean, canonical_geometry, dequantize,
                              from_canonical, quantize, to_canonical, upsample)
 from .packing import pack_bits, packed_nbytes, unpack_bits
@@ -289,7 +293,10 @@ class _BatchNorm(torch.autograd.Function):
     one, through the statistics) reads the input from DIVISION's codes."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, invstd, eps: float, codec: TensorCodec):
+    def forward(ctx, x, weight, bias, mean, invstd, eps: float, codec: TensorCodec,
+                layout: Optional["Layout"] = None, *encoded):
+        """``layout`` and ``encoded``: x's codes, when the caller encoded x itself (a rebuilt
+        convolution input reads them too, ``division.compiled_rebuild``)."""
         shape = [1, -1] + [1] * (x.dim() - 2)
         scale = invstd if weight is None else invstd * weight.float()
         shift = -mean * scale if bias is None else bias.float() - mean * scale
@@ -297,8 +304,9 @@ class _BatchNorm(torch.autograd.Function):
         # no .to() when the dtype already matches: torch 2.11's Dynamo gave a function whose output
         # is such a no-op cast zero gradients
         y = y if y.dtype == x.dtype else y.to(x.dtype)
-        layout, stored = codec.encode(x)
-        ctx.save_for_backward(weight, mean, invstd, *stored)
+        if layout is None:
+            layout, encoded = codec.encode(x)
+        ctx.save_for_backward(weight, mean, invstd, *encoded)
         ctx.codec, ctx.layout, ctx.eps = codec, layout, eps
         return y
 
@@ -325,7 +333,7 @@ class _BatchNorm(torch.autograd.Function):
             gw = grad_scale.to(weight.dtype)
         if ctx.needs_input_grad[2]:
             gb = grad_bias.to(weight.dtype if weight is not None else grad.dtype)
-        return gx, gw, gb, None, None, None, None
+        return (gx, gw, gb, None, None, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 8)
 
 
 class _Relu(torch.autograd.Function):
@@ -450,8 +458,13 @@ def linear_forward(module: nn.Linear, x: torch.Tensor, codec: TensorCodec) -> to
 
 def batch_norm_forward(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor,
                        codec: TensorCodec) -> torch.Tensor:
-    """Batch statistics (and the running-statistics update, as ``nn.BatchNorm`` does it) here, under
-    no_grad: the function's backward differentiates through them itself."""
+    mean, invstd = batch_statistics(module, x)
+    return _BatchNorm.apply(x, module.weight, module.bias, mean, invstd, module.eps, codec)
+
+
+def batch_statistics(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, invstd) of the batch, and the running-statistics update as ``nn.BatchNorm`` does it,
+    outside the autograd graph: ``_BatchNorm``'s backward differentiates through them itself."""
     dims = [0] + list(range(2, x.dim()))
     # detach() rather than no_grad(): torch 2.11's Dynamo let a no_grad block before the
     # function's apply switch off its backward (zero gradients)
@@ -468,7 +481,7 @@ def batch_norm_forward(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor,
             unbiased = var * (count / max(count - 1, 1))
             module.running_mean.mul_(1 - factor).add_(mean * factor)
             module.running_var.mul_(1 - factor).add_(unbiased * factor)
-    return _BatchNorm.apply(x, module.weight, module.bias, mean, invstd, module.eps, codec)
+    return mean, invstd
 
 
 def batch_norm_applies(module: nn.Module) -> bool:
@@ -565,11 +578,15 @@ class CompiledLayers:
     """
 
     def __init__(self, model: nn.Module, codec: TensorCodec, *, eager: bool = False,
-                 attention: Optional[TensorCodec] = None):
+                 attention: Optional[TensorCodec] = None, rebuild_conv_input: bool = False):
         """``attention``: the codec of self-attention's query, key and value
-        (``division.compiled_attention``); None leaves ``nn.MultiheadAttention`` to the compiler."""
+        (``division.compiled_attention``); None leaves ``nn.MultiheadAttention`` to the compiler.
+        ``rebuild_conv_input``: convolutions reading BN(x) or ReLU(BN(x)) rebuild their input
+        (``division.compiled_rebuild``; ``chain.rebuilt`` names them once traced)."""
         from .attention import attention_applies
+        from .compiled_rebuild import ConvInputChain
         self.codec = codec
+        self.chain = ConvInputChain() if rebuild_conv_input else None
         self.attention = attention
         self.enabled = True
         self.eager = eager  # True: the compressing functions run in eager mode too (self_check)
@@ -592,19 +609,23 @@ class CompiledLayers:
                     self.uncovered.append(f"{name} ({type(module).__name__})")
                 continue
             forward, kind = found
-            module.forward = self._dispatch(module, forward)
+            module.forward = self._dispatch(module, forward, name)
             self._patched.append(module)
             self.modules[name] = kind
+        if self.chain is not None:
+            self._end_chain_with(model)
 
-    def _dispatch(self, module: nn.Module, compressed_forward):
+    def _dispatch(self, module: nn.Module, compressed_forward, name: str):
         own_forward = type(module).forward.__get__(module)
         # eager training of a Hardswish: its derivative is saved (and coded by the hooks), not its input
         eager_forward = HardswishKeepingDerivative.apply if isinstance(module, nn.Hardswish) else None
-        codec = self.codec
+        codec, chain = self.codec, self.chain
 
         def forward(x, *args, **kwargs):
             if self.enabled and module.training and torch.is_grad_enabled() and not args and not kwargs:
                 if self.eager or torch.compiler.is_compiling():
+                    if chain is not None:
+                        return chain.forward(name, module, x, codec, compressed_forward)
                     return compressed_forward(module, x, codec)
                 if eager_forward is not None:
                     return eager_forward(x)
@@ -630,6 +651,19 @@ class CompiledLayers:
                                is_causal=is_causal)
         return forward
 
+    def _end_chain_with(self, model: nn.Module) -> None:
+        """The model's forward drops the chain's pending source when it returns (traced with it)."""
+        inner = model.forward
+        chain = self.chain
+
+        def forward(*args, **kwargs):
+            out = inner(*args, **kwargs)
+            chain.clear()
+            return out
+        model.forward = forward
+        if model not in self._patched:
+            self._patched.append(model)
+
     def remove(self) -> None:
         for module in self._patched:
             module.__dict__.pop("forward", None)
@@ -654,8 +688,7 @@ def plain_save_coverage(model: nn.Module, layers: "CompiledLayers", args: tuple)
     A compiled graph saves what its partitioner chooses, so its own bytes say nothing about what
     it left uncompressed; this is the same measure as the eager path's coverage (the share of the
     bytes plain autograd would keep), taken over the layers the compiled path covers. The forward
-    leaves no trace: buffers (BatchNorm's running statistics) and random-number states are
-    restored."""
+    leaves no trace (``traceless_forward``)."""
     covered = {id(m) for name, m in model.named_modules() if name in layers.modules}
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     stack: list[nn.Module] = []
@@ -689,10 +722,19 @@ def plain_save_coverage(model: nn.Module, layers: "CompiledLayers", args: tuple)
     for module in model.modules():
         handles.append(module.register_forward_pre_hook(enter))
         handles.append(module.register_forward_hook(leave, always_call=True))
+    with torch.autograd.graph.saved_tensors_hooks(pack, _identity):
+        traceless_forward(model, args, handles)
+    fraction = totals["covered"] / totals["all"] if totals["all"] else None
+    return Coverage(fraction, dict(sorted(raw.items(), key=lambda kv: -kv[1])))
+
+
+def traceless_forward(model: nn.Module, args: tuple, handles: list) -> None:
+    """An eager forward of ``model`` that leaves no trace: buffers (BatchNorm's running statistics)
+    and random-number states are restored, and the hooks in ``handles`` removed afterwards."""
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     devices = [a.device for a in args if isinstance(a, torch.Tensor) and a.is_cuda][:1]
     try:
-        with torch.random.fork_rng(devices=devices), torch.autograd.graph.saved_tensors_hooks(pack, _identity):
+        with torch.random.fork_rng(devices=devices):
             model(*args)
     finally:
         for h in handles:
@@ -700,8 +742,6 @@ def plain_save_coverage(model: nn.Module, layers: "CompiledLayers", args: tuple)
         with torch.no_grad():
             for name, b in model.named_buffers():
                 b.copy_(buffers[name])
-    fraction = totals["covered"] / totals["all"] if totals["all"] else None
-    return Coverage(fraction, dict(sorted(raw.items(), key=lambda kv: -kv[1])))
 
 
 # ------------------------------------------------------------------------------- the byte ledger
@@ -715,9 +755,13 @@ class SavedTensorCounter:
     Entries are labelled by dtype: ``packed`` (uint8 codes and masks), else the dtype's name.
     """
 
-    def __init__(self, model: nn.Module, ledger):
+    def __init__(self, model: nn.Module, ledger, chain=None):
+        """``chain``: the ``ConvInputChain`` of ``rebuild_conv_input`` (its ``rebuilt`` inputs are
+        filled while the forward is traced): each rebuilt input a ledger entry that stores nothing,
+        as the eager ledger shows them."""
         self.model = model
         self.ledger = ledger
+        self.chain = chain
         self.enabled = True  # False: ``install``ed hooks stop counting (the ledger keeps its last step)
         self._params: set[int] = set()
         self._seen: set[tuple] = set()
@@ -735,6 +779,10 @@ class SavedTensorCounter:
         self._hooks.__exit__(*exc)
         self._hooks = None
         self._seen = set()
+        for conv, norm in (self.chain.rebuilt if self.chain is not None else {}).items():
+            shape, dtype = self.chain.inputs.get(conv, ((), ""))
+            self.ledger.record(LedgerEntry(layer=conv, kind=COMPILED, codec=REBUILT, shape=shape, dtype=dtype,
+                                           plain_bytes=0, stored_bytes=0, op="Conv2d", rebuilt_from=norm))
 
     def install(self, module: nn.Module) -> None:
         """Count every forward call of ``module`` (a compiled model: ``torch.compile`` runs the

@@ -108,9 +108,10 @@ class ByteLedger:
     def rebuilt(self) -> list[dict]:
         """The tensors rebuilt in backward instead of stored, one row each: layer (the saving module),
         rebuilt_from (the BatchNorm whose stored input rebuilds it), shape, dtype and tensor_bytes
-        (the tensor's full size, which it does not cost)."""
+        (the tensor's full size, which it does not cost; None where a compiled graph's shape was
+        symbolic)."""
         return [{"layer": e.layer, "rebuilt_from": e.rebuilt_from, "shape": e.shape, "dtype": e.dtype,
-                 "tensor_bytes": math.prod(e.shape) * _itemsize(e.dtype)}
+                 "tensor_bytes": math.prod(e.shape) * _itemsize(e.dtype) if e.dtype else None}
                 for e in self.entries if e.codec == REBUILT]
 
     def summary(self) -> dict:

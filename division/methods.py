@@ -70,12 +70,16 @@ class TrainingMethod:
         self._check_compiled(model, compile_kwargs)
         compiled = torch.compile(model, **compile_kwargs)
         if self.ledger is not None:
-            self.counter = SavedTensorCounter(model, self.ledger)
+            self.counter = SavedTensorCounter(model, self.ledger, self._compiled_chain())
             self.counter.install(compiled)
         return compiled
 
     def _check_compiled(self, model: nn.Module, compile_kwargs: dict) -> None:
         """Raise ``CompileUnsupported`` if this method's compiled form cannot be trusted here."""
+
+    def _compiled_chain(self):
+        """The compiled layers' ``ConvInputChain`` (``rebuild_conv_input``), None without one."""
+        return None
 
     def stop_ledger(self) -> None:
         """Stop recording into the ledger (a training run counts its first step only; the ledger
@@ -224,7 +228,8 @@ class CodecMethod(TrainingMethod):
     norm_from_codes: BatchNorm layers compute their backward from their input's codes where the
     codec's fused kernels stored them (``division.norm_from_codes``), instead of decoding it.
     rebuild_conv_input: a convolution's input that is ReLU(BN(x)) or BN(x) is not stored but rebuilt
-    in backward from the BatchNorm's stored input (``division.rebuild``; eager steps).
+    in backward from the BatchNorm's stored input (``division.rebuild``; compiled:
+    ``division.compiled_rebuild``).
     """
 
     def __init__(self, name: str, codec: ActivationCodec, *, exact_masks: bool = True,
@@ -266,7 +271,8 @@ class CodecMethod(TrainingMethod):
             # self-attention's query, key and value at attention_bits (exact, 0: left to the compiler)
             attention = self.tensor_codec if self.attention_codec is None \
                 else tensor_codec_for(self.attention_codec)
-            self.compiled_layers = CompiledLayers(model, self.tensor_codec, attention=attention)
+            self.compiled_layers = CompiledLayers(model, self.tensor_codec, attention=attention,
+                                                  rebuild_conv_input=self.rebuild_conv_input)
         if CodecGenerator.wants(self.codec):
             self._generator = CodecGenerator(self.codec, self.seed)
             self._generator.install(model)
@@ -286,7 +292,9 @@ class CodecMethod(TrainingMethod):
     def compile(self, model: nn.Module, **compile_kwargs) -> nn.Module:
         """``TrainingMethod.compile``; the first training call of the compiled model also measures
         the compiled coverage (``compiled_coverage``) on two of its samples, and warns under the
-        compressor's threshold (90%) naming what stays uncompressed."""
+        compressor's threshold (90%) naming what stays uncompressed; with ``rebuild_conv_input`` it
+        proves there which convolution inputs the traced forward may rebuild
+        (``ConvInputChain.prove``), and after it warns if none was."""
         compiled = super().compile(model, **compile_kwargs)
         if self.compiled_layers is not None and self.compressor is not None:
             handle = None
@@ -299,9 +307,30 @@ class CodecMethod(TrainingMethod):
                 with self.compressor.paused():
                     self.compiled_coverage = plain_save_coverage(
                         model, self.compiled_layers, (args[0][:2], *args[1:]))
+                    if self.compiled_layers.chain is not None:  # before the first trace
+                        self.compiled_layers.chain.prove(model, self.compiled_layers.modules,
+                                                         (args[0][:2], *args[1:]))
                 self._warn_compiled_coverage()
             handle = compiled.register_forward_pre_hook(measure)
+        chain = self._compiled_chain()
+        if chain is not None:
+            after_first = None
+
+            def check_rebuilt(_module, _args, _output):
+                if not (model.training and torch.is_grad_enabled()):
+                    return
+                after_first.remove()
+                if not chain.rebuilt:  # the knob asked for rebuilds and the traced forward made none
+                    message = ("rebuild_conv_input=true rebuilt no convolution input of this compiled "
+                               "model: no BatchNorm (+ ReLU module) output is read by a convolution "
+                               "directly; those inputs are stored as usual")
+                    log.warning(message)
+                    warnings.warn(message, RuntimeWarning, stacklevel=2)
+            after_first = compiled.register_forward_hook(check_rebuilt)
         return compiled
+
+    def _compiled_chain(self):
+        return None if self.compiled_layers is None else self.compiled_layers.chain
 
     def _warn_compiled_coverage(self) -> None:
         cov = self.compiled_coverage
