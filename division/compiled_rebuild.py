@@ -69,8 +69,9 @@ class ConvInputChain:
                 y, bits = _ReluKeepingMask.apply(x)
                 self._sources[name] = (y,) + source[1:7] + (bits, source[8])
                 return y
-            self._note(name, source[8], x)
-            return _conv_from_norm(module, x, codec, source)
+            if _rebuildable_conv(module):
+                self._note(name, source[8], x)
+                return _conv_from_norm(module, x, codec, source)
         return compressed_forward(module, x, codec)
 
     def prove(self, model: nn.Module, modules, args: tuple) -> None:
@@ -124,7 +125,7 @@ class ConvInputChain:
             elif isinstance(module, nn.ReLU):
                 handles.append(module.register_forward_pre_hook(before_relu(name)))
                 handles.append(module.register_forward_hook(after_relu))
-            elif isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.modules.conv._ConvTransposeNd):
+            elif _rebuildable_conv(module):
                 handles.append(module.register_forward_pre_hook(before_conv(name)))
         with torch.no_grad():
             traceless_forward(model, args, handles)
@@ -150,6 +151,10 @@ class ConvInputChain:
 
     def clear(self) -> None:
         self._sources.clear()
+
+
+def _rebuildable_conv(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.modules.conv._ConvTransposeNd)
 
 
 _CHAINS: "weakref.WeakValueDictionary[int, ConvInputChain]" = weakref.WeakValueDictionary()
