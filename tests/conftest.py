@@ -36,6 +36,8 @@ def one_thread():
 
 
 def pytest_collection_finish(session):
+    if session.config.option.collectonly:
+        return
     from tests import background
     background.start_for(session.items)
 
