@@ -288,6 +288,13 @@ class _Linear(torch.autograd.Function):
         return gx, gw, gb, None
 
 
+def batch_norm_affine(weight, bias, mean, invstd) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) of training-mode batch normalization, fp32: y = x * scale + shift."""
+    scale = invstd if weight is None else invstd * weight.float()
+    shift = -mean * scale if bias is None else bias.float() - mean * scale
+    return scale, shift
+
+
 class _BatchNorm(torch.autograd.Function):
     """Training-mode batch normalization with the batch statistics given; its backward (the full
     one, through the statistics) reads the input from DIVISION's codes."""
@@ -298,8 +305,7 @@ class _BatchNorm(torch.autograd.Function):
         """``layout`` and ``encoded``: x's codes, when the caller encoded x itself (a rebuilt
         convolution input reads them too, ``division.compiled_rebuild``)."""
         shape = [1, -1] + [1] * (x.dim() - 2)
-        scale = invstd if weight is None else invstd * weight.float()
-        shift = -mean * scale if bias is None else bias.float() - mean * scale
+        scale, shift = batch_norm_affine(weight, bias, mean, invstd)
         y = x.float() * scale.view(shape) + shift.view(shape)
         # no .to() when the dtype already matches: torch 2.11's Dynamo gave a function whose output
         # is such a no-op cast zero gradients
@@ -342,9 +348,16 @@ class _Relu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         y = torch.relu(x)
-        ctx.save_for_backward(_pack_mask(y))
-        ctx.shape, ctx.channels_last = tuple(y.shape), _memory_format(y) == "channels_last"
+        _Relu.keep_mask(ctx, y)
         return y
+
+    @staticmethod
+    def keep_mask(ctx, y: torch.Tensor) -> torch.Tensor:
+        """Save ``y > 0`` (packed) for backward, and return it."""
+        bits = _pack_mask(y)
+        ctx.save_for_backward(bits)
+        ctx.shape, ctx.channels_last = tuple(y.shape), _memory_format(y) == "channels_last"
+        return bits
 
     @staticmethod
     def backward(ctx, grad):
@@ -438,11 +451,16 @@ def _cast(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> Optional[t
 
 def conv_forward(module: nn.modules.conv._ConvNd, x: torch.Tensor, codec: TensorCodec) -> torch.Tensor:
     dtype = _compute_dtype(x)
+    return _Conv.apply(_cast(x, dtype), _cast(module.weight, dtype), _cast(module.bias, dtype), codec,
+                       *conv_arguments(module))
+
+
+def conv_arguments(module: nn.modules.conv._ConvNd) -> tuple:
+    """(stride, padding, dilation, transposed, output_padding, groups) as aten.convolution takes them."""
     transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
     output_padding = list(module.output_padding) if transposed else [0] * len(module.stride)
-    return _Conv.apply(_cast(x, dtype), _cast(module.weight, dtype), _cast(module.bias, dtype), codec,
-                       list(module.stride), list(module.padding), list(module.dilation), transposed,
-                       output_padding, module.groups)
+    return (list(module.stride), list(module.padding), list(module.dilation), transposed, output_padding,
+            module.groups)
 
 
 def conv_applies(module: nn.Module) -> bool:

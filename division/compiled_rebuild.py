@@ -39,8 +39,8 @@ import torch
 from torch import nn
 from torch._dynamo.comptime import comptime
 
-from .compiled import (_BatchNorm, _cast, _compute_dtype, _memory_format, _pack_mask, _unpack_mask,
-                       Layout, TensorCodec, batch_statistics)
+from .compiled import (_BatchNorm, _Relu, _cast, _compute_dtype, _memory_format, _unpack_mask, Layout, TensorCodec,
+                       batch_norm_affine, batch_statistics, conv_arguments)
 
 # A source: (the tensor the convolution must read, x's layout, x's codes, mean, invstd, weight,
 # bias, the ReLU's mask bits or None); a tuple, which Dynamo keeps in a dict without a graph break.
@@ -188,10 +188,8 @@ class _ReluKeepingMask(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         y = torch.relu(x)
-        bits = _pack_mask(y)
+        bits = _Relu.keep_mask(ctx, y)
         ctx.mark_non_differentiable(bits)
-        ctx.save_for_backward(bits)
-        ctx.shape, ctx.channels_last = tuple(y.shape), _memory_format(y) == "channels_last"
         return y, bits
 
     @staticmethod
@@ -205,8 +203,7 @@ def rebuild_input(codec: TensorCodec, layout: Layout, encoded, mean, invstd, wei
     """BN(x) (or ReLU(BN(x)) with the mask's zeros) from x's codes, in ``dtype`` and ``memory_format``."""
     x_hat = codec.decode(layout, tuple(encoded)).float()
     shape = [1, -1] + [1] * (x_hat.dim() - 2)
-    scale = invstd if weight is None else invstd * weight.float()
-    shift = -mean * scale if bias is None else bias.float() - mean * scale
+    scale, shift = batch_norm_affine(weight, bias, mean, invstd)
     y = torch.addcmul(shift.view(shape), x_hat, scale.view(shape))
     if bits is not None:
         keep = _unpack_mask(bits, tuple(y.shape), memory_format == "channels_last") > 0  # packed from the conv's input
@@ -245,7 +242,5 @@ def _conv_from_norm(module: nn.modules.conv._ConvNd, x: torch.Tensor, codec: Ten
                     source: Source) -> torch.Tensor:
     dtype = _compute_dtype(x)
     _, layout, encoded, mean, invstd, norm_weight, norm_bias, bits, _name = source
-    conv_args = (list(module.stride), list(module.padding), list(module.dilation), False,
-                 [0] * len(module.stride), module.groups)
     return _ConvFromNorm.apply(_cast(x, dtype), _cast(module.weight, dtype), _cast(module.bias, dtype), codec,
-                               conv_args, layout, mean, invstd, norm_weight, norm_bias, bits, *encoded)
+                               conv_arguments(module), layout, mean, invstd, norm_weight, norm_bias, bits, *encoded)
