@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Compiled DIVISION on one GPU against compiled plain training: memory, then speed, in two calls that
+# share inductor's cache (the memory call compiles the speed runs' graphs too, beside its own).
+#
+#   bash scripts/compiled_gpu.sh OUT_DIR memory   # fp32 b128 allocator figures, compiled (none, division,
+#                                                 # division with rebuild_conv_input) and eager; compiles
+#                                                 # the speed runs' graphs into the cache meanwhile
+#   bash scripts/compiled_gpu.sh OUT_DIR speed    # bf16 channels_last b128 images/s, compiled, one run at a
+#                                                 # time (none, division, division with rebuild_conv_input)
+#
+# Memory runs share the GPU (allocator figures are per process); speed runs never do. Records go to
+# OUT_DIR/store (pack them with ``python -m runners.record pack``); each stage's log to OUT_DIR/NAME.log.
+# TORCHINDUCTOR_CACHE_DIR (default .inductor-cache) must be the same for both calls.
+set -uo pipefail
+out=${1:?usage: compiled_gpu.sh OUT_DIR memory|speed}
+what=${2:?usage: compiled_gpu.sh OUT_DIR memory|speed}
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.inductor-cache}
+mkdir -p "$out"
+common=(logger=none device=cuda "results_dir=$out/store" train.progress=false)
+r50=(model=resnet50 dataset.image_size=224 dataset.num_classes=1000)
+fast=(precision=bf16 channels_last=true batch_size=128)
+variants=("method=none" "method=division" "method=division method.rebuild_conv_input=true")
+stage() {  # stage NAME SECONDS ARGS...: one main.py call, bounded, logged to OUT/NAME.log
+  local name=$1 seconds=$2; shift 2
+  echo "=== $name: python main.py $*" >> "$out/commands.txt"
+  local start=$SECONDS
+  timeout "$seconds" python main.py "$@" "${common[@]}" > "$out/$name.log" 2>&1
+  echo "=== $name exit $? after $((SECONDS - start)) s" >> "$out/commands.txt"
+}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/versions.txt"
+python -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)" >> "$out/versions.txt"
+
+if [[ $what == memory ]]; then
+  for i in 0 1 2; do
+    # shellcheck disable=SC2086
+    stage "memory_compiled_$i" 540 mode=memory "${r50[@]}" batch_size=128 ${variants[$i]} compile=true \
+      group=compiled_memory &
+    # the speed call's graphs, compiled into the cache (their records are thrown away)
+    # shellcheck disable=SC2086
+    stage "warm_speed_$i" 540 mode=speed "${r50[@]}" "${fast[@]}" ${variants[$i]} compile=true speed.warmup=1 \
+      speed.steps=1 "results_dir=/tmp/warm_store" &
+  done
+  for v in "method=none" "method=division"; do
+    # shellcheck disable=SC2086
+    stage "memory_eager_${v#method=}" 120 mode=memory "${r50[@]}" batch_size=128 $v group=compiled_memory
+  done
+  wait
+elif [[ $what == speed ]]; then
+  for i in 0 1 2; do
+    # shellcheck disable=SC2086
+    stage "speed_compiled_$i" 180 mode=speed "${r50[@]}" "${fast[@]}" ${variants[$i]} compile=true speed.warmup=3 \
+      group=compiled_speed
+  done
+fi
