@@ -768,7 +768,11 @@ class SavedTensorCounter:
 
     Around a compiled step it sees the compiled graph's saves: its codes, statistics, masks and
     whatever else the compiler chose to keep. Parameters (by storage) are left out, as the eager
-    ledger leaves them out; a tensor saved twice is counted once. Inside the eager compressor's own
+    ledger leaves them out, and so are copies of a parameter in its own dtype (inductor saves a
+    convolution's weight converted to another memory format for backward, as eager autograd saves
+    the parameter itself): model memory, counted apart in ``ledger.parameter_copy_bytes``. An
+    autocast copy (another dtype) stays an entry, as in the eager ledger. A tensor saved twice is
+    counted once. Inside the eager compressor's own
     hooks (innermost wins) it sees nothing, so it can stay around either kind of step.
     Entries are labelled by dtype: ``packed`` (uint8 codes and masks), else the dtype's name.
     """
@@ -782,11 +786,16 @@ class SavedTensorCounter:
         self.chain = chain
         self.enabled = True  # False: ``install``ed hooks stop counting (the ledger keeps its last step)
         self._params: set[int] = set()
+        self._by_shape: dict[tuple, list[torch.Tensor]] = {}  # (shape, dtype) -> parameters
         self._seen: set[tuple] = set()
         self._hooks = None
 
     def __enter__(self) -> "SavedTensorCounter":
         self._params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        self._by_shape = {}
+        for p in self.model.parameters():
+            if p.dim() >= 2:  # kernels and matrices: a vector's shape is also a batch statistic's
+                self._by_shape.setdefault((tuple(p.shape), p.dtype), []).append(p)
         self._seen = set()
         self.ledger.reset()
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _identity)
@@ -797,6 +806,7 @@ class SavedTensorCounter:
         self._hooks.__exit__(*exc)
         self._hooks = None
         self._seen = set()
+        self._by_shape = {}
         for conv, norm in (self.chain.rebuilt if self.chain is not None else {}).items():
             shape, dtype = self.chain.inputs.get(conv, ((), ""))
             self.ledger.record(LedgerEntry(layer=conv, kind=COMPILED, codec=REBUILT, shape=shape, dtype=dtype,
@@ -822,11 +832,19 @@ class SavedTensorCounter:
             return t
         self._seen.add(key)
         nbytes = t.numel() * t.element_size()
+        if self._copies_parameter(t):
+            self.ledger.parameter_copy_bytes += nbytes
+            return t
         label = "packed" if t.dtype in (torch.uint8, torch.bool) else str(t.dtype).replace("torch.", "")
         self.ledger.record(LedgerEntry(layer="", kind=COMPILED, codec=label, shape=tuple(t.shape),
                                        dtype=str(t.dtype).replace("torch.", ""), plain_bytes=0,
                                        stored_bytes=nbytes))
         return t
+
+    def _copies_parameter(self, t: torch.Tensor) -> bool:
+        """Does ``t`` hold a parameter's values in its shape and dtype (any memory format)?"""
+        with torch.no_grad():
+            return any(torch.equal(t, p) for p in self._by_shape.get((tuple(t.shape), t.dtype), ()))
 
 
 def _identity(t):

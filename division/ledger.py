@@ -3,7 +3,9 @@
 One entry per saved tensor of a training step. ``stored_bytes`` is the storage of the tensors the
 method actually holds (``Packed.nbytes``); ``plain_bytes`` is what plain autograd would hold for the
 same save (the tensor's own bytes, counted once per tensor, since autograd saves by reference).
-Parameters are left out of both: they are model memory, not activation memory.
+Parameters are left out of both: they are model memory, not activation memory. So are copies of a
+parameter that a compiled graph keeps (a weight in another memory format): their bytes are
+``parameter_copy_bytes``, beside the entries.
 """
 from __future__ import annotations
 
@@ -36,9 +38,11 @@ class ByteLedger:
 
     def __init__(self) -> None:
         self.entries: list[LedgerEntry] = []
+        self.parameter_copy_bytes = 0  # parameter copies a compiled graph keeps (model memory)
 
     def reset(self) -> None:
         self.entries = []
+        self.parameter_copy_bytes = 0
 
     def record(self, entry: LedgerEntry) -> None:
         self.entries.append(entry)

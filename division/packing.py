@@ -23,12 +23,14 @@ def _cached_shifts(bits: int, device: torch.device) -> torch.Tensor:
     return torch.arange(0, 8, bits, device=device, dtype=torch.uint8)
 
 
-def _shifts(bits: int, device: torch.device) -> torch.Tensor:
-    """Bit offsets of the codes inside a byte, made once per device in eager mode (one launch less
-    per call); a compiled graph makes them as a constant of its own."""
-    if torch.compiler.is_compiling():
-        return torch.arange(0, 8, bits, device=device, dtype=torch.uint8)
-    return _cached_shifts(bits, device)
+def _shifts(bits: int, like: torch.Tensor) -> torch.Tensor:
+    """Bit offsets of the codes inside a byte for ops on ``like``: made once per device in eager
+    mode (one launch less per call). A compiled graph makes them as a constant of its own, and so
+    does any tensor subclass: a fake tensor (the compiler propagating shapes through an opaque op's
+    fake implementation, where ``is_compiling`` is False) may not meet a real cached tensor."""
+    if torch.compiler.is_compiling() or type(like) is not torch.Tensor:
+        return torch.arange(0, 8, bits, device=like.device, dtype=torch.uint8)
+    return _cached_shifts(bits, like.device)
 
 
 def _check_bits(bits: int) -> None:
@@ -48,7 +50,7 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
         flat = torch.cat([flat, flat.new_zeros(pad)])
     lanes = flat.view(-1, per_byte)
     # The lanes hold disjoint bits after shifting, so their sum is their OR: two kernels, not 2 * per_byte.
-    return (lanes << _shifts(bits, flat.device)).sum(dim=1, dtype=torch.uint8)
+    return (lanes << _shifts(bits, lanes)).sum(dim=1, dtype=torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
@@ -57,7 +59,7 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     if bits == 8:
         return packed[:numel]
     mask = (1 << bits) - 1
-    lanes = (packed.unsqueeze(1) >> _shifts(bits, packed.device)) & mask
+    lanes = (packed.unsqueeze(1) >> _shifts(bits, packed)) & mask
     return lanes.reshape(-1)[:numel]
 
 

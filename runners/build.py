@@ -15,6 +15,7 @@ from models import MODEL_INFO, MODEL_NAMES, build_model as _build_model
 
 from . import distributed
 from .checks import ConfigError
+from .compiling import compile_mode
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -202,6 +203,10 @@ def forward_loss(model, images: torch.Tensor, target: torch.Tensor, cfg, device:
                  cache_enabled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, loss) of one training forward pass: the model under ``autocast``, cross-entropy in
     fp32. Every training step (mode=train, memory, speed, CUDA-graph capture) computes it here."""
+    if compile_mode(cfg) == "reduce-overhead" and device.type == "cuda":
+        # a new training iteration for torch.compile's CUDA graphs: the last step's outputs may be
+        # overwritten (the step's own logits are read before the next call)
+        torch.compiler.cudagraph_mark_step_begin()
     with autocast(cfg, device, cache_enabled=cache_enabled):
         logits = model(images)
         loss = torch.nn.functional.cross_entropy(logits.float(), target)

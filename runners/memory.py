@@ -289,7 +289,7 @@ def _ledger_fields(ledger: ByteLedger) -> dict[str, Any]:
         log.warning("the method recorded nothing in the byte ledger; ledger fields are null")
         return {"ledger_bytes": None, "ledger_plain_bytes": None, "ledger_ratio": None,
                 "ledger_tensors": 0, "ledger_by_codec": {}, "ledger_layers": [], "ledger_coverage": None,
-                "ledger_by_op": {}}
+                "ledger_by_op": {}, "ledger_parameter_copy_bytes": ledger.parameter_copy_bytes}
     stored = ledger.stored_bytes
     return {
         "ledger_bytes": stored,
@@ -300,6 +300,8 @@ def _ledger_fields(ledger: ByteLedger) -> dict[str, Any]:
         "ledger_layers": ledger.by_layer(),
         "ledger_coverage": ledger.coverage,  # share of plain bytes stored compressed; null when compiled
         "ledger_by_op": ledger.by_op(),
+        # parameter copies a compiled graph keeps (a weight in another memory format): model memory
+        "ledger_parameter_copy_bytes": ledger.parameter_copy_bytes,
     }
 
 
@@ -382,6 +384,8 @@ def _log_summary(fields: dict[str, Any]) -> None:
         parts.append(f"ledger {mib('ledger_bytes')}{plain}" + (f" ({ratio:.2f}x)" if ratio is not None else ""))
         if fields.get("ledger_coverage") is not None:
             parts.append(f"coverage {fields['ledger_coverage']:.1%}")
+        if fields.get("ledger_parameter_copy_bytes"):
+            parts.append(f"besides {mib('ledger_parameter_copy_bytes')} of parameter copies")
         rebuilt = (fields.get("ledger_by_codec") or {}).get("rebuilt")
         if rebuilt:  # method.rebuild_conv_input: tensors not stored at all
             parts.append(f"{rebuilt['tensors']} conv inputs rebuilt in backward")

@@ -67,6 +67,7 @@ STORE_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
     ("ledger_plain_bytes", pa.int64()), ("ledger_ratio", pa.float64()), ("ledger_tensors", pa.int64()),
     ("ledger_by_codec", _JSON), ("ledger_layers", _JSON), ("cuda_baseline_bytes", pa.int64()),
     ("ledger_coverage", pa.float64()), ("ledger_by_op", _JSON),
+    ("ledger_parameter_copy_bytes", pa.int64()),  # parameter copies a compiled graph keeps, not in ledger_bytes
     ("model_bytes", pa.int64()), ("optimizer_state_bytes", pa.int64()), ("grad_bytes", pa.int64()),
     ("runtime_bytes", pa.int64()), ("total_bytes", pa.int64()), ("activation_bytes", pa.int64()),
     ("activation_bytes_per_image", pa.float64()), ("peak_bytes", pa.int64()),

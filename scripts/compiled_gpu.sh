@@ -5,8 +5,10 @@
 #   bash scripts/compiled_gpu.sh OUT_DIR memory   # fp32 b128 allocator figures, compiled (none, division,
 #                                                 # division with rebuild_conv_input) and eager; compiles
 #                                                 # the speed runs' graphs into the cache meanwhile
-#   bash scripts/compiled_gpu.sh OUT_DIR speed    # bf16 channels_last b128 images/s, compiled, one run at a
-#                                                 # time (none, division, division with rebuild_conv_input)
+#   bash scripts/compiled_gpu.sh OUT_DIR speed    # bf16 channels_last b128 images/s, one run at a time:
+#                                                 # compile=true (none, division, division with
+#                                                 # rebuild_conv_input), then compile=reduce-overhead
+#                                                 # (none, division: the graphs replayed as CUDA graphs)
 #
 # Memory runs share the GPU (allocator figures are per process); speed runs never do. Records go to
 # OUT_DIR/store (pack them with ``python -m runners.record pack``); each stage's log to OUT_DIR/NAME.log.
@@ -19,7 +21,9 @@ mkdir -p "$out"
 common=(logger=none device=cuda "results_dir=$out/store" train.progress=false)
 r50=(model=resnet50 dataset.image_size=224 dataset.num_classes=1000)
 fast=(precision=bf16 channels_last=true batch_size=128)
-variants=("method=none" "method=division" "method=division method.rebuild_conv_input=true")
+variants=("method=none compile=true" "method=division compile=true"
+          "method=division method.rebuild_conv_input=true compile=true"
+          "method=none compile=reduce-overhead" "method=division compile=reduce-overhead")
 stage() {  # stage NAME SECONDS ARGS...: one main.py call, bounded, logged to OUT/NAME.log
   local name=$1 seconds=$2; shift 2
   echo "=== $name: python main.py $*" >> "$out/commands.txt"
@@ -33,12 +37,13 @@ python -c "import torch, triton, sys; print('python', sys.version.split()[0], 't
 if [[ $what == memory ]]; then
   for i in 0 1 2; do
     # shellcheck disable=SC2086
-    stage "memory_compiled_$i" 540 mode=memory "${r50[@]}" batch_size=128 ${variants[$i]} compile=true \
-      group=compiled_memory &
+    stage "memory_compiled_$i" 540 mode=memory "${r50[@]}" batch_size=128 ${variants[$i]} group=compiled_memory &
+  done
+  for i in "${!variants[@]}"; do
     # the speed call's graphs, compiled into the cache (their records are thrown away)
     # shellcheck disable=SC2086
-    stage "warm_speed_$i" 540 mode=speed "${r50[@]}" "${fast[@]}" ${variants[$i]} compile=true speed.warmup=1 \
-      speed.steps=1 "results_dir=/tmp/warm_store" &
+    stage "warm_speed_$i" 540 mode=speed "${r50[@]}" "${fast[@]}" ${variants[$i]} speed.warmup=1 speed.steps=1 \
+      "results_dir=/tmp/warm_store" &
   done
   for v in "method=none" "method=division"; do
     # shellcheck disable=SC2086
@@ -46,9 +51,8 @@ if [[ $what == memory ]]; then
   done
   wait
 elif [[ $what == speed ]]; then
-  for i in 0 1 2; do
+  for i in "${!variants[@]}"; do
     # shellcheck disable=SC2086
-    stage "speed_compiled_$i" 180 mode=speed "${r50[@]}" "${fast[@]}" ${variants[$i]} compile=true speed.warmup=3 \
-      group=compiled_speed
+    stage "speed_compiled_$i" 150 mode=speed "${r50[@]}" "${fast[@]}" ${variants[$i]} speed.warmup=3 group=compiled_speed
   done
 fi

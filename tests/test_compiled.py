@@ -202,20 +202,28 @@ def compiled_runs():
     return runs
 
 
-def _activation_bytes(run) -> int:
-    """What the compiled graph keeps besides copies of the weights (CPU kernels may re-lay them out)."""
-    params = {tuple(p.shape) for p in run["model"].parameters()}
-    return sum(e.stored_bytes for e in run["ledger"].entries if e.shape not in params)
-
-
 def test_compiled_division_keeps_codes_not_activations(compiled_runs):
     div, none = compiled_runs["division"], compiled_runs["none"]
     eager_stored = compiled_runs["eager_division"]["stored"]
     # within 3% of what eager DIVISION keeps, and several times less than compiled plain training
-    assert abs(_activation_bytes(div) - eager_stored) <= 0.03 * eager_stored
-    assert _activation_bytes(none) > 4 * _activation_bytes(div)
+    assert abs(div["stored"] - eager_stored) <= 0.03 * eager_stored
+    assert none["stored"] > 4 * div["stored"]
     assert div["by_codec"]["packed"]["stored_bytes"] > 0       # the codes and masks are what it keeps
     assert div["ledger"].compiled and div["ledger"].plain_bytes is None
+
+
+def test_compiled_ledger_leaves_parameter_copies_out(compiled_runs):
+    """The CPU kernels keep 3x3 kernels converted to another memory format for backward: model
+    memory, counted apart (``parameter_copy_bytes``), the same with and without DIVISION; no entry
+    is a kernel's copy."""
+    div, none = compiled_runs["division"], compiled_runs["none"]
+    kernels = [p for p in div["model"].parameters() if p.dim() == 4]
+    copies = div["ledger"].parameter_copy_bytes
+    assert copies == none["ledger"].parameter_copy_bytes
+    assert copies in {sum(p.numel() * 4 for p in kernels if p.shape[-1] == 3),   # inductor's choice
+                      sum(p.numel() * 4 for p in kernels)}                        # (converted or all)
+    for run in (div, none):
+        assert not [e for e in run["ledger"].entries if e.shape in {tuple(p.shape) for p in kernels}]
 
 
 def test_compiled_division_stores_a_block_input_once(compiled_runs):

@@ -40,6 +40,20 @@ def test_pack_round_trip(bits, numel):
         assert torch.equal(unpack_bits(pack_bits(grid, bits), bits, 1000), codes[:1000])
 
 
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_packing_fake_tensors_after_eager_packing(bits):
+    """The compiler propagates fake tensors through an opaque op's fake implementation (the
+    reference encode) outside Dynamo's trace: the bit offsets cached by an eager call on the same
+    device must not meet them (a real tensor in a fake op is an error)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    codes = torch.randint(0, 2 ** bits, (64,), dtype=torch.uint8)
+    assert torch.equal(unpack_bits(pack_bits(codes, bits), bits, 64), codes)  # caches the offsets
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(codes)
+        packed = pack_bits(fake, bits)
+        assert packed.shape == (packed_nbytes(64, bits),) and unpack_bits(packed, bits, 64).shape == (64,)
+
+
 def test_pack_layout_and_extremes():
     # code i sits in byte i // per_byte at bit offset (i % per_byte) * bits
     assert pack_bits(torch.tensor([1, 2, 3, 0, 3], dtype=torch.uint8), 2).tolist() == [1 | 2 << 2 | 3 << 4, 3]
