@@ -57,6 +57,7 @@ from .exact import MaxPoolIndexCodec, indices_from_offsets, window_offsets
 from .ledger import COMPILED, REBUILT, LedgerEntry
 from .dual_precision import (LAYOUT_RAW, Geometry, block_mean, canonical_geometry, dequantize,
                              from_canonical, quantize, to_canonical, upsample)
+from .layouts import CLS_GRID, GRID, as_maps, fit, from_maps
 from .packing import pack_bits, packed_nbytes, unpack_bits
 
 
@@ -95,7 +96,24 @@ class TensorCodec:
             return False, True
         return True, self.keep_hfc and geom.h * geom.w > 1
 
-    def encode(self, x: torch.Tensor) -> tuple["Layout", tuple[torch.Tensor, ...]]:
+    def encode(self, x: torch.Tensor, feature_last: Optional[bool] = None
+               ) -> tuple["Layout", tuple[torch.Tensor, ...]]:
+        """x's layout and what is kept. ``feature_last`` (True for a Linear or LayerNorm input,
+        False for an activation function's): code x through the view that fits its shape, as the
+        eager path does (``division.layouts.fit``: a token grid as B x B blocks, an (N, H, W, C)
+        map per channel, flattened rows in groups); None: the canonical view (maps as they are)."""
+        view = None if feature_last is None else _fitted_view(x, feature_last)
+        if view is None:
+            return self._encode(x)
+        head = None
+        inner = x
+        if view == CLS_GRID:  # the class token kept exactly, the grid coded as a map
+            head, inner = x[:, :1].clone(), x[:, 1:]
+        layout, stored = self._encode(as_maps(inner, GRID if view == CLS_GRID else view, self.block_size))
+        layout = dataclasses.replace(layout, view=view, view_shape=tuple(x.shape))
+        return layout, tuple(stored) + ((head,) if head is not None else ())
+
+    def _encode(self, x: torch.Tensor) -> tuple["Layout", tuple[torch.Tensor, ...]]:
         geom = canonical_geometry(x.shape, x.dtype, self.block_size)
         layout = Layout(tuple(x.shape), x.dtype, _memory_format(x), geom)
         if self._fused_applies(x, geom):
@@ -129,6 +147,16 @@ class TensorCodec:
         return tuple(stored)
 
     def decode(self, layout: "Layout", stored: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        if layout.view is None:
+            return self._decode(layout, stored)
+        shape = torch.Size(layout.view_shape)
+        if layout.view == CLS_GRID:
+            n, tokens, c = shape
+            grid = from_maps(self._decode(layout, stored[:-1]), GRID, torch.Size((n, tokens - 1, c)))
+            return torch.cat([stored[-1], grid], dim=1)
+        return from_maps(self._decode(layout, stored), layout.view, shape)
+
+    def _decode(self, layout: "Layout", stored: tuple[torch.Tensor, ...]) -> torch.Tensor:
         geom = layout.geometry
         if layout.fused:
             return compiled_ops.fused_decode(*stored, list(layout.shape), layout.dtype,
@@ -148,8 +176,16 @@ class TensorCodec:
             x4 = hfc if x4 is None else x4 + hfc
         return from_canonical(x4, geom, layout.shape, layout.dtype, layout.memory_format)
 
-    def nbytes(self, shape, dtype: torch.dtype) -> int:
-        """What ``encode`` keeps for a tensor of this shape and dtype."""
+    def nbytes(self, shape, dtype: torch.dtype, feature_last: Optional[bool] = None) -> int:
+        """What ``encode`` keeps for a tensor of this shape and dtype (``feature_last`` as there)."""
+        view = None if feature_last is None else _fitted_view(torch.empty(shape, device="meta"), feature_last)
+        if view is not None:
+            head = 0
+            if view == CLS_GRID:
+                n, tokens, c = shape
+                shape, head = (n, tokens - 1, c), n * c * dtype.itemsize
+            inner = as_maps(torch.empty(shape, device="meta"), GRID if view == CLS_GRID else view, self.block_size)
+            return self.nbytes(tuple(inner.shape), dtype) + head
         geom = canonical_geometry(shape, dtype, self.block_size)
         if geom.layout == LAYOUT_RAW:
             return math.prod(shape) * dtype.itemsize
@@ -201,6 +237,15 @@ class Layout:
     memory_format: Optional[str]
     geometry: Geometry
     fused: bool = False  # coded by division.compiled_ops' custom ops (decode with them too)
+    view: Optional[str] = None  # coded through this view of the tensor (division.layouts), or as it is
+    view_shape: tuple = ()      # the tensor's own shape, when coded through a view (``shape``: the view's)
+
+
+def _fitted_view(x: torch.Tensor, feature_last: bool) -> Optional[str]:
+    """``division.layouts.fit`` for a tensor of static shape (a dynamic one keeps the canonical view)."""
+    if not all(type(size) is int for size in x.shape) or not x.is_floating_point() or x.numel() == 0:
+        return None
+    return fit(x, feature_last)
 
 
 def _memory_format(x: torch.Tensor) -> Optional[str]:
@@ -269,7 +314,7 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, codec: TensorCodec):
         y = F.linear(x, weight, bias)
-        layout, stored = codec.encode(x)
+        layout, stored = codec.encode(x, feature_last=True)
         ctx.save_for_backward(weight, *stored)
         ctx.codec, ctx.layout, ctx.has_bias = codec, layout, bias is not None
         return y
@@ -374,7 +419,7 @@ class _LayerNorm(torch.autograd.Function):
     def forward(ctx, x, weight, bias, normalized_shape, eps: float, codec: TensorCodec):
         y, mean, rstd = torch.ops.aten.native_layer_norm(x, normalized_shape, weight, bias, eps)
         x_hat = (x.float() - mean) * rstd
-        layout, stored = codec.encode(x_hat if x_hat.dtype == x.dtype else x_hat.to(x.dtype))
+        layout, stored = codec.encode(x_hat if x_hat.dtype == x.dtype else x_hat.to(x.dtype), feature_last=True)
         ctx.save_for_backward(weight, bias, mean, rstd, *stored)
         ctx.codec, ctx.layout, ctx.normalized_shape = codec, layout, normalized_shape
         return y
@@ -403,7 +448,8 @@ class _Activation(torch.autograd.Function):
             y = F.gelu(x, approximate=approximate)
         else:
             y = F.silu(x) if kind == "silu" else F.hardswish(x)
-        layout, stored = codec.encode(hardswish_derivative(x) if kind == "hardswish" else x)
+        layout, stored = codec.encode(hardswish_derivative(x) if kind == "hardswish" else x,
+                                     feature_last=False)
         ctx.save_for_backward(*stored)
         ctx.codec, ctx.layout, ctx.kind, ctx.approximate = codec, layout, kind, approximate
         return y

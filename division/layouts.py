@@ -77,7 +77,8 @@ def grid_side(tokens: int) -> Optional[int]:
     return k if k >= MIN_GRID_SIDE and k * k == tokens else None
 
 
-def _view(x: torch.Tensor, layout: str, block_size: int = 8) -> torch.Tensor:
+def as_maps(x: torch.Tensor, layout: str, block_size: int = 8) -> torch.Tensor:
+    """The (N, C, H, W) view of ``x`` that the codec encodes for ``layout`` (the table above)."""
     if layout == NHWC:
         return x.permute(0, 3, 1, 2)
     if layout == GRID:  # (N, k * k, C) as the channels_last map (N, C, k, k)
@@ -92,7 +93,8 @@ def _view(x: torch.Tensor, layout: str, block_size: int = 8) -> torch.Tensor:
     return x.reshape(m // r, r, c).transpose(1, 2).unsqueeze(-1)
 
 
-def _unview(y: torch.Tensor, layout: str, shape: torch.Size) -> torch.Tensor:
+def from_maps(y: torch.Tensor, layout: str, shape: torch.Size) -> torch.Tensor:
+    """Inverse of ``as_maps``: the decoded maps ``y`` as the tensor of ``shape``."""
     if layout == NHWC:
         return y.permute(0, 2, 3, 1)
     if layout == GRID:
@@ -133,25 +135,25 @@ class LayoutCodec(ActivationCodec):
     def encode(self, x: torch.Tensor, ctx: Optional[SaveContext] = None) -> Packed:
         if self.layout == CLS_GRID:  # the class token exactly (a copy: no view keeps x alive)
             head, grid = x[:, :1].clone(), x[:, 1:].contiguous()
-            inner = self.codec.encode(_view(grid, GRID), ctx)
+            inner = self.codec.encode(as_maps(grid, GRID), ctx)
             return Packed(self, {**inner.tensors, "cls": head}, {"inner": inner, "shape": x.shape})
-        inner = self.codec.encode(_view(x, self.layout, self._block_size()), ctx)
+        inner = self.codec.encode(as_maps(x, self.layout, self._block_size()), ctx)
         return Packed(self, inner.tensors, {"inner": inner, "shape": x.shape})
 
     def decode(self, packed: Packed) -> torch.Tensor:
         shape = packed.meta["shape"]
         if self.layout == CLS_GRID:
             n, tokens, c = shape
-            grid = _unview(packed.meta["inner"].unpack(), GRID, torch.Size((n, tokens - 1, c)))
+            grid = from_maps(packed.meta["inner"].unpack(), GRID, torch.Size((n, tokens - 1, c)))
             return torch.cat([packed.tensors["cls"], grid], dim=1)
-        return _unview(packed.meta["inner"].unpack(), self.layout, shape)
+        return from_maps(packed.meta["inner"].unpack(), self.layout, shape)
 
     def closed_form_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
         if self.layout == CLS_GRID:
             n, tokens, c = shape
-            grid = _view(torch.empty((n, tokens - 1, c), device="meta"), GRID)
+            grid = as_maps(torch.empty((n, tokens - 1, c), device="meta"), GRID)
             return self.codec.closed_form_nbytes(tuple(grid.shape), dtype) + n * c * dtype.itemsize
-        view = _view(torch.empty(shape, device="meta"), self.layout, self._block_size())
+        view = as_maps(torch.empty(shape, device="meta"), self.layout, self._block_size())
         return self.codec.closed_form_nbytes(tuple(view.shape), dtype)
 
     def _block_size(self) -> int:

@@ -82,6 +82,29 @@ def test_tensor_codec_stores_what_the_eager_codec_stores(shape, bits):
     assert torch.allclose(x_hat, DivisionCodec(block_size=4, bits=bits).decode(eager))
 
 
+@pytest.mark.parametrize("shape, feature_last, view", [
+    ((2, 65, 32), True, "cls_grid"), ((2, 64, 32), True, "grid"), ((2, 7, 7, 32), True, "nhwc"),
+    ((2, 10, 32), True, "tokens"), ((96, 24), False, "rows"), ((2, 65, 32), False, "cls_grid")])
+def test_tensor_codec_codes_through_the_eager_paths_views(shape, feature_last, view):
+    """Given who saves a tensor (a Linear or LayerNorm input: features last), the compiled codec
+    codes it through the view the eager path fits (``division.layouts``): a token grid in B x B
+    blocks with the class token exact, an (N, H, W, C) map per channel, flattened rows in groups.
+    Same bytes as the eager LayoutCodec, the same decode (nearest rounding), the tensor's shape."""
+    from division.layouts import LayoutCodec
+    x = torch.randn(shape) * 3
+    codec = TensorCodec(block_size=8, bits=2, rounding="nearest")
+    layout, stored = codec.encode(x, feature_last=feature_last)
+    eager = LayoutCodec(DivisionCodec(block_size=8, bits=2, rounding="nearest"), view)
+    packed = eager.encode(x)
+    assert layout.view == view
+    assert sum(t.numel() * t.element_size() for t in stored) == packed.nbytes \
+        == codec.nbytes(shape, x.dtype, feature_last)
+    x_hat = codec.decode(layout, stored)
+    assert x_hat.shape == x.shape and torch.equal(x_hat, eager.decode(packed))
+    if view == "cls_grid":
+        assert torch.equal(x_hat[:, 0], x[:, 0])  # the class token, exactly
+
+
 def test_tensor_codec_stochastic_error_is_below_one_step_and_unbiased():
     x = torch.randn(16, 8, 16, 16)
     codec = TensorCodec(block_size=8, bits=2)

@@ -87,7 +87,7 @@ def test_a_token_grid_is_coded_over_the_grid_and_a_class_token_exactly():
     patches as the (N, C, k, k) map they form, with one LFC value per B x B tokens instead of per
     B tokens: fewer bytes than blocks of tokens, and a view, not a copy, for a plain grid."""
     from division.dual_precision import DivisionCodec as DualPrecisionCodec
-    from division.layouts import _view
+    from division.layouts import as_maps
     torch.manual_seed(0)
     base = DualPrecisionCodec(block_size=8, bits=2, rounding="nearest")
     x = torch.randn(2, 1 + 14 * 14, 32)
@@ -102,8 +102,8 @@ def test_a_token_grid_is_coded_over_the_grid_and_a_class_token_exactly():
     # 2-bit codes, then LFC: 2 bits per element in blocks of 8 tokens, 2/64 bits over the grid
     assert packed.nbytes < 0.65 * tokens  # here 4160 against 6608 bytes
     square = torch.randn(2, 49, 32)
-    assert _view(square, GRID).data_ptr() == square.data_ptr()
-    assert _view(square, GRID).is_contiguous(memory_format=torch.channels_last)
+    assert as_maps(square, GRID).data_ptr() == square.data_ptr()
+    assert as_maps(square, GRID).is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("rows,group", [(401408, 2048), (128 * 197, 1576), (394, 394), (2 * 36 * 36, 1296),
@@ -111,12 +111,12 @@ def test_a_token_grid_is_coded_over_the_grid_and_a_class_token_exactly():
 def test_flattened_rows_are_coded_in_groups_of_rows(rows, group):
     """(M, C) rows are coded as M / R sequences (row_group): each group its own quantization step
     per channel, and as many maps as groups for the kernels, not one (1, C, M, 1) map."""
-    from division.layouts import _view, row_group
+    from division.layouts import as_maps, row_group
     assert row_group(rows, 8) == group
-    view = _view(torch.empty(rows, 24, device="meta"), ROWS, 8)
+    view = as_maps(torch.empty(rows, 24, device="meta"), ROWS, 8)
     assert tuple(view.shape) == (rows // group, 24, group, 1)
     x = torch.randn(rows if rows < 10000 else 16, 24)
-    assert _view(x, ROWS, 8).data_ptr() == x.data_ptr()  # a view of x's storage, not a copy
+    assert as_maps(x, ROWS, 8).data_ptr() == x.data_ptr()  # a view of x's storage, not a copy
 
 
 def test_normalized_codec_bounds_the_error_relative_to_each_tokens_own_spread():
