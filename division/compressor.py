@@ -74,7 +74,7 @@ from .decode_prefetch import PREVIOUS, DecodePrefetcher
 from .encode_stream import SideStreamEncoder
 from .exact import (RELU_MASK, BoolMaskCodec, DropoutMaskCodec, MaxPoolIndexCodec, ReluMaskCodec,
                     ShapeOnlyCodec, add_reader)
-from .layouts import LayoutCodec, NormalizedCodec, fit
+from .layouts import LayoutCodec, NormalizedCodec, SequenceRowsCodec, fit, flattened_sequence
 from .activations import KEEPS_DERIVATIVE
 from .ledger import REBUILT, ByteLedger, LedgerEntry
 from .norm_from_codes import NormFromCodes
@@ -588,8 +588,18 @@ class ActivationCompressor:
                 and not _derives_from_parameter(t)):
             if self.attention_codec is not None and (_attention_save(t) or _attention_input(t, frame)):
                 return self._attention_fitted(t)
+            tokens = flattened_sequence(t)
+            if tokens is not None:  # a Linear's 3-D input as its matmul saves it: coded as the sequence
+                return self._sequence_rows(t._base, tokens)
             return self._fitted(t, False)
         return _RAW
+
+    def _sequence_rows(self, sequence: torch.Tensor, tokens: int) -> ActivationCodec:
+        key = f"sequence_rows{tokens}"
+        codec = self._layouts.get(key)
+        if codec is None:
+            codec = self._layouts[key] = SequenceRowsCodec(self._fitted(sequence, True), tokens)
+        return codec
 
     def _normalized(self, t: torch.Tensor, dims: int) -> ActivationCodec:
         """A LayerNorm input, stored normalized (``division.layouts.NormalizedCodec``)."""

@@ -163,6 +163,43 @@ class LayoutCodec(ActivationCodec):
         return {**self.codec.describe(), "layout": self.layout}
 
 
+def flattened_sequence(t: torch.Tensor) -> Optional[int]:
+    """L, when the 2-D ``t`` is an (N, L, C) token sequence with L a square grid (plus a class token)
+    flattened to (N * L, C): a view of that sequence's storage, as autograd saves a Linear's 3-D input
+    (the matmul reads it flattened). Such rows are coded as the sequence (``SequenceRowsCodec``):
+    a ``rows`` view would cut the grid into groups of rows, with LFC blocks of B tokens."""
+    base = t._base
+    if t.dim() != 2 or base is None or base.dim() != 3 or base.shape[-1] != t.shape[-1] \
+            or base.numel() != t.numel() or not (t.is_contiguous() and base.is_contiguous()) \
+            or t.data_ptr() != base.data_ptr():
+        return None
+    return base.shape[1] if fit(base, True) in (GRID, CLS_GRID) else None
+
+
+class SequenceRowsCodec(ActivationCodec):
+    """(N * L, C) rows of a flattened token sequence (``flattened_sequence``), coded through
+    ``codec`` (a ``LayoutCodec`` of the grid) as the (N, L, C) sequence they are."""
+
+    def __init__(self, codec: ActivationCodec, tokens: int):
+        self.codec = codec
+        self.tokens = tokens
+        self.name = codec.name
+
+    def encode(self, x: torch.Tensor, ctx: Optional[SaveContext] = None) -> Packed:
+        inner = self.codec.encode(x.view(-1, self.tokens, x.shape[-1]), ctx)
+        return Packed(self, inner.tensors, {"inner": inner, "shape": x.shape})
+
+    def decode(self, packed: Packed) -> torch.Tensor:
+        return packed.meta["inner"].unpack().reshape(packed.meta["shape"])
+
+    def closed_form_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        rows, c = shape
+        return self.codec.closed_form_nbytes((rows // self.tokens, self.tokens, c), dtype)
+
+    def describe(self) -> dict:
+        return {**self.codec.describe(), "sequence_tokens": self.tokens}
+
+
 class NormalizedCodec(ActivationCodec):
     """A LayerNorm input over its last ``dims`` dims, stored as ``(x - mean) * rstd`` through
     ``codec`` with mean and rstd kept exactly (fp32, one pair per normalized row); decode undoes it."""

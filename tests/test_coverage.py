@@ -106,6 +106,30 @@ def test_a_token_grid_is_coded_over_the_grid_and_a_class_token_exactly():
     assert as_maps(square, GRID).is_contiguous(memory_format=torch.channels_last)
 
 
+def test_a_linear_input_saved_flattened_is_coded_as_its_token_grid():
+    """A Linear on (N, 1 + k * k, C) tokens (a GELU's output) saves its input flattened to (N * L, C)
+    (its matmul's view): the ledger entry keeps that shape, and the bytes are those of the class token and the
+    grid (``cls_grid``), not of groups of rows; the gradient is the decoded input's."""
+    from division.dual_precision import DivisionCodec as DualPrecisionCodec
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 16))  # a ViT's MLP
+    ledger = division.ByteLedger()
+    division.build_method("division", rounding="nearest").attach(model, ledger=ledger)
+    hidden = []
+    model[1].register_forward_hook(lambda _m, _i, out: hidden.append(out.detach()))
+    model(torch.randn(4, 1 + 8 * 8, 32)).square().sum().backward()
+    (entry,) = [e for e in ledger.entries if e.layer == "2"]
+    assert entry.shape == (4 * 65, 32) and entry.op == "Linear"
+    base = DualPrecisionCodec(block_size=8, bits=2, rounding="nearest")
+    cls_grid = LayoutCodec(base, CLS_GRID)
+    assert entry.stored_bytes == cls_grid.closed_form_nbytes((4, 65, 32), torch.float32)
+    assert entry.stored_bytes < LayoutCodec(base, ROWS).closed_form_nbytes((4 * 65, 32), torch.float32)
+    decoded = cls_grid.decode(cls_grid.encode(hidden[0])).reshape(4 * 65, 16 * 2)
+    out = hidden[0] @ model[2].weight.detach().t() + model[2].bias.detach()
+    expected = (2 * out).reshape(-1, 16).t() @ decoded
+    assert torch.allclose(model[2].weight.grad, expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("rows,group", [(401408, 2048), (128 * 197, 1576), (394, 394), (2 * 36 * 36, 1296),
                                         (4099, 4099), (7, 7)])
 def test_flattened_rows_are_coded_in_groups_of_rows(rows, group):
