@@ -5,6 +5,7 @@
 #   bash scripts/compiled_gpu.sh OUT_DIR memory   # fp32 b128 allocator figures, compiled (none, division,
 #                                                 # division with rebuild_conv_input) and eager; compiles
 #                                                 # the speed runs' graphs into the cache meanwhile
+#   bash scripts/compiled_gpu.sh OUT_DIR all      # memory, then speed (the speed runs find the cache warm)
 #   bash scripts/compiled_gpu.sh OUT_DIR speed    # bf16 channels_last b128 images/s, one run at a time:
 #                                                 # compile=true (none, division, division with
 #                                                 # rebuild_conv_input), then compile=reduce-overhead
@@ -12,10 +13,11 @@
 #
 # Memory runs share the GPU (allocator figures are per process); speed runs never do. Records go to
 # OUT_DIR/store (pack them with ``python -m runners.record pack``); each stage's log to OUT_DIR/NAME.log.
-# TORCHINDUCTOR_CACHE_DIR (default .inductor-cache) must be the same for both calls.
+# TORCHINDUCTOR_CACHE_DIR (default .inductor-cache) must be the same for both calls. DEADLINE (seconds
+# from the start, default 3600) cuts every stage's time limit so that the script ends by then.
 set -uo pipefail
-out=${1:?usage: compiled_gpu.sh OUT_DIR memory|speed}
-what=${2:?usage: compiled_gpu.sh OUT_DIR memory|speed}
+out=${1:?usage: compiled_gpu.sh OUT_DIR memory|speed|all}
+what=${2:?usage: compiled_gpu.sh OUT_DIR memory|speed|all}
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.inductor-cache}
 mkdir -p "$out"
 common=(logger=none device=cuda "results_dir=$out/store" train.progress=false)
@@ -24,8 +26,11 @@ fast=(precision=bf16 channels_last=true batch_size=128)
 variants=("method=none compile=true" "method=division compile=true"
           "method=division method.rebuild_conv_input=true compile=true"
           "method=none compile=reduce-overhead" "method=division compile=reduce-overhead")
+deadline=${DEADLINE:-3600}
 stage() {  # stage NAME SECONDS ARGS...: one main.py call, bounded, logged to OUT/NAME.log
   local name=$1 seconds=$2; shift 2
+  (( seconds > deadline - SECONDS )) && seconds=$(( deadline - SECONDS ))
+  (( seconds < 30 )) && { echo "=== $name skipped: past the deadline" >> "$out/commands.txt"; return; }
   echo "=== $name: python main.py $*" >> "$out/commands.txt"
   local start=$SECONDS
   timeout "$seconds" python main.py "$@" "${common[@]}" > "$out/$name.log" 2>&1
@@ -34,7 +39,7 @@ stage() {  # stage NAME SECONDS ARGS...: one main.py call, bounded, logged to OU
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/versions.txt"
 python -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)" >> "$out/versions.txt"
 
-if [[ $what == memory ]]; then
+if [[ $what == memory || $what == all ]]; then
   for i in 0 1 2; do
     # shellcheck disable=SC2086
     stage "memory_compiled_$i" 540 mode=memory "${r50[@]}" batch_size=128 ${variants[$i]} group=compiled_memory &
@@ -50,7 +55,8 @@ if [[ $what == memory ]]; then
     stage "memory_eager_${v#method=}" 120 mode=memory "${r50[@]}" batch_size=128 $v group=compiled_memory
   done
   wait
-elif [[ $what == speed ]]; then
+fi
+if [[ $what == speed || $what == all ]]; then
   for i in "${!variants[@]}"; do
     # shellcheck disable=SC2086
     stage "speed_compiled_$i" 150 mode=speed "${r50[@]}" "${fast[@]}" ${variants[$i]} speed.warmup=3 group=compiled_speed
