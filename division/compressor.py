@@ -595,19 +595,13 @@ class ActivationCompressor:
         return _RAW
 
     def _sequence_rows(self, sequence: torch.Tensor, tokens: int) -> ActivationCodec:
-        key = f"sequence_rows{tokens}"
-        codec = self._layouts.get(key)
-        if codec is None:
-            codec = self._layouts[key] = SequenceRowsCodec(self._fitted(sequence, True), tokens)
-        return codec
+        return self._layout_codec(f"sequence_rows{tokens}",
+                                  lambda: SequenceRowsCodec(self._fitted(sequence, True), tokens))
 
     def _normalized(self, t: torch.Tensor, dims: int) -> ActivationCodec:
         """A LayerNorm input, stored normalized (``division.layouts.NormalizedCodec``)."""
-        key = f"normalized{dims}:{fit(t, True)}"
-        codec = self._layouts.get(key)
-        if codec is None:
-            codec = self._layouts[key] = NormalizedCodec(self._fitted(t, True), dims)
-        return codec
+        return self._layout_codec(f"normalized{dims}:{fit(t, True)}",
+                                  lambda: NormalizedCodec(self._fitted(t, True), dims))
 
     def _fitted(self, t: torch.Tensor, feature_last: bool,
                 base: Optional[ActivationCodec] = None) -> ActivationCodec:
@@ -616,10 +610,14 @@ class ActivationCompressor:
         layout = fit(t, feature_last)
         if layout is None:
             return base
-        key = layout if base is self.codec else f"{layout}:{id(base)}"
+        return self._layout_codec(layout if base is self.codec else f"{layout}:{id(base)}",
+                                  lambda: LayoutCodec(base, layout))
+
+    def _layout_codec(self, key: str, make) -> ActivationCodec:
+        """The codec made by ``make()`` for ``key``, made once per compressor."""
         codec = self._layouts.get(key)
         if codec is None:
-            codec = self._layouts[key] = LayoutCodec(base, layout)
+            codec = self._layouts[key] = make()
         return codec
 
     @staticmethod
