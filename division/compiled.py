@@ -57,7 +57,7 @@ from .exact import MaxPoolIndexCodec, indices_from_offsets, window_offsets
 from .ledger import COMPILED, REBUILT, LedgerEntry
 from .dual_precision import (LAYOUT_RAW, Geometry, block_mean, canonical_geometry, dequantize,
                              from_canonical, quantize, to_canonical, upsample)
-from .layouts import CLS_GRID, GRID, as_maps, fit, from_maps
+from .layouts import CLS_GRID, fit, join_maps, split_maps, split_shape
 from .packing import pack_bits, packed_nbytes, unpack_bits
 
 
@@ -105,11 +105,8 @@ class TensorCodec:
         view = None if feature_last is None else _fitted_view(x, feature_last)
         if view is None:
             return self._encode(x)
-        head = None
-        inner = x
-        if view == CLS_GRID:  # the class token kept exactly, the grid coded as a map
-            head, inner = x[:, :1].clone(), x[:, 1:]
-        layout, stored = self._encode(as_maps(inner, GRID if view == CLS_GRID else view, self.block_size))
+        maps, head = split_maps(x, view, self.block_size)
+        layout, stored = self._encode(maps)
         layout = dataclasses.replace(layout, view=view, view_shape=tuple(x.shape))
         return layout, tuple(stored) + ((head,) if head is not None else ())
 
@@ -149,12 +146,9 @@ class TensorCodec:
     def decode(self, layout: "Layout", stored: tuple[torch.Tensor, ...]) -> torch.Tensor:
         if layout.view is None:
             return self._decode(layout, stored)
-        shape = torch.Size(layout.view_shape)
-        if layout.view == CLS_GRID:
-            n, tokens, c = shape
-            grid = from_maps(self._decode(layout, stored[:-1]), GRID, torch.Size((n, tokens - 1, c)))
-            return torch.cat([stored[-1], grid], dim=1)
-        return from_maps(self._decode(layout, stored), layout.view, shape)
+        head = stored[-1] if layout.view == CLS_GRID else None  # kept exactly, after the codes
+        codes = stored[:-1] if head is not None else stored
+        return join_maps(self._decode(layout, codes), head, layout.view, layout.view_shape)
 
     def _decode(self, layout: "Layout", stored: tuple[torch.Tensor, ...]) -> torch.Tensor:
         geom = layout.geometry
@@ -180,12 +174,8 @@ class TensorCodec:
         """What ``encode`` keeps for a tensor of this shape and dtype (``feature_last`` as there)."""
         view = None if feature_last is None else _fitted_view(torch.empty(shape, device="meta"), feature_last)
         if view is not None:
-            head = 0
-            if view == CLS_GRID:
-                n, tokens, c = shape
-                shape, head = (n, tokens - 1, c), n * c * dtype.itemsize
-            inner = as_maps(torch.empty(shape, device="meta"), GRID if view == CLS_GRID else view, self.block_size)
-            return self.nbytes(tuple(inner.shape), dtype) + head
+            maps, head = split_shape(shape, view, self.block_size)
+            return self.nbytes(maps, dtype) + head * dtype.itemsize
         geom = canonical_geometry(shape, dtype, self.block_size)
         if geom.layout == LAYOUT_RAW:
             return math.prod(shape) * dtype.itemsize

@@ -104,6 +104,28 @@ def from_maps(y: torch.Tensor, layout: str, shape: torch.Size) -> torch.Tensor:
     return y.squeeze(-1).transpose(1, 2).reshape(shape)  # ROWS
 
 
+def split_maps(x: torch.Tensor, layout: str, block_size: int = 8) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(the maps the codec encodes for ``layout``, what is kept exactly beside them or None): for
+    ``cls_grid`` the class token (a copy: no view keeps x alive) and the grid's maps."""
+    if layout == CLS_GRID:
+        return as_maps(x[:, 1:], GRID), x[:, :1].clone()
+    return as_maps(x, layout, block_size), None
+
+
+def join_maps(maps: torch.Tensor, head: Optional[torch.Tensor], layout: str, shape) -> torch.Tensor:
+    """Inverse of ``split_maps``: the tensor of ``shape`` from its decoded maps (and class token)."""
+    if layout == CLS_GRID:
+        n, tokens, c = shape
+        return torch.cat([head, from_maps(maps, GRID, torch.Size((n, tokens - 1, c)))], dim=1)
+    return from_maps(maps, layout, torch.Size(shape))
+
+
+def split_shape(shape, layout: str, block_size: int = 8) -> tuple[tuple, int]:
+    """``split_maps`` on shapes: (the maps' shape, elements kept exactly)."""
+    maps, head = split_maps(torch.empty(tuple(shape), device="meta"), layout, block_size)
+    return tuple(maps.shape), 0 if head is None else head.numel()
+
+
 def fit(t: torch.Tensor, feature_last: bool) -> Optional[str]:
     """The layout for ``t``, or None for the codec's own view (4-D (N, C, H, W) maps, (N, F) features).
 
@@ -133,28 +155,18 @@ class LayoutCodec(ActivationCodec):
         self.name = codec.name
 
     def encode(self, x: torch.Tensor, ctx: Optional[SaveContext] = None) -> Packed:
-        if self.layout == CLS_GRID:  # the class token exactly (a copy: no view keeps x alive)
-            head, grid = x[:, :1].clone(), x[:, 1:].contiguous()
-            inner = self.codec.encode(as_maps(grid, GRID), ctx)
-            return Packed(self, {**inner.tensors, "cls": head}, {"inner": inner, "shape": x.shape})
-        inner = self.codec.encode(as_maps(x, self.layout, self._block_size()), ctx)
-        return Packed(self, inner.tensors, {"inner": inner, "shape": x.shape})
+        maps, head = split_maps(x, self.layout, self._block_size())
+        inner = self.codec.encode(maps, ctx)
+        kept = inner.tensors if head is None else {**inner.tensors, "cls": head}
+        return Packed(self, kept, {"inner": inner, "shape": x.shape})
 
     def decode(self, packed: Packed) -> torch.Tensor:
-        shape = packed.meta["shape"]
-        if self.layout == CLS_GRID:
-            n, tokens, c = shape
-            grid = from_maps(packed.meta["inner"].unpack(), GRID, torch.Size((n, tokens - 1, c)))
-            return torch.cat([packed.tensors["cls"], grid], dim=1)
-        return from_maps(packed.meta["inner"].unpack(), self.layout, shape)
+        return join_maps(packed.meta["inner"].unpack(), packed.tensors.get("cls"), self.layout,
+                         packed.meta["shape"])
 
     def closed_form_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
-        if self.layout == CLS_GRID:
-            n, tokens, c = shape
-            grid = as_maps(torch.empty((n, tokens - 1, c), device="meta"), GRID)
-            return self.codec.closed_form_nbytes(tuple(grid.shape), dtype) + n * c * dtype.itemsize
-        view = as_maps(torch.empty(shape, device="meta"), self.layout, self._block_size())
-        return self.codec.closed_form_nbytes(tuple(view.shape), dtype)
+        maps, head = split_shape(shape, self.layout, self._block_size())
+        return self.codec.closed_form_nbytes(maps, dtype) + head * dtype.itemsize
 
     def _block_size(self) -> int:
         return getattr(self.codec, "block_size", 8)
