@@ -6,7 +6,8 @@
 #                                                 # division with rebuild_conv_input) and eager; compiles
 #                                                 # the speed runs' graphs into the cache meanwhile
 #   bash scripts/compiled_gpu.sh OUT_DIR all      # memory, then speed (the speed runs find the cache warm)
-#   bash scripts/compiled_gpu.sh OUT_DIR speed    # bf16 channels_last b128 images/s, one run at a time:
+#   bash scripts/compiled_gpu.sh OUT_DIR speed    # compiles the speed runs' graphs at once, then measures
+#                                                 # bf16 channels_last b128 images/s, one run at a time:
 #                                                 # compile=true (none, division, division with
 #                                                 # rebuild_conv_input), then compile=reduce-overhead
 #                                                 # (none, division: the graphs replayed as CUDA graphs)
@@ -39,21 +40,26 @@ stage() {  # stage NAME SECONDS ARGS...: one main.py call, bounded, logged to OU
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/versions.txt"
 python -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)" >> "$out/versions.txt"
 
+warm_speed() {  # the speed runs' graphs, compiled into the cache at once (their records are thrown away)
+  for i in "${!variants[@]}"; do
+    # shellcheck disable=SC2086
+    stage "warm_speed_$i" 540 mode=speed "${r50[@]}" "${fast[@]}" ${variants[$i]} speed.warmup=1 speed.steps=1 \
+      "results_dir=/tmp/warm_store" &
+  done
+}
 if [[ $what == memory || $what == all ]]; then
   for i in 0 1 2; do
     # shellcheck disable=SC2086
     stage "memory_compiled_$i" 540 mode=memory "${r50[@]}" batch_size=128 ${variants[$i]} group=compiled_memory &
   done
-  for i in "${!variants[@]}"; do
-    # the speed call's graphs, compiled into the cache (their records are thrown away)
-    # shellcheck disable=SC2086
-    stage "warm_speed_$i" 540 mode=speed "${r50[@]}" "${fast[@]}" ${variants[$i]} speed.warmup=1 speed.steps=1 \
-      "results_dir=/tmp/warm_store" &
-  done
+  warm_speed
   for v in "method=none" "method=division"; do
     # shellcheck disable=SC2086
     stage "memory_eager_${v#method=}" 120 mode=memory "${r50[@]}" batch_size=128 $v group=compiled_memory
   done
+  wait
+elif [[ $what == speed ]]; then
+  warm_speed  # a cold cache would otherwise compile each run in turn, in its own time limit
   wait
 fi
 if [[ $what == speed || $what == all ]]; then
