@@ -295,6 +295,12 @@ class CodecMethod(TrainingMethod):
         compressor's threshold (90%) naming what stays uncompressed; with ``rebuild_conv_input`` it
         proves there which convolution inputs the traced forward may rebuild
         (``ConvInputChain.prove``), and after it warns if none was."""
+        if self.compiled_layers is not None:
+            # Static shapes unless asked otherwise: the fused kernels' plans are per shape. Left to
+            # torch.compile, the first new batch size (an epoch's last, short batch) turns the graph
+            # symbolic for every later batch, which then takes the tensor-op codec: compressed, but
+            # slower for the rest of training. Each batch size gets its own graph instead.
+            compile_kwargs.setdefault("dynamic", False)
         compiled = super().compile(model, **compile_kwargs)
         if self.compiled_layers is not None and self.compressor is not None:
             handle = None
@@ -347,6 +353,11 @@ class CodecMethod(TrainingMethod):
     def _check_compiled(self, model: nn.Module, compile_kwargs: dict) -> None:
         if self.compiled_layers is None:
             return
+        if compile_kwargs.get("dynamic") and self.tensor_codec.fused:
+            raise CompileUnsupported(
+                "torch.compile(dynamic=True) is not available with DIVISION's fused GPU kernels, whose "
+                "launch plans are per shape: compile with dynamic=False (the default here), which "
+                "compiles one graph per batch size")
         problem = self_check(next(model.parameters()).device, self.tensor_codec.fused, **compile_kwargs)
         if problem is not None:
             raise CompileUnsupported(f"{problem}; DIVISION cannot train compiled here: use it "

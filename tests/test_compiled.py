@@ -284,6 +284,25 @@ def test_hook_only_methods_refuse_to_compile():
         method.compile(model)
 
 
+def test_compiled_division_compiles_static_shapes(monkeypatch):
+    """DIVISION compiles one static graph per batch size: left to torch.compile, an epoch's short
+    last batch would turn every later batch's graph symbolic, where the fused GPU kernels have no
+    plan (on a GPU that failed in tracing). dynamic=True with the fused kernels is refused, not run."""
+    model = small_net()
+    method = division.build_method("division", block_size=4, bits=2)
+    method.attach(model)
+    seen = {}
+    monkeypatch.setattr("division.methods.self_check", lambda *a, **kw: None)  # compiles a probe
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: seen.update(kw) or m)
+    method.compile(model)
+    assert seen["dynamic"] is False
+    method.compile(model, dynamic=True)  # the tensor-op codec (CPU) traces symbolic shapes
+    assert seen["dynamic"] is True
+    method.tensor_codec = TensorCodec(block_size=4, bits=2, fused=True)  # as on a GPU
+    with pytest.raises(CompileUnsupported, match="dynamic=False"):
+        method.compile(model, dynamic=True)
+
+
 def test_compile_config_is_validated():
     from runners.compiling import compile_mode, compile_problem
     from tests.helpers import compose_config
