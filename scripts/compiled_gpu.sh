@@ -34,7 +34,8 @@ stage() {  # stage NAME SECONDS ARGS...: one main.py call, bounded, logged to OU
   (( seconds < 30 )) && { echo "=== $name skipped: past the deadline" >> "$out/commands.txt"; return; }
   echo "=== $name: python main.py $*" >> "$out/commands.txt"
   local start=$SECONDS
-  timeout "$seconds" python main.py "$@" "${common[@]}" > "$out/$name.log" 2>&1
+  # the stage's own keys last, so that they win (the warm-up runs' results_dir)
+  timeout "$seconds" python main.py "${common[@]}" "$@" > "$out/$name.log" 2>&1
   echo "=== $name exit $? after $((SECONDS - start)) s" >> "$out/commands.txt"
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/versions.txt"
