@@ -97,8 +97,7 @@ def _encode_into(x: torch.Tensor, block_size: int, bits: int, stochastic: bool, 
         raise RuntimeError(f"division::encode has no fused plan for {tuple(x.shape)} {x.dtype}: "
                            "check division.compiled_ops.applies before tracing it")
     n, c = plan.n, plan.c
-    lfc = torch.empty((n, c, plan.hb, plan.wb), dtype=torch.bfloat16, device=x.device,
-                      memory_format=_lfc_format(plan))
+    lfc = _empty_maps((n, c, plan.hb, plan.wb), torch.bfloat16, x.device, plan.channels_last)
     codes = x.new_empty((packed_nbytes(n * c * plan.h * plan.w, plan.bits),), dtype=torch.uint8)
     mn = x.new_empty((n, c), dtype=torch.bfloat16)
     step = x.new_empty((n, c), dtype=torch.bfloat16)
@@ -122,14 +121,26 @@ def _decode_into(lfc, codes, mn, step, shape, dtype, channels_last, block_size, 
     codec = _codec(block_size, bits, True)  # the plan does not depend on the rounding
     geom = codec.geometry(shape, dtype)
     plan = codec.plan_for((geom.n, geom.c, geom.h, geom.w), dtype, channels_last, codes.device)
-    fmt = torch.channels_last if plan.channels_last else torch.contiguous_format
-    out = torch.empty((plan.n, plan.c, plan.h, plan.w), dtype=dtype, device=codes.device, memory_format=fmt)
+    out = _empty_maps((plan.n, plan.c, plan.h, plan.w), dtype, codes.device, plan.channels_last)
     launch(_decode_kernel, plan.decode_grid, (codes, lfc, mn, step, out, out, plan.c, plan.c // plan.g),
            dict(plan.decode_constexprs(), MASK=0, TINY=float(torch.finfo(dtype).tiny)), plan.dec_warps)
     out = out.view(shape)
     if channels_last and not plan.channels_last:
         out = out.contiguous(memory_format=torch.channels_last)  # a narrow map's NCHW decode
     return out
+
+
+def _empty_maps(shape: tuple[int, int, int, int], dtype: torch.dtype, device, channels_last: bool
+                ) -> torch.Tensor:
+    """An uninitialised (N, C, H, W) buffer for a kernel to fill, channels_last or contiguous, made
+    with its strides spelled out. Made by ``torch.empty(..., memory_format=channels_last)``, such a
+    buffer got a kernel of its own in inductor's code that wrote NaN over all of it before the op
+    filled it: on a GPU, before every channels_last LFC and every decoded activation of compiled
+    ResNet-50 (the ``triton_poi_fused_empty_*`` kernels of its profile). ``empty_strided`` is
+    allocated in its final layout, with no kernel (tests/test_compiled_ops.py)."""
+    n, c, h, w = shape
+    stride = (h * w * c, 1, w * c, c) if channels_last else (c * h * w, h * w, w, 1)
+    return torch.empty_strided(shape, stride, dtype=dtype, device=device)
 
 
 def _traced_launch(kernel, grid, args, constexprs, num_warps) -> None:

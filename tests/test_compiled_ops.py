@@ -170,3 +170,34 @@ def test_gpu_inductor_launches_the_fused_kernels_from_its_own_code():
     sizes = lambda ts: Counter(t.numel() for t in ts if t.dtype == torch.uint8)  # noqa: E731
     assert sizes(kept) == sizes(eager_kept)
     assert max(t.numel() for t in kept if t.is_floating_point()) < 8 * 16 * 16 * 16
+
+
+def test_kernel_outputs_are_allocated_in_their_layout_without_a_fill_kernel():
+    """The fused ops' outputs (a channels_last LFC, a decoded channels_last activation) are made by
+    ``compiled_ops._empty_maps``. Made by ``torch.empty(memory_format=channels_last)``, written by
+    an op and kept, a buffer got a kernel of its own in inductor's code that filled all of it first
+    (on a GPU: one per LFC and per decoded activation of compiled ResNet-50); allocated with its
+    strides, none. Checked on the CPU with a custom op standing in for the Triton kernel (the test
+    fails with the ``torch.empty`` allocation)."""
+    import torch
+    from torch._inductor.utils import run_and_get_code
+    from division.compiled_ops import _empty_maps
+
+    @torch.library.custom_op("division_test::write_into", mutates_args=("out",),
+                             schema="(Tensor x, Tensor(a!) out) -> ()")
+    def write_into(x, out):
+        out.copy_(x)
+
+    def fill(x, channels_last: bool):
+        out = _empty_maps(tuple(x.shape), x.dtype, x.device, channels_last)
+        write_into(x, out)
+        return out  # as the forward graph returns an LFC: kept for backward
+
+    for channels_last in (True, False):
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        x = torch.randn(2, 8, 4, 4).contiguous(memory_format=fmt)
+        torch._dynamo.reset()
+        out, codes = run_and_get_code(torch.compile(lambda t: fill(t, channels_last)), x)
+        code = "\n".join(codes)
+        assert "fused_empty" not in code, code
+        assert torch.equal(out, x) and out.is_contiguous(memory_format=fmt)
