@@ -33,7 +33,9 @@ def test_short_run_lowers_the_loss_and_checkpoints_each_epoch(tmp_path):
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
-    args = SHORT + ["train.epochs=3", "method=division", "seed=3", f"results_dir={tmp_path}/store"]
+    # smaller than SHORT (four steps an epoch): each epoch still takes long enough for the kill to land
+    args = SHORT + ["dataset.train_size=128", "dataset.val_size=64", "batch_size=32", "train.epochs=3",
+                    "method=division", "seed=3", f"results_dir={tmp_path}/store"]
     reference = run_main(args + [f"hydra.run.dir={tmp_path}/whole"])
     assert reference.returncode == 0, reference.stderr[-2000:]
 
