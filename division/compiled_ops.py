@@ -91,7 +91,7 @@ def _encode_into(x: torch.Tensor, block_size: int, bits: int, stochastic: bool, 
     rounding drawn by ``RNG_DATA`` (no host seed: a pure function of x, see the module docstring).
     ``launch(kernel, grid, args, constexprs, num_warps)`` runs each kernel (or nothing: fake)."""
     from .triton_codec_kernels import _encode_kernel
-    from .triton_plan import RNG_DATA, _lfc_format
+    from .triton_plan import RNG_DATA
     _, plan, maps = _plan(x, block_size, bits, stochastic)
     if plan is None:
         raise RuntimeError(f"division::encode has no fused plan for {tuple(x.shape)} {x.dtype}: "

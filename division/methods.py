@@ -297,9 +297,9 @@ class CodecMethod(TrainingMethod):
         (``ConvInputChain.prove``), and after it warns if none was."""
         if self.compiled_layers is not None:
             # Static shapes unless asked otherwise: the fused kernels' plans are per shape. Left to
-            # torch.compile, the first new batch size (an epoch's last, short batch) turns the graph
-            # symbolic for every later batch, which then takes the tensor-op codec: compressed, but
-            # slower for the rest of training. Each batch size gets its own graph instead.
+            # torch.compile, the first new batch size (an epoch's last, short batch) re-traces the
+            # graph with symbolic shapes, which the fused kernels' plan lookup cannot take (tracing
+            # failed there on a GPU). Each batch size gets its own graph instead.
             compile_kwargs.setdefault("dynamic", False)
         compiled = super().compile(model, **compile_kwargs)
         if self.compiled_layers is not None and self.compressor is not None:
