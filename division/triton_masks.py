@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .packing import packed_nbytes
-from .triton_launch import INT32_LIMIT, CachedLaunch, aligned, dense_layout, runs_here
+from .triton_launch import INT32_LIMIT, CachedLaunch, aligned, cdiv, dense_layout, runs_here
 
 _BYTES = 1024  # output bytes (8 elements each) per program
 _WARPS = 4
@@ -90,7 +90,7 @@ def applies(x: torch.Tensor) -> bool:
 
 def _launch_args(n: int) -> tuple[tuple[int], bool, bool]:
     """(grid, 64-bit indices, n a whole number of tiles)."""
-    return (triton.cdiv(n, 8 * _BYTES),), n >= INT32_LIMIT, n % (8 * _BYTES) == 0
+    return (cdiv(n, 8 * _BYTES),), n >= INT32_LIMIT, n % (8 * _BYTES) == 0
 
 
 def pack(x: torch.Tensor, nonzero: bool, out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
@@ -203,6 +203,6 @@ def _offsets_launch(src: torch.Tensor, out_dtype: torch.dtype, geometry: tuple,
     if n:
         int64 = n >= INT32_LIMIT
         key = (decode, geometry, tuple(src.shape[-2:]), cl, int64, aligned(src), src.device.index)
-        _OFFSETS.launch(key, (triton.cdiv(n, _OFFSET_BLOCK),), (src, out, n, src.shape[1]),
+        _OFFSETS.launch(key, (cdiv(n, _OFFSET_BLOCK),), (src, out, n, src.shape[1]),
                         lambda: _offset_constexprs(geometry, src.shape, cl, int64, decode), 4)
     return out

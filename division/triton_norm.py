@@ -34,7 +34,7 @@ import triton.language as tl
 
 from .triton_codec_kernels import _cast_out, _code_float
 from .triton_plan import Plan, _sm_count
-from .triton_launch import CachedLaunch, aligned, interpreting
+from .triton_launch import CachedLaunch, aligned, cdiv, interpreting, next_power_of_2
 
 # Tunables (part of every launch key): pixels per tile (times G channels), warps per program,
 # reduce programs per SM (each sums ``steps`` tiles), tiles per input-gradient program; whether
@@ -223,7 +223,7 @@ def batch_norm_forward(codec, x: torch.Tensor, plan: Plan, weight: Optional[torc
     coef = torch.empty((2, c), dtype=torch.float32, device=dev)
     y = torch.empty_like(x, memory_format=torch.channels_last)
     running = running_mean is not None and running_var is not None
-    block_c = min(16, triton.next_power_of_2(c))
+    block_c = min(16, next_power_of_2(c))
 
     def reduce() -> None:
         args = (stats, weight if weight is not None else mean, bias if bias is not None else mean,
@@ -232,7 +232,7 @@ def batch_norm_forward(codec, x: torch.Tensor, plan: Plan, weight: Optional[torc
         flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RUNNING=running)
         # (the parameters' and running statistics' dtypes and alignment are part of the compiled kernel)
         given = [(a.dtype, aligned(a)) for a in (weight, bias, running_mean, running_var) if a is not None]
-        _STATS.launch((c, *flags.values(), *given, dev.index), (triton.cdiv(c, block_c),), args,
+        _STATS.launch((c, *flags.values(), *given, dev.index), (cdiv(c, block_c),), args,
                       dict(C=c, BLOCK_C=block_c, BLOCK_R=64, **flags), 4)
 
     tensors = codec._encode_kernel(x, plan, norm=FusedNorm(y, stats, mean, coef, reduce))
@@ -252,13 +252,13 @@ def batch_norm_backward(dy: torch.Tensor, tensors: dict[str, torch.Tensor], plan
     warps = TUNING["warps"]
     g = group_size(c)
     pixels = n * h * w
-    tiles = triton.cdiv(pixels, TUNING["pixels"])
+    tiles = cdiv(pixels, TUNING["pixels"])
     groups = c // g
     sms = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device()) \
         if dev.type == "cuda" else 1
     want = TUNING["reduce_programs_per_sm"] * sms
     steps = max(1, min(64, (tiles * groups) // max(1, want)))
-    chunks = triton.cdiv(tiles, steps)
+    chunks = cdiv(tiles, steps)
     geometry = dict(C=c, W=w, HW=h * w, KH=plan.kh, KW=plan.kw, HB=plan.hb, WB=plan.wb, PB=plan.pb,
                     Q=plan.bits, LEVELS=2 ** plan.bits - 1, G=g, P=TUNING["pixels"], EXACT=interpreting())
     codes, lfc, mn, step = tensors["codes"], tensors["lfc"], tensors["mn"], tensors["step"]
@@ -271,16 +271,16 @@ def batch_norm_backward(dy: torch.Tensor, tensors: dict[str, torch.Tensor], plan
     coef = torch.empty((3, c), dtype=torch.float32, device=dev)
     db = torch.empty(c, dtype=torch.float32, device=dev)
     dw = torch.empty(c, dtype=weight.dtype, device=dev) if weight is not None else None
-    block_c = min(16, triton.next_power_of_2(c))  # many programs: each one's loop over chunks is latency-bound
+    block_c = min(16, next_power_of_2(c))  # many programs: each one's loop over chunks is latency-bound
     _COEF.launch((c, weight is not None, None if weight is None else weight.dtype, dev.index),
-                 (triton.cdiv(c, block_c),),
+                 (cdiv(c, block_c),),
                  (part, invstd, weight if weight is not None else invstd, coef, dw if dw is not None else db,
                   db, chunks, pixels),
                  dict(C=c, BLOCK_C=block_c, BLOCK_K=128, HAS_WEIGHT=weight is not None), 4)
 
     dx = torch.empty_like(dy, memory_format=torch.channels_last)
     grad_steps = TUNING["grad_steps"]
-    _INPUT_GRAD.launch((plan, dy.dtype, aligned(dy), dev.index, tun), (triton.cdiv(tiles, grad_steps), groups),
+    _INPUT_GRAD.launch((plan, dy.dtype, aligned(dy), dev.index, tun), (cdiv(tiles, grad_steps), groups),
                        (dy, codes, lfc, mn, step, mean, coef, dx, pixels),
                        lambda: dict(geometry, STEPS=grad_steps), warps)
     return dx, dw, db

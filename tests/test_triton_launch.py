@@ -104,3 +104,12 @@ def test_aligned():
     buf = torch.empty(64, dtype=torch.uint8)
     assert triton_launch.aligned(buf)
     assert not triton_launch.aligned(buf[1:])
+
+
+def test_host_grid_arithmetic_matches_triton():
+    """``cdiv`` and ``next_power_of_2`` stand in for Triton's constexpr functions in host code."""
+    triton = pytest.importorskip("triton")
+    for a in range(0, 2100):
+        for b in (1, 2, 3, 8, 16, 64, 1024):
+            assert triton_launch.cdiv(a, b) == triton.cdiv(a, b), (a, b)
+        assert triton_launch.next_power_of_2(a) == triton.next_power_of_2(a), a
