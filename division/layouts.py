@@ -106,9 +106,11 @@ def from_maps(y: torch.Tensor, layout: str, shape: torch.Size) -> torch.Tensor:
 
 def split_maps(x: torch.Tensor, layout: str, block_size: int = 8) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(the maps the codec encodes for ``layout``, what is kept exactly beside them or None): for
-    ``cls_grid`` the class token (a copy: no view keeps x alive) and the grid's maps."""
+    ``cls_grid`` the class token (a copy: no view keeps x alive) and the grid's maps, made dense
+    (the grid sliced off the class token is not: the fused kernels read dense maps only, and
+    would otherwise leave it to the reference codec)."""
     if layout == CLS_GRID:
-        return as_maps(x[:, 1:], GRID), x[:, :1].clone()
+        return as_maps(x[:, 1:].contiguous(), GRID), x[:, :1].clone()
     return as_maps(x, layout, block_size), None
 
 

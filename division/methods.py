@@ -300,7 +300,8 @@ class CodecMethod(TrainingMethod):
             # torch.compile, the first new batch size (an epoch's last, short batch) re-traces the
             # graph with symbolic shapes, which the fused kernels' plan lookup cannot take (tracing
             # failed there on a GPU). Each batch size gets its own graph instead.
-            compile_kwargs.setdefault("dynamic", False)
+            if compile_kwargs.get("dynamic") is None:  # None is torch.compile's own choice: the same
+                compile_kwargs["dynamic"] = False
         compiled = super().compile(model, **compile_kwargs)
         if self.compiled_layers is not None and self.compressor is not None:
             handle = None

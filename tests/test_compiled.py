@@ -296,6 +296,8 @@ def test_compiled_division_compiles_static_shapes(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda m, **kw: seen.update(kw) or m)
     method.compile(model)
     assert seen["dynamic"] is False
+    method.compile(model, dynamic=None)  # torch.compile's own choice: automatic dynamic shapes
+    assert seen["dynamic"] is False
     method.compile(model, dynamic=True)  # the tensor-op codec (CPU) traces symbolic shapes
     assert seen["dynamic"] is True
     method.tensor_codec = TensorCodec(block_size=4, bits=2, fused=True)  # as on a GPU

@@ -320,3 +320,14 @@ def test_hardswish_keeps_its_derivative_so_no_decoded_input_takes_the_wrong_bran
     derivative = coded_in.grad * x.numel() / (2 * y)
     ok = y.abs() > 1e-3
     assert (derivative[ok] - exact_in.grad[ok]).abs().max() < 0.02
+
+
+def test_a_class_token_grid_is_coded_as_dense_maps():
+    """The grid sliced off the class token reaches the codec as dense channels_last maps, which the
+    fused GPU kernels read (a strided view would be left to the slower reference codec)."""
+    from division.layouts import CLS_GRID, split_maps
+    from division.triton_launch import dense_layout
+    x = torch.randn(2, 1 + 16, 24)
+    maps, head = split_maps(x, CLS_GRID)
+    assert dense_layout(maps) is True and maps.shape == (2, 24, 4, 4)
+    assert torch.equal(head, x[:, :1]) and torch.equal(maps.permute(0, 2, 3, 1).reshape(2, 16, 24), x[:, 1:])
