@@ -34,6 +34,7 @@ run them); everything else keeps the tensor-op codec.
 """
 from __future__ import annotations
 
+import operator
 from functools import lru_cache
 
 import torch
@@ -61,11 +62,17 @@ def _plan(x: torch.Tensor, block_size: int, bits: int, stochastic: bool):
 
 def applies(x: torch.Tensor, block_size: int, bits: int, stochastic: bool) -> bool:
     """Can ``encode`` code x with the fused kernels? Decided at trace time from x's shape, strides,
-    dtype and device; a graph with dynamic shapes keeps the tensor-op codec (its plans are per shape)."""
-    shape = tuple(x.shape)
-    if not all(type(size) is int for size in shape):
-        return False
-    return _has_plan(shape, tuple(x.stride()), x.dtype, str(x.device), block_size, bits, stochastic)
+    dtype and device.
+
+    The kernels' plans are per shape, so the sizes are made static here. A plain
+    ``torch.compile(model)`` re-traces with symbolic sizes at the second batch size it sees
+    (automatic dynamic shapes), and inside Dynamo a symbolic size passes for an int (``type(s) is
+    int`` holds). ``operator.index`` specializes it instead (a guard on its value): each batch size
+    gets its own graph with the fused kernels, as ``dynamic=False`` gives, where a symbolic size
+    broke the graph at the plan lookup (and failed in tracing on a GPU)."""
+    shape = tuple(operator.index(size) for size in x.shape)
+    stride = tuple(operator.index(step) for step in x.stride())
+    return _has_plan(shape, stride, x.dtype, str(x.device), block_size, bits, stochastic)
 
 
 @torch.compiler.assume_constant_result
@@ -92,6 +99,7 @@ def _encode_into(x: torch.Tensor, block_size: int, bits: int, stochastic: bool, 
     ``launch(kernel, grid, args, constexprs, num_warps)`` runs each kernel (or nothing: fake)."""
     from .triton_codec_kernels import _encode_kernel
     from .triton_plan import RNG_DATA
+    x = _specialized(x)
     _, plan, maps = _plan(x, block_size, bits, stochastic)
     if plan is None:
         raise RuntimeError(f"division::encode has no fused plan for {tuple(x.shape)} {x.dtype}: "
@@ -118,6 +126,7 @@ def _decode_into(lfc, codes, mn, step, shape, dtype, channels_last, block_size, 
     """The activation of ``shape`` and ``dtype`` (channels_last or contiguous) rebuilt from
     ``_encode_into``'s outputs; ``launch`` as there."""
     from .triton_codec_kernels import _decode_kernel
+    shape = [int(size) for size in shape]  # symbolic sizes, as in _specialized
     codec = _codec(block_size, bits, True)  # the plan does not depend on the rounding
     geom = codec.geometry(shape, dtype)
     plan = codec.plan_for((geom.n, geom.c, geom.h, geom.w), dtype, channels_last, codes.device)
@@ -128,6 +137,16 @@ def _decode_into(lfc, codes, mn, step, shape, dtype, channels_last, block_size, 
     if channels_last and not plan.channels_last:
         out = out.contiguous(memory_format=torch.channels_last)  # a narrow map's NCHW decode
     return out
+
+
+def _specialized(x: torch.Tensor) -> torch.Tensor:
+    """x with plain int sizes and strides. After ``applies`` has specialized a symbolic graph's
+    sizes, the op's fake run in tracing still gets them as ``SymInt`` objects (fixed in value, but
+    no plan lookup can hash them); ``int()`` reads each one's value."""
+    if all(type(size) is int for size in (*x.shape, *x.stride())):
+        return x
+    return x.as_strided([int(size) for size in x.shape], [int(step) for step in x.stride()],
+                        int(x.storage_offset()))
 
 
 def _empty_maps(shape: tuple[int, int, int, int], dtype: torch.dtype, device, channels_last: bool

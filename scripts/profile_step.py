@@ -10,6 +10,8 @@ and fixed batch) and writes to OUT_DIR:
   work), and the same host time with the GPU synchronised before each step. When the host time is
   close to the step time, the step is host-bound: the GPU waits for the CPU to launch work.
 - ``METHOD_ops.txt``: torch.profiler's table of ops by self CPU time and by GPU time over 3 steps;
+- ``METHOD_kernels.txt``: GPU time per step of every kernel family (generated kernels' serial
+  numbers dropped), all of them, with launches per step;
 - ``METHOD_python.txt``: cProfile's top Python functions over 3 steps;
 - ``METHOD_codec_calls.txt``: GPU time of every encode and decode of one step (CUDA events around
   each call), summed per codec, direction, shape, dtype and memory format, with the bandwidth of
@@ -23,6 +25,7 @@ import cProfile
 import io
 import math
 import pstats
+import re
 import statistics
 import sys
 import time
@@ -30,6 +33,7 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +77,7 @@ def profile_method(name: str, overrides: list[str], out: Path, steps: int) -> st
         (out / f"{name}_ops.txt").write_text(
             "by self CPU time\n" + table.table(sort_by="self_cpu_time_total", row_limit=40)
             + "\n\nby GPU time\n" + table.table(sort_by="self_cuda_time_total", row_limit=40))
+        (out / f"{name}_kernels.txt").write_text(kernel_families(table, steps=3))
         pr = cProfile.Profile()
         pr.enable()
         for _ in range(3):
@@ -90,6 +95,26 @@ def profile_method(name: str, overrides: list[str], out: Path, steps: int) -> st
     b = int(cfg.batch_size)
     return (f"{name:>12}: step {step:7.2f} ms ({b / step * 1000:7.0f} img/s)  host issue {queued:7.2f} ms"
             f"  host from idle GPU {idle:7.2f} ms")
+
+
+def kernel_families(table, steps: int) -> str:
+    """GPU time per step of every kernel family: a generated kernel's name without its serial number
+    (inductor's ``triton_poi_fused_relu_12`` and ``_13`` are one family), with launches per step.
+    A compiled step's kernels are many small generated ones, so the top-40 table hides where its
+    time goes; this sums all of them."""
+    families: dict[str, list[float]] = {}
+    for event in table:
+        if event.device_type != DeviceType.CUDA:
+            continue  # host ops carry their kernels' time too: count each kernel once
+        family = re.sub(r"_\d+$", "", event.key)
+        entry = families.setdefault(family, [0.0, 0])
+        entry[0] += event.device_time_total / 1000.0 / steps
+        entry[1] += event.count / steps
+    total = sum(ms for ms, _ in families.values())
+    lines = [f"kernel GPU time per step: {total:.2f} ms", f"{'ms':>8} {'launches':>8}  family"]
+    for family, (ms, count) in sorted(families.items(), key=lambda kv: -kv[1][0]):
+        lines.append(f"{ms:8.3f} {count:8.1f}  {family}")
+    return "\n".join(lines) + "\n"
 
 
 def codec_call_table(bench, cfg, device) -> str:
