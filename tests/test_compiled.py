@@ -647,3 +647,54 @@ def test_compiled_rebuild_without_batch_norm_chains_warns():
         method, ledger, _, _ = _rebuilding_run(model, backend="aot_eager")
     assert method.compiled_layers.chain.rebuilt == {}
     assert not [e for e in ledger.entries if e.codec == "rebuilt"]
+
+
+def test_fused_codec_choice_specializes_symbolic_sizes(monkeypatch):
+    """A plain ``torch.compile(model)`` of an attached model re-traces with symbolic sizes at the
+    second batch size (automatic dynamic shapes). ``applies`` makes them static: the plan lookup gets
+    plain ints and each batch size its own graph, with no graph break (a symbolic size broke the
+    graph there, and the fused op then failed in tracing on a GPU)."""
+    import torch._dynamo.utils as dynamo_utils
+    from division import compiled_ops
+
+    seen = []
+
+    @torch.compiler.assume_constant_result
+    def has_plan(shape, stride, *_):
+        seen.append((shape, stride))
+        return True
+
+    monkeypatch.setattr(compiled_ops, "_has_plan", has_plan)
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    scaled = torch.compile(lambda x: x * (2 if compiled_ops.applies(x, 8, 2, False) else 1),
+                           backend="eager", dynamic=True)
+    for n in (8, 6, 5):
+        assert torch.equal(scaled(torch.ones(n, 3, 4, 4)), torch.full((n, 3, 4, 4), 2.0))
+    breaks = sum(dynamo_utils.counters["graph_break"].values())
+    graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert breaks == 0 and graphs == 3
+    assert [shape for shape, _ in seen] == [(8, 3, 4, 4), (6, 3, 4, 4), (5, 3, 4, 4)]
+    assert all(type(v) is int for shape, stride in seen for v in (*shape, *stride))
+
+
+def test_fused_ops_read_symbolic_sizes_as_ints():
+    """The fused op's fake run in tracing gets a symbolic graph's sizes as ``SymInt`` objects, which
+    no plan lookup can hash; ``_specialized`` gives the same tensor with int sizes and strides."""
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    from division.compiled_ops import _specialized
+
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    real = torch.empty(6, 3, 4, 4).to(memory_format=torch.channels_last)
+    x = mode.from_tensor(real, source=ConstantSource("x"), symbolic_context=StatelessSymbolicContext(
+        dynamic_sizes=[DimDynamic.DYNAMIC] * 4))
+    with mode:
+        assert not all(type(size) is int for size in x.shape)  # the case at hand
+        y = _specialized(x)
+        assert all(type(v) is int for v in (*y.shape, *y.stride()))
+        assert tuple(y.shape) == (6, 3, 4, 4) and tuple(y.stride()) == real.stride()
+        assert _specialized(y) is y  # static tensors pass through

@@ -32,6 +32,7 @@ def test_short_run_lowers_the_loss_and_checkpoints_each_epoch(tmp_path):
     assert json.loads((tmp_path / "run" / "history.json").read_text()) == history
 
 
+@pytest.mark.slow  # the default run kills mid-epoch with workers: tests/test_faults.py::test_kill_mid_epoch_*
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     # smaller than SHORT (four steps an epoch): each epoch still takes long enough for the kill to land
     args = SHORT + ["dataset.train_size=128", "dataset.val_size=64", "batch_size=32", "train.epochs=3",
