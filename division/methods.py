@@ -156,6 +156,9 @@ class CodecGenerator:
             self._use(first.device)
         self._handle = model.register_forward_pre_hook(self._check)
 
+    # Run as Python under a user's own torch.compile(model): traced, its self-removal (a handle made
+    # outside the graph) broke the first step's graph twice; skipped, it breaks it once.
+    @torch.compiler.disable
     def _check(self, module, args) -> None:
         if not (args and isinstance(args[0], torch.Tensor)):
             return
