@@ -49,6 +49,10 @@ input is encoded here and the backward reads the codes, with no decoded input in
 With ``rebuild_conv_input``, a convolution's (or Linear's) input that is provably ReLU(BN(x)) or
 BN(x) of a training BatchNorm whose input x is stored here holds no bytes: backward rebuilds it from
 x's codes, the BatchNorm's statistics and parameters, and the ReLU's exact mask (``division.rebuild``).
+With ``recompute_norm_input``, a BatchNorm's input that is provably the output of a pointwise (1x1)
+convolution whose input is stored here (as codes, raw, or itself rebuilt) holds no bytes either:
+backward recomputes it from that input and the convolution's weight. Such a BatchNorm runs as
+PyTorch's, not fused into an encode (``norm_from_codes``): there is nothing to encode.
 
 A tensor saved twice (a ResNet block input read by conv1 and by the downsample conv) is encoded and
 stored once. The cache that makes this possible is keyed by the tensor's identity, which is held
@@ -76,9 +80,9 @@ from .exact import (RELU_MASK, BoolMaskCodec, DropoutMaskCodec, MaxPoolIndexCode
                     ShapeOnlyCodec, add_reader)
 from .layouts import LayoutCodec, NormalizedCodec, SequenceRowsCodec, fit, flattened_sequence
 from .activations import KEEPS_DERIVATIVE
-from .ledger import REBUILT, ByteLedger, LedgerEntry
+from .ledger import RECOMPUTED, REBUILT, ByteLedger, LedgerEntry
 from .norm_from_codes import NormFromCodes
-from .rebuild import ChainTracker, RebuildCodec, take_decoded
+from .rebuild import ChainTracker, RebuildCodec, RecomputeCodec, take_decoded
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +144,9 @@ class _Frame:
     param_shapes: tuple = field(default_factory=tuple)
     norm_mode: Optional["NormFromCodes"] = None  # entered for this module's forward (BatchNorm)
     op: str = ""  # the module's type name, the ledger's operator
-    input_packed: Optional[Packed] = None  # how its input was stored (a BatchNorm's, for rebuilds)
+    input_packed: Optional[Packed] = None  # how its input was stored (a BatchNorm's, for rebuilds;
+                                           # a convolution's, for recomputes)
+    saved_input: Optional[torch.Tensor] = None  # the tensor stored as input_packed (autocast's copy)
 
 
 @dataclass
@@ -194,6 +200,8 @@ class ActivationCompressor:
         more bits, or ``RawCodec()`` to keep them exact; None: the codec, like every other save.
     rebuild_conv_input: a convolution's input that is ReLU(BN(x)) or BN(x) of a BatchNorm whose input
         is stored here is rebuilt in backward instead of stored (``division.rebuild``; with a codec).
+    recompute_norm_input: a BatchNorm's (or other norm's) input that is the output of a pointwise
+        convolution whose input is stored here is recomputed in backward instead of stored (with a codec).
     """
 
     def __init__(self, model: nn.Module, codec: Optional[ActivationCodec], *, exact_masks: bool = True,
@@ -201,7 +209,8 @@ class ActivationCompressor:
                  encode_stream: Optional[SideStreamEncoder] = None,
                  prefetcher: Optional[DecodePrefetcher] = None, norm_from_codes: bool = False,
                  cover_all: bool = False, coverage_warning: float = 0.9,
-                 attention_codec: Optional[ActivationCodec] = None, rebuild_conv_input: bool = False):
+                 attention_codec: Optional[ActivationCodec] = None, rebuild_conv_input: bool = False,
+                 recompute_norm_input: bool = False):
         self.model = model
         self.cover_all = cover_all and codec is not None
         self.attention_codec = attention_codec if self.cover_all else None
@@ -227,11 +236,17 @@ class ActivationCompressor:
         self._fuse_masks = exact_kernels and hasattr(codec, "packs_relu_mask")
         # set by the method when division.compiled covers the codec: the layers it leaves to the compiler
         self.compiled_uncovered: Optional[list[str]] = None
-        # the BN(x) / ReLU(BN(x)) tensors of this forward, whose conv saves are rebuilt (None: off)
-        self._chains = ChainTracker() if rebuild_conv_input and codec is not None else None
+        # the BN(x) / ReLU(BN(x)) tensors of this forward, whose conv saves are rebuilt, and the
+        # pointwise convolutions' outputs, whose norm saves are recomputed (None: both off)
+        self._rebuild_inputs = rebuild_conv_input and codec is not None
+        self._recompute_norms = recompute_norm_input and codec is not None
+        self._chains = ChainTracker() if self._rebuild_inputs or self._recompute_norms else None
         self._rebuild = RebuildCodec()
+        self._recompute = RecomputeCodec()
         self.norm_mode: Optional[NormFromCodes] = None
-        if norm_from_codes and hasattr(codec, "norm_plan"):
+        # a rebuild reads the statistics PyTorch's BatchNorm node saves: with rebuild_conv_input the
+        # BatchNorms run as PyTorch's, not fused into their input's encode
+        if norm_from_codes and hasattr(codec, "norm_plan") and not self._rebuild_inputs:
             self.norm_mode = NormFromCodes(codec.norm_plan, self._norm_forward, self._store_norm_input,
                                            self._save_as_is)
         # tensors a custom Function saves that are stored already (a BatchNorm's codes): autograd
@@ -296,6 +311,11 @@ class ActivationCompressor:
             if self.codec is None or not module.training:
                 return
             uncovered = self.compiled_uncovered
+            if self._recompute_norms and not getattr(self, "_told_recompute", False):
+                self._told_recompute = True
+                warnings.warn("recompute_norm_input=true does not apply inside torch.compile: the compiled "
+                              "layers store BatchNorm inputs as codes (compressed, not recomputed)",
+                              RuntimeWarning)
             if uncovered is None:
                 warnings.warn(f"torch.compile bypasses the saved-tensor hooks of codec "
                               f"{getattr(self.codec, 'name', type(self.codec).__name__)!r}: this compiled "
@@ -357,6 +377,8 @@ class ActivationCompressor:
                     op = type(module).__name__
                 first = args[0] if args and isinstance(args[0], torch.Tensor) else None
                 mode = self.norm_mode if isinstance(module, nn.modules.batchnorm._BatchNorm) else None
+                if mode is not None and self._recomputed_input(first):
+                    mode = None  # its input is recomputed, not encoded: PyTorch's BatchNorm runs
                 self._stack.append(_Frame(ctx, module, first, param_shapes, mode, op))
                 if mode is not None:
                     mode.__enter__()  # only this module's own calls go through it
@@ -367,11 +389,13 @@ class ActivationCompressor:
             frame = self._stack.pop()
             if frame.norm_mode is not None:
                 frame.norm_mode.__exit__(None, None, None)
-            if self._chains is not None:
+            if self._rebuild_inputs:
                 if frame.ctx.kind == "norm":
                     self._chains.after_norm(module, frame.ctx.layer, frame.input, frame.input_packed, output)
                 elif frame.ctx.kind == "relu":
                     self._chains.after_relu(frame.input, output)
+            if self._recompute_norms and frame.ctx.kind == "conv":
+                self._chains.after_conv(module, frame.ctx.layer, frame.saved_input, frame.input_packed, output)
 
     def _save_as_is(self, ctx, tensors, stored) -> None:
         """``ctx.save_for_backward(*tensors)``, where the tensors in ``stored`` (a BatchNorm's codes,
@@ -417,9 +441,11 @@ class ActivationCompressor:
         entry = self._cache.get(key)
         shared = entry is not None and entry.ref() is t and entry.version == t._version
         rebuilt = None if shared else self._rebuilt(t, frame, codec)
+        if rebuilt is None and not shared:
+            rebuilt = self._recomputed(t, frame, codec)
         relu_bits = None
         if self._pending_mask is not None and codec is not _RAW:
-            # a rebuilt input is never encoded: its ReLU mask is packed on its own
+            # a rebuilt (or recomputed) tensor is never encoded: its ReLU mask is packed on its own
             relu_bits = self._settle_mask(None if shared or rebuilt is not None else t, codec)
         if shared:
             packed = entry.packed
@@ -443,8 +469,12 @@ class ActivationCompressor:
                     packed.meta[PREVIOUS] = self._last_saved  # backward decodes in about reverse order
                     self._last_saved = weakref.ref(packed)
         entry = None
-        if frame is not None and t is frame.input:
-            frame.input_packed = packed  # a BatchNorm's: what a rebuild of its output decodes
+        if frame is not None and (t is frame.input or (frame.ctx.kind == "conv" and self._recompute_norms
+                                                       and self._is_input(t, frame))):
+            # a BatchNorm's: what a rebuild of its output decodes; a convolution's: what a
+            # recompute of its output convolves (its autocast copy, where autocast made one)
+            frame.input_packed = packed
+            frame.saved_input = t
         if self.ledger is not None or self._coverage is not None:
             entry = self._record(t, frame, packed, shared)
         if self.attention_codec is not None and not shared:
@@ -494,7 +524,7 @@ class ActivationCompressor:
     def _rebuilt(self, t: torch.Tensor, frame: Optional[_Frame], codec: ActivationCodec) -> Optional[Packed]:
         """The zero-byte Packed of a convolution's (or Linear's) input that ``division.rebuild``
         can rebuild in backward, or None to store it as usual."""
-        if self._chains is None or frame is None or frame.ctx.kind not in ("conv", "linear") \
+        if not self._rebuild_inputs or frame is None or frame.ctx.kind not in ("conv", "linear") \
                 or t is not frame.input or codec is _RAW:
             return None
         chain = self._chains.lookup(t)
@@ -508,6 +538,18 @@ class ActivationCompressor:
                 return None
             mask = entry.packed
         return self._rebuild.reference(t, chain.source, mask)
+
+    def _recomputed_input(self, t: Optional[torch.Tensor]) -> bool:
+        """Will a norm's input ``t`` be recomputed (``recompute_norm_input``)?"""
+        return self._recompute_norms and t is not None and self._chains.lookup_conv(t) is not None
+
+    def _recomputed(self, t: torch.Tensor, frame: Optional[_Frame], codec: ActivationCodec) -> Optional[Packed]:
+        """The zero-byte Packed of a norm's input that backward can recompute from the pointwise
+        convolution that produced it, or None to store it as usual."""
+        if frame is None or frame.ctx.kind != "norm" or t is not frame.input or codec is _RAW \
+                or not self._recomputed_input(t):
+            return None
+        return self._recompute.reference(t, self._chains.lookup_conv(t).source)
 
     def _link_relu_mask(self, t: torch.Tensor, packed: Packed) -> None:
         """``t`` is also a ReLU output kept as its mask (same tensor, same version): give the
@@ -666,12 +708,17 @@ class ActivationCompressor:
         keep that this codec stores compressed; a warning under ``coverage_warning``."""
         seen, self._coverage = self._coverage, None
         self.coverage = seen.coverage
-        if self._chains is not None and not any(e.codec == REBUILT for e in seen.entries):
+        if self._recompute_norms and not any(e.codec == RECOMPUTED for e in seen.entries):
+            message = ("recompute_norm_input=true recomputed no normalization input of this model: no "
+                       "pointwise (1x1) convolution -> BatchNorm / norm module chain was found; those "
+                       "inputs are stored as usual")
+            log.warning(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+        if self._rebuild_inputs and not any(e.codec == REBUILT for e in seen.entries):
             # the knob asked for rebuilds and none could be proved: say so, the bytes stay stored
             message = ("rebuild_conv_input=true rebuilt no convolution input of this model: no "
-                       "BatchNorm(+ReLU) -> convolution chain through PyTorch's native BatchNorm was "
-                       "found (cuDNN's BatchNorm, the fused norm_from_codes BatchNorm of channels_last "
-                       "GPU runs and SyncBatchNorm are not rebuilt); those inputs are stored as usual")
+                       "BatchNorm(+ReLU) -> convolution chain through PyTorch's native or cuDNN BatchNorm "
+                       "was found (SyncBatchNorm is not rebuilt); those inputs are stored as usual")
             log.warning(message)
             warnings.warn(message, RuntimeWarning, stacklevel=2)
         if self.coverage is None or self.coverage >= self.coverage_warning:

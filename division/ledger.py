@@ -16,6 +16,7 @@ from typing import Optional
 
 COMPILED = "compiled"  # LedgerEntry.kind of a tensor saved by a compiled graph
 REBUILT = "rebuilt"    # LedgerEntry.codec of a tensor rebuilt in backward, not stored (division.rebuild)
+RECOMPUTED = "recomputed"  # LedgerEntry.codec of a pointwise convolution's output recomputed in backward
 
 
 @dataclass
@@ -30,7 +31,8 @@ class LedgerEntry:
     stored_bytes: int
     op: str = ""             # the operator behind the save: the saving module's type (Conv2d, GELU, ...)
     compressed: bool = True  # stored by a compressing codec (False: kept raw, as plain autograd keeps it)
-    rebuilt_from: str = ""   # codec "rebuilt": the BatchNorm whose stored input backward rebuilds it from
+    rebuilt_from: str = ""   # codec "rebuilt": the BatchNorm whose stored input backward rebuilds it from;
+                             # "recomputed": the convolution whose stored input recomputes it
 
 
 class ByteLedger:
@@ -110,13 +112,14 @@ class ByteLedger:
         return dict(out)
 
     def rebuilt(self) -> list[dict]:
-        """The tensors rebuilt in backward instead of stored, one row each: layer (the saving module),
-        rebuilt_from (the BatchNorm whose stored input rebuilds it), shape, dtype and tensor_bytes
-        (the tensor's full size, which it does not cost; None where a compiled graph's shape was
-        symbolic)."""
-        return [{"layer": e.layer, "rebuilt_from": e.rebuilt_from, "shape": e.shape, "dtype": e.dtype,
+        """The tensors rebuilt or recomputed in backward instead of stored, one row each: layer (the
+        saving module), how (``rebuilt`` from a BatchNorm, ``recomputed`` by a convolution),
+        rebuilt_from (that BatchNorm or convolution), shape, dtype and tensor_bytes (the tensor's
+        full size, which it does not cost; None where a compiled graph's shape was symbolic)."""
+        return [{"layer": e.layer, "how": e.codec, "rebuilt_from": e.rebuilt_from, "shape": e.shape,
+                 "dtype": e.dtype,
                  "tensor_bytes": math.prod(e.shape) * _itemsize(e.dtype) if e.dtype else None}
-                for e in self.entries if e.codec == REBUILT]
+                for e in self.entries if e.codec in (REBUILT, RECOMPUTED)]
 
     def summary(self) -> dict:
         return {"plain_bytes": self.plain_bytes, "stored_bytes": self.stored_bytes,

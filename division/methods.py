@@ -233,16 +233,22 @@ class CodecMethod(TrainingMethod):
     rebuild_conv_input: a convolution's input that is ReLU(BN(x)) or BN(x) is not stored but rebuilt
     in backward from the BatchNorm's stored input (``division.rebuild``; compiled:
     ``division.compiled_rebuild``).
+    recompute_norm_input: a BatchNorm's input that is a pointwise (1x1) convolution's output is not
+    stored but recomputed in backward from that convolution's stored input (``division.rebuild``;
+    eager and CUDA-graph steps; compiled: an error).
     """
 
     def __init__(self, name: str, codec: ActivationCodec, *, exact_masks: bool = True,
                  min_numel: int = 1024, exact_kernels: bool = True, side_stream="auto",
                  prefetch_decode="auto", prefetch_ahead: int = 1, norm_from_codes: bool = False,
                  seed: Optional[int] = None, cover_all: bool = False,
-                 attention_codec: Optional[ActivationCodec] = None, rebuild_conv_input: bool = False) -> None:
+                 attention_codec: Optional[ActivationCodec] = None, rebuild_conv_input: bool = False,
+                 recompute_norm_input: bool = False) -> None:
         super().__init__()
-        if not isinstance(rebuild_conv_input, bool):
-            raise ValueError(f"rebuild_conv_input must be true or false, got {rebuild_conv_input!r}")
+        for knob, value in (("rebuild_conv_input", rebuild_conv_input),
+                            ("recompute_norm_input", recompute_norm_input)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{knob} must be true or false, got {value!r}")
         for knob, value in (("side_stream", side_stream), ("prefetch_decode", prefetch_decode)):
             if not valid_side_stream(value):
                 raise ValueError(f"{knob} must be one of {SIDE_STREAM_CHOICES}, got {value!r}")
@@ -260,6 +266,7 @@ class CodecMethod(TrainingMethod):
         self.cover_all = bool(cover_all)
         self.attention_codec = attention_codec
         self.rebuild_conv_input = rebuild_conv_input
+        self.recompute_norm_input = recompute_norm_input
         self.tensor_codec = tensor_codec_for(codec)  # None: the codec has no compiled form
         self.compile_safe = self.tensor_codec is not None
         self.compiled_layers: Optional[CompiledLayers] = None
@@ -287,7 +294,8 @@ class CodecMethod(TrainingMethod):
                                                prefetcher=prefetcher, norm_from_codes=self.norm_from_codes,
                                                cover_all=self.cover_all,
                                                attention_codec=self.attention_codec,
-                                               rebuild_conv_input=self.rebuild_conv_input)
+                                               rebuild_conv_input=self.rebuild_conv_input,
+                                               recompute_norm_input=self.recompute_norm_input)
         if self.compiled_layers is not None:
             self.compressor.compiled_uncovered = self.compiled_layers.uncovered
         return model
@@ -298,6 +306,10 @@ class CodecMethod(TrainingMethod):
         compressor's threshold (90%) naming what stays uncompressed; with ``rebuild_conv_input`` it
         proves there which convolution inputs the traced forward may rebuild
         (``ConvInputChain.prove``), and after it warns if none was."""
+        if self.recompute_norm_input:
+            raise ValueError("method.recompute_norm_input=true works in eager and CUDA-graph steps, not in "
+                             "compiled ones (their BatchNorm inputs would be stored as codes, not "
+                             "recomputed): set compile=false, or method.recompute_norm_input=false")
         if self.compiled_layers is not None:
             # Static shapes unless asked otherwise: the fused kernels' plans are per shape. Left to
             # torch.compile, the first new batch size (an epoch's last, short batch) re-traces the
@@ -402,14 +414,15 @@ class CodecMethod(TrainingMethod):
         knobs = self.codec.describe()
         return {"method": self.name, "block_size": knobs.get("block_size"), "bits": knobs.get("bits"),
                 "kernels": codec_kernels(self.codec),
-                **({"rebuild_conv_input": self.rebuild_conv_input} if self.name == "division" else {})}
+                **({"rebuild_conv_input": self.rebuild_conv_input,
+                    "recompute_norm_input": self.recompute_norm_input} if self.name == "division" else {})}
 
 
 def _division(block_size: int = 8, bits: int = 2, rounding: str = "stochastic", keep_lfc: bool = True,
               keep_hfc: bool = True, simulate: bool = False, backend: str = "auto", relu_zeros: bool = True,
               side_stream="auto", prefetch_decode="auto", prefetch_ahead: int = 1, norm_from_codes: bool = True,
               seed: Optional[int] = None, cover_all: bool = True, attention_bits: int = 8,
-              rebuild_conv_input: bool = False,
+              rebuild_conv_input: bool = False, recompute_norm_input: bool = False,
               **_) -> TrainingMethod:
     from .backends import division_codec
     if not valid_attention_bits(attention_bits):
@@ -424,7 +437,8 @@ def _division(block_size: int = 8, bits: int = 2, rounding: str = "stochastic", 
     return CodecMethod("division", codec, exact_kernels=backend != "torch", side_stream=side_stream,
                        prefetch_decode=prefetch_decode, prefetch_ahead=prefetch_ahead,
                        norm_from_codes=norm_from_codes, seed=seed, cover_all=cover_all,
-                       attention_codec=attention, rebuild_conv_input=rebuild_conv_input)
+                       attention_codec=attention, rebuild_conv_input=rebuild_conv_input,
+                       recompute_norm_input=recompute_norm_input)
 
 
 _REGISTRY: dict[str, Callable[..., TrainingMethod]] = {

@@ -26,6 +26,17 @@ A rebuilt input holds no bytes: its ``Packed`` refers to the BatchNorm's own (th
 the statistics, the parameters), all kept for the BatchNorm's backward anyway, which runs after
 the convolution's. Backward decodes x once for both: the rebuild leaves ``x_hat`` with the
 BatchNorm's ``Packed`` (``take_decoded``), and the compressor hands it to the BatchNorm's backward.
+
+``method.recompute_norm_input`` goes one link further up: in conv-BN the BatchNorm saves the
+convolution's output, and the convolution already keeps its own input (codes, or itself a rebuild)
+and reads its weight (model memory). Where the convolution is pointwise (every kernel size 1: its
+recompute costs one pass of its own forward, the price of the encode and decode it replaces), the
+BatchNorm's input is not stored but recomputed in backward, ``conv(u_hat)``, with the stride,
+padding, dilation and groups autograd's node recorded. The BatchNorm's backward runs just before the
+convolution's, so the decoded ``u_hat`` is left with the convolution's ``Packed`` for its own
+backward (one decode for both). ``ChainTracker.after_conv`` proves the link: the output's node is
+the convolution's (``ConvolutionBackward0``) on the saved input's node, its weight is the module's
+(or autocast's copy of it), and the BatchNorm saves that output unchanged (its version).
 """
 from __future__ import annotations
 
@@ -38,15 +49,17 @@ from torch import nn
 
 from .codec import ActivationCodec, Packed, SaveContext
 from .exact import _is_channels_last, apply_relu_mask, last_reader, share_decode
-from .ledger import REBUILT
+from .ledger import RECOMPUTED, REBUILT
 
 _DECODED = "rebuild_decoded"  # Packed.meta of a BatchNorm input: its decode, left by a rebuild
 
-# autograd's node of a training BatchNorm whose saved result1 / result2 are mean / invstd (CPU, and
-# CUDA without cuDNN). Other nodes (cuDNN's, SyncBatchNorm's, the fused norm_from_codes one) save
-# their statistics differently: their outputs are stored, not rebuilt.
-_NATIVE_NORM = "NativeBatchNormBackward0"
+# autograd's nodes of a training BatchNorm whose saved result1 / result2 are mean / invstd (CPU, CUDA
+# with and without cuDNN). Other nodes (SyncBatchNorm's, the fused norm_from_codes one) save their
+# statistics differently: their outputs are stored, not rebuilt.
+# cuDNN's node saves the same two (its "save_var" is cuDNN's saved inverse standard deviation).
+_NORM_NODES = ("NativeBatchNormBackward0", "CudnnBatchNormBackward0")
 _RELU = "ReluBackward0"
+_CONV = "ConvolutionBackward0"
 
 
 @dataclass
@@ -79,14 +92,45 @@ class NormSource:
 
     def decoded_input(self) -> torch.Tensor:
         """x_hat, decoded once for every rebuild of this step and the BatchNorm's backward."""
-        x_hat = self.packed.meta.get(_DECODED)
-        if x_hat is None:
-            x_hat = self.packed.meta[_DECODED] = self.packed.unpack()
-        return x_hat
+        return decode_once(self.packed)
+
+
+@dataclass
+class ConvSource:
+    """What a recompute reads: a pointwise convolution's stored input and its call at forward time."""
+
+    layer: str              # the convolution's name, for the ledger
+    packed: Packed          # its input, as stored for its own backward (codes, raw, or a rebuild)
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    call: tuple             # stride, padding, dilation, transposed, output_padding, groups (autograd's node)
+    versions: tuple[int, int]
+
+    def output(self, dtype: torch.dtype) -> torch.Tensor:
+        """conv(u_hat) with the forward's weight and call, in ``dtype``; u_hat stays with the
+        convolution's ``Packed`` for its backward, which comes next."""
+        if self.versions != (_version(self.weight), _version(self.bias)):
+            raise RuntimeError(f"the parameters of {self.layer or 'a convolution'} were modified in place "
+                               "between forward and backward; its recomputed output "
+                               "(method.recompute_norm_input) would be wrong")
+        u_hat = decode_once(self.packed)
+        weight = self.weight.detach().to(u_hat.dtype)  # autocast ran the forward in the input's dtype
+        bias = None if self.bias is None else self.bias.detach().to(u_hat.dtype)
+        with torch.no_grad():
+            return torch.ops.aten.convolution(u_hat, weight, bias, *self.call).to(dtype)
+
+
+def decode_once(packed: Packed) -> torch.Tensor:
+    """``packed``'s decode, left with it until the next unpack of it takes it (``take_decoded``)."""
+    decoded = packed.meta.get(_DECODED)
+    if decoded is None:
+        decoded = packed.meta[_DECODED] = packed.unpack()
+    return decoded
 
 
 def take_decoded(packed: Packed) -> Optional[torch.Tensor]:
-    """The decode a rebuild left with a BatchNorm input's ``Packed`` (for its backward), or None."""
+    """The decode a rebuild left with a BatchNorm input's ``Packed`` (for its backward), or a
+    recompute with a convolution input's (for the convolution's), or None."""
     return packed.meta.pop(_DECODED, None)
 
 
@@ -101,6 +145,25 @@ def _version(t: Optional[torch.Tensor]) -> int:
     return -1 if t is None else t._version
 
 
+def _is_weight(saved: Optional[torch.Tensor], weight: torch.Tensor) -> bool:
+    """Is ``saved`` (a convolution node's saved weight) the module's weight or autocast's copy of it?"""
+    if _same(saved, weight):
+        return True
+    node = getattr(saved, "grad_fn", None)
+    if type(node).__name__ != "ToCopyBackward0" or saved.shape != weight.shape:
+        return False
+    leaf = node.next_functions[0][0]
+    return getattr(leaf, "variable", None) is weight
+
+
+def _current(values: dict, t: torch.Tensor):
+    """``values``' record of ``t``, if ``t`` is still the tensor (and version) recorded."""
+    v = values.get(id(t))
+    if v is None or v.ref() is not t or v.version != t._version:
+        return None
+    return v
+
+
 @dataclass
 class _Value:
     """A tensor known to be BN(x) (``relu`` False) or ReLU(BN(x)) at ``version``."""
@@ -112,21 +175,55 @@ class _Value:
     relu: bool
 
 
+@dataclass
+class _ConvValue:
+    """A tensor known to be a pointwise convolution's output at ``version``."""
+
+    ref: weakref.ref
+    version: int
+    source: ConvSource
+
+
 class ChainTracker:
-    """The BN(x) and ReLU(BN(x)) tensors of the current forward (see the module docstring)."""
+    """The BN(x) and ReLU(BN(x)) tensors of the current forward, and the pointwise convolutions'
+    outputs (see the module docstring)."""
 
     def __init__(self) -> None:
         self._values: dict[int, _Value] = {}
+        self._convs: dict[int, _ConvValue] = {}
 
     def clear(self) -> None:
         self._values.clear()
+        self._convs.clear()
 
     def lookup(self, t: torch.Tensor) -> Optional[_Value]:
         """The chain ``t`` ends, if ``t`` is still the value recorded for it."""
-        v = self._values.get(id(t))
-        if v is None or v.ref() is not t or v.version != t._version:
-            return None
-        return v
+        return _current(self._values, t)
+
+    def lookup_conv(self, t: torch.Tensor) -> Optional[_ConvValue]:
+        """The pointwise convolution ``t`` is the output of, if ``t`` is still that output."""
+        return _current(self._convs, t)
+
+    def after_conv(self, module: nn.Module, layer: str, u: Optional[torch.Tensor],
+                   u_packed: Optional[Packed], y) -> None:
+        """A convolution module returned ``y``; its saved input was ``u`` (the module's input or
+        autocast's copy of it), stored as ``u_packed``."""
+        if not (isinstance(module, nn.modules.conv._ConvNd) and all(k == 1 for k in module.kernel_size)
+                and isinstance(y, torch.Tensor) and u is not None and u_packed is not None):
+            return
+        node = y.grad_fn
+        if type(node).__name__ != _CONV or node.next_functions[0][0] is not u.grad_fn \
+                or not _is_weight(node._saved_weight, module.weight):
+            return
+        bias = module.bias
+        sizes = node._saved_bias_sym_sizes_opt  # (0,) (or None) where the call had no bias
+        if (sizes is not None and tuple(sizes) != (0,)) != (bias is not None):  # a subclass's own bias
+            return
+        call = (list(node._saved_stride), list(node._saved_padding), list(node._saved_dilation),
+                node._saved_transposed, list(node._saved_output_padding), node._saved_groups)
+        source = ConvSource(layer, u_packed, module.weight, bias, call,
+                            (_version(module.weight), _version(bias)))
+        self._convs[id(y)] = _ConvValue(weakref.ref(y), y._version, source)
 
     def after_norm(self, module: nn.Module, layer: str, x: Optional[torch.Tensor],
                    x_packed: Optional[Packed], y) -> None:
@@ -135,7 +232,7 @@ class ChainTracker:
                 and x_packed is not None and x is not None and x.grad_fn is not None):
             return
         node = y.grad_fn
-        if type(node).__name__ != _NATIVE_NORM or not node._saved_training \
+        if type(node).__name__ not in _NORM_NODES or not getattr(node, "_saved_training", False) \
                 or node.next_functions[0][0] is not x.grad_fn:
             return
         weight = module.weight if module.affine else None
@@ -187,6 +284,31 @@ class RebuildCodec(ActivationCodec):
             y = y.contiguous(memory_format=torch.channels_last)
         if mask is not None and last_reader(packed):
             share_decode(mask, y)  # the ReLU's backward, which comes next, reads it as its output
+        return y
+
+    def closed_form_nbytes(self, shape, dtype) -> int:
+        return 0
+
+
+class RecomputeCodec(ActivationCodec):
+    """A pointwise convolution's output recomputed in backward from a ``ConvSource``: no storage of
+    its own."""
+
+    name = RECOMPUTED
+
+    def reference(self, t: torch.Tensor, source: ConvSource) -> Packed:
+        """The zero-byte Packed of ``t``, the output of ``source``'s convolution."""
+        return Packed(self, {}, {"source": source, "dtype": t.dtype, "channels_last": _is_channels_last(t),
+                                 "rebuilt_from": source.layer})
+
+    def encode(self, x: torch.Tensor, ctx: Optional[SaveContext] = None) -> Packed:
+        raise TypeError("a recomputed tensor is made by reference(), from the convolution that produced it")
+
+    def decode(self, packed: Packed) -> torch.Tensor:
+        m = packed.meta
+        y = m["source"].output(m["dtype"])
+        if m["channels_last"] and not _is_channels_last(y):
+            y = y.contiguous(memory_format=torch.channels_last)
         return y
 
     def closed_form_nbytes(self, shape, dtype) -> int:

@@ -386,9 +386,13 @@ def _log_summary(fields: dict[str, Any]) -> None:
             parts.append(f"coverage {fields['ledger_coverage']:.1%}")
         if fields.get("ledger_parameter_copy_bytes"):
             parts.append(f"besides {mib('ledger_parameter_copy_bytes')} of parameter copies")
-        rebuilt = (fields.get("ledger_by_codec") or {}).get("rebuilt")
+        by_codec = fields.get("ledger_by_codec") or {}
+        rebuilt = by_codec.get("rebuilt")
         if rebuilt:  # method.rebuild_conv_input: tensors not stored at all
             parts.append(f"{rebuilt['tensors']} conv inputs rebuilt in backward")
+        recomputed = by_codec.get("recomputed")
+        if recomputed:  # method.recompute_norm_input: neither
+            parts.append(f"{recomputed['tensors']} norm inputs recomputed in backward")
     if fields["peak_bytes"] is not None:
         parts.append(f"peak {mib('peak_bytes')}, total {mib('total_bytes')}")
     log.info("memory: %s", ", ".join(parts))

@@ -53,6 +53,7 @@ STORE_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
     ("bits", pa.float64()),          # a float: adaptive methods (acgc) report their mean width
     ("kernels", pa.string()),        # the codec's implementation: "triton" (fused kernels), "pytorch" (ops), "inductor" (compiled), null
     ("rebuild_conv_input", pa.bool_()),  # DIVISION's method.rebuild_conv_input; null for other methods
+    ("recompute_norm_input", pa.bool_()),  # DIVISION's method.recompute_norm_input; null for other methods
     ("batch_size", pa.int64()), ("device", pa.string()), ("precision", pa.string()),
     ("cuda_graph", pa.bool_()),
     ("compile", pa.string()),        # torch.compile mode ("default", "reduce-overhead", ...), null: eager
@@ -112,6 +113,7 @@ def new_record(cfg, run_dir: str | Path, method_fields: dict[str, Any]) -> dict[
         "bits": method_fields.get("bits"),
         "kernels": method_fields.get("kernels"),
         "rebuild_conv_input": method_fields.get("rebuild_conv_input"),
+        "recompute_norm_input": method_fields.get("recompute_norm_input"),
         "batch_size": int(cfg.batch_size),
         "device": None,  # filled with the resolved device (cpu / cuda) when the job starts
         "precision": cfg.precision,
@@ -128,7 +130,7 @@ def new_record(cfg, run_dir: str | Path, method_fields: dict[str, Any]) -> dict[
     }
     if cfg.mode.name == "report":
         record.update(dict.fromkeys(("model", "dataset", "method", "block_size", "bits", "kernels",
-                                     "rebuild_conv_input", "batch_size")))
+                                     "rebuild_conv_input", "recompute_norm_input", "batch_size")))
     return record
 
 

@@ -43,10 +43,12 @@ _SETUP = [
     f"""CREATE TEMP TABLE r AS SELECT *,
         txt(method) || CASE WHEN block_size IS NOT NULL THEN ' B' || knob(block_size) ELSE '' END
                     || CASE WHEN bits IS NOT NULL THEN ' Q' || knob(bits) ELSE '' END
-                    || CASE WHEN rebuild_conv_input THEN ' rebuild' ELSE '' END AS _label,
+                    || CASE WHEN rebuild_conv_input THEN ' rebuild' ELSE '' END
+                    || CASE WHEN recompute_norm_input THEN ' recompute' ELSE '' END AS _label,
         [coalesce(list_position({list(METHOD_ORDER)}, method), {len(METHOD_ORDER) + 1})::DOUBLE,
          coalesce(num(block_size), 0), coalesce(num(bits), 0),
-         CASE WHEN rebuild_conv_input THEN 1.0 ELSE 0.0 END] AS _label_rank,
+         CASE WHEN rebuild_conv_input THEN 1.0 ELSE 0.0 END,
+         CASE WHEN recompute_norm_input THEN 1.0 ELSE 0.0 END] AS _label_rank,
         txt(model) || ' b' || txt(batch_size) AS _col,
         txt(model) || ' / ' || txt(dataset)
                    || CASE WHEN epochs IS NOT NULL THEN ', ' || CAST(epochs AS VARCHAR) || ' epochs' ELSE '' END

@@ -105,7 +105,8 @@ def _knob(value: Any) -> str:
 
 def method_label(row: dict[str, Any]) -> str:
     """The method with its knobs, as the tables' row names: "division B8 Q2", "actnn Q2", "none",
-    "division B8 Q2 rebuild" (``method.rebuild_conv_input``) (the same label report_query's
+    "division B8 Q2 rebuild" (``method.rebuild_conv_input``), "... recompute"
+    (``method.recompute_norm_input``) (the same label report_query's
     ``_label`` gives in SQL, for code that holds one row)."""
     label = str(row.get("method"))
     if row.get("block_size") is not None:
@@ -114,6 +115,8 @@ def method_label(row: dict[str, Any]) -> str:
         label += f" Q{_knob(row['bits'])}"
     if row.get("rebuild_conv_input"):
         label += " rebuild"
+    if row.get("recompute_norm_input"):
+        label += " recompute"
     return label
 
 
@@ -121,7 +124,7 @@ def method_sort_key(row: dict[str, Any]) -> tuple:
     method = str(row.get("method"))
     rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
     return (rank, method, number(row.get("block_size")) or 0, number(row.get("bits")) or 0,
-            bool(row.get("rebuild_conv_input")))
+            bool(row.get("rebuild_conv_input")), bool(row.get("recompute_norm_input")))
 
 
 def label_order(label: str) -> tuple:

@@ -70,6 +70,7 @@ def fidelity_record(args, bits: int, report: dict, started_at: str, duration_s: 
                   group=args.group, status="ok", started_at=started_at, duration_s=round(duration_s, 3),
                   code_version=code_version(), relu_zeros=not args.paper_decode,
                   rebuild_conv_input=args.rebuild_conv_input,
+                  recompute_norm_input=args.recompute_norm_input,
                   grad_cosine=report["overall_cosine"], grad_rel_error=report["overall_rel_error"],
                   grad_worst_cosine=report["worst_cosine"], ledger_ratio=report["ledger_ratio"])
     return record
@@ -93,6 +94,8 @@ def main() -> None:
                    help="method.relu_zeros=false: ReLU outputs decode without their mask's zeros")
     p.add_argument("--rebuild-conv-input", action="store_true",
                    help="method.rebuild_conv_input=true: a conv input that is ReLU(BN(x)) is rebuilt in backward")
+    p.add_argument("--recompute-norm-input", action="store_true",
+                   help="method.recompute_norm_input=true: a BatchNorm input made by a 1x1 conv is recomputed in backward")
     p.add_argument("--out", default=None, help="write the full per-layer report as JSON")
     p.add_argument("--results-dir", default=None, help="add one record per bit width to this results store")
     p.add_argument("--group", default="gradient_fidelity", help="the records' group (with --results-dir)")
@@ -104,7 +107,8 @@ def main() -> None:
                                                  mode="bilinear", align_corners=False)
     reports = []
     print(f"{args.model}, {args.images} real images, B={args.block_size}, attention_bits={args.attention_bits}"
-          + (", conv inputs rebuilt from BatchNorm" if args.rebuild_conv_input else ""))
+          + (", conv inputs rebuilt from BatchNorm" if args.rebuild_conv_input else "")
+          + (", norm inputs recomputed by 1x1 convs" if args.recompute_norm_input else ""))
     print(f"{'bits':>4} {'overall cosine':>15} {'overall rel.err':>16} {'worst layer cosine':>19} {'ledger ratio':>13}")
     for bits in args.bits:
         started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -112,7 +116,8 @@ def main() -> None:
         r = gradient_fidelity(lambda: sharpen(make_model(args.model, classes), args.sharpen), "division", images, labels,
                               block_size=args.block_size, bits=bits, backend="torch",
                               relu_zeros=not args.paper_decode, attention_bits=args.attention_bits,
-                              rebuild_conv_input=args.rebuild_conv_input)
+                              rebuild_conv_input=args.rebuild_conv_input,
+                              recompute_norm_input=args.recompute_norm_input)
         reports.append(r)
         print(f"{bits:>4} {r['overall_cosine']:>15.5f} {r['overall_rel_error']:>16.4f} {r['worst_cosine']:>19.4f}"
               f" {r['ledger_ratio']:>12.2f}x")
