@@ -27,7 +27,7 @@ run() {  # run NAME SECONDS COMMAND...: bounded by the deadline, logged to OUT/N
   (( seconds < 20 )) && { echo "=== $name skipped: past the deadline" >> "$out/commands.txt"; return; }
   echo "=== $name: $*" >> "$out/commands.txt"
   local start=$SECONDS
-  [[ $1 == main ]] && { shift; set -- python main.py "${common[@]}" "$@"; }
+  [[ $1 == main ]] && { shift; set -- python main.py "$@" "${common[@]}"; }
   timeout "$seconds" "$@" > "$out/$name.log" 2>&1
   echo "=== $name exit $? after $((SECONDS - start)) s" >> "$out/commands.txt"
 }

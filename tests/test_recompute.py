@@ -52,7 +52,7 @@ def _grads(model: nn.Module) -> dict:
 
 
 def _loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(model(x), torch.arange(x.shape[0]) % 10)
+    return F.cross_entropy(model(x), torch.arange(x.shape[0], device=x.device) % 10)
 
 
 def _step(model: nn.Module, x: torch.Tensor, recompute: bool, **knobs):
