@@ -244,9 +244,7 @@ class ActivationCompressor:
         self._rebuild = RebuildCodec()
         self._recompute = RecomputeCodec()
         self.norm_mode: Optional[NormFromCodes] = None
-        # a rebuild reads the statistics PyTorch's BatchNorm node saves: with rebuild_conv_input the
-        # BatchNorms run as PyTorch's, not fused into their input's encode
-        if norm_from_codes and hasattr(codec, "norm_plan") and not self._rebuild_inputs:
+        if norm_from_codes and hasattr(codec, "norm_plan"):
             self.norm_mode = NormFromCodes(codec.norm_plan, self._norm_forward, self._store_norm_input,
                                            self._save_as_is)
         # tensors a custom Function saves that are stored already (a BatchNorm's codes): autograd
@@ -410,6 +408,7 @@ class ActivationCompressor:
         frame = self._stack[-1]
         self._settle_mask(None, None)
         packed = self._encode(self.codec, x, frame.ctx)
+        frame.input_packed = packed  # what a rebuild of its output decodes
         if self.ledger is not None or self._coverage is not None:
             self._record(x, frame, packed, False)
         return packed
@@ -424,6 +423,7 @@ class ActivationCompressor:
         frame = self._stack[-1]
         self._settle_mask(None, None)
         y, mean, invstd, packed = triton_norm.batch_norm_forward(self.codec, x, plan, *batch_norm_args)
+        frame.input_packed = packed  # what a rebuild of its output decodes
         if self.ledger is not None or self._coverage is not None:
             self._record(x, frame, packed, False)
         return y, mean, invstd, packed

@@ -54,10 +54,13 @@ from .ledger import RECOMPUTED, REBUILT
 _DECODED = "rebuild_decoded"  # Packed.meta of a BatchNorm input: its decode, left by a rebuild
 
 # autograd's nodes of a training BatchNorm whose saved result1 / result2 are mean / invstd (CPU, CUDA
-# with and without cuDNN). Other nodes (SyncBatchNorm's, the fused norm_from_codes one) save their
-# statistics differently: their outputs are stored, not rebuilt.
+# with and without cuDNN). Other nodes (SyncBatchNorm's) save their statistics differently: their
+# outputs are stored, not rebuilt.
 # cuDNN's node saves the same two (its "save_var" is cuDNN's saved inverse standard deviation).
 _NORM_NODES = ("NativeBatchNormBackward0", "CudnnBatchNormBackward0")
+# the fused BatchNorm of ``norm_from_codes`` (division.norm_from_codes): it saves (weight, mean,
+# invstd, *its input's codes), and trains only
+_FUSED_NORM = "_BatchNormFromCodesBackward"
 _RELU = "ReluBackward0"
 _CONV = "ConvolutionBackward0"
 
@@ -232,16 +235,22 @@ class ChainTracker:
                 and x_packed is not None and x is not None and x.grad_fn is not None):
             return
         node = y.grad_fn
-        if type(node).__name__ not in _NORM_NODES or not getattr(node, "_saved_training", False) \
-                or node.next_functions[0][0] is not x.grad_fn:
+        name = type(node).__name__
+        if node is None or node.next_functions[0][0] is not x.grad_fn:
+            return
+        # reading a saved tensor unpacks it: the weight is returned as it is, the statistics are kept
+        # raw (and the fused node's codes as they are), so these are the tensors themselves
+        if name == _FUSED_NORM:
+            saved_weight, mean, invstd = node.saved_tensors[:3]
+        elif name in _NORM_NODES and getattr(node, "_saved_training", False):
+            saved_weight, mean, invstd = node._saved_weight, node._saved_result1, node._saved_result2
+        else:
             return
         weight = module.weight if module.affine else None
-        if not _same(node._saved_weight, weight):  # a subclass that normalizes with something else
+        if not _same(saved_weight, weight):  # a subclass that normalizes with something else
             return
         bias = module.bias if module.affine else None
-        # reading a saved tensor unpacks it: these statistics are kept raw, so this is the tensor itself
-        source = NormSource(layer, x_packed, node._saved_result1, node._saved_result2, weight, bias,
-                            (_version(weight), _version(bias)))
+        source = NormSource(layer, x_packed, mean, invstd, weight, bias, (_version(weight), _version(bias)))
         self._values[id(y)] = _Value(weakref.ref(y), y._version, source, node, relu=False)
 
     def after_relu(self, x: Optional[torch.Tensor], y) -> None:
