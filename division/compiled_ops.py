@@ -131,8 +131,9 @@ def _decode_into(lfc, codes, mn, step, shape, dtype, channels_last, block_size, 
     geom = codec.geometry(shape, dtype)
     plan = codec.plan_for((geom.n, geom.c, geom.h, geom.w), dtype, channels_last, codes.device)
     out = _empty_maps((plan.n, plan.c, plan.h, plan.w), dtype, codes.device, plan.channels_last)
-    launch(_decode_kernel, plan.decode_grid, (codes, lfc, mn, step, out, out, plan.c, plan.c // plan.g),
-           dict(plan.decode_constexprs(), MASK=0, TINY=float(torch.finfo(dtype).tiny)), plan.dec_warps)
+    launch(_decode_kernel, plan.decode_grid, (codes, lfc, mn, step, out, out, out, out, plan.c, plan.c // plan.g),
+           dict(plan.decode_constexprs(), MASK=0, TINY=float(torch.finfo(dtype).tiny), AFFINE=False),
+           plan.dec_warps)
     out = out.view(shape)
     if channels_last and not plan.channels_last:
         out = out.contiguous(memory_format=torch.channels_last)  # a narrow map's NCHW decode

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from .codec import ActivationCodec, Packed, SaveContext
-from .exact import _is_channels_last, apply_relu_mask, last_reader, share_decode
+from .exact import RELU_MASK, _is_channels_last, apply_relu_mask, last_reader, share_decode
 from .ledger import RECOMPUTED, REBUILT
 
 _DECODED = "rebuild_decoded"  # Packed.meta of a BatchNorm input: its decode, left by a rebuild
@@ -77,8 +77,8 @@ class NormSource:
     bias: Optional[torch.Tensor]
     versions: tuple[int, int]  # weight's and bias's versions at forward
 
-    def affine(self, x_hat: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """BN(x_hat) with the forward's statistics and parameters, in ``dtype``."""
+    def scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """BN(x) = x * scale + shift per channel, with the forward's statistics and parameters (fp32)."""
         if self.versions != (_version(self.weight), _version(self.bias)):
             # plain autograd refuses this too: the BatchNorm's own backward would read the new weight
             raise RuntimeError(f"the affine parameters of {self.layer or 'a BatchNorm'} were modified in "
@@ -90,8 +90,28 @@ class NormSource:
         shift = -self.mean.float() * scale
         if self.bias is not None:
             shift = shift + self.bias.detach().float()
+        return scale, shift
+
+    def affine(self, x_hat: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """BN(x_hat) with the forward's statistics and parameters, in ``dtype``."""
+        scale, shift = self.scale_shift()
         view = (1, -1) + (1,) * (x_hat.dim() - 2)  # BatchNorm's channels are dim 1
         return torch.addcmul(shift.view(view), x_hat.float(), scale.view(view)).to(dtype)
+
+    def rebuilt(self, dtype: torch.dtype, mask: Optional[Packed]) -> torch.Tensor:
+        """BN(x_hat), with the zeros of ``mask`` (the ReLU's, for ReLU(BN(x))) if given. Where the
+        codec decodes x's codes straight into it (one fused kernel: decode, affine map, mask), x_hat
+        never exists in memory and the BatchNorm's backward reads the codes again (or its fused
+        form reads them anyway); else x is decoded once for this and the BatchNorm's backward."""
+        fused = getattr(self.packed.codec, "decode_affine", None)
+        meta = self.packed.meta
+        # (an input with zeros of its own, a ReLU's output linked to its mask, decodes with them first)
+        if fused is not None and _DECODED not in meta and RELU_MASK not in meta and meta.get("dtype") == dtype:
+            y = fused(self.packed, *self.scale_shift(), mask)
+            if y is not None:
+                return y
+        y = self.affine(self.decoded_input(), dtype)
+        return y if mask is None else apply_relu_mask(y, mask)  # exact zeros; positive where the output is
 
     def decoded_input(self) -> torch.Tensor:
         """x_hat, decoded once for every rebuild of this step and the BatchNorm's backward."""
@@ -284,12 +304,9 @@ class RebuildCodec(ActivationCodec):
 
     def decode(self, packed: Packed) -> torch.Tensor:
         m = packed.meta
-        source: NormSource = m["source"]
-        y = source.affine(source.decoded_input(), m["dtype"])
         mask = m["mask"]
-        if mask is not None:
-            y = apply_relu_mask(y, mask)  # exact zeros; positive wherever the true output is
-        if m["channels_last"]:
+        y = m["source"].rebuilt(m["dtype"], mask)
+        if m["channels_last"] and not _is_channels_last(y):
             y = y.contiguous(memory_format=torch.channels_last)
         if mask is not None and last_reader(packed):
             share_decode(mask, y)  # the ReLU's backward, which comes next, reads it as its output

@@ -292,6 +292,39 @@ class TritonDivisionCodec(DivisionCodec):
         return {"lfc": lfc, "codes": codes, "mn": mn, "step": step}
 
     def _decode(self, packed: Packed, mask: Optional[Packed]) -> torch.Tensor:
+        plan = self._decode_plan(packed)
+        if plan is None:
+            return super()._decode(packed, mask)
+        return self._decode_fused(packed, plan, mask)
+
+    def decode_affine(self, packed: Packed, scale: torch.Tensor, shift: torch.Tensor,
+                      mask: Optional[Packed] = None) -> Optional[torch.Tensor]:
+        """``decode(packed) * scale + shift`` per channel (fp32 ``scale``, ``shift`` of C values),
+        with the zeros of ``mask`` (a ReLU mask's Packed of the result) if given, in one kernel: a
+        BatchNorm's output rebuilt from its input's codes (``division.rebuild``). None where the
+        fused decode does not take this Packed (the caller composes the reference ops instead)."""
+        plan = self._decode_plan(packed)
+        if plan is None:
+            return None
+        affine = (scale.detach().float().contiguous(), shift.detach().float().contiguous())
+        return self._decode_fused(packed, plan, mask, affine)
+
+    def _decode_fused(self, packed: Packed, plan: Plan, mask: Optional[Packed],
+                      affine: Optional[tuple] = None) -> torch.Tensor:
+        t, m = packed.tensors, packed.meta
+        fmt = _lfc_format(plan)
+        if not t["lfc"].is_contiguous(memory_format=fmt):
+            t = dict(t, lfc=t["lfc"].contiguous(memory_format=fmt))  # e.g. the reference's Packed
+        # The mask's bits follow the decoded output's storage order: the kernel reads the bit of
+        # each element it writes. (A mask of another shape or format: applied afterwards.)
+        bits = None if mask is None else relu_mask_bits(mask, m["shape"], plan.channels_last)
+        out = self._decode_kernel(t, m["dtype"], plan, bits, affine).view(m["shape"])
+        if m["memory_format"] == "channels_last" and not plan.channels_last:
+            out = out.contiguous(memory_format=torch.channels_last)  # a narrow map's NCHW decode
+        return out if mask is None or bits is not None else apply_relu_mask(out, mask)
+
+    def _decode_plan(self, packed: Packed) -> Optional[Plan]:
+        """The fused decode's plan for ``packed``, or None where the reference decodes it."""
         t, m = packed.tensors, packed.meta
         plan = None
         if (m.get("layout") in (LAYOUT_MAPS, LAYOUT_FEATURES, LAYOUT_VOLUME) and not m.get("simulated")
@@ -308,33 +341,24 @@ class TritonDivisionCodec(DivisionCodec):
                 plan = None
             if plan is not None and plan.codes_cl != (m.get("codes_order", CODES_NCHW) == CODES_NHWC):
                 plan = None  # codes in the other byte order (another codec's or tuning's): reference
-        if plan is None:
-            return super()._decode(packed, mask)
-        fmt = _lfc_format(plan)
-        if not t["lfc"].is_contiguous(memory_format=fmt):
-            t = dict(t, lfc=t["lfc"].contiguous(memory_format=fmt))  # e.g. the reference's Packed
-        # The mask's bits follow the decoded output's storage order: the kernel reads the bit of
-        # each element it writes. (A mask of another shape or format: applied afterwards.)
-        bits = None if mask is None else relu_mask_bits(mask, m["shape"], plan.channels_last)
-        out = self._decode_kernel(t, m["dtype"], plan, bits).view(m["shape"])
-        if m["memory_format"] == "channels_last" and not plan.channels_last:
-            out = out.contiguous(memory_format=torch.channels_last)  # a narrow map's NCHW decode
-        return out if mask is None or bits is not None else apply_relu_mask(out, mask)
+        return plan
 
     def _decode_kernel(self, t: dict[str, torch.Tensor], dtype: torch.dtype, plan: Plan,
-                       mask_bits: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       mask_bits: Optional[torch.Tensor] = None, affine: Optional[tuple] = None) -> torch.Tensor:
         """The decode; with ``mask_bits`` (a ReLU mask in the output's storage order) the output
-        takes its zeros from the mask (``exact.apply_relu_mask``)."""
+        takes its zeros from the mask (``exact.apply_relu_mask``); with ``affine`` (fp32 scale,
+        shift per channel) the decoded values are mapped through it first."""
         n, c, h, w = plan.n, plan.c, plan.h, plan.w
         fmt = torch.channels_last if plan.channels_last else torch.contiguous_format
         out = torch.empty((n, c, h, w), dtype=dtype, device=t["codes"].device, memory_format=fmt)
         mask_mode, mask_arg = _mask_argument(mask_bits, plan)
+        scale, shift = (out, out) if affine is None else affine
         args = (t["codes"], t["lfc"], t["mn"], t["step"], out, out if mask_arg is None else mask_arg,
-                c, c // plan.g)
-        key = (plan, dtype, mask_mode, *(aligned(a) for a in args[:4]), out.device.index)
+                scale, shift, c, c // plan.g)
+        key = (plan, dtype, mask_mode, affine is not None, *(aligned(a) for a in args[:4]), out.device.index)
         _DECODE.launch(key, plan.decode_grid, args,
                        lambda: dict(plan.decode_constexprs(), MASK=mask_mode,
-                                    TINY=float(torch.finfo(dtype).tiny)),
+                                    TINY=float(torch.finfo(dtype).tiny), AFFINE=affine is not None),
                        plan.dec_warps)
         return out
 

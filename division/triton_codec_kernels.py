@@ -35,7 +35,8 @@ NORM    (``FusedNorm``, division/triton_norm.py; split phases of NHWC mode 0): p
         each chunk's per-channel count, mean and squared deviations, phase 2 a BatchNorm's output
         ``(x - mean) * scale + bias`` from the statistics a kernel merged in between.
 decode  4-D tiles [G, kh, blocks, kw] per block row: one LFC load per block, one byte load per
-        element (cached), unpack -> ``lfc + (mn + code * step)`` -> cast -> store in the output's
+        element (cached), unpack -> ``lfc + (mn + code * step)`` (then, with ``AFFINE``, a
+        per-channel ``* scale + shift``: a rebuilt BatchNorm output) -> cast -> store in the output's
         memory format (contiguous or channels_last). With a linked ReLU mask (``relu_zeros``,
         division/exact.py) it also reads the mask's bit of each element (NHWC programs of 8-64
         channels: the G bits of a pixel as one word) and writes 0 where it is clear, at least the
@@ -639,7 +640,7 @@ def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_p
 
 
 @triton.jit
-def _decode_kernel(codes_ptr, lfc_ptr, mn_ptr, step_ptr, out_ptr, mask_ptr, C, CG,
+def _decode_kernel(codes_ptr, lfc_ptr, mn_ptr, step_ptr, out_ptr, mask_ptr, scale_ptr, shift_ptr, C, CG,
                    H: tl.constexpr, W: tl.constexpr, HW: tl.constexpr,
                    KH: tl.constexpr, KW: tl.constexpr, HB: tl.constexpr, WB: tl.constexpr,
                    TKH: tl.constexpr, TKW: tl.constexpr, WBC: tl.constexpr, NWC: tl.constexpr,
@@ -647,7 +648,10 @@ def _decode_kernel(codes_ptr, lfc_ptr, mn_ptr, step_ptr, out_ptr, mask_ptr, C, C
                    G: tl.constexpr, PB: tl.constexpr, Q: tl.constexpr, LEVELS: tl.constexpr,
                    ROW: tl.constexpr, CL: tl.constexpr, INT64: tl.constexpr, EXACT: tl.constexpr,
                    HBS: tl.constexpr, CODES_CL: tl.constexpr, MASK: tl.constexpr,
-                   TINY: tl.constexpr):
+                   TINY: tl.constexpr, AFFINE: tl.constexpr):
+    """AFFINE: the decoded value goes through a per-channel affine map, ``val * scale[c] + shift[c]``
+    (fp32 ``scale_ptr``, ``shift_ptr``), before the mask: a BatchNorm's output rebuilt from its
+    input's codes (division/rebuild.py) in one pass."""
     pid, s = _program(HB // HBS)
     hb0 = s * HBS                                  # this program's block rows: hb0 .. hb0 + HBS - 1
     if INT64:
@@ -666,6 +670,9 @@ def _decode_kernel(codes_ptr, lfc_ptr, mn_ptr, step_ptr, out_ptr, mask_ptr, C, C
     lfc_base, sL = _lfc_base(lfc_ptr, n, c0, p0, g, C, HB * WB, CL)
     mn = tl.load(mn_ptr + p0 + g).to(tl.float32)
     step = tl.load(step_ptr + p0 + g).to(tl.float32)
+    if AFFINE:
+        a_scale = tl.load(scale_ptr + c0 + g)
+        a_shift = tl.load(shift_ptr + c0 + g)
     if ROW:
         # Tile [G, TKH, WBC, TKW // PB, PB]: one byte load per PB codes.
         g5 = g[:, None, None, None, None]
@@ -699,6 +706,8 @@ def _decode_kernel(codes_ptr, lfc_ptr, mn_ptr, step_ptr, out_ptr, mask_ptr, C, C
                 byte = tl.load(codes_ptr + sidx, mask=live4, other=0).to(tl.int32)
                 code = (byte[:, :, :, :, None] >> (jl * Q)) & LEVELS
                 val = lf[:, None, :, None, None] + (mn5 + _code_float(code) * st5)
+                if AFFINE:
+                    val = val * a_scale[:, None, None, None, None] + a_shift[:, None, None, None, None]
                 ww = wb[None, None, :, None, None] * KW + jb * PB + jl
                 live = live4[:, :, :, :, None] & (jl < PB)
                 o = (hh * W + ww) * sE
@@ -740,6 +749,8 @@ def _decode_kernel(codes_ptr, lfc_ptr, mn_ptr, step_ptr, out_ptr, mask_ptr, C, C
                 byte = tl.load(codes_ptr + sidx, mask=m, other=0).to(tl.int32)
                 code = (byte >> ((ci % PB) * Q).to(tl.int32)) & LEVELS
                 val = lf[:, None, :, None] + (mn4 + _code_float(code) * st4)
+                if AFFINE:
+                    val = val * a_scale[:, None, None, None] + a_shift[:, None, None, None]
                 if MASK == 1:
                     val = _relu_masked(val, mask_ptr, plane_off + e * sE, m, TINY)
                 elif MASK == 2:

@@ -599,6 +599,47 @@ def check_relu_zeros(device, cases=RELU_ZERO_CASES):
         assert torch.equal(got == 0, x == 0) and torch.equal(got, ref.decode(pr)), shape
 
 
+def check_decode_affine(device, cases=RELU_ZERO_CASES):
+    """``decode_affine``: a rebuilt BatchNorm output in one kernel. Its values are the decode mapped
+    per channel, ``x_hat * scale + shift`` (computed before the cast to the output's dtype, so within
+    an ulp of the composed ops), and with a ReLU mask exactly that mask's zeros, the smallest normal
+    number at least where it is set."""
+    from division.exact import ReluMaskCodec, apply_relu_mask
+    from division.triton_codec import TritonDivisionCodec, _mask_argument
+    modes = set()
+    for i, (shape, cl, dtype) in enumerate(cases):
+        x = random_input(shape, dtype, cl, seed=20 + i, device=device)
+        g = torch.Generator().manual_seed(i)
+        scale = (torch.rand(shape[1], generator=g) + 0.5).to(device)
+        shift = torch.randn(shape[1], generator=g).to(device)
+        fast = TritonDivisionCodec(rounding="nearest")
+        plan = _assert_fast(fast, x)
+        packed = fast.encode(x)
+        x_hat = fast.decode(packed).float()
+        view = (1, -1, 1, 1)
+        exact = x_hat * scale.view(view) + shift.view(view)
+        ulp = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}[dtype]
+        bound = 2 * ulp * ((x_hat * scale.view(view)).abs() + shift.abs().view(view)) + 1e-6
+        label = f"{shape} cl={cl} {dtype}"
+        got = fast.decode_affine(packed, scale, shift)
+        _assert_format(got, x)
+        assert got.dtype == dtype and got.shape == x.shape, label
+        assert ((got.float() - exact).abs() <= bound).all(), label
+        y = exact.to(dtype).relu()
+        y = y.contiguous(memory_format=torch.channels_last) if cl else y.contiguous()
+        mask = ReluMaskCodec().encode(y)
+        modes.add(_mask_argument(mask.tensors["bits"], plan)[0])
+        masked = fast.decode_affine(packed, scale, shift, mask)
+        assert torch.equal(masked == 0, y == 0), label
+        want = apply_relu_mask(exact.to(dtype), mask).float()
+        assert ((masked.float() - want).abs() <= bound).all(), label
+    assert modes == {1, 2}, modes
+    # a Packed the fused decode does not take (the reference codec's other byte order): None
+    from division.dual_precision import DivisionCodec
+    ref_packed = DivisionCodec(rounding="nearest", block_size=4).encode(random_input((2, 8, 16, 16), device=device))
+    assert TritonDivisionCodec(rounding="nearest").decode_affine(ref_packed, torch.ones(8), torch.zeros(8)) is None
+
+
 # (shape, dtype, block size, split planes, tuning): channels_last maps whose NHWC programs have
 # 8 to 64 channels, one G-bit mask word per pixel
 MASK_IN_ENCODE_CASES = [((2, 64, 16, 16), torch.bfloat16, 8, False, {}),
@@ -868,6 +909,7 @@ def check_ledger_matches_held(device, shape=(4, 3, 16, 16)):
 CPU_CHECKS = {
     "ledger_matches_held": lambda: check_ledger_matches_held("cpu"),
     "relu_zeros": lambda: check_relu_zeros("cpu"),
+    "decode_affine": lambda: check_decode_affine("cpu"),
     "relu_mask_in_encode": lambda: check_relu_mask_in_encode("cpu"),
     "norm_from_codes": lambda: check_norm_from_codes("cpu"),
     "norm_forward": lambda: check_norm_forward("cpu"),
@@ -1061,6 +1103,12 @@ def test_gpu_masks():
 def test_gpu_relu_zeros():
     check_relu_zeros("cuda", RELU_ZERO_CASES + [((16, 256, 56, 56), True, torch.bfloat16),
                                                 ((16, 2048, 7, 7), True, torch.bfloat16)])
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_decode_affine():
+    check_decode_affine("cuda")
 
 
 @pytest.mark.gpu
