@@ -708,19 +708,19 @@ class ActivationCompressor:
         keep that this codec stores compressed; a warning under ``coverage_warning``."""
         seen, self._coverage = self._coverage, None
         self.coverage = seen.coverage
-        if self._recompute_norms and not any(e.codec == RECOMPUTED for e in seen.entries):
-            message = ("recompute_norm_input=true recomputed no normalization input of this model: no "
-                       "pointwise (1x1) convolution -> BatchNorm / norm module chain was found; those "
-                       "inputs are stored as usual")
-            log.warning(message)
-            warnings.warn(message, RuntimeWarning, stacklevel=2)
-        if self._rebuild_inputs and not any(e.codec == REBUILT for e in seen.entries):
-            # the knob asked for rebuilds and none could be proved: say so, the bytes stay stored
-            message = ("rebuild_conv_input=true rebuilt no convolution input of this model: no "
-                       "BatchNorm(+ReLU) -> convolution chain through PyTorch's native or cuDNN BatchNorm "
-                       "was found (SyncBatchNorm is not rebuilt); those inputs are stored as usual")
-            log.warning(message)
-            warnings.warn(message, RuntimeWarning, stacklevel=2)
+        # a knob that asked for rebuilds (or recomputes) none of which could be proved: say so, the
+        # bytes stay stored
+        for asked, codec, message in (
+                (self._recompute_norms, RECOMPUTED,
+                 "recompute_norm_input=true recomputed no normalization input of this model: no pointwise "
+                 "(1x1) convolution -> BatchNorm / norm module chain was found; those inputs are stored as usual"),
+                (self._rebuild_inputs, REBUILT,
+                 "rebuild_conv_input=true rebuilt no convolution input of this model: no BatchNorm(+ReLU) -> "
+                 "convolution chain through PyTorch's native or cuDNN BatchNorm was found (SyncBatchNorm is "
+                 "not rebuilt); those inputs are stored as usual")):
+            if asked and not any(e.codec == codec for e in seen.entries):
+                log.warning(message)
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
         if self.coverage is None or self.coverage >= self.coverage_warning:
             return
         raw = sorted(((row["raw_plain_bytes"], op) for op, row in seen.by_op().items()

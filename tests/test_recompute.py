@@ -97,34 +97,26 @@ def test_pointwise_convolutions_outputs_are_recomputed_with_exact_bytes():
         ("bn_short", RECOMPUTED, "short", 4 * 32 * 8 * 8 * 4)]
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_with_exactly_stored_inputs_the_gradients_are_plain_autograds_bit_for_bit(channels_last):
+@pytest.mark.parametrize("channels_last, autocast", [(False, False), (True, False), (False, True)])
+def test_with_exactly_stored_inputs_the_gradients_are_plain_autograds_bit_for_bit(channels_last, autocast):
     """A lossless codec isolates the recompute: stride, groups, bias and memory format must be
-    the forward's, or the BatchNorms' gradients differ."""
+    the forward's, and under autocast its copies of the input and weight, or the BatchNorms'
+    gradients differ."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(4, 8, 16, 16).contiguous(memory_format=fmt)
-    plain = _plain_grads(_bottleneck().to(memory_format=fmt), x)
-    model = _bottleneck().to(memory_format=fmt)
-    ledger = ByteLedger()
-    with compress_activations(model, RawCodec(), ledger=ledger, recompute_norm_input=True):
-        _loss(model, x).backward()
-    assert [layer for layer, _, _ in _recomputed(ledger)] == ["bn1", "bn3", "bn_short"]
-    got = _grads(model)
-    for name in plain:
-        assert torch.equal(got[name], plain[name]), name
 
+    def grads(recompute: bool):
+        model = _bottleneck().to(memory_format=fmt)
+        ledger = ByteLedger()
+        with compress_activations(model, RawCodec() if recompute else None, ledger=ledger,
+                                  recompute_norm_input=recompute):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                _loss(model, x).backward()
+        return ledger, _grads(model)
 
-def test_under_autocast_the_recompute_convolves_autocasts_copies():
-    x = torch.randn(4, 8, 16, 16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        plain = _plain_grads(_bottleneck(), x)
-    model = _bottleneck()
-    ledger = ByteLedger()
-    with compress_activations(model, RawCodec(), ledger=ledger, recompute_norm_input=True):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            _loss(model, x).backward()
+    _, plain = grads(False)
+    ledger, got = grads(True)
     assert [layer for layer, _, _ in _recomputed(ledger)] == ["bn1", "bn3", "bn_short"]
-    got = _grads(model)
     for name in plain:
         assert torch.equal(got[name], plain[name]), name
 
