@@ -855,6 +855,64 @@ def _check_norm_from_codes_in_a_model(device):
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), variant
 
 
+def check_rebuild_and_recompute_on_fused_kernels(device):
+    """``rebuild_conv_input`` and ``recompute_norm_input`` on the fused kernels (channels_last, the
+    fused ``norm_from_codes`` BatchNorm): the 3x3 convolution's BatchNorm runs fused and the 1x1
+    convolution after it is rebuilt from its node, in one ``decode_affine`` kernel; the 1x1
+    convolutions' BatchNorm inputs are recomputed (those BatchNorms run as PyTorch's). At Q = 8 the
+    gradients are those of the same codec storing every input."""
+    from torch import nn
+    from division.ledger import RECOMPUTED, REBUILT, ByteLedger
+    from division.methods import CodecMethod
+    from division.triton_codec import TritonDivisionCodec
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16)
+            self.conv2, self.bn2 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+            self.conv3, self.bn3 = nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32)
+            self.short, self.bn_short = nn.Conv2d(8, 32, 1, bias=False), nn.BatchNorm2d(32)
+            self.relu1, self.relu2, self.relu3 = nn.ReLU(), nn.ReLU(), nn.ReLU()
+            self.head = nn.Linear(32, 4)
+
+        def forward(self, x):
+            y = self.relu2(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x))))))
+            y = self.relu3(self.bn3(self.conv3(y)) + self.bn_short(self.short(x)))
+            return self.head(y.mean((2, 3)))
+
+    x = random_input((4, 8, 16, 16), channels_last=True, device=device)
+    affine_calls = []
+    real = TritonDivisionCodec.decode_affine
+
+    def counted(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        affine_calls.append(out is not None)
+        return out
+    TritonDivisionCodec.decode_affine = counted
+    grads, ledgers = {}, {}
+    try:
+        for knobs in (False, True):
+            torch.manual_seed(0)
+            model = Block().to(device).to(memory_format=torch.channels_last)
+            method = CodecMethod("division", TritonDivisionCodec(rounding="nearest", bits=8), norm_from_codes=True,
+                                 rebuild_conv_input=knobs, recompute_norm_input=knobs)
+            ledgers[knobs] = ByteLedger()
+            method.attach(model, ledgers[knobs])
+            model(x).square().sum().backward()
+            grads[knobs] = torch.cat([p.grad.flatten() for p in model.parameters()])
+            assert method.compressor.norm_mode.calls >= 1, knobs  # bn2 (and, without the knobs, all)
+            method.detach()
+    finally:
+        TritonDivisionCodec.decode_affine = real
+    on = ledgers[True]
+    assert [e.layer for e in on.entries if e.codec == RECOMPUTED] == ["bn1", "bn3", "bn_short"]
+    assert [(e.layer, e.rebuilt_from) for e in on.entries if e.codec == REBUILT] == [("conv2", "bn1"), ("conv3", "bn2")]
+    assert affine_calls == [True], affine_calls  # conv3's input, from the fused bn2's codes
+    cos = torch.nn.functional.cosine_similarity(grads[True].double(), grads[False].double(), dim=0).item()
+    assert cos > 0.9999, cos
+
+
 def check_ledger_matches_held(device, shape=(4, 3, 16, 16)):
     """The byte ledger equals the bytes the hooks actually hold, with every fused path on
     (BatchNorm forward and backward from codes, ReLU masks written by encodes), channels_last, fp32
@@ -910,6 +968,7 @@ CPU_CHECKS = {
     "ledger_matches_held": lambda: check_ledger_matches_held("cpu"),
     "relu_zeros": lambda: check_relu_zeros("cpu"),
     "decode_affine": lambda: check_decode_affine("cpu"),
+    "rebuild_recompute_fused": lambda: check_rebuild_and_recompute_on_fused_kernels("cpu"),
     "relu_mask_in_encode": lambda: check_relu_mask_in_encode("cpu"),
     "norm_from_codes": lambda: check_norm_from_codes("cpu"),
     "norm_forward": lambda: check_norm_forward("cpu"),
@@ -1109,6 +1168,12 @@ def test_gpu_relu_zeros():
 @needs_cuda
 def test_gpu_decode_affine():
     check_decode_affine("cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_rebuild_and_recompute_on_fused_kernels():
+    check_rebuild_and_recompute_on_fused_kernels("cuda")
 
 
 @pytest.mark.gpu
