@@ -54,7 +54,7 @@ from torch import nn
 from . import compiled_ops
 from .activations import HardswishKeepingDerivative, hardswish_derivative
 from .exact import MaxPoolIndexCodec, indices_from_offsets, window_offsets
-from .ledger import COMPILED, REBUILT, LedgerEntry
+from .ledger import COMPILED, RECOMPUTED, REBUILT, LedgerEntry
 from .dual_precision import (LAYOUT_RAW, Geometry, block_mean, canonical_geometry, dequantize,
                              from_canonical, quantize, to_canonical, upsample)
 from .layouts import CLS_GRID, fit, join_maps, split_maps, split_shape
@@ -339,12 +339,7 @@ class _BatchNorm(torch.autograd.Function):
                 layout: Optional["Layout"] = None, *encoded):
         """``layout`` and ``encoded``: x's codes, when the caller encoded x itself (a rebuilt
         convolution input reads them too, ``division.compiled_rebuild``)."""
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        scale, shift = batch_norm_affine(weight, bias, mean, invstd)
-        y = x.float() * scale.view(shape) + shift.view(shape)
-        # no .to() when the dtype already matches: torch 2.11's Dynamo gave a function whose output
-        # is such a no-op cast zero gradients
-        y = y if y.dtype == x.dtype else y.to(x.dtype)
+        y = batch_norm_output(x, weight, bias, mean, invstd)
         if layout is None:
             layout, encoded = codec.encode(x)
         ctx.save_for_backward(weight, mean, invstd, *encoded)
@@ -353,28 +348,44 @@ class _BatchNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        # The training-mode formula written out (what aten.native_batch_norm_backward's
-        # decomposition computes): torch 2.11's compiler returned zero gradients for that op here.
         weight, mean, invstd, *stored = ctx.saved_tensors
         x = ctx.codec.decode(ctx.layout, tuple(stored))
-        dims = [0] + list(range(2, x.dim()))
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        g = grad.float()
-        x_hat = (x.float() - mean.view(shape)) * invstd.view(shape)
-        grad_bias = g.sum(dims)
-        grad_scale = (g * x_hat).sum(dims)  # d loss / d weight
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            count = x.numel() // x.shape[1]
-            scale = invstd if weight is None else invstd * weight.float()
-            gx = scale.view(shape) * (g - (grad_bias / count).view(shape)
-                                      - x_hat * (grad_scale / count).view(shape))
-            gx = gx if gx.dtype == grad.dtype else gx.to(grad.dtype)
-        if weight is not None and ctx.needs_input_grad[1]:
-            gw = grad_scale.to(weight.dtype)
-        if ctx.needs_input_grad[2]:
-            gb = grad_bias.to(weight.dtype if weight is not None else grad.dtype)
+        gx, gw, gb = batch_norm_gradients(ctx, grad, x, weight, mean, invstd)
         return (gx, gw, gb, None, None, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 8)
+
+
+def batch_norm_output(x, weight, bias, mean, invstd) -> torch.Tensor:
+    """Training-mode batch normalization of ``x`` with the batch statistics given, in x's dtype."""
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    scale, shift = batch_norm_affine(weight, bias, mean, invstd)
+    y = x.float() * scale.view(shape) + shift.view(shape)
+    # no .to() when the dtype already matches: torch 2.11's Dynamo gave a function whose output
+    # is such a no-op cast zero gradients
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def batch_norm_gradients(ctx, grad, x, weight, mean, invstd) -> tuple:
+    """(d input, d weight, d bias) of training-mode batch normalization, the formula written out
+    (what aten.native_batch_norm_backward's decomposition computes: torch 2.11's compiler returned
+    zero gradients for that op here); ``ctx.needs_input_grad``'s first three say which."""
+    dims = [0] + list(range(2, x.dim()))
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    g = grad.float()
+    x_hat = (x.float() - mean.view(shape)) * invstd.view(shape)
+    grad_bias = g.sum(dims)
+    grad_scale = (g * x_hat).sum(dims)  # d loss / d weight
+    gx = gw = gb = None
+    if ctx.needs_input_grad[0]:
+        count = x.numel() // x.shape[1]
+        scale = invstd if weight is None else invstd * weight.float()
+        gx = scale.view(shape) * (g - (grad_bias / count).view(shape)
+                                  - x_hat * (grad_scale / count).view(shape))
+        gx = gx if gx.dtype == grad.dtype else gx.to(grad.dtype)
+    if weight is not None and ctx.needs_input_grad[1]:
+        gw = grad_scale.to(weight.dtype)
+    if ctx.needs_input_grad[2]:
+        gb = grad_bias.to(weight.dtype if weight is not None else grad.dtype)
+    return gx, gw, gb
 
 
 class _Relu(torch.autograd.Function):
@@ -632,15 +643,19 @@ class CompiledLayers:
     """
 
     def __init__(self, model: nn.Module, codec: TensorCodec, *, eager: bool = False,
-                 attention: Optional[TensorCodec] = None, rebuild_conv_input: bool = False):
+                 attention: Optional[TensorCodec] = None, rebuild_conv_input: bool = False,
+                 recompute_norm_input: bool = False):
         """``attention``: the codec of self-attention's query, key and value
         (``division.compiled_attention``); None leaves ``nn.MultiheadAttention`` to the compiler.
         ``rebuild_conv_input``: convolutions reading BN(x) or ReLU(BN(x)) rebuild their input
-        (``division.compiled_rebuild``; ``chain.rebuilt`` names them once traced)."""
+        (``division.compiled_rebuild``; ``chain.rebuilt`` names them once traced).
+        ``recompute_norm_input``: BatchNorms reading a 1x1 convolution's output recompute their
+        input (``chain.recomputed``)."""
         from .attention import attention_applies
         from .compiled_rebuild import ConvInputChain
         self.codec = codec
-        self.chain = ConvInputChain() if rebuild_conv_input else None
+        self.chain = ConvInputChain(rebuild_conv_input, recompute_norm_input) \
+            if rebuild_conv_input or recompute_norm_input else None
         self.attention = attention
         self.enabled = True
         self.eager = eager  # True: the compressing functions run in eager mode too (self_check)
@@ -843,10 +858,14 @@ class SavedTensorCounter:
         self._hooks = None
         self._seen = set()
         self._by_shape = {}
-        for conv, norm in (self.chain.rebuilt if self.chain is not None else {}).items():
-            shape, dtype = self.chain.inputs.get(conv, ((), ""))
-            self.ledger.record(LedgerEntry(layer=conv, kind=COMPILED, codec=REBUILT, shape=shape, dtype=dtype,
-                                           plain_bytes=0, stored_bytes=0, op="Conv2d", rebuilt_from=norm))
+        chain = self.chain
+        for names, inputs, codec, op in (() if chain is None else (
+                (chain.rebuilt, chain.inputs, REBUILT, "Conv2d"),
+                (chain.recomputed, chain.norm_inputs, RECOMPUTED, "BatchNorm2d"))):
+            for reader, source in names.items():
+                shape, dtype = inputs.get(reader, ((), ""))
+                self.ledger.record(LedgerEntry(layer=reader, kind=COMPILED, codec=codec, shape=shape, dtype=dtype,
+                                               plain_bytes=0, stored_bytes=0, op=op, rebuilt_from=source))
 
     def install(self, module: nn.Module) -> None:
         """Count every forward call of ``module`` (a compiled model: ``torch.compile`` runs the

@@ -1,4 +1,5 @@
-"""Rebuilt convolution inputs under ``torch.compile`` (``method.rebuild_conv_input``).
+"""Rebuilt convolution inputs and recomputed BatchNorm inputs under ``torch.compile``
+(``method.rebuild_conv_input``, ``method.recompute_norm_input``).
 
 The compiled twin of ``division.rebuild``: in conv-BN-ReLU-conv the second convolution's input,
 ReLU(BN(x)), is not kept; its backward rebuilds it as
@@ -27,6 +28,13 @@ the forward returns.
 
 The rebuilt convolution's saved tensors are the BatchNorm's and the ReLU's own (the same graph
 nodes), so the compiled graph keeps them once: it saves nothing for the convolution's input.
+
+The compiled twin of the eager recompute (``division.rebuild.ConvSource``): a 1x1 convolution (with
+``recompute_norm_input``) encodes its input itself, or reads it rebuilt, and hands on its output's
+recipe; a BatchNorm whose input *is* that output (a link proved by ``prove`` too) keeps nothing of
+it, and its backward runs the convolution again on the decoded (or rebuilt) input. What backward
+makes from what is a recipe (below), nested where a recompute reads a rebuilt input (a bottleneck's
+conv3) and a rebuild a recomputed one (its conv2 reads ReLU(bn1), whose input conv1 recomputes).
 The BatchNorm's input is decoded twice in backward (for the convolution and for the BatchNorm),
 where the eager path shares one decode.
 """
@@ -39,39 +47,65 @@ import torch
 from torch import nn
 from torch._dynamo.comptime import comptime
 
-from .compiled import (_BatchNorm, _Relu, _cast, _compute_dtype, _memory_format, _unpack_mask, Layout, TensorCodec,
-                       batch_norm_affine, batch_statistics, conv_arguments)
+from .compiled import (_BatchNorm, _Relu, _cast, _compute_dtype, _memory_format, _unpack_mask, TensorCodec,
+                       batch_norm_affine, batch_norm_gradients, batch_norm_output, batch_statistics,
+                       conv_applies, conv_arguments)
 
-# A source: (the tensor the convolution must read, x's layout, x's codes, mean, invstd, weight,
-# bias, the ReLU's mask bits or None); a tuple, which Dynamo keeps in a dict without a graph break.
+# How backward makes a tensor that was not stored, a recipe (nested tuples, which Dynamo keeps in a dict
+# without a graph break, and hands to an autograd function's apply flattened, ``_flatten``):
+#   ("codes", layout, encoded)                                  x's codes: decode them
+#   ("norm", inner, mean, invstd, weight, bias, bits, mask_cl)  BN(inner), with a ReLU's mask (bits) if any
+#   ("conv", inner, weight, bias, conv_args, dtype, format)     a pointwise convolution of inner
+Recipe = tuple
+# A source: (the tensor a module must read, its recipe, the BatchNorm or convolution it comes from,
+# its kind: "norm" for BN(x) or ReLU(BN(x)), "conv" for a pointwise convolution's output).
 Source = tuple
 
 
 class ConvInputChain:
-    """The BatchNorm sources of one traced forward, and the convolutions rebuilt from one."""
+    """The BatchNorm and pointwise-convolution sources of one traced forward, the convolutions
+    rebuilt from a BatchNorm (``rebuild``) and the BatchNorms whose input is recomputed by a
+    convolution (``recompute``, ``method.recompute_norm_input``)."""
 
-    def __init__(self):
+    def __init__(self, rebuild: bool = True, recompute: bool = False):
         _CHAINS[id(self)] = self
-        self._sources: dict[str, Source] = {}  # BatchNorm or ReLU name -> the source of its output
+        self.rebuild, self.recompute = rebuild, recompute
+        self._sources: dict[str, Source] = {}  # module name -> the source of its output
         self.rebuilt: dict[str, str] = {}  # convolution name -> the BatchNorm it is rebuilt from
         self.inputs: dict[str, tuple] = {}  # convolution name -> (shape, dtype) of its rebuilt input
-        self.proven: set[tuple[str, str]] = set()  # (ReLU or convolution, BatchNorm) links (``prove``)
+        self.recomputed: dict[str, str] = {}  # BatchNorm name -> the convolution that recomputes its input
+        self.norm_inputs: dict[str, tuple] = {}  # BatchNorm name -> (shape, dtype) of its recomputed input
+        # proven (reader, BatchNorm or convolution) links (``prove``)
+        self.proven: set[tuple[str, str]] = set()
 
     def forward(self, name: str, module: nn.Module, x: torch.Tensor, codec: TensorCodec, compressed_forward):
         """The compressing forward of a module on the chain's terms (module docstring)."""
         source = self._source_of(x)
+        linked = source is not None and (name, source[2]) in self.proven
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            y, source = _norm_with_source(module, x, codec)
-            self._sources[name] = source + (name,)
+            inner = None
+            if self.recompute and linked and source[3] == "conv":
+                inner = source[1]
+                self._note(self.recomputed, self.norm_inputs, name, source[2], x)
+            y, recipe = _norm_with_recipe(module, x, codec, inner)
+            self._sources[name] = (y, recipe, name, "norm")
             return y
-        if source is not None and (name, source[8]) in self.proven:
+        if self.rebuild and linked and source[3] == "norm":
             if isinstance(module, nn.ReLU):
                 y, bits = _ReluKeepingMask.apply(x)
-                self._sources[name] = (y,) + source[1:7] + (bits, source[8])
+                recipe = source[1][:6] + (bits, _memory_format(y) == "channels_last")
+                self._sources[name] = (y, recipe, source[2], "norm")
                 return y
             if _rebuildable_conv(module):
-                self._note(name, source[8], x)
-                return _conv_from_norm(module, x, codec, source)
+                self._note(self.rebuilt, self.inputs, name, source[2], x)
+                y, recipe = _conv_with_recipe(module, x, codec, source[1])
+                if self.recompute and _pointwise_conv(module):
+                    self._sources[name] = (y, recipe, name, "conv")
+                return y
+        if self.recompute and _pointwise_conv(module):
+            y, recipe = _conv_with_recipe(module, x, codec, None)
+            self._sources[name] = (y, recipe, name, "conv")
+            return y
         return compressed_forward(module, x, codec)
 
     def prove(self, model: nn.Module, modules, args: tuple) -> None:
@@ -82,7 +116,7 @@ class ConvInputChain:
         traced forward follows only these: identity alone cannot see an in-place change in
         between (a residual ``out += identity`` on a BatchNorm's output, then a ReLU)."""
         from .compiled import traceless_forward
-        outputs: dict[int, tuple] = {}  # id -> (tensor, version, BatchNorm, through a ReLU)
+        outputs: dict[int, tuple] = {}  # id -> (tensor, version, BatchNorm or convolution, kind)
         links: dict[int, str] = {}      # a ReLU module's BatchNorm while it runs
         proven: set[tuple[str, str]] = set()
 
@@ -91,15 +125,22 @@ class ConvInputChain:
             entry = outputs.get(id(x)) if x is not None else None
             return entry if entry is not None and entry[0] is x and entry[1] == x._version else None
 
-        def after_norm(name):
+        def after(name, kind):
             def hook(_module, _inputs, output):
-                outputs[id(output)] = (output, output._version, name, False)
+                outputs[id(output)] = (output, output._version, name, kind)
+            return hook
+
+        def before(name, kinds):
+            def hook(_module, inputs):
+                entry = source_of(inputs)
+                if entry is not None and entry[3] in kinds:
+                    proven.add((name, entry[2]))
             return hook
 
         def before_relu(name):
             def hook(module, inputs):
                 entry = source_of(inputs)
-                if entry is not None and not entry[3]:
+                if entry is not None and entry[3] == "norm":
                     links[id(module)] = entry[2]
                     proven.add((name, entry[2]))
             return hook
@@ -107,41 +148,39 @@ class ConvInputChain:
         def after_relu(module, _inputs, output):
             norm = links.pop(id(module), None)
             if norm is not None:
-                outputs[id(output)] = (output, output._version, norm, True)
-
-        def before_conv(name):
-            def hook(_module, inputs):
-                entry = source_of(inputs)
-                if entry is not None:
-                    proven.add((name, entry[2]))
-            return hook
+                outputs[id(output)] = (output, output._version, norm, "relu")
 
         handles = []
         for name, module in model.named_modules():
             if name not in modules:
                 continue
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                handles.append(module.register_forward_hook(after_norm(name)))
+                if self.recompute:
+                    handles.append(module.register_forward_pre_hook(before(name, ("conv",))))
+                handles.append(module.register_forward_hook(after(name, "norm")))
             elif isinstance(module, nn.ReLU):
                 handles.append(module.register_forward_pre_hook(before_relu(name)))
                 handles.append(module.register_forward_hook(after_relu))
             elif _rebuildable_conv(module):
-                handles.append(module.register_forward_pre_hook(before_conv(name)))
+                handles.append(module.register_forward_pre_hook(before(name, ("norm", "relu"))))
+                if self.recompute and _pointwise_conv(module):
+                    handles.append(module.register_forward_hook(after(name, "conv")))
         with torch.no_grad():
             traceless_forward(model, args, handles)
         self.proven = proven
 
-    def _note(self, conv: str, norm: str, x: torch.Tensor) -> None:
-        """Name the rebuilt convolution (and the shape and dtype of its input). While Dynamo traces,
-        at compile time (``comptime``): a dict written from the traced code would be guarded on,
-        and recompiled for once it had changed."""
+    def _note(self, names: dict, inputs: dict, reader: str, source: str, x: torch.Tensor) -> None:
+        """Name the rebuilt convolution (or the recomputed BatchNorm: ``names``, ``inputs``) and the
+        shape and dtype of its input. While Dynamo traces, at compile time (``comptime``): a dict
+        written from the traced code would be guarded on, and recompiled for once it had changed."""
         shape, dtype = tuple(x.shape), str(x.dtype).replace("torch.", "")
         if torch.compiler.is_compiling():
             chain = id(self)  # noqa: F841 - read by _note_when_compiling through comptime's frame
+            which = "recomputed" if names is self.recomputed else "rebuilt"  # noqa: F841 - as chain
             comptime(_note_when_compiling)
         else:
-            self.rebuilt[conv] = norm
-            self.inputs[conv] = (shape, dtype)
+            names[reader] = source
+            inputs[reader] = (shape, dtype)
 
     def _source_of(self, x: torch.Tensor) -> Optional[Source]:
         for source in self._sources.values():
@@ -169,17 +208,103 @@ def _note_when_compiling(ctx) -> None:
             return ctx.get_local(name).as_python_constant()
         except Exception:  # noqa: BLE001 - a symbolic value
             return default
-    chain, conv = _CHAINS[value("chain")], value("conv")
-    chain.rebuilt[conv] = value("norm")
-    chain.inputs[conv] = (value("shape", ()), value("dtype", ""))
+    chain, reader = _CHAINS[value("chain")], value("reader")
+    names, inputs = (chain.recomputed, chain.norm_inputs) if value("which") == "recomputed" \
+        else (chain.rebuilt, chain.inputs)
+    names[reader] = value("source")
+    inputs[reader] = (value("shape", ()), value("dtype", ""))
 
 
-def _norm_with_source(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, codec: TensorCodec):
-    """``batch_norm_forward`` with x encoded here, so that the codes can be handed on."""
+def _pointwise_conv(module: nn.Module) -> bool:
+    """A convolution whose recompute costs one pass of its own forward (every kernel size 1)."""
+    return _rebuildable_conv(module) and conv_applies(module) and all(k == 1 for k in module.kernel_size)
+
+
+def _flatten(recipe: Recipe) -> tuple[tuple, list[torch.Tensor]]:
+    """(the recipe with each tensor replaced by ("@", its index), the tensors): an autograd
+    function takes the tensors as arguments (to save them) and the structure as a constant."""
+    tensors: list[torch.Tensor] = []
+
+    def walk(v):
+        if isinstance(v, torch.Tensor):
+            tensors.append(v)
+            return ("@", len(tensors) - 1)
+        return tuple(walk(e) for e in v) if isinstance(v, tuple) else v
+    return walk(recipe), tensors
+
+
+def _unflatten(structure, tensors) -> Recipe:
+    if isinstance(structure, tuple):
+        if len(structure) == 2 and structure[0] == "@":
+            return tensors[structure[1]]
+        return tuple(_unflatten(e, tensors) for e in structure)
+    return structure
+
+
+def materialize(codec: TensorCodec, recipe: Recipe, dtype: torch.dtype) -> torch.Tensor:
+    """The tensor a recipe describes, for a reader in ``dtype`` (the dtype and memory format are the
+    caller's to set; ``dtype`` gives a ReLU's positive values their floor, its smallest normal)."""
+    kind = recipe[0]
+    if kind == "codes":
+        _, layout, encoded = recipe
+        return codec.decode(layout, tuple(encoded))
+    if kind == "norm":
+        _, inner, mean, invstd, weight, bias, bits, mask_cl = recipe
+        x_hat = materialize(codec, inner, dtype).float()
+        shape = [1, -1] + [1] * (x_hat.dim() - 2)
+        scale, shift = batch_norm_affine(weight, bias, mean, invstd)
+        y = torch.addcmul(shift.view(shape), x_hat, scale.view(shape))
+        if bits is not None:
+            keep = _unpack_mask(bits, tuple(y.shape), mask_cl) > 0
+            # 0 where the ReLU's output was 0; where it was positive, at least the smallest normal
+            # (as the eager rebuild, division.exact.apply_relu_mask)
+            y = torch.where(keep, y.clamp_min(torch.finfo(dtype).tiny), y.new_zeros(()))
+        return y
+    _, inner, weight, bias, conv_args, in_dtype, memory_format = recipe
+    u = _as_input(materialize(codec, inner, in_dtype), in_dtype, memory_format)
+    return torch.ops.aten.convolution(u, weight, bias, *conv_args)
+
+
+def _as_input(t: torch.Tensor, dtype: torch.dtype, memory_format: Optional[str]) -> torch.Tensor:
+    t = t if t.dtype == dtype else t.to(dtype)
+    return t.contiguous(memory_format=torch.channels_last) if memory_format == "channels_last" else t
+
+
+def _norm_with_recipe(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, codec: TensorCodec,
+                      inner: Optional[Recipe]):
+    """``batch_norm_forward`` that hands on its output's recipe: x encoded here (``inner`` None),
+    so that the codes can be handed on, or recomputed in backward from ``inner``."""
     mean, invstd = batch_statistics(module, x)
-    layout, encoded = codec.encode(x.detach())
-    y = _BatchNorm.apply(x, module.weight, module.bias, mean, invstd, module.eps, codec, layout, *encoded)
-    return y, (y, layout, tuple(encoded), mean, invstd, module.weight, module.bias, None)
+    if inner is None:
+        layout, encoded = codec.encode(x.detach())
+        y = _BatchNorm.apply(x, module.weight, module.bias, mean, invstd, module.eps, codec, layout, *encoded)
+        inner = ("codes", layout, tuple(encoded))
+    else:
+        structure, tensors = _flatten(inner)
+        y = _BatchNormFromRecipe.apply(x, module.weight, module.bias, mean, invstd, module.eps, codec,
+                                       structure, *tensors)
+    return y, ("norm", inner, mean, invstd, module.weight, module.bias, None, False)
+
+
+class _BatchNormFromRecipe(torch.autograd.Function):
+    """``compiled._BatchNorm`` that keeps nothing of its input: backward recomputes it (a pointwise
+    convolution of what that convolution keeps anyway)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, invstd, eps: float, codec: TensorCodec, structure, *tensors):
+        y = batch_norm_output(x, weight, bias, mean, invstd)
+        ctx.save_for_backward(weight, mean, invstd, *tensors)
+        ctx.codec, ctx.structure, ctx.input_dtype = codec, structure, x.dtype
+        ctx.input_format = _memory_format(x)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, mean, invstd, *tensors = ctx.saved_tensors
+        x = _as_input(materialize(ctx.codec, _unflatten(ctx.structure, tensors), ctx.input_dtype),
+                      ctx.input_dtype, ctx.input_format)
+        gx, gw, gb = batch_norm_gradients(ctx, grad, x, weight, mean, invstd)
+        return (gx, gw, gb) + (None,) * (len(ctx.needs_input_grad) - 3)
 
 
 class _ReluKeepingMask(torch.autograd.Function):
@@ -198,49 +323,41 @@ class _ReluKeepingMask(torch.autograd.Function):
         return grad * _unpack_mask(bits, ctx.shape, ctx.channels_last).to(grad.dtype)
 
 
-def rebuild_input(codec: TensorCodec, layout: Layout, encoded, mean, invstd, weight, bias,
-                  bits: Optional[torch.Tensor], dtype: torch.dtype, memory_format: Optional[str]) -> torch.Tensor:
-    """BN(x) (or ReLU(BN(x)) with the mask's zeros) from x's codes, in ``dtype`` and ``memory_format``."""
-    x_hat = codec.decode(layout, tuple(encoded)).float()
-    shape = [1, -1] + [1] * (x_hat.dim() - 2)
-    scale, shift = batch_norm_affine(weight, bias, mean, invstd)
-    y = torch.addcmul(shift.view(shape), x_hat, scale.view(shape))
-    if bits is not None:
-        keep = _unpack_mask(bits, tuple(y.shape), memory_format == "channels_last") > 0  # packed from the conv's input
-        # 0 where the ReLU's output was 0; where it was positive, at least the smallest normal (as
-        # the eager rebuild, division.exact.apply_relu_mask)
-        y = torch.where(keep, y.clamp_min(torch.finfo(dtype).tiny), y.new_zeros(()))
-    y = y if y.dtype == dtype else y.to(dtype)
-    return y.contiguous(memory_format=torch.channels_last) if memory_format == "channels_last" else y
-
-
-class _ConvFromNorm(torch.autograd.Function):
-    """A convolution that keeps nothing of its input: backward rebuilds it (module docstring)."""
+class _ConvFromRecipe(torch.autograd.Function):
+    """A convolution whose backward makes its input from a recipe: rebuilt from a BatchNorm (the
+    module docstring), or decoded from codes encoded by the caller (so that a recompute of its
+    output can read them too)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, codec: TensorCodec, conv_args: tuple, layout: Layout,
-                mean, invstd, norm_weight, norm_bias, bits, *encoded):
+    def forward(ctx, x, weight, bias, codec: TensorCodec, conv_args: tuple, structure, *tensors):
         y = torch.ops.aten.convolution(x, weight, bias, *conv_args)
-        ctx.save_for_backward(weight, mean, invstd, norm_weight, norm_bias, bits, *encoded)
-        ctx.codec, ctx.layout, ctx.conv_args = codec, layout, conv_args
+        ctx.save_for_backward(weight, *tensors)
+        ctx.codec, ctx.structure, ctx.conv_args = codec, structure, conv_args
         ctx.input_dtype, ctx.input_format = x.dtype, _memory_format(x)
         ctx.bias_shape = None if bias is None else list(bias.shape)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        weight, mean, invstd, norm_weight, norm_bias, bits, *encoded = ctx.saved_tensors
-        x = rebuild_input(ctx.codec, ctx.layout, encoded, mean, invstd, norm_weight, norm_bias, bits,
-                          ctx.input_dtype, ctx.input_format)
+        weight, *tensors = ctx.saved_tensors
+        x = _as_input(materialize(ctx.codec, _unflatten(ctx.structure, tensors), ctx.input_dtype),
+                      ctx.input_dtype, ctx.input_format)
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                 ctx.bias_shape is not None and ctx.needs_input_grad[2]]
         gx, gw, gb = torch.ops.aten.convolution_backward(grad, x, weight, ctx.bias_shape, *ctx.conv_args, mask)
         return (gx, gw, gb) + (None,) * (len(ctx.needs_input_grad) - 3)
 
 
-def _conv_from_norm(module: nn.modules.conv._ConvNd, x: torch.Tensor, codec: TensorCodec,
-                    source: Source) -> torch.Tensor:
+def _conv_with_recipe(module: nn.modules.conv._ConvNd, x: torch.Tensor, codec: TensorCodec,
+                      inner: Optional[Recipe]):
+    """The convolution, its input rebuilt in backward from ``inner`` (a BatchNorm's recipe), or
+    (``inner`` None) encoded here; and its output's recipe (for a recompute of it)."""
     dtype = _compute_dtype(x)
-    _, layout, encoded, mean, invstd, norm_weight, norm_bias, bits, _name = source
-    return _ConvFromNorm.apply(_cast(x, dtype), _cast(module.weight, dtype), _cast(module.bias, dtype), codec,
-                               conv_arguments(module), layout, mean, invstd, norm_weight, norm_bias, bits, *encoded)
+    x, weight, bias = _cast(x, dtype), _cast(module.weight, dtype), _cast(module.bias, dtype)
+    if inner is None:
+        layout, encoded = codec.encode(x.detach())
+        inner = ("codes", layout, tuple(encoded))
+    structure, tensors = _flatten(inner)
+    conv_args = conv_arguments(module)
+    y = _ConvFromRecipe.apply(x, weight, bias, codec, conv_args, structure, *tensors)
+    return y, ("conv", inner, weight, bias, conv_args, x.dtype, _memory_format(x))

@@ -309,11 +309,6 @@ class ActivationCompressor:
             if self.codec is None or not module.training:
                 return
             uncovered = self.compiled_uncovered
-            if self._recompute_norms and not getattr(self, "_told_recompute", False):
-                self._told_recompute = True
-                warnings.warn("recompute_norm_input=true does not apply inside torch.compile: the compiled "
-                              "layers store BatchNorm inputs as codes (compressed, not recomputed)",
-                              RuntimeWarning)
             if uncovered is None:
                 warnings.warn(f"torch.compile bypasses the saved-tensor hooks of codec "
                               f"{getattr(self.codec, 'name', type(self.codec).__name__)!r}: this compiled "

@@ -235,7 +235,7 @@ class CodecMethod(TrainingMethod):
     ``division.compiled_rebuild``).
     recompute_norm_input: a BatchNorm's input that is a pointwise (1x1) convolution's output is not
     stored but recomputed in backward from that convolution's stored input (``division.rebuild``;
-    eager and CUDA-graph steps; compiled: an error).
+    compiled: ``division.compiled_rebuild``).
     """
 
     def __init__(self, name: str, codec: ActivationCodec, *, exact_masks: bool = True,
@@ -282,7 +282,8 @@ class CodecMethod(TrainingMethod):
             attention = self.tensor_codec if self.attention_codec is None \
                 else tensor_codec_for(self.attention_codec)
             self.compiled_layers = CompiledLayers(model, self.tensor_codec, attention=attention,
-                                                  rebuild_conv_input=self.rebuild_conv_input)
+                                                  rebuild_conv_input=self.rebuild_conv_input,
+                                                  recompute_norm_input=self.recompute_norm_input)
         if CodecGenerator.wants(self.codec):
             self._generator = CodecGenerator(self.codec, self.seed)
             self._generator.install(model)
@@ -306,10 +307,6 @@ class CodecMethod(TrainingMethod):
         compressor's threshold (90%) naming what stays uncompressed; with ``rebuild_conv_input`` it
         proves there which convolution inputs the traced forward may rebuild
         (``ConvInputChain.prove``), and after it warns if none was."""
-        if self.recompute_norm_input:
-            raise ValueError("method.recompute_norm_input=true works in eager and CUDA-graph steps, not in "
-                             "compiled ones (their BatchNorm inputs would be stored as codes, not "
-                             "recomputed): set compile=false, or method.recompute_norm_input=false")
         if self.compiled_layers is not None:
             # Static shapes unless asked otherwise: the fused kernels' plans are per shape. Left to
             # torch.compile, the first new batch size (an epoch's last, short batch) re-traces the
@@ -342,12 +339,19 @@ class CodecMethod(TrainingMethod):
                 if not (model.training and torch.is_grad_enabled()):
                     return
                 after_first.remove()
-                if not chain.rebuilt:  # the knob asked for rebuilds and the traced forward made none
-                    message = ("rebuild_conv_input=true rebuilt no convolution input of this compiled "
-                               "model: no BatchNorm (+ ReLU module) output is read by a convolution "
-                               "directly; those inputs are stored as usual")
-                    log.warning(message)
-                    warnings.warn(message, RuntimeWarning, stacklevel=2)
+                # a knob that asked for rebuilds (recomputes) where the traced forward made none
+                for asked, made, message in (
+                        (chain.rebuild, chain.rebuilt,
+                         "rebuild_conv_input=true rebuilt no convolution input of this compiled model: no "
+                         "BatchNorm (+ ReLU module) output is read by a convolution directly; those inputs "
+                         "are stored as usual"),
+                        (chain.recompute, chain.recomputed,
+                         "recompute_norm_input=true recomputed no BatchNorm input of this compiled model: no "
+                         "1x1 convolution's output is read by a BatchNorm directly; those inputs are stored "
+                         "as usual")):
+                    if asked and not made:
+                        log.warning(message)
+                        warnings.warn(message, RuntimeWarning, stacklevel=2)
             after_first = compiled.register_forward_hook(check_rebuilt)
         return compiled
 

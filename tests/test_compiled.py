@@ -649,6 +649,80 @@ def test_compiled_rebuild_without_batch_norm_chains_warns():
     assert not [e for e in ledger.entries if e.codec == "rebuilt"]
 
 
+# ----------------------------------------------------- recomputed BatchNorm inputs, compiled
+def _recomputing_run(rebuild: bool, recompute: bool, bits: int = 8, channels_last: bool = False):
+    """One compiled (aot_eager) step of the bottleneck of tests/test_recompute.py: (method, ledger, grads);
+    channels_last: under bf16 autocast too."""
+    from tests.test_recompute import Bottleneck
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = Bottleneck().train().to(memory_format=fmt)
+    ledger = division.ByteLedger()
+    method = division.build_method("division", bits=bits, rounding="nearest", rebuild_conv_input=rebuild,
+                                   recompute_norm_input=recompute)
+    method.attach(model, ledger=ledger)
+    run = method.compile(model, backend="aot_eager")
+    _, y = batch()
+    x = torch.randn(8, 8, 16, 16, generator=torch.Generator().manual_seed(1)).contiguous(memory_format=fmt)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=channels_last):
+        loss = F.cross_entropy(run(x).float(), y)
+    loss.backward()
+    return method, ledger, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _bottleneck_plain_grads(channels_last: bool) -> dict:
+    from tests.test_recompute import Bottleneck
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = Bottleneck().train().to(memory_format=fmt)
+    _, y = batch()
+    x = torch.randn(8, 8, 16, 16, generator=torch.Generator().manual_seed(1)).contiguous(memory_format=fmt)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=channels_last):
+        loss = F.cross_entropy(model(x).float(), y)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_compiled_recompute_keeps_nothing_of_batch_norm_inputs_after_1x1_convolutions():
+    """Compiled, the BatchNorms after the three 1x1 convolutions keep nothing of their input (the
+    graph keeps exactly their codes fewer, and with rebuild_conv_input the two rebuilt inputs' too);
+    the ledger lists them as recomputed; at Q=8 the gradients are plain training's."""
+    _, stored, _ = _recomputing_run(False, False)
+    method, ledger, grads = _recomputing_run(False, True)
+    chain = method.compiled_layers.chain
+    assert chain.recomputed == {"bn1": "conv1", "bn3": "conv3", "bn_short": "short"} and chain.rebuilt == {}
+    assert sorted((r["layer"], r["how"], r["rebuilt_from"], r["shape"]) for r in ledger.rebuilt()) == [
+        ("bn1", "recomputed", "conv1", (8, 16, 8, 8)), ("bn3", "recomputed", "conv3", (8, 32, 8, 8)),
+        ("bn_short", "recomputed", "short", (8, 32, 8, 8))]
+    codec = method.tensor_codec
+    inputs = [(8, 16, 8, 8), (8, 32, 8, 8), (8, 32, 8, 8)]
+    assert stored.stored_bytes - ledger.stored_bytes == sum(codec.nbytes(s, torch.float32) for s in inputs)
+    plain = _bottleneck_plain_grads(False)
+    assert cosine(grads, plain) > 0.99999
+    method, both, grads = _recomputing_run(True, True)
+    assert method.compiled_layers.chain.rebuilt == {"conv2": "bn1", "conv3": "bn2"}  # conv3 then recomputes bn3's
+    rebuilt = [(8, 16, 8, 8), (8, 16, 8, 8)]  # conv2's and conv3's inputs
+    assert ledger.stored_bytes - both.stored_bytes == sum(codec.nbytes(s, torch.float32) for s in rebuilt)
+    assert cosine(grads, plain) > 0.99999
+
+
+def test_compiled_recompute_under_autocast_channels_last():
+    method, _, grads = _recomputing_run(True, True, channels_last=True)
+    assert len(method.compiled_layers.chain.recomputed) == 3 and len(method.compiled_layers.chain.rebuilt) == 2
+    assert cosine(grads, _bottleneck_plain_grads(True)) > 0.9999
+
+
+def test_compiled_recompute_without_1x1_convolutions_warns():
+    torch._dynamo.reset()
+    model = small_net()  # 3x3 convolutions only
+    method = division.build_method("division", rounding="nearest", recompute_norm_input=True)
+    method.attach(model)
+    with pytest.warns(RuntimeWarning, match="recomputed no BatchNorm input of this compiled model"):
+        step(method.compile(model, backend="aot_eager"), *batch())
+    assert method.compiled_layers.chain.recomputed == {}
+
+
 def test_fused_codec_choice_specializes_symbolic_sizes(monkeypatch):
     """A plain ``torch.compile(model)`` of an attached model re-traces with symbolic sizes at the
     second batch size (automatic dynamic shapes). ``applies`` makes them static: the plan lookup gets
