@@ -10,7 +10,9 @@
 #                                                 # bf16 channels_last b128 images/s, one run at a time:
 #                                                 # compile=true (none, division, division with
 #                                                 # rebuild_conv_input), then compile=reduce-overhead
-#                                                 # (none, division: the graphs replayed as CUDA graphs)
+#                                                 # (none, division: the graphs replayed as CUDA graphs),
+#                                                 # then division with recompute_norm_input (and
+#                                                 # both knobs), compile=true
 #
 # Memory runs share the GPU (allocator figures are per process); speed runs never do. Records go to
 # OUT_DIR/store (pack them with ``python -m runners.record pack``); each stage's log to OUT_DIR/NAME.log.
@@ -26,7 +28,11 @@ r50=(model=resnet50 dataset.image_size=224 dataset.num_classes=1000)
 fast=(precision=bf16 channels_last=true batch_size=128)
 variants=("method=none compile=true" "method=division compile=true"
           "method=division method.rebuild_conv_input=true compile=true"
-          "method=none compile=reduce-overhead" "method=division compile=reduce-overhead")
+          "method=none compile=reduce-overhead" "method=division compile=reduce-overhead"
+          "method=division method.recompute_norm_input=true compile=true"
+          "method=division method.rebuild_conv_input=true method.recompute_norm_input=true compile=true")
+# ONLY="0 1 5" keeps those variants of the speed stages (and their warm-up), in that order
+read -r -a only <<< "${ONLY:-${!variants[*]}}"
 deadline=${DEADLINE:-3600}
 stage() {  # stage NAME SECONDS ARGS...: one main.py call, bounded, logged to OUT/NAME.log
   local name=$1 seconds=$2; shift 2
@@ -42,7 +48,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/ver
 python -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)" >> "$out/versions.txt"
 
 warm_speed() {  # the speed runs' graphs, compiled into the cache at once (their records are thrown away)
-  for i in "${!variants[@]}"; do
+  for i in "${only[@]}"; do
     # shellcheck disable=SC2086
     stage "warm_speed_$i" 540 mode=speed "${r50[@]}" "${fast[@]}" ${variants[$i]} speed.warmup=1 speed.steps=1 \
       "results_dir=/tmp/warm_store" &
@@ -64,7 +70,7 @@ elif [[ $what == speed ]]; then
   wait
 fi
 if [[ $what == speed || $what == all ]]; then
-  for i in "${!variants[@]}"; do
+  for i in "${only[@]}"; do
     # shellcheck disable=SC2086
     # 240 s: the warm cache spares inductor's compile, not Dynamo's tracing (a compiled DIVISION
     # ResNet-50 speed run took 136 s on an H200 after the warm-up)
