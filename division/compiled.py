@@ -649,7 +649,7 @@ class CompiledLayers:
         (``division.compiled_attention``); None leaves ``nn.MultiheadAttention`` to the compiler.
         ``rebuild_conv_input``: convolutions reading BN(x) or ReLU(BN(x)) rebuild their input
         (``division.compiled_rebuild``; ``chain.rebuilt`` names them once traced).
-        ``recompute_norm_input``: BatchNorms reading a 1x1 convolution's output recompute their
+        ``recompute_norm_input``: BatchNorms reading a 1x1 or depthwise convolution's output recompute their
         input (``chain.recomputed``)."""
         from .attention import attention_applies
         from .compiled_rebuild import ConvInputChain

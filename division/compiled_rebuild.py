@@ -29,7 +29,7 @@ the forward returns.
 The rebuilt convolution's saved tensors are the BatchNorm's and the ReLU's own (the same graph
 nodes), so the compiled graph keeps them once: it saves nothing for the convolution's input.
 
-The compiled twin of the eager recompute (``division.rebuild.ConvSource``): a 1x1 convolution (with
+The compiled twin of the eager recompute (``division.rebuild.ConvSource``): a 1x1 or depthwise convolution (with
 ``recompute_norm_input``) encodes its input itself, or reads it rebuilt, and hands on its output's
 recipe; a BatchNorm whose input *is* that output (a link proved by ``prove`` too) keeps nothing of
 it, and its backward runs the convolution again on the decoded (or rebuilt) input. What backward
@@ -47,6 +47,7 @@ import torch
 from torch import nn
 from torch._dynamo.comptime import comptime
 
+from .rebuild import cheap_to_recompute
 from .compiled import (_BatchNorm, _Relu, _cast, _compute_dtype, _memory_format, _unpack_mask, TensorCodec,
                        batch_norm_affine, batch_norm_gradients, batch_norm_output, batch_statistics,
                        conv_applies, conv_arguments)
@@ -55,15 +56,15 @@ from .compiled import (_BatchNorm, _Relu, _cast, _compute_dtype, _memory_format,
 # without a graph break, and hands to an autograd function's apply flattened, ``_flatten``):
 #   ("codes", layout, encoded)                                  x's codes: decode them
 #   ("norm", inner, mean, invstd, weight, bias, bits, mask_cl)  BN(inner), with a ReLU's mask (bits) if any
-#   ("conv", inner, weight, bias, conv_args, dtype, format)     a pointwise convolution of inner
+#   ("conv", inner, weight, bias, conv_args, dtype, format)     a cheap convolution of inner
 Recipe = tuple
 # A source: (the tensor a module must read, its recipe, the BatchNorm or convolution it comes from,
-# its kind: "norm" for BN(x) or ReLU(BN(x)), "conv" for a pointwise convolution's output).
+# its kind: "norm" for BN(x) or ReLU(BN(x)), "conv" for a cheap convolution's output).
 Source = tuple
 
 
 class ConvInputChain:
-    """The BatchNorm and pointwise-convolution sources of one traced forward, the convolutions
+    """The BatchNorm and cheap-convolution sources of one traced forward, the convolutions
     rebuilt from a BatchNorm (``rebuild``) and the BatchNorms whose input is recomputed by a
     convolution (``recompute``, ``method.recompute_norm_input``)."""
 
@@ -99,10 +100,10 @@ class ConvInputChain:
             if _rebuildable_conv(module):
                 self._note(self.rebuilt, self.inputs, name, source[2], x)
                 y, recipe = _conv_with_recipe(module, x, codec, source[1])
-                if self.recompute and _pointwise_conv(module):
+                if self.recompute and _cheap_conv(module):
                     self._sources[name] = (y, recipe, name, "conv")
                 return y
-        if self.recompute and _pointwise_conv(module):
+        if self.recompute and _cheap_conv(module):
             y, recipe = _conv_with_recipe(module, x, codec, None)
             self._sources[name] = (y, recipe, name, "conv")
             return y
@@ -163,7 +164,7 @@ class ConvInputChain:
                 handles.append(module.register_forward_hook(after_relu))
             elif _rebuildable_conv(module):
                 handles.append(module.register_forward_pre_hook(before(name, ("norm", "relu"))))
-                if self.recompute and _pointwise_conv(module):
+                if self.recompute and _cheap_conv(module):
                     handles.append(module.register_forward_hook(after(name, "conv")))
         with torch.no_grad():
             traceless_forward(model, args, handles)
@@ -215,9 +216,9 @@ def _note_when_compiling(ctx) -> None:
     inputs[reader] = (value("shape", ()), value("dtype", ""))
 
 
-def _pointwise_conv(module: nn.Module) -> bool:
-    """A convolution whose recompute costs one pass of its own forward (every kernel size 1)."""
-    return _rebuildable_conv(module) and conv_applies(module) and all(k == 1 for k in module.kernel_size)
+def _cheap_conv(module: nn.Module) -> bool:
+    """A convolution cheap to run again in backward (``division.rebuild.cheap_to_recompute``)."""
+    return conv_applies(module) and cheap_to_recompute(module)
 
 
 def _flatten(recipe: Recipe) -> tuple[tuple, list[torch.Tensor]]:
@@ -287,7 +288,7 @@ def _norm_with_recipe(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, 
 
 
 class _BatchNormFromRecipe(torch.autograd.Function):
-    """``compiled._BatchNorm`` that keeps nothing of its input: backward recomputes it (a pointwise
+    """``compiled._BatchNorm`` that keeps nothing of its input: backward recomputes it (a cheap
     convolution of what that convolution keeps anyway)."""
 
     @staticmethod

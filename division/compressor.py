@@ -49,7 +49,7 @@ input is encoded here and the backward reads the codes, with no decoded input in
 With ``rebuild_conv_input``, a convolution's (or Linear's) input that is provably ReLU(BN(x)) or
 BN(x) of a training BatchNorm whose input x is stored here holds no bytes: backward rebuilds it from
 x's codes, the BatchNorm's statistics and parameters, and the ReLU's exact mask (``division.rebuild``).
-With ``recompute_norm_input``, a BatchNorm's input that is provably the output of a pointwise (1x1)
+With ``recompute_norm_input``, a BatchNorm's input that is provably the output of a 1x1 or depthwise
 convolution whose input is stored here (as codes, raw, or itself rebuilt) holds no bytes either:
 backward recomputes it from that input and the convolution's weight. Such a BatchNorm runs as
 PyTorch's, not fused into an encode (``norm_from_codes``): there is nothing to encode.
@@ -200,8 +200,8 @@ class ActivationCompressor:
         more bits, or ``RawCodec()`` to keep them exact; None: the codec, like every other save.
     rebuild_conv_input: a convolution's input that is ReLU(BN(x)) or BN(x) of a BatchNorm whose input
         is stored here is rebuilt in backward instead of stored (``division.rebuild``; with a codec).
-    recompute_norm_input: a BatchNorm's (or other norm's) input that is the output of a pointwise
-        convolution whose input is stored here is recomputed in backward instead of stored (with a codec).
+    recompute_norm_input: a BatchNorm's (or other norm's) input that is the output of a 1x1 or
+        depthwise convolution whose input is stored here is recomputed in backward instead of stored (with a codec).
     """
 
     def __init__(self, model: nn.Module, codec: Optional[ActivationCodec], *, exact_masks: bool = True,
@@ -237,7 +237,7 @@ class ActivationCompressor:
         # set by the method when division.compiled covers the codec: the layers it leaves to the compiler
         self.compiled_uncovered: Optional[list[str]] = None
         # the BN(x) / ReLU(BN(x)) tensors of this forward, whose conv saves are rebuilt, and the
-        # pointwise convolutions' outputs, whose norm saves are recomputed (None: both off)
+        # 1x1 and depthwise convolutions' outputs, whose norm saves are recomputed (None: both off)
         self._rebuild_inputs = rebuild_conv_input and codec is not None
         self._recompute_norms = recompute_norm_input and codec is not None
         self._chains = ChainTracker() if self._rebuild_inputs or self._recompute_norms else None
@@ -539,7 +539,7 @@ class ActivationCompressor:
         return self._recompute_norms and t is not None and self._chains.lookup_conv(t) is not None
 
     def _recomputed(self, t: torch.Tensor, frame: Optional[_Frame], codec: ActivationCodec) -> Optional[Packed]:
-        """The zero-byte Packed of a norm's input that backward can recompute from the pointwise
+        """The zero-byte Packed of a norm's input that backward can recompute from the cheap
         convolution that produced it, or None to store it as usual."""
         if frame is None or frame.ctx.kind != "norm" or t is not frame.input or codec is _RAW \
                 or not self._recomputed_input(t):
@@ -707,8 +707,8 @@ class ActivationCompressor:
         # bytes stay stored
         for asked, codec, message in (
                 (self._recompute_norms, RECOMPUTED,
-                 "recompute_norm_input=true recomputed no normalization input of this model: no pointwise "
-                 "(1x1) convolution -> BatchNorm / norm module chain was found; those inputs are stored as usual"),
+                 "recompute_norm_input=true recomputed no normalization input of this model: no 1x1 or "
+                 "depthwise convolution -> BatchNorm / norm module chain was found; those inputs are stored as usual"),
                 (self._rebuild_inputs, REBUILT,
                  "rebuild_conv_input=true rebuilt no convolution input of this model: no BatchNorm(+ReLU) -> "
                  "convolution chain through PyTorch's native or cuDNN BatchNorm was found (SyncBatchNorm is "

@@ -16,7 +16,7 @@ from typing import Optional
 
 COMPILED = "compiled"  # LedgerEntry.kind of a tensor saved by a compiled graph
 REBUILT = "rebuilt"    # LedgerEntry.codec of a tensor rebuilt in backward, not stored (division.rebuild)
-RECOMPUTED = "recomputed"  # LedgerEntry.codec of a pointwise convolution's output recomputed in backward
+RECOMPUTED = "recomputed"  # LedgerEntry.codec of a 1x1 or depthwise convolution's output recomputed in backward
 
 
 @dataclass

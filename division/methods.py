@@ -233,7 +233,7 @@ class CodecMethod(TrainingMethod):
     rebuild_conv_input: a convolution's input that is ReLU(BN(x)) or BN(x) is not stored but rebuilt
     in backward from the BatchNorm's stored input (``division.rebuild``; compiled:
     ``division.compiled_rebuild``).
-    recompute_norm_input: a BatchNorm's input that is a pointwise (1x1) convolution's output is not
+    recompute_norm_input: a BatchNorm's input that is a 1x1 or depthwise convolution's output is not
     stored but recomputed in backward from that convolution's stored input (``division.rebuild``;
     compiled: ``division.compiled_rebuild``).
     """
@@ -347,7 +347,7 @@ class CodecMethod(TrainingMethod):
                          "are stored as usual"),
                         (chain.recompute, chain.recomputed,
                          "recompute_norm_input=true recomputed no BatchNorm input of this compiled model: no "
-                         "1x1 convolution's output is read by a BatchNorm directly; those inputs are stored "
+                         "1x1 or depthwise convolution's output is read by a BatchNorm directly; those inputs are stored "
                          "as usual")):
                     if asked and not made:
                         log.warning(message)

@@ -29,8 +29,9 @@ BatchNorm's ``Packed`` (``take_decoded``), and the compressor hands it to the Ba
 
 ``method.recompute_norm_input`` goes one link further up: in conv-BN the BatchNorm saves the
 convolution's output, and the convolution already keeps its own input (codes, or itself a rebuild)
-and reads its weight (model memory). Where the convolution is pointwise (every kernel size 1: its
-recompute costs one pass of its own forward, the price of the encode and decode it replaces), the
+and reads its weight (model memory). Where the convolution is cheap to run again
+(``cheap_to_recompute``: pointwise, whose recompute costs one pass of its own forward, the price of
+the encode and decode it replaces, or depthwise, a few multiply-adds per output), the
 BatchNorm's input is not stored but recomputed in backward, ``conv(u_hat)``, with the stride,
 padding, dilation and groups autograd's node recorded. The BatchNorm's backward runs just before the
 convolution's, so the decoded ``u_hat`` is left with the convolution's ``Packed`` for its own
@@ -120,7 +121,7 @@ class NormSource:
 
 @dataclass
 class ConvSource:
-    """What a recompute reads: a pointwise convolution's stored input and its call at forward time."""
+    """What a recompute reads: a cheap convolution's stored input and its call at forward time."""
 
     layer: str              # the convolution's name, for the ledger
     packed: Packed          # its input, as stored for its own backward (codes, raw, or a rebuild)
@@ -168,6 +169,15 @@ def _version(t: Optional[torch.Tensor]) -> int:
     return -1 if t is None else t._version
 
 
+def cheap_to_recompute(module: nn.Module) -> bool:
+    """A convolution whose output costs little to compute again: pointwise (every kernel size 1: one
+    pass of its own forward, the price of the encode and decode it replaces) or depthwise (one
+    group per input channel: kh * kw multiply-adds per output, a pass over memory)."""
+    if not isinstance(module, nn.modules.conv._ConvNd) or isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return False
+    return all(k == 1 for k in module.kernel_size) or module.groups == module.in_channels
+
+
 def _is_weight(saved: Optional[torch.Tensor], weight: torch.Tensor) -> bool:
     """Is ``saved`` (a convolution node's saved weight) the module's weight or autocast's copy of it?"""
     if _same(saved, weight):
@@ -200,7 +210,7 @@ class _Value:
 
 @dataclass
 class _ConvValue:
-    """A tensor known to be a pointwise convolution's output at ``version``."""
+    """A tensor known to be a cheap convolution's output at ``version`` (``cheap_to_recompute``)."""
 
     ref: weakref.ref
     version: int
@@ -208,7 +218,7 @@ class _ConvValue:
 
 
 class ChainTracker:
-    """The BN(x) and ReLU(BN(x)) tensors of the current forward, and the pointwise convolutions'
+    """The BN(x) and ReLU(BN(x)) tensors of the current forward, and the cheap convolutions'
     outputs (see the module docstring)."""
 
     def __init__(self) -> None:
@@ -224,15 +234,14 @@ class ChainTracker:
         return _current(self._values, t)
 
     def lookup_conv(self, t: torch.Tensor) -> Optional[_ConvValue]:
-        """The pointwise convolution ``t`` is the output of, if ``t`` is still that output."""
+        """The cheap convolution ``t`` is the output of, if ``t`` is still that output."""
         return _current(self._convs, t)
 
     def after_conv(self, module: nn.Module, layer: str, u: Optional[torch.Tensor],
                    u_packed: Optional[Packed], y) -> None:
         """A convolution module returned ``y``; its saved input was ``u`` (the module's input or
         autocast's copy of it), stored as ``u_packed``."""
-        if not (isinstance(module, nn.modules.conv._ConvNd) and all(k == 1 for k in module.kernel_size)
-                and isinstance(y, torch.Tensor) and u is not None and u_packed is not None):
+        if not (cheap_to_recompute(module) and isinstance(y, torch.Tensor) and u is not None and u_packed is not None):
             return
         node = y.grad_fn
         if type(node).__name__ != _CONV or node.next_functions[0][0] is not u.grad_fn \
@@ -317,7 +326,7 @@ class RebuildCodec(ActivationCodec):
 
 
 class RecomputeCodec(ActivationCodec):
-    """A pointwise convolution's output recomputed in backward from a ``ConvSource``: no storage of
+    """A cheap convolution's output recomputed in backward from a ``ConvSource``: no storage of
     its own."""
 
     name = RECOMPUTED

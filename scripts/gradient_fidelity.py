@@ -95,7 +95,7 @@ def main() -> None:
     p.add_argument("--rebuild-conv-input", action="store_true",
                    help="method.rebuild_conv_input=true: a conv input that is ReLU(BN(x)) is rebuilt in backward")
     p.add_argument("--recompute-norm-input", action="store_true",
-                   help="method.recompute_norm_input=true: a BatchNorm input made by a 1x1 conv is recomputed in backward")
+                   help="method.recompute_norm_input=true: a BatchNorm input made by a 1x1 or depthwise conv is recomputed in backward")
     p.add_argument("--out", default=None, help="write the full per-layer report as JSON")
     p.add_argument("--results-dir", default=None, help="add one record per bit width to this results store")
     p.add_argument("--group", default="gradient_fidelity", help="the records' group (with --results-dir)")
@@ -108,7 +108,7 @@ def main() -> None:
     reports = []
     print(f"{args.model}, {args.images} real images, B={args.block_size}, attention_bits={args.attention_bits}"
           + (", conv inputs rebuilt from BatchNorm" if args.rebuild_conv_input else "")
-          + (", norm inputs recomputed by 1x1 convs" if args.recompute_norm_input else ""))
+          + (", norm inputs recomputed by 1x1 / depthwise convs" if args.recompute_norm_input else ""))
     print(f"{'bits':>4} {'overall cosine':>15} {'overall rel.err':>16} {'worst layer cosine':>19} {'ledger ratio':>13}")
     for bits in args.bits:
         started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")

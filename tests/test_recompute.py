@@ -121,6 +121,26 @@ def test_with_exactly_stored_inputs_the_gradients_are_plain_autograds_bit_for_bi
         assert torch.equal(got[name], plain[name]), name
 
 
+def test_a_depthwise_convolutions_output_is_recomputed_too():
+    """Depthwise (one group per channel, as in MobileNet and EfficientNet blocks): kh * kw
+    multiply-adds per output, cheap to run again; with exact storage, plain autograd's gradients."""
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(8, 8, 5, padding=2, stride=2, groups=8), nn.BatchNorm2d(8), nn.SiLU(),
+                             nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten(), nn.Linear(16, 10)).train()
+    x = torch.randn(4, 8, 16, 16)
+    plain = _plain_grads(model(), x)
+    exact = model()
+    ledger = ByteLedger()
+    with compress_activations(exact, RawCodec(), ledger=ledger, recompute_norm_input=True):
+        _loss(exact, x).backward()
+    assert _recomputed(ledger) == [("1", "0", 0)]  # the 3x3 full convolution's BatchNorm ("4") is stored
+    got = _grads(exact)
+    for name in plain:
+        assert torch.equal(got[name], plain[name]), name
+
+
 def test_resnet50_recomputes_every_pointwise_convolutions_batchnorm_input():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 64, 64)
