@@ -35,8 +35,10 @@ recipe; a BatchNorm whose input *is* that output (a link proved by ``prove`` too
 it, and its backward runs the convolution again on the decoded (or rebuilt) input. What backward
 makes from what is a recipe (below), nested where a recompute reads a rebuilt input (a bottleneck's
 conv3) and a rebuild a recomputed one (its conv2 reads ReLU(bn1), whose input conv1 recomputes).
-The BatchNorm's input is decoded twice in backward (for the convolution and for the BatchNorm),
-where the eager path shares one decode.
+
+Each reader makes its recipe itself: a rebuilt BatchNorm input is decoded twice in backward (for
+the convolution and for the BatchNorm), and so is a recomputing convolution's input (for the
+BatchNorm and for the convolution), where the eager path shares one decode.
 """
 from __future__ import annotations
 

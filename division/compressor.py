@@ -541,10 +541,11 @@ class ActivationCompressor:
     def _recomputed(self, t: torch.Tensor, frame: Optional[_Frame], codec: ActivationCodec) -> Optional[Packed]:
         """The zero-byte Packed of a norm's input that backward can recompute from the cheap
         convolution that produced it, or None to store it as usual."""
-        if frame is None or frame.ctx.kind != "norm" or t is not frame.input or codec is _RAW \
-                or not self._recomputed_input(t):
+        if not self._recompute_norms or frame is None or frame.ctx.kind != "norm" or t is not frame.input \
+                or codec is _RAW:
             return None
-        return self._recompute.reference(t, self._chains.lookup_conv(t).source)
+        conv = self._chains.lookup_conv(t)
+        return None if conv is None else self._recompute.reference(t, conv.source)
 
     def _link_relu_mask(self, t: torch.Tensor, packed: Packed) -> None:
         """``t`` is also a ReLU output kept as its mask (same tensor, same version): give the

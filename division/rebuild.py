@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from .codec import ActivationCodec, Packed, SaveContext
+from .compiled import batch_norm_affine
 from .exact import RELU_MASK, _is_channels_last, apply_relu_mask, last_reader, share_decode
 from .ledger import RECOMPUTED, REBUILT
 
@@ -80,18 +81,10 @@ class NormSource:
 
     def scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
         """BN(x) = x * scale + shift per channel, with the forward's statistics and parameters (fp32)."""
-        if self.versions != (_version(self.weight), _version(self.bias)):
-            # plain autograd refuses this too: the BatchNorm's own backward would read the new weight
-            raise RuntimeError(f"the affine parameters of {self.layer or 'a BatchNorm'} were modified in "
-                               "place between forward and backward; its rebuilt output "
-                               "(method.rebuild_conv_input) would be wrong")
-        scale = self.invstd.float()
-        if self.weight is not None:
-            scale = scale * self.weight.detach().float()
-        shift = -self.mean.float() * scale
-        if self.bias is not None:
-            shift = shift + self.bias.detach().float()
-        return scale, shift
+        # plain autograd refuses this too: the BatchNorm's own backward would read the new weight
+        _check_unchanged(self.versions, self.weight, self.bias,
+                         f"the affine parameters of {self.layer or 'a BatchNorm'}", "rebuilt", "rebuild_conv_input")
+        return batch_norm_affine(_detached(self.weight), _detached(self.bias), self.mean.float(), self.invstd.float())
 
     def affine(self, x_hat: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """BN(x_hat) with the forward's statistics and parameters, in ``dtype``."""
@@ -133,10 +126,8 @@ class ConvSource:
     def output(self, dtype: torch.dtype) -> torch.Tensor:
         """conv(u_hat) with the forward's weight and call, in ``dtype``; u_hat stays with the
         convolution's ``Packed`` for its backward, which comes next."""
-        if self.versions != (_version(self.weight), _version(self.bias)):
-            raise RuntimeError(f"the parameters of {self.layer or 'a convolution'} were modified in place "
-                               "between forward and backward; its recomputed output "
-                               "(method.recompute_norm_input) would be wrong")
+        _check_unchanged(self.versions, self.weight, self.bias,
+                         f"the parameters of {self.layer or 'a convolution'}", "recomputed", "recompute_norm_input")
         u_hat = decode_once(self.packed)
         weight = self.weight.detach().to(u_hat.dtype)  # autocast ran the forward in the input's dtype
         bias = None if self.bias is None else self.bias.detach().to(u_hat.dtype)
@@ -167,6 +158,17 @@ def _same(saved: Optional[torch.Tensor], t: Optional[torch.Tensor]) -> bool:
 
 def _version(t: Optional[torch.Tensor]) -> int:
     return -1 if t is None else t._version
+
+
+def _detached(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.detach()
+
+
+def _check_unchanged(versions: tuple[int, int], weight, bias, what: str, made: str, knob: str) -> None:
+    """Refuse a rebuild or recompute whose parameters changed in place since forward."""
+    if versions != (_version(weight), _version(bias)):
+        raise RuntimeError(f"{what} were modified in place between forward and backward; its {made} "
+                           f"output (method.{knob}) would be wrong")
 
 
 def cheap_to_recompute(module: nn.Module) -> bool:

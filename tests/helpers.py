@@ -62,3 +62,17 @@ def train_side_by_side(methods, prepare=None, steps: int = 4) -> list[dict]:
         return [model.state_dict() for model in models]
     finally:
         torch.backends.cudnn.deterministic = saved
+
+
+def decodes_in_one_step(model, loss_of, **knobs) -> int:
+    """How many times DIVISION's codec (PyTorch ops, seed 0, ``knobs``) decodes in one training step
+    of ``model``, whose loss ``loss_of(model)`` gives."""
+    import division
+    method = division.build_method("division", seed=0, backend="torch", **knobs)
+    codec, decode = method.codec, method.codec.decode
+    calls = []
+    codec.decode = lambda packed: (calls.append(1), decode(packed))[1]
+    method.attach(model)
+    loss_of(model).backward()
+    method.detach()
+    return len(calls)

@@ -166,6 +166,7 @@ def test_layer_functions_give_exact_backward_with_a_near_lossless_codec():
 
 
 def test_batch_norm_function_matches_batch_norm_and_its_running_statistics():
+    torch.manual_seed(0)  # (unseeded, the draws followed whatever ran before)
     codec = TensorCodec(block_size=1, bits=8, rounding="nearest")
     ours, ref = nn.BatchNorm2d(6), nn.BatchNorm2d(6)
     with torch.no_grad():
@@ -182,7 +183,9 @@ def test_batch_norm_function_matches_batch_norm_and_its_running_statistics():
     gx, gw, gb = torch.autograd.grad(y, (x, ours.weight, ours.bias), g)
     gx_ref, gw_ref, gb_ref = torch.autograd.grad(y_ref, (x, ref.weight, ref.bias), g)
     for a, b in ((gx, gx_ref), (gw, gw_ref), (gb, gb_ref)):
-        assert torch.allclose(a, b, rtol=1e-3, atol=1e-4)
+        # the input is coded at 8 bits: a sum over the batch moves by ~1e-5 of the gradient's scale
+        # (an absolute 1e-4 failed on 8 of 200 seeds, on weight gradients near 30)
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-4 * b.abs().max().item())
 
 
 def test_dispatch_is_eager_outside_compilation_and_removable():

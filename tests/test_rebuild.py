@@ -10,6 +10,7 @@ from torch import nn
 import division
 from division.ledger import ByteLedger
 from division.rebuild import REBUILT
+from tests.helpers import decodes_in_one_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -132,17 +133,9 @@ def test_the_rebuilt_input_has_the_true_inputs_zeros_exactly(inplace):
 def test_one_decode_of_the_batchnorm_input_serves_the_rebuild_and_the_batchnorm():
     """Backward decodes the BatchNorm input once for both readers: the rebuilt conv input costs no
     decode of its own (one decode fewer than storing it)."""
-    counts = {}
-    for rebuild in (False, True):
-        method = division.build_method("division", seed=0, backend="torch", rebuild_conv_input=rebuild)
-        codec, decode = method.codec, method.codec.decode
-        calls = []
-        codec.decode = lambda packed: (calls.append(1), decode(packed))[1]
-        model = conv_bn_relu_conv(True)
-        method.attach(model)
-        model(torch.randn(4, 3, 16, 16)).sum().backward()
-        method.detach()
-        counts[rebuild] = len(calls)
+    x = torch.randn(4, 3, 16, 16)
+    counts = {on: decodes_in_one_step(conv_bn_relu_conv(True), lambda m: m(x).sum(), rebuild_conv_input=on)
+              for on in (False, True)}
     assert counts[True] == counts[False] - 2
 
 
@@ -204,18 +197,22 @@ def test_a_batchnorm_weight_changed_between_forward_and_backward_is_refused():
     method.detach()
 
 
+KNOBS = ["rebuild_conv_input", "recompute_norm_input"]  # (recompute_norm_input: tests/test_recompute.py)
+
+
+@pytest.mark.parametrize("knob", KNOBS)
 @pytest.mark.parametrize("value", ["yes", 1, None])
-def test_the_knob_must_be_a_bool(value):
-    with pytest.raises(ValueError, match="rebuild_conv_input must be true or false"):
-        division.build_method("division", rebuild_conv_input=value)
+def test_the_knobs_must_be_bools(knob, value):
+    with pytest.raises(ValueError, match=f"{knob} must be true or false"):
+        division.build_method("division", **{knob: value})
 
 
-def test_the_knob_is_off_by_default_and_recorded():
+@pytest.mark.parametrize("knob", KNOBS)
+def test_the_knobs_are_off_by_default_and_recorded(knob):
     method = division.build_method("division", backend="torch")
-    assert method.rebuild_conv_input is False
-    assert method.describe()["rebuild_conv_input"] is False
-    assert division.build_method("division", backend="torch", rebuild_conv_input=True).describe()[
-        "rebuild_conv_input"] is True
+    assert getattr(method, knob) is False
+    assert method.describe()[knob] is False
+    assert division.build_method("division", backend="torch", **{knob: True}).describe()[knob] is True
 
 
 def test_a_model_with_nothing_to_rebuild_says_so_once():

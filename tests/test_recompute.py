@@ -14,6 +14,7 @@ import division
 from division.codec import RawCodec
 from division.compressor import compress_activations
 from division.ledger import RECOMPUTED, REBUILT, ByteLedger
+from tests.helpers import decodes_in_one_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -174,17 +175,9 @@ def test_gradients_agree_with_plain_autograd_as_closely_as_storing_the_inputs(re
 def test_one_decode_of_the_convolution_input_serves_the_recompute_and_the_convolution():
     """Backward decodes a pointwise convolution's input once for both readers, and never decodes the
     BatchNorm input it no longer stores: one decode fewer per recomputed tensor."""
-    counts = {}
-    for recompute in (False, True):
-        method = division.build_method("division", seed=0, backend="torch", recompute_norm_input=recompute)
-        codec, decode = method.codec, method.codec.decode
-        calls = []
-        codec.decode = lambda packed: (calls.append(1), decode(packed))[1]
-        model = _bottleneck()
-        method.attach(model)
-        _loss(model, torch.randn(4, 8, 16, 16)).backward()
-        method.detach()
-        counts[recompute] = len(calls)
+    x = torch.randn(4, 8, 16, 16)
+    counts = {on: decodes_in_one_step(_bottleneck(), lambda m: _loss(m, x), recompute_norm_input=on)
+              for on in (False, True)}
     assert counts[True] == counts[False] - 3
 
 
@@ -257,18 +250,7 @@ def test_a_convolution_weight_changed_between_forward_and_backward_is_refused():
     method.detach()
 
 
-@pytest.mark.parametrize("value", ["yes", 1, None])
-def test_the_knob_must_be_a_bool(value):
-    with pytest.raises(ValueError, match="recompute_norm_input must be true or false"):
-        division.build_method("division", recompute_norm_input=value)
-
-
-def test_the_knob_is_off_by_default_and_recorded():
-    method = division.build_method("division", backend="torch")
-    assert method.recompute_norm_input is False
-    assert method.describe()["recompute_norm_input"] is False
-    on = division.build_method("division", backend="torch", recompute_norm_input=True)
-    assert on.describe()["recompute_norm_input"] is True
+# (the knob's validation and record: tests/test_rebuild.py, with rebuild_conv_input's)
 
 
 @pytest.mark.gpu
