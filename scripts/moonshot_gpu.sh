@@ -6,7 +6,7 @@
 #
 # Stages, in order (DEADLINE, seconds from the start, default 560, cuts the later ones short):
 #   tests      the GPU tests of the rebuild and the recompute (cuDNN's BatchNorm node, the fused codec,
-#              the fused BatchNorm, decode_affine)
+#              the fused BatchNorm, decode_affine, both knobs compiled with the fused codec)
 #   memory     fp32 224x224 ResNet-50 at b128 and b256: none, and DIVISION with each knob off / on
 #   speed      bf16 channels_last ResNet-50 b128, eager and CUDA-graph steps: none, and DIVISION with
 #              each knob off / on (one run at a time)
@@ -35,8 +35,8 @@ run() {  # run NAME SECONDS COMMAND...: bounded by the deadline, logged to OUT/N
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/versions.txt"
 python -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)" >> "$out/versions.txt"
 
-run tests 120 python -m pytest -q -p no:cacheprovider -m gpu tests/test_recompute.py tests/test_triton_codec.py \
-  -k "cudnn or decode_affine or rebuild_and_recompute" -rfE
+run tests 150 python -m pytest -q -p no:cacheprovider -m gpu tests/test_recompute.py tests/test_triton_codec.py \
+  tests/test_compiled.py -k "cudnn or decode_affine or rebuild_and_recompute or recompute_and_rebuild" -rfE
 run memory_none 60 main -m mode=memory "${r50[@]}" batch_size=128,256 method=none group=moonshot_memory
 # shellcheck disable=SC2086
 run memory_division 150 main -m mode=memory "${r50[@]}" batch_size=128,256 method=division $knobs group=moonshot_memory
