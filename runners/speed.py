@@ -25,6 +25,7 @@ from . import distributed
 from .graph_step import WARMUP_STEPS, CudaGraphError, GraphedStep
 from .build import build_method
 from .memory import Bench, build_bench, train_step
+from .speed_queue import timing_turn
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,8 @@ def time_steps(cfg, device: torch.device) -> list[float]:
         for _ in range(warmup_steps(cfg)):
             train_step(bench, cfg, device)
         timer = cuda_step_ms if device.type == "cuda" else _cpu_step_ms
-        return timer(bench, cfg, device, int(cfg.speed.steps))
+        with timing_turn(cfg):  # speed.queue: after the runs started beside this one have warmed up
+            return timer(bench, cfg, device, int(cfg.speed.steps))
     finally:
         bench.close()
 

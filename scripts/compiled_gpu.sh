@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
-# Compiled DIVISION on one GPU against compiled plain training: memory, then speed, in two calls that
-# share inductor's cache (the memory call compiles the speed runs' graphs too, beside its own).
+# Compiled DIVISION on one GPU against compiled plain training: memory, then speed.
 #
 #   bash scripts/compiled_gpu.sh OUT_DIR memory   # fp32 b128 allocator figures, compiled (none, division,
-#                                                 # division with rebuild_conv_input) and eager; compiles
-#                                                 # the speed runs' graphs into the cache meanwhile
-#   bash scripts/compiled_gpu.sh OUT_DIR all      # memory, then speed (inductor's cache warm)
-#   bash scripts/compiled_gpu.sh OUT_DIR speed    # compiles the speed runs' graphs at once, then measures
-#                                                 # bf16 channels_last b128 images/s, one run at a time:
+#                                                 # division with rebuild_conv_input) and eager
+#   bash scripts/compiled_gpu.sh OUT_DIR all      # memory, then speed
+#   bash scripts/compiled_gpu.sh OUT_DIR speed    # starts the speed runs at once (they compile side by
+#                                                 # side), then times bf16 channels_last b128 images/s
+#                                                 # one run at a time (speed.queue):
 #                                                 # compile=true (none, division, division with
 #                                                 # rebuild_conv_input), then compile=reduce-overhead
 #                                                 # (none, division: the graphs replayed as CUDA graphs),
@@ -16,8 +15,8 @@
 #
 # Memory runs share the GPU (allocator figures are per process); speed runs never do. Records go to
 # OUT_DIR/store (pack them with ``python -m runners.record pack``); each stage's log to OUT_DIR/NAME.log.
-# TORCHINDUCTOR_CACHE_DIR (default .inductor-cache) must be the same for both calls. DEADLINE (seconds
-# from the start, default 3600) cuts every stage's time limit so that the script ends by then.
+# DEADLINE (seconds from the start, default 3600) cuts every stage's time limit so that the script
+# ends by then.
 set -uo pipefail
 out=${1:?usage: compiled_gpu.sh OUT_DIR memory|speed|all}
 what=${2:?usage: compiled_gpu.sh OUT_DIR memory|speed|all}
@@ -31,7 +30,7 @@ variants=("method=none compile=true" "method=division compile=true"
           "method=none compile=reduce-overhead" "method=division compile=reduce-overhead"
           "method=division method.recompute_norm_input=true compile=true"
           "method=division method.rebuild_conv_input=true method.recompute_norm_input=true compile=true")
-# ONLY="0 1 5" keeps those variants of the speed stages (and their warm-up), in that order
+# ONLY="0 1 5" keeps those variants of the speed stage
 read -r -a only <<< "${ONLY:-${!variants[*]}}"
 deadline=${DEADLINE:-3600}
 stage() {  # stage NAME SECONDS ARGS...: one main.py call, bounded, logged to OUT/NAME.log
@@ -47,33 +46,27 @@ stage() {  # stage NAME SECONDS ARGS...: one main.py call, bounded, logged to OU
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/versions.txt"
 python -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)" >> "$out/versions.txt"
 
-warm_speed() {  # the speed runs' graphs, compiled into the cache at once (their records are thrown away)
-  for i in "${only[@]}"; do
-    # shellcheck disable=SC2086
-    stage "warm_speed_$i" 540 mode=speed "${r50[@]}" "${fast[@]}" ${variants[$i]} speed.warmup=1 speed.steps=1 \
-      "results_dir=/tmp/warm_store" &
-  done
-}
 if [[ $what == memory || $what == all ]]; then
   for i in 0 1 2; do
     # shellcheck disable=SC2086
     stage "memory_compiled_$i" 540 mode=memory "${r50[@]}" batch_size=128 ${variants[$i]} group=compiled_memory &
   done
-  warm_speed
   for v in "method=none" "method=division"; do
     # shellcheck disable=SC2086
     stage "memory_eager_${v#method=}" 120 mode=memory "${r50[@]}" batch_size=128 $v group=compiled_memory
   done
   wait
-elif [[ $what == speed ]]; then
-  warm_speed  # a cold cache would otherwise compile each run in turn, in its own time limit
-  wait
 fi
 if [[ $what == speed || $what == all ]]; then
+  # All the speed runs start at once: they compile side by side (Dynamo's tracing is single-threaded
+  # host work, minutes per compiled DIVISION ResNet-50), then speed.queue times them one at a time,
+  # once every one of them is warm (runners/speed_queue.py).
+  queue="$out/speed_queue"
+  rm -rf "$queue"
   for i in "${only[@]}"; do
     # shellcheck disable=SC2086
-    # 240 s: the warm cache spares inductor's compile, not Dynamo's tracing (a compiled DIVISION
-    # ResNet-50 speed run took 136 s on an H200 after the warm-up)
-    stage "speed_compiled_$i" 240 mode=speed "${r50[@]}" "${fast[@]}" ${variants[$i]} speed.warmup=3 group=compiled_speed
+    stage "speed_compiled_$i" 560 mode=speed "${r50[@]}" "${fast[@]}" ${variants[$i]} speed.warmup=3 \
+      group=compiled_speed "speed.queue=$queue" "speed.queue_size=${#only[@]}" speed.queue_timeout=420 &
   done
+  wait
 fi

@@ -228,3 +228,50 @@ def test_cuda_max_batch_and_speed(tmp_path):
     speed = run(tmp_path, "speed", "mode=speed", "method=division", "device=cuda", "batch_size=64")
     assert speed["timer"] == "cuda_events" and speed["steps_timed"] == 15
     assert speed["step_ms_p10"] <= speed["step_ms_median"] <= speed["step_ms_p90"]
+
+
+def _queued_run(folder: str, size: int, seconds: float, log: str) -> None:
+    """A stand-in run of the queue: warm up for ``seconds``, then append its timed span to ``log``."""
+    import time
+    from omegaconf import OmegaConf
+    from runners.speed_queue import timing_turn
+    cfg = OmegaConf.create({"speed": {"queue": folder, "queue_size": size, "queue_timeout": 60}})
+    time.sleep(seconds)
+    with timing_turn(cfg):
+        start = time.monotonic()
+        time.sleep(0.3)
+        with open(log, "a") as out:
+            out.write(f"{start} {time.monotonic()}\n")
+
+
+def test_speed_queue_times_runs_one_at_a_time_after_all_are_warm(tmp_path):
+    """Three processes warm up for 0, 0.5 and 1 s: none is timed before the last is warm, and no two
+    timed spans overlap."""
+    import multiprocessing
+    import time
+    folder, log = str(tmp_path / "queue"), str(tmp_path / "spans.txt")
+    context = multiprocessing.get_context("spawn")
+    started = time.monotonic()
+    runs = [context.Process(target=_queued_run, args=(folder, 3, warm, log)) for warm in (0.0, 0.5, 1.0)]
+    for process in runs:
+        process.start()
+    for process in runs:
+        process.join(60)
+        assert process.exitcode == 0
+    spans = sorted(tuple(map(float, line.split())) for line in Path(log).read_text().splitlines())
+    assert len(spans) == 3
+    assert spans[0][0] >= started + 1.0  # the slowest run's warm-up came first
+    assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:]))
+
+
+def test_speed_queue_times_the_arrived_runs_after_its_timeout(tmp_path, caplog):
+    from runners.speed_queue import wait_for_all
+    assert wait_for_all(tmp_path, size=2, timeout_s=0.2) == 1
+    assert "1 of 2 runs warmed up" in caplog.text
+
+
+def test_speed_record_through_a_queue_of_one(tmp_path):
+    record = run(tmp_path, "queued", "mode=speed", "method=division", "speed.warmup=1", "speed.steps=2",
+                 f"speed.queue={tmp_path}/queue", "speed.queue_size=1")
+    assert record["steps_timed"] == 2 and record["images_per_sec"] > 0
+    assert (tmp_path / "queue" / "lock").exists()

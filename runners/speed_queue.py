@@ -1,0 +1,61 @@
+"""``speed.queue``: speed runs started together compile at once and are timed one at a time.
+
+A compiled ResNet-50 run spends minutes in ``torch.compile`` (Dynamo's tracing is single-threaded
+host work) and seconds in its timed steps. Runs started side by side on one GPU, each with
+``speed.queue=DIR speed.queue_size=N``, compile and warm up concurrently; each then waits until all
+N have finished warming up (so that no compilation competes for the host while a step is timed),
+and times its steps holding an exclusive lock on ``DIR/lock`` (so that no two runs share the GPU
+while timed). Without ``speed.queue`` a run is timed as soon as it has warmed up.
+
+A run that never arrives (it failed while compiling) must not hold the others forever: after
+``speed.queue_timeout`` seconds of waiting the others are timed anyway, with a warning naming how
+many runs arrived. Nothing in the record depends on the queue: the timed steps are the same steps.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.5
+
+
+@contextlib.contextmanager
+def timing_turn(cfg) -> Iterator[None]:
+    """Held around a run's timed steps: a no-op without ``speed.queue``; with it, waits for the
+    other runs of the queue to be warm and then for the queue's lock."""
+    folder = cfg.speed.get("queue")
+    if not folder:
+        yield
+        return
+    folder = Path(str(folder))
+    folder.mkdir(parents=True, exist_ok=True)
+    wait_for_all(folder, int(cfg.speed.get("queue_size") or 1), float(cfg.speed.get("queue_timeout") or 1800))
+    with open(folder / "lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if the run dies
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def wait_for_all(folder: Path, size: int, timeout_s: float) -> int:
+    """Marks this process warm in ``folder`` and waits until ``size`` processes are (or the timeout
+    passes); returns how many were."""
+    (folder / f"warm-{os.getpid()}").touch()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        arrived = len(list(folder.glob("warm-*")))
+        if arrived >= size:
+            return arrived
+        if time.monotonic() >= deadline:
+            log.warning("speed.queue %s: %d of %d runs warmed up within %.0f s; timing without the rest",
+                        folder, arrived, size, timeout_s)
+            return arrived
+        time.sleep(POLL_SECONDS)
