@@ -73,7 +73,9 @@ def time_steps(cfg, device: torch.device) -> list[float]:
         for _ in range(warmup_steps(cfg)):
             train_step(bench, cfg, device)
         timer = cuda_step_ms if device.type == "cuda" else _cpu_step_ms
-        with timing_turn(cfg):  # speed.queue: after the runs started beside this one have warmed up
+        with timing_turn(cfg) as queued:  # speed.queue: after the runs started beside it are warm
+            if queued:
+                train_step(bench, cfg, device)  # allocates again what the wait gave back
             return timer(bench, cfg, device, int(cfg.speed.steps))
     finally:
         bench.close()

@@ -5,7 +5,8 @@ host work) and seconds in its timed steps. Runs started side by side on one GPU,
 ``speed.queue=DIR speed.queue_size=N``, compile and warm up concurrently; each then waits until all
 N have finished warming up (so that no compilation competes for the host while a step is timed),
 and times its steps holding an exclusive lock on ``DIR/lock`` (so that no two runs share the GPU
-while timed). Without ``speed.queue`` a run is timed as soon as it has warmed up.
+while timed). While it waits, a run holds no cached GPU memory beyond its live tensors (and CUDA
+graph pools); it takes one untimed step after the wait to allocate again. Without ``speed.queue`` a run is timed as soon as it has warmed up.
 
 A run that never arrives (it failed while compiling) must not hold the others forever: after
 ``speed.queue_timeout`` seconds of waiting the others are timed anyway, with a warning naming how
@@ -21,26 +22,33 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import torch
+
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5
 
 
 @contextlib.contextmanager
-def timing_turn(cfg) -> Iterator[None]:
-    """Held around a run's timed steps: a no-op without ``speed.queue``; with it, waits for the
-    other runs of the queue to be warm and then for the queue's lock."""
+def timing_turn(cfg) -> Iterator[bool]:
+    """Held around a run's timed steps: a no-op without ``speed.queue`` (yields False); with it,
+    gives the allocator's cached GPU memory back while waiting (so that the waiting runs leave room
+    for the timed one), waits for the other runs of the queue to be warm and then for the queue's
+    lock, and yields True: the caller runs one untimed step first, to allocate again what it gave back."""
     folder = cfg.speed.get("queue")
     if not folder:
-        yield
+        yield False
         return
     folder = Path(str(folder))
     folder.mkdir(parents=True, exist_ok=True)
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
     wait_for_all(folder, int(cfg.speed.get("queue_size") or 1), float(cfg.speed.get("queue_timeout") or 1800))
     with open(folder / "lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if the run dies
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
