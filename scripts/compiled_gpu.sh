@@ -16,7 +16,8 @@
 # Memory runs share the GPU (allocator figures are per process); speed runs never do. Records go to
 # OUT_DIR/store (pack them with ``python -m runners.record pack``); each stage's log to OUT_DIR/NAME.log.
 # DEADLINE (seconds from the start, default 3600) cuts every stage's time limit so that the script
-# ends by then.
+# ends by then. SPEED_QUEUE, SPEED_QUEUE_SIZE and SPEED_QUEUE_TIMEOUT share one speed.queue folder with
+# the speed runs of another script started beside this one (scripts/moonshot_gpu.sh's).
 set -uo pipefail
 out=${1:?usage: compiled_gpu.sh OUT_DIR memory|speed|all}
 what=${2:?usage: compiled_gpu.sh OUT_DIR memory|speed|all}
@@ -61,12 +62,13 @@ if [[ $what == speed || $what == all ]]; then
   # All the speed runs start at once: they compile side by side (Dynamo's tracing is single-threaded
   # host work, minutes per compiled DIVISION ResNet-50), then speed.queue times them one at a time,
   # once every one of them is warm (runners/speed_queue.py).
-  queue="$out/speed_queue"
-  rm -rf "$queue"
+  queue=${SPEED_QUEUE:-$out/speed_queue}
+  [[ -z ${SPEED_QUEUE:-} ]] && rm -rf "$queue"
   for i in "${only[@]}"; do
     # shellcheck disable=SC2086
     stage "speed_compiled_$i" 560 mode=speed "${r50[@]}" "${fast[@]}" ${variants[$i]} speed.warmup=3 \
-      group=compiled_speed "speed.queue=$queue" "speed.queue_size=${#only[@]}" speed.queue_timeout=420 &
+      group=compiled_speed "speed.queue=$queue" "speed.queue_size=${SPEED_QUEUE_SIZE:-${#only[@]}}" \
+      "speed.queue_timeout=${SPEED_QUEUE_TIMEOUT:-420}" &
   done
   wait
 fi

@@ -18,7 +18,8 @@
 #              runs): none, DIVISION, DIVISION with recompute_norm_input (rebuild_conv_input off / on)
 #   speed      bf16 channels_last ResNet-50 b128: CUDA-graph steps of none and of DIVISION with each knob
 #              off / on, eager steps of none, DIVISION and both knobs; started together, timed one at
-#              a time (speed.queue)
+#              a time (speed.queue; SPEED_QUEUE, SPEED_QUEUE_SIZE and SPEED_QUEUE_TIMEOUT share one queue
+#              folder with the runs of another script started beside this one, e.g. compiled_gpu.sh's)
 # Needs CUDA and hydra-core, omegaconf, antlr4 and lmdb importable; logs in OUT_DIR/NAME.log.
 set -uo pipefail
 out=${1:?usage: moonshot_gpu.sh OUT_DIR}
@@ -89,12 +90,12 @@ if has speed; then
               "cuda_graph=true method=division method.recompute_norm_input=true"
               "cuda_graph=true method=division $both"
               "method=none" "method=division" "method=division $both")
-  queue="$out/speed_queue"
-  rm -rf "$queue"
+  queue=${SPEED_QUEUE:-$out/speed_queue}
+  [[ -z ${SPEED_QUEUE:-} ]] && rm -rf "$queue"
   for i in "${!speed_runs[@]}"; do
     # shellcheck disable=SC2086
-    run "speed_$i" 240 main mode=speed "${fast[@]}" ${speed_runs[$i]} "speed.queue=$queue" \
-      "speed.queue_size=${#speed_runs[@]}" speed.queue_timeout=180 &
+    run "speed_$i" 540 main mode=speed "${fast[@]}" ${speed_runs[$i]} "speed.queue=$queue" \
+      "speed.queue_size=${SPEED_QUEUE_SIZE:-${#speed_runs[@]}}" "speed.queue_timeout=${SPEED_QUEUE_TIMEOUT:-180}" &
   done
   wait
 fi
