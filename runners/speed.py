@@ -7,7 +7,9 @@ algorithm choice, allocator caches, optimizer state), then each of ``speed.steps
 its own: between CUDA events on the GPU (the GPU's time, idle gaps waiting for the host included),
 with ``time.perf_counter`` on CPU. The median step gives ``images_per_sec``. With ``cuda_graph=true``
 forward and backward are replayed from a CUDA graph (``runners.graph_step``; the optimizer step stays
-eager), captured during the warm-up, which then lasts at least ``WARMUP_STEPS + 1`` steps.
+eager), captured during the warm-up, which then lasts at least ``WARMUP_STEPS + 1`` steps. With
+``speed.queue`` the run waits after its warm-up until the runs started beside it are warm and no
+other is timed (``runners.speed_queue``), then takes one more untimed step before its timed ones.
 
 Under torchrun the timed steps run in DDP (gradients all-reduced), each rank timing its own GPU:
 ``images_per_sec`` is the aggregate, the sum over ranks of ``batch_size / median step``, and
