@@ -6,7 +6,8 @@ host work) and seconds in its timed steps. Runs started side by side on one GPU,
 N have finished warming up (so that no compilation competes for the host while a step is timed),
 and times its steps holding an exclusive lock on ``DIR/lock`` (so that no two runs share the GPU
 while timed). While it waits, a run holds no cached GPU memory beyond its live tensors (and CUDA
-graph pools); it takes one untimed step after the wait to allocate again. Without ``speed.queue`` a run is timed as soon as it has warmed up.
+graph pools); it takes one untimed step after the wait to allocate again. Without ``speed.queue`` a
+run is timed as soon as it has warmed up.
 
 A run that never arrives (it failed while compiling) must not hold the others forever: after
 ``speed.queue_timeout`` seconds of waiting the others are timed anyway, with a warning naming how
