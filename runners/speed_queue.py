@@ -19,6 +19,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -57,7 +58,7 @@ def timing_turn(cfg) -> Iterator[bool]:
 def wait_for_all(folder: Path, size: int, timeout_s: float) -> int:
     """Marks this process warm in ``folder`` and waits until ``size`` processes are (or the timeout
     passes); returns how many were."""
-    (folder / f"warm-{os.getpid()}").touch()
+    (folder / f"warm-{os.getpid()}-{threading.get_ident()}").touch()
     deadline = time.monotonic() + timeout_s
     while True:
         arrived = len(list(folder.glob("warm-*")))

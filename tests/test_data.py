@@ -321,7 +321,8 @@ def test_synthetic_is_deterministic_and_class_structured():
     assert train.images[train.labels == 0].float().std(0).mean() > 20
 
 
-def test_resnet20_learns_synthetic_in_one_epoch():  # a real epoch: ~3 s on two idle cores
+@pytest.mark.slow  # a real epoch (3 to 22 s on two cores); tests/test_division_training.py learns too
+def test_resnet20_learns_synthetic_in_one_epoch():
     torch.manual_seed(0)
     train, val, info = build_datasets("synthetic", seed=0)
     train_loader, val_loader = build_loaders(train, val, batch_size=64, on_device=True, seed=0)

@@ -130,6 +130,7 @@ def test_two_processes_follow_one_process_with_the_global_batch(tmp_path):
         assert torch.allclose(weights[0][key].float(), value.float(), atol=1e-4), key
 
 
+@pytest.mark.slow  # two torchrun processes start (13 s); the two training tests above launch them too
 def test_speed_under_torchrun_reports_the_aggregate(tmp_path):
     launch(["logger=none", "mode=speed", "speed.warmup=1", "speed.steps=3", "batch_size=8",
             f"hydra.run.dir={tmp_path}/run", f"results_dir={tmp_path}/store"], cwd=tmp_path)

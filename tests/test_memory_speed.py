@@ -230,8 +230,8 @@ def test_cuda_max_batch_and_speed(tmp_path):
     assert speed["step_ms_p10"] <= speed["step_ms_median"] <= speed["step_ms_p90"]
 
 
-def _queued_run(folder: str, size: int, seconds: float, log: str) -> None:
-    """A stand-in run of the queue: warm up for ``seconds``, then append its timed span to ``log``."""
+def _queued_run(folder: str, size: int, seconds: float, spans: list) -> None:
+    """A stand-in run of the queue: warm up for ``seconds``, then note its timed span."""
     import time
     from omegaconf import OmegaConf
     from runners.speed_queue import timing_turn
@@ -240,25 +240,23 @@ def _queued_run(folder: str, size: int, seconds: float, log: str) -> None:
     with timing_turn(cfg):
         start = time.monotonic()
         time.sleep(0.3)
-        with open(log, "a") as out:
-            out.write(f"{start} {time.monotonic()}\n")
+        spans.append((start, time.monotonic()))
 
 
 def test_speed_queue_times_runs_one_at_a_time_after_all_are_warm(tmp_path):
-    """Three processes warm up for 0, 0.5 and 1 s: none is timed before the last is warm, and no two
-    timed spans overlap."""
-    import multiprocessing
+    """Three runs warm up for 0, 0.5 and 1 s: none is timed before the last is warm, and no two
+    timed spans overlap. (Threads: each opens the lock file itself, and flock excludes between open
+    files, as between processes.)"""
+    import threading
     import time
-    folder, log = str(tmp_path / "queue"), str(tmp_path / "spans.txt")
-    context = multiprocessing.get_context("spawn")
+    folder, spans = str(tmp_path / "queue"), []
     started = time.monotonic()
-    runs = [context.Process(target=_queued_run, args=(folder, 3, warm, log)) for warm in (0.0, 0.5, 1.0)]
-    for process in runs:
-        process.start()
-    for process in runs:
-        process.join(60)
-        assert process.exitcode == 0
-    spans = sorted(tuple(map(float, line.split())) for line in Path(log).read_text().splitlines())
+    runs = [threading.Thread(target=_queued_run, args=(folder, 3, warm, spans)) for warm in (0.0, 0.5, 1.0)]
+    for run_ in runs:
+        run_.start()
+    for run_ in runs:
+        run_.join(60)
+    spans.sort()
     assert len(spans) == 3
     assert spans[0][0] >= started + 1.0  # the slowest run's warm-up came first
     assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:]))
