@@ -28,9 +28,12 @@
   sharp attention, any subset of the four at more bits leaves the gradients wrong; all four
   restore them. So all four go through ``attention_codec``: the output when it is saved (its
   grad_fn is the kernel's node), query, key and value, saved a moment earlier, by redoing their
-  encodes then (``_attention_output``: the node's first three inputs). The math fallback and an
-  explicit ``softmax(q k^T) v`` save the probabilities, whose softmax backward has the same
-  cancellation: softmax outputs (and views of them) go through ``attention_codec`` too;
+  encodes then (``_attention_output``: the node's first three inputs);
+- the math fallback and an explicit ``softmax(q k^T) v`` (Swin's window attention) save the
+  probabilities, whose softmax backward has a milder form of that cancellation: softmax outputs
+  (and views of them) go through ``probability_codec`` (DIVISION's ``probability_bits``). On
+  swin_t with its attention sharpened (logits 9x), Q = 2 elsewhere, probabilities at 4 bits keep
+  the gradient as 8 bits do (cosine 0.914 against 0.917) and at 2 bits do not (0.678);
 - every module without a family of its own also marks "who is saving now", so the ledger names the
   operator (module type) behind each save, and the first training forward measures coverage: the
   fraction of the bytes plain autograd would keep that are stored compressed. Under
@@ -196,8 +199,10 @@ class ActivationCompressor:
     coverage_warning: warn when the first training forward stores less than this fraction of the
         bytes plain autograd would keep compressed (with a codec; 0 never warns).
     attention_codec: with cover_all, what the tensors of attention (a fused kernel's query, key,
-        value and output; softmax outputs) are stored with (see the module docstring): the codec at
-        more bits, or ``RawCodec()`` to keep them exact; None: the codec, like every other save.
+        value and output) are stored with (see the module docstring): the codec at more bits, or
+        ``RawCodec()`` to keep them exact; None: the codec, like every other save.
+    probability_codec: with cover_all, what softmax outputs (attention probabilities) are stored
+        with, as ``attention_codec``.
     rebuild_conv_input: a convolution's input that is ReLU(BN(x)) or BN(x) of a BatchNorm whose input
         is stored here is rebuilt in backward instead of stored (``division.rebuild``; with a codec).
     recompute_norm_input: a BatchNorm's (or other norm's) input that is the output of a 1x1 or
@@ -209,11 +214,13 @@ class ActivationCompressor:
                  encode_stream: Optional[SideStreamEncoder] = None,
                  prefetcher: Optional[DecodePrefetcher] = None, norm_from_codes: bool = False,
                  cover_all: bool = False, coverage_warning: float = 0.9,
-                 attention_codec: Optional[ActivationCodec] = None, rebuild_conv_input: bool = False,
+                 attention_codec: Optional[ActivationCodec] = None,
+                 probability_codec: Optional[ActivationCodec] = None, rebuild_conv_input: bool = False,
                  recompute_norm_input: bool = False):
         self.model = model
         self.cover_all = cover_all and codec is not None
         self.attention_codec = attention_codec if self.cover_all else None
+        self.probability_codec = probability_codec if self.cover_all else None
         self._recent: deque[_Recent] = deque(maxlen=_RECENT)
         self.coverage_warning = coverage_warning
         # the first training forward's coverage (plain bytes, bytes stored compressed, raw bytes by
@@ -490,7 +497,7 @@ class ActivationCompressor:
             if t is None or (t.grad_fn, t.output_nr) not in wanted or recent.packed.codec is _RAW:
                 continue
             self._recent.remove(recent)
-            codec = self._attention_fitted(t)
+            codec = self._fitted_apart(t, self.attention_codec)
             redone = self._encode(codec, t, None)
             packed = recent.packed
             packed.codec, packed.tensors = redone.codec, redone.tensors
@@ -500,11 +507,12 @@ class ActivationCompressor:
                 recent.entry.stored_bytes = packed.nbytes
                 recent.entry.compressed = packed.codec is not _RAW
 
-    def _attention_fitted(self, t: torch.Tensor) -> ActivationCodec:
-        if isinstance(self.attention_codec, RawCodec):
+    def _fitted_apart(self, t: torch.Tensor, codec: ActivationCodec) -> ActivationCodec:
+        """``codec`` (attention's or the probabilities': stored apart from the rest) fitted to t."""
+        if isinstance(codec, RawCodec):
             return _RAW
-        self.attention_codec.generator = getattr(self.codec, "generator", None)  # one rounding stream
-        return self._fitted(t, False, self.attention_codec)
+        codec.generator = getattr(self.codec, "generator", None)  # one rounding stream
+        return self._fitted(t, False, codec)
 
     def _unpack(self, packed):
         if not isinstance(packed, Packed):
@@ -624,8 +632,10 @@ class ActivationCompressor:
         """The rule for a save no module family claims (see ``cover_all``)."""
         if (self.cover_all and t.is_floating_point() and t.requires_grad
                 and not _derives_from_parameter(t)):
-            if self.attention_codec is not None and (_attention_save(t) or _attention_input(t, frame)):
-                return self._attention_fitted(t)
+            if self.attention_codec is not None and (_fused_attention_output(t) or _attention_input(t, frame)):
+                return self._fitted_apart(t, self.attention_codec)
+            if self.probability_codec is not None and _probabilities(t):
+                return self._fitted_apart(t, self.probability_codec)
             tokens = flattened_sequence(t)
             if tokens is not None:  # a Linear's 3-D input as its matmul saves it: coded as the sequence
                 return self._sequence_rows(t._base, tokens)
@@ -730,12 +740,14 @@ class ActivationCompressor:
         warnings.warn(message, RuntimeWarning, stacklevel=2)
 
 
-def _attention_save(t: torch.Tensor) -> bool:
-    """Is ``t`` a fused attention kernel's output, or attention probabilities (a softmax output, or a
-    view of one: the math fallback's batched matmul reads one)?"""
-    name = type(t.grad_fn).__name__
-    if name.startswith(_FUSED_ATTENTION):
-        return True
+def _fused_attention_output(t: torch.Tensor) -> bool:
+    """Is ``t`` a fused attention kernel's output?"""
+    return type(t.grad_fn).__name__.startswith(_FUSED_ATTENTION)
+
+
+def _probabilities(t: torch.Tensor) -> bool:
+    """Is ``t`` attention probabilities: a softmax output, or a view of one (the math fallback's
+    batched matmul reads one)?"""
     base = t if t._base is None else t._base
     return type(base.grad_fn).__name__ in _SOFTMAX
 

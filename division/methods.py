@@ -209,8 +209,15 @@ def valid_prefetch_ahead(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+# DIVISION's bits for attention's tensors and for softmax outputs (division.compressor); the
+# report names a run's values only where they differ from these
+DEFAULT_ATTENTION_BITS = 8
+DEFAULT_PROBABILITY_BITS = 4
+
+
 def valid_attention_bits(value) -> bool:
-    """0 (exact) or one of the codec's bit widths (an integer, not a bool)."""
+    """0 (exact) or one of the codec's bit widths (an integer, not a bool): ``attention_bits``,
+    ``probability_bits``."""
     return isinstance(value, int) and not isinstance(value, bool) and (value == 0 or value in SUPPORTED_BITS)
 
 
@@ -242,7 +249,8 @@ class CodecMethod(TrainingMethod):
                  min_numel: int = 1024, exact_kernels: bool = True, side_stream="auto",
                  prefetch_decode="auto", prefetch_ahead: int = 1, norm_from_codes: bool = False,
                  seed: Optional[int] = None, cover_all: bool = False,
-                 attention_codec: Optional[ActivationCodec] = None, rebuild_conv_input: bool = False,
+                 attention_codec: Optional[ActivationCodec] = None,
+                 probability_codec: Optional[ActivationCodec] = None, rebuild_conv_input: bool = False,
                  recompute_norm_input: bool = False) -> None:
         super().__init__()
         for knob, value in (("rebuild_conv_input", rebuild_conv_input),
@@ -265,6 +273,7 @@ class CodecMethod(TrainingMethod):
         self.norm_from_codes = bool(norm_from_codes)
         self.cover_all = bool(cover_all)
         self.attention_codec = attention_codec
+        self.probability_codec = probability_codec
         self.rebuild_conv_input = rebuild_conv_input
         self.recompute_norm_input = recompute_norm_input
         self.tensor_codec = tensor_codec_for(codec)  # None: the codec has no compiled form
@@ -295,6 +304,7 @@ class CodecMethod(TrainingMethod):
                                                prefetcher=prefetcher, norm_from_codes=self.norm_from_codes,
                                                cover_all=self.cover_all,
                                                attention_codec=self.attention_codec,
+                                               probability_codec=self.probability_codec,
                                                rebuild_conv_input=self.rebuild_conv_input,
                                                recompute_norm_input=self.recompute_norm_input)
         if self.compiled_layers is not None:
@@ -416,32 +426,50 @@ class CodecMethod(TrainingMethod):
 
     def describe(self) -> dict[str, Any]:
         knobs = self.codec.describe()
-        return {"method": self.name, "block_size": knobs.get("block_size"), "bits": knobs.get("bits"),
-                "kernels": codec_kernels(self.codec),
-                **({"rebuild_conv_input": self.rebuild_conv_input,
-                    "recompute_norm_input": self.recompute_norm_input} if self.name == "division" else {})}
+        fields = {"method": self.name, "block_size": knobs.get("block_size"), "bits": knobs.get("bits"),
+                  "kernels": codec_kernels(self.codec)}
+        if self.name == "division":
+            fields.update(rebuild_conv_input=self.rebuild_conv_input, recompute_norm_input=self.recompute_norm_input)
+            if self.cover_all:  # else attention and probabilities are stored like every other save
+                fields.update(attention_bits=_stored_bits(self.attention_codec, knobs.get("bits")),
+                              probability_bits=_stored_bits(self.probability_codec, knobs.get("bits")))
+        return fields
+
+
+def _stored_bits(codec: Optional[ActivationCodec], bits) -> Optional[int]:
+    """The bits a codec stored apart keeps: 0 for exact, ``bits`` when there is none (as the rest)."""
+    if codec is None:
+        return bits
+    return 0 if isinstance(codec, RawCodec) else codec.describe().get("bits")
 
 
 def _division(block_size: int = 8, bits: int = 2, rounding: str = "stochastic", keep_lfc: bool = True,
               keep_hfc: bool = True, simulate: bool = False, backend: str = "auto", relu_zeros: bool = True,
               side_stream="auto", prefetch_decode="auto", prefetch_ahead: int = 1, norm_from_codes: bool = True,
-              seed: Optional[int] = None, cover_all: bool = True, attention_bits: int = 8,
-              rebuild_conv_input: bool = False, recompute_norm_input: bool = False,
-              **_) -> TrainingMethod:
+              seed: Optional[int] = None, cover_all: bool = True, attention_bits: int = DEFAULT_ATTENTION_BITS,
+              probability_bits: int = DEFAULT_PROBABILITY_BITS, rebuild_conv_input: bool = False,
+              recompute_norm_input: bool = False, **_) -> TrainingMethod:
     from .backends import division_codec
-    if not valid_attention_bits(attention_bits):
-        raise ValueError(f"method.attention_bits={attention_bits!r} is not allowed: "
-                         f"use 0 (attention kept exact) or one of {', '.join(map(str, SUPPORTED_BITS))}")
+    for knob, value, what in (("attention_bits", attention_bits, "attention"),
+                              ("probability_bits", probability_bits, "probabilities")):
+        if not valid_attention_bits(value):
+            raise ValueError(f"method.{knob}={value!r} is not allowed: "
+                             f"use 0 ({what} kept exact) or one of {', '.join(map(str, SUPPORTED_BITS))}")
     knobs = dict(backend=backend, block_size=block_size, rounding=rounding, keep_lfc=keep_lfc,
                  keep_hfc=keep_hfc, simulate=simulate, relu_zeros=relu_zeros)
     codec = division_codec(bits=bits, **knobs)
-    # attention's tensors (see division.compressor): exact (0), stored apart at more bits, or as the rest
-    attention = RawCodec() if attention_bits == 0 else \
-        None if attention_bits == bits else division_codec(bits=attention_bits, **knobs)
+
+    def apart(stored_bits: int) -> Optional[ActivationCodec]:
+        """Attention's tensors or softmax outputs (see division.compressor): exact (0), stored apart
+        at other bits, or (None) as the rest."""
+        return RawCodec() if stored_bits == 0 else \
+            None if stored_bits == bits else division_codec(bits=stored_bits, **knobs)
+
     return CodecMethod("division", codec, exact_kernels=backend != "torch", side_stream=side_stream,
                        prefetch_decode=prefetch_decode, prefetch_ahead=prefetch_ahead,
                        norm_from_codes=norm_from_codes, seed=seed, cover_all=cover_all,
-                       attention_codec=attention, rebuild_conv_input=rebuild_conv_input,
+                       attention_codec=apart(attention_bits), probability_codec=apart(probability_bits),
+                       rebuild_conv_input=rebuild_conv_input,
                        recompute_norm_input=recompute_norm_input)
 
 

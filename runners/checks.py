@@ -164,6 +164,8 @@ RULES: dict[str, Rule] = {
     "method.prefetch_ahead": (valid_prefetch_ahead, "use an integer >= 1"),
     "method.attention_bits": (valid_attention_bits, "use 0 (exact) or one of "
                               + ", ".join(map(str, SUPPORTED_BITS))),
+    "method.probability_bits": (valid_attention_bits, "use 0 (exact) or one of "
+                                + ", ".join(map(str, SUPPORTED_BITS))),
     "method.backend": choice("auto", "torch", "triton"),
     "method.group_size": integer(1),
     "method.refresh_every": integer(1),

@@ -25,6 +25,8 @@ from typing import Any, Iterable, Sequence
 
 import pyarrow as pa
 
+from division.methods import DEFAULT_ATTENTION_BITS, DEFAULT_PROBABILITY_BITS
+
 from .record import STORE_SCHEMA, to_row
 from .report_filter import locked_connection
 
@@ -44,11 +46,16 @@ _SETUP = [
         txt(method) || CASE WHEN block_size IS NOT NULL THEN ' B' || knob(block_size) ELSE '' END
                     || CASE WHEN bits IS NOT NULL THEN ' Q' || knob(bits) ELSE '' END
                     || CASE WHEN rebuild_conv_input THEN ' rebuild' ELSE '' END
-                    || CASE WHEN recompute_norm_input THEN ' recompute' ELSE '' END AS _label,
+                    || CASE WHEN recompute_norm_input THEN ' recompute' ELSE '' END
+                    || CASE WHEN attention_bits <> {DEFAULT_ATTENTION_BITS} THEN ' A' || CAST(attention_bits AS VARCHAR) ELSE '' END
+                    || CASE WHEN probability_bits <> {DEFAULT_PROBABILITY_BITS} THEN ' P' || CAST(probability_bits AS VARCHAR) ELSE '' END
+                    AS _label,
         [coalesce(list_position({list(METHOD_ORDER)}, method), {len(METHOD_ORDER) + 1})::DOUBLE,
          coalesce(num(block_size), 0), coalesce(num(bits), 0),
          CASE WHEN rebuild_conv_input THEN 1.0 ELSE 0.0 END,
-         CASE WHEN recompute_norm_input THEN 1.0 ELSE 0.0 END] AS _label_rank,
+         CASE WHEN recompute_norm_input THEN 1.0 ELSE 0.0 END,
+         coalesce(attention_bits, {DEFAULT_ATTENTION_BITS})::DOUBLE,
+         coalesce(probability_bits, {DEFAULT_PROBABILITY_BITS})::DOUBLE] AS _label_rank,
         txt(model) || ' b' || txt(batch_size) AS _col,
         txt(model) || ' / ' || txt(dataset)
                    || CASE WHEN epochs IS NOT NULL THEN ', ' || CAST(epochs AS VARCHAR) || ' epochs' ELSE '' END

@@ -36,12 +36,19 @@ def real_batch(root: str, count: int):
 
 
 def sharpen(model, scale: float):
-    """Scale the query and key projections of every nn.MultiheadAttention by ``scale`` (logits by
-    scale^2): the sharp attention of a trained model, which initialisation does not have."""
+    """Scale the query and key projections of every nn.MultiheadAttention and Swin window
+    attention by ``scale`` (logits by scale^2): the sharp attention of a trained model, which
+    initialisation does not have."""
+    from torchvision.models.swin_transformer import ShiftedWindowAttention
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.MultiheadAttention) and m.in_proj_weight is not None:
                 m.in_proj_weight[:2 * m.embed_dim] *= scale
+            elif isinstance(m, ShiftedWindowAttention):  # Swin's window attention: one qkv Linear
+                rows = 2 * m.qkv.out_features // 3
+                m.qkv.weight[:rows] *= scale
+                if m.qkv.bias is not None:
+                    m.qkv.bias[:rows] *= scale
     return model
 
 
@@ -71,6 +78,7 @@ def fidelity_record(args, bits: int, report: dict, started_at: str, duration_s: 
                   code_version=code_version(), relu_zeros=not args.paper_decode,
                   rebuild_conv_input=args.rebuild_conv_input,
                   recompute_norm_input=args.recompute_norm_input,
+                  attention_bits=args.attention_bits, probability_bits=args.probability_bits,
                   grad_cosine=report["overall_cosine"], grad_rel_error=report["overall_rel_error"],
                   grad_worst_cosine=report["worst_cosine"], ledger_ratio=report["ledger_ratio"])
     return record
@@ -87,7 +95,9 @@ def main() -> None:
                    help="resize the images to this size (bilinear), e.g. 224 for ImageNet-shaped models")
     p.add_argument("--device", default="cpu")
     p.add_argument("--attention-bits", type=int, default=8,
-                   help="method.attention_bits: bits of the query and key of fused attention (0: exact)")
+                   help="method.attention_bits: bits of attention's query, key and value (0: exact)")
+    p.add_argument("--probability-bits", type=int, default=4,
+                   help="method.probability_bits: bits of softmax outputs, attention written out (0: exact)")
     p.add_argument("--sharpen", type=float, default=1.0,
                    help="scale attention's query and key projections by this (logits by its square)")
     p.add_argument("--paper-decode", action="store_true",
@@ -106,7 +116,8 @@ def main() -> None:
         images = torch.nn.functional.interpolate(images, size=(args.image_size, args.image_size),
                                                  mode="bilinear", align_corners=False)
     reports = []
-    print(f"{args.model}, {args.images} real images, B={args.block_size}, attention_bits={args.attention_bits}"
+    print(f"{args.model}, {args.images} real images, B={args.block_size}, attention_bits={args.attention_bits}, "
+          f"probability_bits={args.probability_bits}" + (f", attention sharpened x{args.sharpen}" if args.sharpen != 1 else "")
           + (", conv inputs rebuilt from BatchNorm" if args.rebuild_conv_input else "")
           + (", norm inputs recomputed by 1x1 / depthwise convs" if args.recompute_norm_input else ""))
     print(f"{'bits':>4} {'overall cosine':>15} {'overall rel.err':>16} {'worst layer cosine':>19} {'ledger ratio':>13}")
@@ -116,6 +127,7 @@ def main() -> None:
         r = gradient_fidelity(lambda: sharpen(make_model(args.model, classes), args.sharpen), "division", images, labels,
                               block_size=args.block_size, bits=bits, backend="torch",
                               relu_zeros=not args.paper_decode, attention_bits=args.attention_bits,
+                              probability_bits=args.probability_bits,
                               rebuild_conv_input=args.rebuild_conv_input,
                               recompute_norm_input=args.recompute_norm_input)
         reports.append(r)

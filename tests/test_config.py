@@ -53,6 +53,7 @@ def test_experiment_presets_compose_into_valid_configs():
     ("method.prefetch_decode=1", "method.prefetch_decode", "auto, true or false"),
     ("method.prefetch_ahead=0", "method.prefetch_ahead", "integer >= 1"),
     ("method.attention_bits=3", "method.attention_bits", "use 0 (exact) or one of 1, 2, 4, 8"),
+    ("method.probability_bits=16", "method.probability_bits", "use 0 (exact) or one of 1, 2, 4, 8"),
     ("method.relu_zeros=maybe", "method.relu_zeros", "true or false"),
     ("method.norm_from_codes=2", "method.norm_from_codes", "true or false"),
     ("method.rebuild_conv_input=maybe", "method.rebuild_conv_input", "true or false"),

@@ -222,14 +222,25 @@ class _SoftmaxAttention(nn.Module):
         return torch.softmax(x @ x.transpose(-2, -1), dim=-1) @ x
 
 
-def test_softmax_probabilities_are_stored_at_attention_bits():
+@pytest.mark.parametrize("probability_bits", [4, 8, 2, 0])
+def test_softmax_probabilities_are_stored_at_probability_bits(probability_bits):
+    """Softmax outputs at method.probability_bits (default 4), apart from attention_bits (8) and
+    bits (2): exact at 0, like the rest at 2."""
     from division.dual_precision import DivisionCodec
     model = nn.Sequential(nn.Linear(16, 16), _SoftmaxAttention(), nn.Linear(16, 4))
-    ledger, _ = _step(model, torch.randn(4, 65, 16), bits=2)
+    knobs = {} if probability_bits == 4 else {"probability_bits": probability_bits}
+    ledger, _ = _step(model, torch.randn(4, 65, 16), bits=2, **knobs)
     rows = [e for e in ledger.entries if e.op == "_SoftmaxAttention" and e.shape == (4, 65, 65)]
-    # coded at 8 bits, through the view that fits a (N, 1 + 8 * 8, 65) tensor (division.layouts)
-    want = LayoutCodec(DivisionCodec(bits=8), CLS_GRID).closed_form_nbytes((4, 65, 65), torch.float32)
-    assert rows and all(e.stored_bytes == want for e in rows)
+    # coded through the view that fits a (N, 1 + 8 * 8, 65) tensor (division.layouts)
+    plain = 4 * 65 * 65 * 4
+    want = plain if probability_bits == 0 else \
+        LayoutCodec(DivisionCodec(bits=probability_bits), CLS_GRID).closed_form_nbytes((4, 65, 65), torch.float32)
+    assert rows and all(e.stored_bytes == want and e.plain_bytes == plain for e in rows), \
+        [(e.stored_bytes, want) for e in rows]
+    assert all(e.compressed == (probability_bits != 0) for e in rows)
+    # the products' other operand (x), no probabilities, stays at bits = 2 whatever probability_bits is
+    others = [e for e in ledger.entries if e.op == "_SoftmaxAttention" and e.shape == (4, 65, 16)]
+    assert others and all(e.stored_bytes < e.plain_bytes / 8 for e in others)
 
 
 def test_recomputed_attention_gives_the_exact_gradient_and_beats_the_fused_kernel_on_decoded_inputs():
@@ -293,6 +304,19 @@ def test_attention_bits_out_of_range_is_one_clear_error(value):
     with pytest.raises(ValueError, match=r"method\.attention_bits=.* is not allowed: use 0 \(attention kept "
                                          r"exact\) or one of 1, 2, 4, 8"):
         division.build_method("division", attention_bits=value)
+    with pytest.raises(ValueError, match=r"method\.probability_bits=.* is not allowed: use 0 \(probabilities "
+                                         r"kept exact\) or one of 1, 2, 4, 8"):
+        division.build_method("division", probability_bits=value)
+
+
+@pytest.mark.parametrize("knobs, recorded", [
+    ({}, (8, 4)), ({"attention_bits": 0, "probability_bits": 8}, (0, 8)),
+    ({"bits": 4, "attention_bits": 4, "probability_bits": 4}, (4, 4)), ({"cover_all": False}, (None, None))])
+def test_the_record_names_the_bits_of_attention_and_probabilities(knobs, recorded):
+    """describe() gives the record both knobs as they act: null without cover_all (attention and
+    probabilities are then stored like every other save)."""
+    fields = division.build_method("division", backend="torch", **knobs).describe()
+    assert (fields.get("attention_bits"), fields.get("probability_bits")) == recorded
 
 
 def test_hardswish_keeps_its_derivative_so_no_decoded_input_takes_the_wrong_branch():

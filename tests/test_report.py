@@ -422,6 +422,24 @@ def test_fidelity_table_keeps_rebuilt_runs_apart_and_shows_the_ledger_ratio():
     assert fidelity_table(old).columns[-1] == "worst layer cosine"
 
 
+def test_attention_and_probability_bits_other_than_the_defaults_name_their_own_rows(tmp_path):
+    """A run with method.attention_bits or method.probability_bits off their defaults (8, 4) is its
+    own row ("... A4", "... P8"), in the Python label and in the report's SQL alike; records made
+    before the knobs were recorded (null) keep the plain label."""
+    from runners.report_tables import method_label
+    runs = [record(method="division", attention_bits=a, probability_bits=p, activation_bytes=act,
+                   ledger_bytes=act, total_bytes=act, peak_bytes=act)
+            for a, p, act in ((8, 4, GIB), (4, 4, GIB // 2), (8, 8, GIB // 3), (0, 2, GIB // 4), (None, None, GIB // 5))]
+    want = ["division B8 Q2", "division B8 Q2 A4", "division B8 Q2 P8", "division B8 Q2 A0 P2", "division B8 Q2"]
+    assert [method_label(r) for r in runs] == want
+    store = tmp_path / "store"
+    fill(store, runs[:4])
+    fields, _ = run_report(store, tmp_path / "out", formats=("md",))
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    labels = [row[0] for row in md_table(markdown, "Activation memory")[1:]]
+    assert sorted(labels) == sorted(want[:4]), labels
+
+
 def test_operator_table_breaks_each_compressing_run_down_by_the_ledger_operators():
     """Per memory run of a compressing method: one row per operator type, largest plain bytes
     first, then "all"; reduction = plain / kept; kept raw = share of plain bytes stored as they
