@@ -1,0 +1,41 @@
+"""scripts/peak_profile.py's replay of an allocator trace: the peak, what is alive at it, the marks."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parents[1]
+_SPEC = importlib.util.spec_from_file_location("peak_profile", _ROOT / "scripts" / "peak_profile.py")
+peak_profile = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(peak_profile)
+
+_OURS = [{"filename": str(_ROOT / "division" / "rebuild.py"), "line": 7, "name": "decode"},
+         {"filename": "/site-packages/torch/autograd/graph.py", "line": 1, "name": "unpack"}]
+_TORCH = [{"filename": "/site-packages/torch/nn/modules/conv.py", "line": 3, "name": "forward"}]
+_MARK = [{"filename": str(_ROOT / "scripts" / "peak_profile.py"), "line": 1, "name": peak_profile.MARKER}]
+
+
+def _alloc(addr, size, frames):
+    return {"action": "alloc", "addr": addr, "size": size, "frames": frames}
+
+
+def _free(addr, size):
+    return {"action": "free_completed", "addr": addr, "size": size}
+
+
+def test_replay_finds_the_peak_the_blocks_alive_at_it_and_the_marks():
+    trace = [_alloc(1, 100, _TORCH), _alloc(2, 4, _MARK), _alloc(3, 300, _OURS),
+             # a block freed only when requested is still allocated: free_requested is not a free
+             {"action": "free_requested", "addr": 3, "size": 300},
+             _alloc(4, 50, []), _free(3, 300), _free(1, 100), _alloc(5, 4, _MARK), _alloc(6, 200, _TORCH)]
+    curve, best, best_at, live, marks = peak_profile.replay(trace)
+    assert curve == [100, 104, 404, 404, 454, 154, 54, 58, 258]
+    assert (best, best_at) == (454, 4)
+    assert sorted(live) == [1, 2, 3, 4]
+    assert marks == [1, 7]
+
+
+def test_frame_label_names_the_project_frame_first_then_torch():
+    assert peak_profile.frame_label(_OURS) == "division/rebuild.py:7 decode"
+    assert peak_profile.frame_label(_TORCH) == "torch/nn/modules/conv.py:3 forward"
+    assert peak_profile.frame_label([]) == "(no Python frame)"
