@@ -26,6 +26,14 @@ def resolve_device(cfg) -> torch.device:
     return torch.device(cfg.device)
 
 
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """A script's command line split at ``--``: its own arguments, then main.py's overrides."""
+    if "--" not in argv:
+        return argv, []
+    at = argv.index("--")
+    return argv[:at], argv[at + 1:]
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device (stochastic rounding has its own generator)

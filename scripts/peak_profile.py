@@ -35,7 +35,7 @@ from hydra import compose, initialize_config_dir
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from runners.build import seed_everything  # noqa: E402
+from runners.build import seed_everything, split_overrides  # noqa: E402
 from runners.memory import build_bench, start_meter, train_step  # noqa: E402
 
 MARKER = "_phase_marker"
@@ -139,9 +139,7 @@ def profile(label: str, overrides: list[str], out: Path, steps: int) -> str:
 
 
 def main() -> None:
-    argv = sys.argv[1:]
-    overrides = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    argv, overrides = split_overrides(sys.argv[1:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path)
     p.add_argument("--label", required=True)

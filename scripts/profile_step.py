@@ -39,7 +39,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from runners.build import seed_everything  # noqa: E402
+from runners.build import seed_everything, split_overrides  # noqa: E402
 from runners.compiling import compile_mode  # noqa: E402
 from runners.memory import train_step  # noqa: E402
 from runners.speed import build_speed_bench, cuda_step_ms, warmup_steps  # noqa: E402
@@ -193,9 +193,7 @@ def _codec_classes():
 
 
 def main() -> None:
-    argv = sys.argv[1:]
-    overrides = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    argv, overrides = split_overrides(sys.argv[1:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path)
     p.add_argument("--methods", nargs="+", default=["none", "division"])
