@@ -1,5 +1,5 @@
-"""Shared test helpers: compose the project's config exactly as main.py does, run main.py, and
-train one small model under several methods side by side (GPU)."""
+"""Shared test helpers: compose the project's config exactly as main.py does, run main.py (one job,
+or several independent ones at once), and train one small model under several methods side by side (GPU)."""
 from __future__ import annotations
 
 import os
@@ -26,6 +26,34 @@ def run_main(args: list[str], cwd: Path = ROOT, timeout: int = 300, **env) -> su
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
     return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def run_together(commands: list[list[str]], cwd: Path = ROOT, envs: list[dict] | None = None,
+                 timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """Independent commands started at once, so that two runs share the runner's two cores instead of
+    one waiting for the other; their results in the order given. ``envs``: each one's whole environment."""
+    envs = envs or [dict(os.environ)] * len(commands)
+    procs = [subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for command, env in zip(commands, envs, strict=True)]
+    try:
+        results = []
+        for command, proc in zip(commands, procs):
+            out, err = proc.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(command, proc.returncode, out, err))
+        return results
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def run_mains(arg_lists: list[list[str]], cwd: Path = ROOT, timeout: int = 300, envs: list[dict] | None = None,
+              **env) -> list[subprocess.CompletedProcess]:
+    """``run_main`` for several independent jobs at once (see ``run_together``); ``envs``: per-job variables."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+    return run_together([[sys.executable, str(ROOT / "main.py"), *args] for args in arg_lists], cwd=cwd,
+                        envs=[{**full_env, **extra} for extra in (envs or [{}] * len(arg_lists))], timeout=timeout)
 
 
 def train_side_by_side(methods, prepare=None, steps: int = 4) -> list[dict]:

@@ -9,7 +9,7 @@ import torch
 from runners.build import build_data
 from runners.checks import ConfigError, validate
 from runners.job import run_job
-from tests.helpers import compose_config, group_options, run_main
+from tests.helpers import compose_config, group_options, run_mains
 
 GROUPS = ("model", "dataset", "method", "mode", "logger")
 
@@ -76,16 +76,25 @@ def test_cuda_without_cuda_is_rejected(tmp_path):
         validate(cfg)
 
 
-def test_main_exits_with_clear_message_on_bad_bits(tmp_path):
-    proc = run_main(["method.bits=3", f"hydra.run.dir={tmp_path}/run", f"results_dir={tmp_path}/store",
-                     "logger=none"])
+@pytest.fixture(scope="module")
+def refused(tmp_path_factory) -> dict:
+    """The two main.py jobs of the tests below, each refused at its configuration, started together."""
+    tmp_path = tmp_path_factory.mktemp("refused")
+    procs = run_mains([["method.bits=3", f"hydra.run.dir={tmp_path}/bits/run", f"results_dir={tmp_path}/bits/store",
+                        "logger=none"],
+                       ["model=resnet9000", f"hydra.run.dir={tmp_path}/model/run"]])
+    return dict(zip(("bits", "model"), procs))
+
+
+def test_main_exits_with_clear_message_on_bad_bits(refused):
+    proc = refused["bits"]
     assert proc.returncode == 2
     assert "method.bits=3" in proc.stderr + proc.stdout
     assert "1, 2, 4, 8" in proc.stderr + proc.stdout
 
 
-def test_unknown_group_option_lists_the_available_ones(tmp_path):
-    proc = run_main(["model=resnet9000", f"hydra.run.dir={tmp_path}/run"])
+def test_unknown_group_option_lists_the_available_ones(refused):
+    proc = refused["model"]
     assert proc.returncode != 0
     out = proc.stderr + proc.stdout
     assert "resnet9000" in out and "resnet20" in out and "resnet50" in out

@@ -24,7 +24,7 @@ from runners import distributed
 from runners.build import build_method, build_model
 from runners.checks import ConfigError
 from runners.train import set_loader_epoch
-from tests.helpers import ROOT, compose_config
+from tests.helpers import ROOT, compose_config, run_together
 
 TINY = ["logger=none", "train.progress=false", "dataset.train_size=48", "dataset.val_size=20",
         "train.max_steps_per_epoch=3"]
@@ -32,13 +32,22 @@ LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_A
                "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_USE_AGENT_STORE")
 
 
+def launch_command(args: list[str], nproc: int = 2, script: Path = ROOT / "main.py") -> list[str]:
+    """``script args`` under torchrun with ``nproc`` processes (nproc=0: plain python, one process)."""
+    runner = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"] if nproc else []
+    return [sys.executable, *runner, str(script), *args]
+
+
+def launch_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")  # torchrun's per-process default, for both
+    return env
+
+
 def launch(args: list[str], cwd: Path, nproc: int = 2, script: Path = ROOT / "main.py",
            timeout: int = 180) -> subprocess.CompletedProcess:
     """``script args`` under torchrun with ``nproc`` processes (nproc=0: plain python, one process)."""
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")  # torchrun's per-process default, for both
-    runner = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"] if nproc else []
-    proc = subprocess.run([sys.executable, *runner, str(script), *args], cwd=cwd, env=env,
+    proc = subprocess.run(launch_command(args, nproc, script), cwd=cwd, env=launch_env(),
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]  # every rank exited 0
     return proc
@@ -116,8 +125,12 @@ def test_two_processes_follow_one_process_with_the_global_batch(tmp_path):
     script = tmp_path / "per_sample_norm_main.py"
     script.write_text(PER_SAMPLE_NORM_MAIN.format(root=str(ROOT), main=str(ROOT / "main.py")))
     job = [*TINY, "method=none", "train.epochs=2", "train.lr=0.02", f"results_dir={tmp_path}/store"]
-    launch([*job, "batch_size=4", f"hydra.run.dir={tmp_path}/ddp"], cwd=tmp_path, script=script)
-    launch([*job, "batch_size=8", f"hydra.run.dir={tmp_path}/single"], cwd=tmp_path, script=script, nproc=0)
+    # the two runs are independent: started together
+    for proc in run_together([launch_command([*job, "batch_size=4", f"hydra.run.dir={tmp_path}/ddp"], script=script),
+                              launch_command([*job, "batch_size=8", f"hydra.run.dir={tmp_path}/single"], nproc=0,
+                                             script=script)],
+                             cwd=tmp_path, envs=[launch_env()] * 2, timeout=180):
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]  # every rank exited 0
     ddp, single = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("ddp", "single"))
     assert (ddp["world_size"], single["world_size"]) == (2, 1)
     for ours, reference in zip(ddp["history"], single["history"], strict=True):

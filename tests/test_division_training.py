@@ -21,14 +21,14 @@ def small_cnn() -> nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
 
 
-def loss_curve(method: str, images: torch.Tensor, labels: torch.Tensor, **knobs) -> list[float]:
+def loss_curve(method: str, images: torch.Tensor, labels: torch.Tensor, steps: int = STEPS, **knobs) -> list[float]:
     torch.manual_seed(0)
     model = small_cnn()
     division.build_method(method, **knobs).attach(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     order = torch.Generator().manual_seed(1)
     losses = []
-    for _ in range(STEPS):
+    for _ in range(steps):
         index = torch.randint(0, len(images), (BATCH,), generator=order)
         loss = F.cross_entropy(model(images[index]), labels[index])
         optimizer.zero_grad(set_to_none=True)
@@ -56,5 +56,7 @@ def test_division_tracks_plain_training():
     # 1.245 0.204 0.064 0.035 0.032 0.022.
     assert tracks(loss_curve("division", images, labels, block_size=8, bits=2, backend="torch"), plain)
     # The comparison can tell: keeping only the block means (no HFC) trains visibly worse
-    # (measured 1.868 1.392 1.116 0.875 0.743 0.646).
-    assert not tracks(loss_curve("division", images, labels, block_size=8, keep_hfc=False, backend="torch"), plain)
+    # (measured 1.868 1.392 1.116 0.875 0.743 0.646). Its first two windows are enough to show it
+    # (``tracks`` compares the windows both curves have: fewer windows, a stricter "does not track").
+    assert not tracks(loss_curve("division", images, labels, steps=80, block_size=8, keep_hfc=False,
+                                 backend="torch"), plain)

@@ -30,7 +30,7 @@ from data.loaders import EpochSampler, SeededSamples
 from runners.checkpoint import load_checkpoint, remove_stale_temp_files, rng_state, save_checkpoint
 from runners.checks import ConfigError, OutputError, validate
 from runners.job import error_message, run_job, write_config_error_record
-from tests.helpers import ROOT, compose_config, run_main
+from tests.helpers import ROOT, compose_config, run_main, run_mains
 
 COMMON = ["model=resnet20", "batch_size=8", "logger=none", "train.progress=false", "device=cpu", "train.epochs=1",
           "train.max_steps_per_epoch=2"]
@@ -39,6 +39,31 @@ TINY = ["dataset=synthetic", "dataset.train_size=32", "dataset.val_size=16"] + C
 
 def no_traceback(proc: subprocess.CompletedProcess) -> None:
     assert "Traceback" not in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
+
+
+# main.py jobs that end within seconds of starting (a refused value, missing or damaged data, tiny
+# sweeps): mostly Python and torch starting up, one core each. They are independent, so the first
+# test that needs one starts those of every selected test together (``quick_jobs``); each test's
+# function below makes its jobs' arguments in a folder of its own and returns them.
+QUICK_JOBS: dict = {}  # test name -> function(folder, request) -> main.py argument lists
+
+
+def quick_jobs_of(test_name: str):
+    def register(make):
+        QUICK_JOBS[test_name] = make
+        return make
+    return register
+
+
+@pytest.fixture(scope="module")
+def quick_jobs(request, tmp_path_factory) -> dict:
+    """test name -> (its folder, its jobs' finished processes), for the selected tests."""
+    names = sorted({item.originalname for item in request.session.items
+                    if item.module.__name__ == __name__ and item.originalname in QUICK_JOBS})
+    folders = {name: tmp_path_factory.mktemp(name[5:30]) for name in names}
+    jobs = [(name, args) for name in names for args in QUICK_JOBS[name](folders[name], request)]
+    procs = run_mains([args for _, args in jobs])
+    return {name: (folders[name], [proc for (job, _), proc in zip(jobs, procs) if job == name]) for name in names}
 
 
 def make_jpeg_folder(root: Path, per_class: dict[str, int], size: int = 32, seed: int = 0) -> Path:
@@ -137,9 +162,16 @@ def test_good_values_of_the_same_keys_pass():
         validate(compose_config(overrides))
 
 
-def test_main_refuses_bad_values_with_one_line_and_exit_2(tmp_path):
-    for i, bad in enumerate(("seed=abc", "+method.bit=4")):
-        proc = run_main([bad, f"hydra.run.dir={tmp_path}/run{i}", f"results_dir={tmp_path}/store", "logger=none"])
+@quick_jobs_of("test_main_refuses_bad_values_with_one_line_and_exit_2")
+def _bad_value_jobs(tmp_path, _):
+    return [[bad, f"hydra.run.dir={tmp_path}/run{i}", f"results_dir={tmp_path}/store", "logger=none"]
+            for i, bad in enumerate(("seed=abc", "+method.bit=4"))]
+
+
+def test_main_refuses_bad_values_with_one_line_and_exit_2(quick_jobs):
+    tmp_path, procs = quick_jobs["test_main_refuses_bad_values_with_one_line_and_exit_2"]
+    assert len(procs) == 2
+    for proc in procs:
         assert proc.returncode == 2, proc.stderr[-2000:]
         out = proc.stdout + proc.stderr
         assert "configuration error: " in out and ("seed='abc'" in out or "did you mean method.bits" in out), out
@@ -147,10 +179,15 @@ def test_main_refuses_bad_values_with_one_line_and_exit_2(tmp_path):
     assert not (tmp_path / "store").exists(), "nothing may be written before the config is valid"
 
 
-def test_missing_dataset_folder_is_named_without_a_traceback(tmp_path):
+@quick_jobs_of("test_missing_dataset_folder_is_named_without_a_traceback")
+def _missing_dataset_jobs(tmp_path, _):
+    return [["dataset=imagefolder", f"dataset.root={tmp_path / 'no-such-data'}", "dataset.num_workers=0",
+             f"hydra.run.dir={tmp_path}/run", f"results_dir={tmp_path}/store"] + COMMON]
+
+
+def test_missing_dataset_folder_is_named_without_a_traceback(quick_jobs):
+    tmp_path, (proc,) = quick_jobs["test_missing_dataset_folder_is_named_without_a_traceback"]
     missing = tmp_path / "no-such-data"
-    proc = run_main(["dataset=imagefolder", f"dataset.root={missing}", "dataset.num_workers=0",
-                     f"hydra.run.dir={tmp_path}/run", f"results_dir={tmp_path}/store"] + COMMON)
     assert proc.returncode == 1
     assert str(missing) in proc.stdout + proc.stderr and "dataset.root=" in proc.stdout + proc.stderr
     no_traceback(proc)
@@ -159,10 +196,15 @@ def test_missing_dataset_folder_is_named_without_a_traceback(tmp_path):
 
 
 # ------------------------------------------------------------------------------- sweeps
-def test_a_bad_job_of_a_sweep_is_its_error_record_and_the_others_run(tmp_path):
+@quick_jobs_of("test_a_bad_job_of_a_sweep_is_its_error_record_and_the_others_run")
+def _sweep_with_a_bad_job(tmp_path, _):
+    return [["-m", "mode=memory", "batch_size=2", "memory.steps=1", "method.bits=3,2", "logger=none",
+             f"hydra.sweep.dir={tmp_path / 'sweep'}", f"results_dir={tmp_path / 'store'}"]]
+
+
+def test_a_bad_job_of_a_sweep_is_its_error_record_and_the_others_run(quick_jobs):
+    tmp_path, (proc,) = quick_jobs["test_a_bad_job_of_a_sweep_is_its_error_record_and_the_others_run"]
     sweep, store = tmp_path / "sweep", tmp_path / "store"
-    proc = run_main(["-m", "mode=memory", "batch_size=2", "memory.steps=1", "method.bits=3,2", "logger=none",
-                     f"hydra.sweep.dir={sweep}", f"results_dir={store}"])
     assert proc.returncode == 2, proc.stderr[-2000:]  # a refused config: the sweep's status says so
     no_traceback(proc)
     records = {r["bits"]: r for r in (json.loads(p.read_text()) for p in sweep.glob("*/results.json"))}
@@ -172,12 +214,17 @@ def test_a_bad_job_of_a_sweep_is_its_error_record_and_the_others_run(tmp_path):
     assert sorted(r["status"] for r in rows) == ["error", "ok"]
 
 
-def test_a_sweep_job_that_does_not_compose_is_its_error_record(tmp_path):
-    sweep, store = tmp_path / "sweep", tmp_path / "store"
+@quick_jobs_of("test_a_sweep_job_that_does_not_compose_is_its_error_record")
+def _sweep_with_jobs_that_do_not_compose(tmp_path, _):
     # job 0: no such model; job 1: method=none has no rounding key; job 2 runs
-    proc = run_main(["-m", "model=resnet9000,resnet20", "method=none,division", "method.rounding=nearest",
-                     "mode=memory", "batch_size=2", "memory.steps=1", "logger=none", f"hydra.sweep.dir={sweep}",
-                     f"results_dir={store}"])
+    return [["-m", "model=resnet9000,resnet20", "method=none,division", "method.rounding=nearest",
+             "mode=memory", "batch_size=2", "memory.steps=1", "logger=none", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+             f"results_dir={tmp_path / 'store'}"]]
+
+
+def test_a_sweep_job_that_does_not_compose_is_its_error_record(quick_jobs):
+    tmp_path, (proc,) = quick_jobs["test_a_sweep_job_that_does_not_compose_is_its_error_record"]
+    sweep, store = tmp_path / "sweep", tmp_path / "store"
     assert proc.returncode == 2, proc.stderr[-2000:]
     no_traceback(proc)
     records = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/results.json")}
@@ -434,12 +481,18 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_truncated_lmdb_is_an_error_record_not_a_sigbus(tmp_path, lmdb_data):
-    db = _copy(lmdb_data, tmp_path / "db")
+@quick_jobs_of("test_truncated_lmdb_is_an_error_record_not_a_sigbus")
+def _truncated_lmdb_jobs(tmp_path, request):
+    db = _copy(request.getfixturevalue("lmdb_data"), tmp_path / "db")
     data_file = db / "train.lmdb" / "data.mdb"
     os.truncate(data_file, data_file.stat().st_size // 2)
-    proc = run_main(["dataset=lmdb", f"dataset.root={db}", "dataset.num_workers=0", "dataset.num_classes=2",
-                     f"hydra.run.dir={tmp_path}/run", f"results_dir={tmp_path}/store"] + COMMON)
+    return [["dataset=lmdb", f"dataset.root={db}", "dataset.num_workers=0", "dataset.num_classes=2",
+             f"hydra.run.dir={tmp_path}/run", f"results_dir={tmp_path}/store"] + COMMON]
+
+
+def test_truncated_lmdb_is_an_error_record_not_a_sigbus(quick_jobs):
+    tmp_path, (proc,) = quick_jobs["test_truncated_lmdb_is_an_error_record_not_a_sigbus"]
+    data_file = tmp_path / "db" / "train.lmdb" / "data.mdb"
     assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])  # not -7 (SIGBUS)
     assert f"{data_file} is truncated" in proc.stdout + proc.stderr
     no_traceback(proc)
@@ -464,13 +517,19 @@ def test_garbled_lmdb_pages_name_the_database(tmp_path, lmdb_data):
     assert record["status"] == "error" and str(db / "train.lmdb") in record["error"]
 
 
-def test_truncated_jpeg_names_the_file_through_the_workers(tmp_path):
+@quick_jobs_of("test_truncated_jpeg_names_the_file_through_the_workers")
+def _truncated_jpeg_jobs(tmp_path, _):
     data = make_jpeg_folder(tmp_path / "jpeg", {"train": 8, "val": 4})
     victim = data / "train" / "c1" / "005.jpg"
     victim.write_bytes(victim.read_bytes()[:300])
-    proc = run_main(["dataset=imagefolder", f"dataset.root={data}", "dataset.num_workers=2", "dataset.num_classes=2",
-                     f"hydra.run.dir={tmp_path}/run", f"results_dir={tmp_path}/store"] + COMMON
-                    + ["train.max_steps_per_epoch=null"])
+    return [["dataset=imagefolder", f"dataset.root={data}", "dataset.num_workers=2", "dataset.num_classes=2",
+             f"hydra.run.dir={tmp_path}/run", f"results_dir={tmp_path}/store"] + COMMON
+            + ["train.max_steps_per_epoch=null"]]
+
+
+def test_truncated_jpeg_names_the_file_through_the_workers(quick_jobs):
+    tmp_path, (proc,) = quick_jobs["test_truncated_jpeg_names_the_file_through_the_workers"]
+    victim = tmp_path / "jpeg" / "train" / "c1" / "005.jpg"
     assert proc.returncode == 1, proc.stderr[-2000:]
     out = proc.stdout + proc.stderr
     assert f"cannot read the image {victim}" in out and "truncated" in out, out[-2000:]

@@ -40,7 +40,7 @@ def test_default_job_trains_and_writes_its_record(tmp_path):
 def test_method_none_has_null_block_and_bits(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_main([f"hydra.run.dir={run_dir}", f"results_dir={tmp_path}/store", "method=none", "logger=none",
-                     "train.max_steps_per_epoch=1", "dataset.train_size=128", "dataset.val_size=64",
+                     "train.epochs=1", "train.max_steps_per_epoch=1", "dataset.train_size=128", "dataset.val_size=64",
                      "train.progress=false"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((run_dir / "results.json").read_text())

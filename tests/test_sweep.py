@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from runners.tracking import read_offline_run
+from tests.helpers import run_together
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -44,6 +45,7 @@ def sweep_env(tmp_path, monkeypatch) -> dict:
 
 def test_block_size_by_bits_multirun_then_report(tmp_path, sweep_env):
     sweep, store = tmp_path / "sweep", tmp_path / "store"
+    main = [sys.executable, str(ROOT / "main.py")]
     proc = main_py(["-m", "mode=memory", "model=resnet20", "dataset=synthetic", "batch_size=4", "memory.steps=1",
                     "method.block_size=4,8", "method.bits=2,4", "logger.mode=offline", f"hydra.sweep.dir={sweep}",
                     f"results_dir={store}"], sweep_env)
@@ -72,14 +74,20 @@ def test_block_size_by_bits_multirun_then_report(tmp_path, sweep_env):
         assert run["summary"]["run_id"] == r["run_id"] and run["summary"]["status"] == "ok"
         assert run["summary"]["ledger_ratio"] == pytest.approx(r["ledger_ratio"])
 
-    proc = main_py(["mode=report", f"results_dir={store}", "report.group=swep", f"hydra.run.dir={tmp_path}/x",
-                    "logger=none"], sweep_env)
-    said = proc.stdout + proc.stderr
-    assert proc.returncode == 2 and "Traceback" not in said
+    # Three reports of the store, none reading what another writes (a report run's own store row is
+    # left out of every report): started together.
+    out, filtered = tmp_path / "report", tmp_path / "filtered"
+    misspelt, proc, proc_filtered = run_together(
+        [main + ["mode=report", f"results_dir={store}", "report.group=swep", f"hydra.run.dir={tmp_path}/x",
+                 "logger=none"],
+         main + ["mode=report", f"results_dir={store}", f"hydra.run.dir={out}", "logger.mode=offline"],
+         main + ["mode=report", f"results_dir={store}", f"hydra.run.dir={filtered}", "logger=none",
+                 "report.where=\"bits == 4 and block_size >= 4\"", "report.formats=[md,csv]"]],
+        envs=[sweep_env] * 3, timeout=240)
+    said = misspelt.stdout + misspelt.stderr
+    assert misspelt.returncode == 2 and "Traceback" not in said
     assert "report.group='swep': no run of the store" in said and "its groups: sweep" in said
 
-    out = tmp_path / "report"
-    proc = main_py(["mode=report", f"results_dir={store}", f"hydra.run.dir={out}", "logger.mode=offline"], sweep_env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = json.loads((out / "results.json").read_text())
     assert result["report_runs"] == 4 and result["report_dir"] == str(out)
@@ -99,10 +107,7 @@ def test_block_size_by_bits_multirun_then_report(tmp_path, sweep_env):
     report_run = read_offline_run(next((out / "wandb").glob("offline-run-*")))
     assert report_run["job_type"] == "report" and "report/runs" in report_run["summary"]
 
-    filtered = tmp_path / "filtered"
-    proc = main_py(["mode=report", f"results_dir={store}", f"hydra.run.dir={filtered}", "logger=none",
-                    "report.where=\"bits == 4 and block_size >= 4\"", "report.formats=[md,csv]"], sweep_env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc_filtered.returncode == 0, proc_filtered.stderr[-3000:]
     result = json.loads((filtered / "results.json").read_text())
     assert result["report_runs"] == 2 and not any(f.endswith(".png") for f in result["report_files"])
     text = (filtered / "report.md").read_text()
@@ -213,10 +218,21 @@ def test_slurm_launcher_composes_with_the_plugin():
     assert sweep_size(cfg.hydra.sweeper.params) == 16
 
 
+SLURM_OPTIONS = ("slurm", "submitit_slurm")
+
+
+@pytest.fixture(scope="module")
+def without_the_plugin() -> dict:
+    """main.py -m with each SLURM launcher option, both started together: option -> its result."""
+    procs = run_together([[sys.executable, str(ROOT / "main.py"), "-m", f"hydra/launcher={option}", "logger=none"]
+                          for option in SLURM_OPTIONS], timeout=240)
+    return dict(zip(SLURM_OPTIONS, procs))
+
+
 @pytest.mark.skipif(has_submitit_plugin(), reason="the plugin is installed: nothing to explain")
-@pytest.mark.parametrize("option", ["slurm", "submitit_slurm"])
-def test_slurm_launcher_without_the_plugin_says_how_to_install_it(option):
-    proc = main_py(["-m", f"hydra/launcher={option}", "logger=none"], dict(os.environ))
+@pytest.mark.parametrize("option", SLURM_OPTIONS)
+def test_slurm_launcher_without_the_plugin_says_how_to_install_it(option, without_the_plugin):
+    proc = without_the_plugin[option]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"hydra/launcher={option} needs the hydra-submitit-launcher plugin" in proc.stderr
     assert "pip install hydra-submitit-launcher" in proc.stderr

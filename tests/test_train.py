@@ -20,7 +20,11 @@ SHORT = ["model=resnet20", "dataset=synthetic", "dataset.train_size=512", "datas
 
 
 def test_short_run_lowers_the_loss_and_checkpoints_each_epoch(tmp_path):
-    cfg = compose_config(SHORT + ["train.epochs=2", f"results_dir={tmp_path}/store"])
+    # half of SHORT's images in batches of 32: the same 8 steps an epoch at half the work (measured:
+    # train loss 2.41 then 1.49, best val top-1 43.8%; with 512 images of 64: 2.12, 1.12, 39.8%)
+    smaller = [o for o in SHORT if not o.startswith(("dataset.train_size=", "batch_size="))]
+    cfg = compose_config(smaller + ["dataset.train_size=256", "batch_size=32", "train.epochs=2",
+                                    f"results_dir={tmp_path}/store"])
     record = run_job(cfg, tmp_path / "run")
     history = record["history"]
     assert record["status"] == "ok" and record["epochs"] == 2 and len(history) == 2

@@ -913,14 +913,16 @@ def check_rebuild_and_recompute_on_fused_kernels(device):
     assert cos > 0.9999, cos
 
 
-def check_ledger_matches_held(device, shape=(4, 3, 16, 16)):
+def check_ledger_matches_held(device, shape=(2, 3, 16, 16)):
     """The byte ledger equals the bytes the hooks actually hold, with every fused path on
     (BatchNorm forward and backward from codes, ReLU masks written by encodes), channels_last, fp32
     and bf16: each stored tensor once, by storage, parameters left out. On CUDA the allocator agrees:
     what one forward leaves allocated is those storages in the allocator's 512-byte blocks, plus the
     few blocks of the output, its float copy and the loss. (With the BatchNorm codes packed a second
     time, as they once were, the ledger counted 6,094,720 B against 4,310,912 B held on an H200, fp32,
-    batch 32; the allocator held 4,328,448 B, the held storages' blocks plus 2 KiB.)"""
+    batch 32; the allocator held 4,328,448 B, the held storages' blocks plus 2 KiB.) On the CPU a batch
+    of 2 takes every fused path a batch of 4 takes (only the last stage's channel group halves) in half
+    the interpreted programs."""
     from models import build_model
     from division import ByteLedger
     from division.methods import CodecMethod
@@ -993,6 +995,7 @@ CPU_CHECKS = {
 
 def _interpreter_main(out_path: str) -> None:
     """Entry point of the interpreter subprocess: run every CPU check, record ok / traceback."""
+    background.skip_dropped_overflow_checks()
     from division.triton_codec import interpreting
     results = {}
     if not interpreting():
