@@ -83,7 +83,7 @@ from .exact import (RELU_MASK, BoolMaskCodec, DropoutMaskCodec, MaxPoolIndexCode
                     ShapeOnlyCodec, add_reader)
 from .layouts import LayoutCodec, NormalizedCodec, SequenceRowsCodec, fit, flattened_sequence
 from .activations import KEEPS_DERIVATIVE
-from .ledger import RECOMPUTED, REBUILT, ByteLedger, LedgerEntry
+from .ledger import PARAMETER_COPY, RECOMPUTED, REBUILT, ByteLedger, LedgerEntry
 from .norm_from_codes import NormFromCodes
 from .rebuild import ChainTracker, RebuildCodec, RecomputeCodec, take_decoded
 
@@ -118,10 +118,10 @@ def module_kind(module: nn.Module) -> Optional[str]:
 
 
 def _derives_from_parameter(t: torch.Tensor, depth: int = 8) -> bool:
-    """Does ``t`` come from a leaf that requires grad (a parameter) through one-input ops only?
-    A weight's transpose, its autocast copy, an expanded class token, a gathered relative-position
-    bias: model memory, not activations. An activation meets an op of two graph inputs (or the
-    graph's start, the data) before any parameter."""
+    """Does ``t`` come from a parameter through one-input ops only? A weight's transpose, its
+    autocast copy, an expanded class token, a gathered relative-position bias: model memory, not
+    activations. An activation meets an op of two graph inputs (or the graph's start, the data, which
+    may be a leaf that requires grad) before any parameter."""
     if _is_parameter(t):
         return True
     fn = t.grad_fn
@@ -129,7 +129,7 @@ def _derives_from_parameter(t: torch.Tensor, depth: int = 8) -> bool:
         if fn is None:
             return False
         if type(fn).__name__ == "AccumulateGrad":
-            return True
+            return isinstance(getattr(fn, "variable", None), nn.Parameter)
         nexts = [f for f, _ in fn.next_functions if f is not None]
         if len(nexts) != 1:
             return False
@@ -692,10 +692,13 @@ class ActivationCompressor:
         plain_seen = ref is not None and ref() is t
         if not plain_seen:
             self._plain_seen[id(t)] = weakref.ref(t)
+        codec = "shared" if shared else packed.codec.name
+        if packed.codec is _RAW and not shared and t.is_floating_point() and _derives_from_parameter(t):
+            codec = PARAMETER_COPY  # model memory, e.g. autocast's copy of a weight: raw, outside coverage
         entry = LedgerEntry(
             layer=frame.ctx.layer if frame else "",
             kind=frame.ctx.kind if frame else OTHER,
-            codec="shared" if shared else packed.codec.name,
+            codec=codec,
             shape=tuple(t.shape),
             dtype=str(t.dtype).replace("torch.", ""),
             plain_bytes=0 if plain_seen else t.numel() * t.element_size(),
@@ -729,8 +732,9 @@ class ActivationCompressor:
                 warnings.warn(message, RuntimeWarning, stacklevel=2)
         if self.coverage is None or self.coverage >= self.coverage_warning:
             return
-        raw = sorted(((row["raw_plain_bytes"], op) for op, row in seen.by_op().items()
-                      if row["raw_plain_bytes"]), reverse=True)
+        by_op = seen.by_op()
+        raw = sorted(((row["raw_plain_bytes"] - row["parameter_copy_bytes"], op) for op, row in by_op.items()
+                      if row["raw_plain_bytes"] > row["parameter_copy_bytes"]), reverse=True)
         name = getattr(self.codec, "name", type(self.codec).__name__)
         message = (f"{name} compresses {self.coverage:.1%} of the activation bytes this model saves "
                    f"(under {self.coverage_warning:.0%}); kept raw: "

@@ -5,7 +5,10 @@ method actually holds (``Packed.nbytes``); ``plain_bytes`` is what plain autogra
 same save (the tensor's own bytes, counted once per tensor, since autograd saves by reference).
 Parameters are left out of both: they are model memory, not activation memory. So are copies of a
 parameter that a compiled graph keeps (a weight in another memory format): their bytes are
-``parameter_copy_bytes``, beside the entries.
+``parameter_copy_bytes``, beside the entries. A tensor made from parameters alone that an eager step
+saves (autocast's bf16 copy of a weight, a gathered position bias) is an entry, kept raw as plain
+autograd keeps it (the allocator holds it too), with codec ``parameter_copy``: no codec may compress
+it, so ``coverage``, the share of activation bytes compressed, leaves it out.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from typing import Optional
 COMPILED = "compiled"  # LedgerEntry.kind of a tensor saved by a compiled graph
 REBUILT = "rebuilt"    # LedgerEntry.codec of a tensor rebuilt in backward, not stored (division.rebuild)
 RECOMPUTED = "recomputed"  # LedgerEntry.codec of a 1x1 or depthwise convolution's output recomputed in backward
+PARAMETER_COPY = "parameter_copy"  # LedgerEntry.codec of a raw save made from parameters alone (model memory)
 
 
 @dataclass
@@ -85,20 +89,23 @@ class ByteLedger:
 
     @property
     def coverage(self) -> Optional[float]:
-        """The fraction of the bytes plain autograd would keep that are stored compressed; None when
-        nothing was saved or the step was compiled (no per-save plain reference)."""
+        """The fraction of the activation bytes plain autograd would keep that are stored compressed
+        (parameter copies left out); None when nothing was saved or the step was compiled (no per-save
+        plain reference)."""
         return coverage_of(self.entries)
 
     def by_op(self) -> dict[str, dict[str, int]]:
         """Totals per operator, largest plain bytes first: plain_bytes, stored_bytes, raw_plain_bytes
-        (the part kept raw), tensors."""
+        (the part kept raw), parameter_copy_bytes (the part of that made from parameters alone), tensors."""
         out: dict[str, dict[str, int]] = defaultdict(
-            lambda: {"plain_bytes": 0, "stored_bytes": 0, "raw_plain_bytes": 0, "tensors": 0})
+            lambda: {"plain_bytes": 0, "stored_bytes": 0, "raw_plain_bytes": 0, "parameter_copy_bytes": 0,
+                     "tensors": 0})
         for e in self.entries:
             row = out[e.op or e.kind]
             row["plain_bytes"] += e.plain_bytes
             row["stored_bytes"] += e.stored_bytes
             row["raw_plain_bytes"] += 0 if e.compressed else e.plain_bytes
+            row["parameter_copy_bytes"] += e.plain_bytes if e.codec == PARAMETER_COPY else 0
             row["tensors"] += 1
         return dict(sorted(out.items(), key=lambda item: -item[1]["plain_bytes"]))
 
@@ -135,9 +142,11 @@ def _itemsize(dtype: str) -> int:
 
 
 def coverage_of(entries: list[LedgerEntry]) -> Optional[float]:
-    """Compressed share of the plain bytes of these entries (see ``ByteLedger.coverage``)."""
+    """Compressed share of the plain bytes of these entries, parameter copies left out (see
+    ``ByteLedger.coverage``)."""
     if any(e.kind == COMPILED for e in entries):
         return None
+    entries = [e for e in entries if e.codec != PARAMETER_COPY]
     plain = sum(e.plain_bytes for e in entries)
     if not plain:
         return None

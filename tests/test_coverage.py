@@ -9,7 +9,7 @@ from torch import nn
 
 import division
 from division.layouts import CLS_GRID, GRID, NHWC, ROWS, TOKENS, LayoutCodec, NormalizedCodec, fit
-from division.ledger import ByteLedger
+from division.ledger import PARAMETER_COPY, ByteLedger
 
 
 def _step(model, x, **knobs):
@@ -57,6 +57,27 @@ def test_parameters_and_their_copies_are_never_compressed():
     assert not any(e.shape in param_shapes and e.compressed and e.plain_bytes for e in ledger.entries
                    if e.shape[0] != 2 and len(e.shape) == 2)
 
+
+
+def test_autocast_copies_of_weights_are_parameter_copies_outside_coverage():
+    """Under autocast each Linear saves a bf16 copy of its weight: made from the parameter alone, kept
+    raw (as plain autograd keeps it), and left out of coverage. At a small batch those copies outweigh
+    the activations: counted as activations, they made coverage look low and warned."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256)).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ledger, warned = _step(model, torch.randn(2, 16, 256, requires_grad=True))
+    copies = [e for e in ledger.entries if e.codec == PARAMETER_COPY]
+    assert sorted(tuple(sorted(e.shape)) for e in copies) == [(256, 512), (256, 512)]
+    assert all(e.dtype == "bfloat16" and not e.compressed and e.stored_bytes == e.plain_bytes for e in copies)
+    copy_bytes = 2 * 256 * 512 * 2
+    assert sum(e.plain_bytes for e in copies) == ledger.by_op()["Linear"]["parameter_copy_bytes"] == copy_bytes
+    activations = [e for e in ledger.entries if e.codec != PARAMETER_COPY]
+    assert ledger.coverage == pytest.approx(sum(e.plain_bytes for e in activations if e.compressed)
+                                            / sum(e.plain_bytes for e in activations))
+    assert ledger.coverage > 0.99 and not warned
+    # the copies are most of what is saved: counted as activations, coverage would be under 90%
+    assert sum(e.plain_bytes for e in ledger.entries if e.compressed) / ledger.plain_bytes < 0.5
 
 @pytest.mark.parametrize("shape,feature_last,layout", [
     ((2, 7, 7, 96), False, NHWC), ((2, 96, 14, 14), True, NHWC), ((2, 96, 14, 14), False, None),
