@@ -130,10 +130,10 @@ def _derives_from_parameter(t: torch.Tensor, depth: int = 8) -> bool:
             return False
         if type(fn).__name__ == "AccumulateGrad":
             return isinstance(getattr(fn, "variable", None), nn.Parameter)
-        nexts = [f for f, _ in fn.next_functions if f is not None]
-        if len(nexts) != 1:
+        # every input of the op, those that need no gradient (the data: None) included
+        if len(fn.next_functions) != 1:
             return False
-        fn = nexts[0]
+        fn = fn.next_functions[0][0]
     return False
 
 

@@ -79,6 +79,22 @@ def test_autocast_copies_of_weights_are_parameter_copies_outside_coverage():
     # the copies are most of what is saved: counted as activations, coverage would be under 90%
     assert sum(e.plain_bytes for e in ledger.entries if e.compressed) / ledger.plain_bytes < 0.5
 
+
+def test_what_derives_from_parameters_alone():
+    """Model memory is what parameters alone make (a copy, a transpose, an expansion); an activation
+    meets the data first, even data that needs no gradient (it is no node of the graph) or a leaf
+    that needs one without being a parameter."""
+    from division.compressor import _derives_from_parameter
+    conv = nn.Conv2d(3, 4, 3)
+    data = torch.randn(1, 3, 8, 8)
+    token = nn.Parameter(torch.randn(1, 1, 4))
+    assert _derives_from_parameter(conv.weight.to(torch.bfloat16))
+    assert _derives_from_parameter(conv.weight.flatten(1).t())
+    assert _derives_from_parameter(token.expand(2, -1, -1))
+    assert not _derives_from_parameter(conv(data))  # data without grad and the weight: an activation
+    assert not _derives_from_parameter(nn.Conv2d(3, 4, 3, bias=False)(data).to(torch.bfloat16))
+    assert not _derives_from_parameter(data.clone().requires_grad_().to(torch.bfloat16))
+
 @pytest.mark.parametrize("shape,feature_last,layout", [
     ((2, 7, 7, 96), False, NHWC), ((2, 96, 14, 14), True, NHWC), ((2, 96, 14, 14), False, None),
     ((2, 12, 197, 64), False, None), ((2, 197, 64), False, CLS_GRID), ((2, 49, 64), True, GRID),

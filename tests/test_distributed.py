@@ -182,13 +182,17 @@ def test_sync_bn_inputs_go_through_the_codec():
     compressed = {e.layer for e in ledger.entries if e.kind == "norm" and e.codec == "division"}
     assert compressed == names
 
-    # The other order, the original DIVISION code's: the new modules carry no hooks, inputs stay raw.
-    late = ByteLedger()
-    model = build_method(cfg).attach(build_model(cfg, 10, torch.device("cpu")), ledger=late)
-    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    _one_training_forward(model)
-    assert not {e.layer for e in late.entries} & _sync_bn_names(model)
-    assert late.by_codec()["raw"]["stored_bytes"] > ledger.by_codec()["raw"]["stored_bytes"]
+    # The other order, the original DIVISION code's: the new modules carry no hooks of their own. With
+    # cover_all (the default) the rule for any save still compresses their inputs, under their parents'
+    # names; without it the 19 inputs stay raw.
+    for cover_all, raw_inputs in ((True, 0), (False, 19)):
+        late = ByteLedger()
+        late_cfg = compose_config(["method=division", f"method.cover_all={cover_all}", "logger=none"])
+        model = build_method(late_cfg).attach(build_model(late_cfg, 10, torch.device("cpu")), ledger=late)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        _one_training_forward(model)
+        assert not {e.layer for e in late.entries} & _sync_bn_names(model)
+        assert sum(e.codec == "raw" and len(e.shape) == 4 for e in late.entries) == raw_inputs
 
 
 def test_one_process_is_untouched(monkeypatch):
