@@ -122,19 +122,25 @@ def _derives_from_parameter(t: torch.Tensor, depth: int = 8) -> bool:
     autocast copy, an expanded class token, a gathered relative-position bias: model memory, not
     activations. An activation meets an op of two graph inputs (or the graph's start, the data, which
     may be a leaf that requires grad) before any parameter."""
+    return _source_parameter(t, depth) is not None
+
+
+def _source_parameter(t: torch.Tensor, depth: int = 8) -> Optional[torch.Tensor]:
+    """The parameter ``t`` comes from through one-input ops only (see ``_derives_from_parameter``), or None."""
     if _is_parameter(t):
-        return True
+        return t if t._base is None else t._base
     fn = t.grad_fn
     for _ in range(depth):
         if fn is None:
-            return False
+            return None
         if type(fn).__name__ == "AccumulateGrad":
-            return isinstance(getattr(fn, "variable", None), nn.Parameter)
+            variable = getattr(fn, "variable", None)
+            return variable if isinstance(variable, nn.Parameter) else None
         # every input of the op, those that need no gradient (the data: None) included
         if len(fn.next_functions) != 1:
-            return False
+            return None
         fn = fn.next_functions[0][0]
-    return False
+    return None
 
 
 @dataclass
@@ -693,7 +699,7 @@ class ActivationCompressor:
         if not plain_seen:
             self._plain_seen[id(t)] = weakref.ref(t)
         codec = "shared" if shared else packed.codec.name
-        if packed.codec is _RAW and not shared and t.is_floating_point() and _derives_from_parameter(t):
+        if packed.codec is _RAW and not shared and t.is_floating_point() and _copies_parameter(t):
             codec = PARAMETER_COPY  # model memory, e.g. autocast's copy of a weight: raw, outside coverage
         entry = LedgerEntry(
             layer=frame.ctx.layer if frame else "",
@@ -742,6 +748,15 @@ class ActivationCompressor:
                    + ("" if self.cover_all else "; cover_all=true compresses every saved activation"))
         log.warning(message)
         warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+
+def _copies_parameter(t: torch.Tensor) -> bool:
+    """Is ``t`` one parameter's values (a cast, a transpose, a copy: as many elements), and so model
+    memory that coverage leaves out? A lookup that parameters alone feed but that grows with the
+    batch or the sequence (an embedding's output, a gathered position bias) is not: it stays in
+    coverage, whose warning then names it (unless it happens to hold exactly as many elements)."""
+    source = _source_parameter(t)
+    return source is not None and t.numel() == source.numel()
 
 
 def _fused_attention_output(t: torch.Tensor) -> bool:

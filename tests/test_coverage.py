@@ -95,6 +95,16 @@ def test_what_derives_from_parameters_alone():
     assert not _derives_from_parameter(nn.Conv2d(3, 4, 3, bias=False)(data).to(torch.bfloat16))
     assert not _derives_from_parameter(data.clone().requires_grad_().to(torch.bfloat16))
 
+
+def test_a_lookup_of_parameters_stays_in_coverage():
+    """An embedding's output comes from its table alone (the indices need no gradient), but it is as
+    large as the batch makes it: not a parameter copy, so coverage counts it and warns."""
+    from division.compressor import _copies_parameter
+    table = nn.Embedding(50, 64)
+    tokens = torch.randint(0, 50, (2, 10))
+    assert _copies_parameter(table.weight.to(torch.bfloat16))
+    assert not _copies_parameter(table(tokens))
+
 @pytest.mark.parametrize("shape,feature_last,layout", [
     ((2, 7, 7, 96), False, NHWC), ((2, 96, 14, 14), True, NHWC), ((2, 96, 14, 14), False, None),
     ((2, 12, 197, 64), False, None), ((2, 197, 64), False, CLS_GRID), ((2, 49, 64), True, GRID),
