@@ -5,8 +5,8 @@ method actually holds (``Packed.nbytes``); ``plain_bytes`` is what plain autogra
 same save (the tensor's own bytes, counted once per tensor, since autograd saves by reference).
 Parameters are left out of both: they are model memory, not activation memory. So are copies of a
 parameter that a compiled graph keeps (a weight in another memory format): their bytes are
-``parameter_copy_bytes``, beside the entries. A tensor made from parameters alone that an eager step
-saves (autocast's bf16 copy of a weight, a gathered position bias) is an entry, kept raw as plain
+``parameter_copy_bytes``, beside the entries. A copy of one parameter that an eager step saves
+(autocast's bf16 copy of a weight: made from it alone, as many elements) is an entry, kept raw as plain
 autograd keeps it (the allocator holds it too), with codec ``parameter_copy``: no codec may compress
 it, so ``coverage``, the share of activation bytes compressed, leaves it out.
 """
