@@ -9,8 +9,14 @@ and value; its backward forms the probabilities from them (a softmax: they sum t
 the softmax's closed-form gradient, the exact gradient of attention at the decoded inputs.
 Measured on (4, 4, 65, 16) heads with logits sharpened 9x, gradient cosine of the query, key and
 value against exact backward, flash-style against recomputed: 0.13 -> 0.66 at 4 bits, 0.988 -> 0.997
-at 8 bits. It keeps two tensors fewer (output, log-sum-exp). The probabilities are formed in
-backward, one (L, L) map per head, transient, as the math path forms them.
+at 8 bits. It keeps two tensors fewer (output, log-sum-exp).
+
+Eagerly, the backward runs the fused kernels twice over the decoded inputs
+(``fused_attention_gradients``): their forward gives the output and log-sum-exp *of those inputs*,
+and their backward, fed these, is the exact gradient at the decoded inputs, as the recompute
+above, without forming any (L, L) map. The tensor-op form (``attention_gradients``) is the
+compiled path's, where the compiler fuses it (the fused kernels' backward operators differ
+between devices and PyTorch versions), and the reference both are tested against.
 
 ``self_attention`` computes ``nn.MultiheadAttention``'s output the same way for the calls it
 covers (``attention_applies``, ``attention_call_applies``: self-attention, ``batch_first``, one
@@ -24,6 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 def attention_gradients(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor):
@@ -39,6 +46,20 @@ def attention_gradients(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad:
     return ds @ k, ds.transpose(-2, -1) @ q, dv
 
 
+def fused_attention_gradients(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad: torch.Tensor):
+    """``attention_gradients`` through ``F.scaled_dot_product_attention``'s own kernels (flash,
+    memory-efficient or the CPU's, as it dispatches): its forward recomputed from q, k and v, so the
+    output and log-sum-exp its backward reads are those of these inputs. In a ViT-B/16 step (bf16,
+    batch 128, H200) the tensor-op form's matrix products over 197 tokens ran as unaligned GEMMs,
+    10.6 ms of the 47 ms of GPU time DIVISION added (``scripts/profile_step.py``); this form runs
+    one fused forward and one fused backward per layer."""
+    dtype = grad.dtype
+    with torch.enable_grad():
+        inputs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out = F.scaled_dot_product_attention(*inputs)
+    return torch.autograd.grad(out, inputs, grad)
+
+
 class RecomputedAttention(torch.autograd.Function):
     """``F.scaled_dot_product_attention`` keeping only its query, key and value (module docstring)."""
 
@@ -48,8 +69,9 @@ class RecomputedAttention(torch.autograd.Function):
         return F.scaled_dot_product_attention(q, k, v)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
-        return attention_gradients(*ctx.saved_tensors, grad)
+        return fused_attention_gradients(*ctx.saved_tensors, grad)
 
 
 def attention_applies(module: nn.Module) -> bool:

@@ -81,7 +81,7 @@ from .decode_prefetch import PREVIOUS, DecodePrefetcher
 from .encode_stream import SideStreamEncoder
 from .exact import (RELU_MASK, BoolMaskCodec, DropoutMaskCodec, MaxPoolIndexCodec, ReluMaskCodec,
                     ShapeOnlyCodec, add_reader)
-from .layouts import LayoutCodec, NormalizedCodec, SequenceRowsCodec, fit, flattened_sequence
+from .layouts import FlattenedRowsCodec, LayoutCodec, NormalizedCodec, fit, flattened_activation
 from .activations import KEEPS_DERIVATIVE
 from .ledger import PARAMETER_COPY, RECOMPUTED, REBUILT, ByteLedger, LedgerEntry
 from .norm_from_codes import NormFromCodes
@@ -642,15 +642,16 @@ class ActivationCompressor:
                 return self._fitted_apart(t, self.attention_codec)
             if self.probability_codec is not None and _probabilities(t):
                 return self._fitted_apart(t, self.probability_codec)
-            tokens = flattened_sequence(t)
-            if tokens is not None:  # a Linear's 3-D input as its matmul saves it: coded as the sequence
-                return self._sequence_rows(t._base, tokens)
+            sample_shape = flattened_activation(t)
+            if sample_shape is not None:  # a Linear's 3-D or 4-D input as its matmul saves it
+                return self._flattened_rows(t._base, sample_shape)
             return self._fitted(t, False)
         return _RAW
 
-    def _sequence_rows(self, sequence: torch.Tensor, tokens: int) -> ActivationCodec:
-        return self._layout_codec(f"sequence_rows{tokens}",
-                                  lambda: SequenceRowsCodec(self._fitted(sequence, True), tokens))
+    def _flattened_rows(self, activation: torch.Tensor, sample_shape: tuple[int, ...]) -> ActivationCodec:
+        """Rows coded as the activation they were flattened from (``layouts.flattened_activation``)."""
+        return self._layout_codec(f"flattened_rows{sample_shape}",
+                                  lambda: FlattenedRowsCodec(self._fitted(activation, True), sample_shape))
 
     def _normalized(self, t: torch.Tensor, dims: int) -> ActivationCodec:
         """A LayerNorm input, stored normalized (``division.layouts.NormalizedCodec``)."""

@@ -1,5 +1,6 @@
 """Coverage of every saved activation (cover_all): transformers and modern CNNs are compressed, the
 ledger names the operators and the coverage, statistics stay exact, and low coverage warns."""
+import math
 import warnings
 
 import pytest
@@ -153,25 +154,29 @@ def test_a_token_grid_is_coded_over_the_grid_and_a_class_token_exactly():
     assert as_maps(square, GRID).is_contiguous(memory_format=torch.channels_last)
 
 
-def test_a_linear_input_saved_flattened_is_coded_as_its_token_grid():
-    """A Linear on (N, 1 + k * k, C) tokens (a GELU's output) saves its input flattened to (N * L, C)
-    (its matmul's view): the ledger entry keeps that shape, and the bytes are those of the class token and the
-    grid (``cls_grid``), not of groups of rows; the gradient is the decoded input's."""
+@pytest.mark.parametrize("shape,layout", [((4, 1 + 8 * 8, 32), CLS_GRID), ((4, 8, 8, 32), NHWC)])
+def test_a_linear_input_saved_flattened_is_coded_as_the_activation_it_was(shape, layout):
+    """A Linear on (N, 1 + k * k, C) tokens (a ViT's MLP) or on an (N, H, W, C) map (ConvNeXt's and
+    Swin's MLPs) saves its input (a GELU's output) flattened to (rows, C), its matmul's view: the
+    ledger entry keeps that shape, and the bytes are those of the class token and the grid
+    (``cls_grid``) or of the channels_last map (``nhwc``), not of groups of rows; the gradient is
+    the decoded input's."""
     from division.dual_precision import DivisionCodec as DualPrecisionCodec
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 16))  # a ViT's MLP
+    model = nn.Sequential(nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 16))
     ledger = division.ByteLedger()
     division.build_method("division", rounding="nearest").attach(model, ledger=ledger)
     hidden = []
     model[1].register_forward_hook(lambda _m, _i, out: hidden.append(out.detach()))
-    model(torch.randn(4, 1 + 8 * 8, 32)).square().sum().backward()
+    model(torch.randn(shape)).square().sum().backward()
+    rows = math.prod(shape[:-1])
     (entry,) = [e for e in ledger.entries if e.layer == "2"]
-    assert entry.shape == (4 * 65, 32) and entry.op == "Linear"
+    assert entry.shape == (rows, 32) and entry.op == "Linear"
     base = DualPrecisionCodec(block_size=8, bits=2, rounding="nearest")
-    cls_grid = LayoutCodec(base, CLS_GRID)
-    assert entry.stored_bytes == cls_grid.closed_form_nbytes((4, 65, 32), torch.float32)
-    assert entry.stored_bytes < LayoutCodec(base, ROWS).closed_form_nbytes((4 * 65, 32), torch.float32)
-    decoded = cls_grid.decode(cls_grid.encode(hidden[0])).reshape(4 * 65, 16 * 2)
+    fitted = LayoutCodec(base, layout)
+    assert entry.stored_bytes == fitted.closed_form_nbytes(shape, torch.float32)
+    assert entry.stored_bytes < 0.8 * LayoutCodec(base, ROWS).closed_form_nbytes((rows, 32), torch.float32)
+    decoded = fitted.decode(fitted.encode(hidden[0])).reshape(rows, 32)
     out = hidden[0] @ model[2].weight.detach().t() + model[2].bias.detach()
     expected = (2 * out).reshape(-1, 16).t() @ decoded
     assert torch.allclose(model[2].weight.grad, expected, rtol=1e-4, atol=1e-4)
@@ -294,9 +299,10 @@ def test_recomputed_attention_gives_the_exact_gradient_and_beats_the_fused_kerne
     """division.attention: with exact inputs, the recomputed backward is attention's gradient;
     with 4-bit decoded inputs under sharp attention (logits 9x), it stays far closer to the exact
     gradient than the fused kernels' way (probabilities from the exact log-sum-exp, dO.O from the
-    exact output) does."""
+    exact output) does. The fused kernels run again over the decoded inputs (eager DIVISION's
+    backward) give the recompute's gradient."""
     import torch.nn.functional as F
-    from division.attention import RecomputedAttention, attention_gradients
+    from division.attention import RecomputedAttention, attention_gradients, fused_attention_gradients
     from division.compiled import TensorCodec
     torch.manual_seed(0)
     q, k, v = torch.randn(4, 4, 65, 16) * 3, torch.randn(4, 4, 65, 16) * 3, torch.randn(4, 4, 65, 16)
@@ -311,6 +317,8 @@ def test_recomputed_attention_gives_the_exact_gradient_and_beats_the_fused_kerne
     codec = TensorCodec(block_size=8, bits=4, rounding="nearest")
     qd, kd, vd = (codec.decode(*codec.encode(t)) for t in (q, k, v))
     recomputed = torch.cat([g.flatten() for g in attention_gradients(qd, kd, vd, grad)])
+    fused_again = torch.cat([g.flatten() for g in fused_attention_gradients(qd, kd, vd, grad)])
+    assert torch.allclose(fused_again, recomputed, atol=1e-4, rtol=1e-4)
     scale = 16 ** -0.5
     lse = torch.logsumexp(q @ k.transpose(-2, -1) * scale, -1, keepdim=True)
     out = F.scaled_dot_product_attention(q, k, v)
