@@ -1,0 +1,23 @@
+"""scripts/host_time.py: the GPU path's host work runs on the CPU, its kernel launches counted and skipped."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_host_time_runs_the_fused_codec_path_without_a_gpu():
+    """thin_vit (12 blocks): plain training launches no codec kernel; DIVISION encodes at least ten
+    saves per block (two LayerNorm inputs, four Linear inputs, the query, key and value, GELU's
+    input) and decodes each once in backward, all through the fused codec's launches."""
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "host_time.py"), "--model", "thin_vit",
+                          "--steps", "2", "--methods", "none", "division"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    found = dict(re.findall(r"thin_vit\s+(\w+):\s+[\d.]+ ms per step .*?, (\d+) kernel launches", out.stdout))
+    assert set(found) == {"none", "division"}, out.stdout
+    assert int(found["none"]) == 0
+    assert int(found["division"]) >= 12 * 10 * 2, out.stdout
