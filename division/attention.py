@@ -14,9 +14,9 @@ at 8 bits. It keeps two tensors fewer (output, log-sum-exp).
 Eagerly, the backward runs the fused kernels twice over the decoded inputs
 (``fused_attention_gradients``): their forward gives the output and log-sum-exp *of those inputs*,
 and their backward, fed these, is the exact gradient at the decoded inputs, as the recompute
-above, without forming any (L, L) map. The tensor-op form (``attention_gradients``) is the
-compiled path's, where the compiler fuses it (the fused kernels' backward operators differ
-between devices and PyTorch versions), and the reference both are tested against.
+above, without forming any (L, L) map. The compiled path runs the same function as one opaque
+custom op (``division.compiled_attention``). The tensor-op form (``attention_gradients``) is the
+reference both are tested against.
 
 ``self_attention`` computes ``nn.MultiheadAttention``'s output the same way for the calls it
 covers (``attention_applies``, ``attention_call_applies``: self-attention, ``batch_first``, one
@@ -52,12 +52,12 @@ def fused_attention_gradients(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     output and log-sum-exp its backward reads are those of these inputs. In a ViT-B/16 step (bf16,
     batch 128, H200) the tensor-op form's matrix products over 197 tokens ran as unaligned GEMMs,
     10.6 ms of the 47 ms of GPU time DIVISION added (``scripts/profile_step.py``); this form runs
-    one fused forward and one fused backward per layer."""
+    one fused forward and one fused backward per layer. ``torch.func.vjp``, not ``autograd.grad``:
+    it differentiates also where autograd's dispatch is off, inside the compiled path's custom op
+    (``division.compiled_attention``)."""
     dtype = grad.dtype
-    with torch.enable_grad():
-        inputs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-        out = F.scaled_dot_product_attention(*inputs)
-    return torch.autograd.grad(out, inputs, grad)
+    _, gradients = torch.func.vjp(F.scaled_dot_product_attention, *(t.detach().to(dtype) for t in (q, k, v)))
+    return gradients(grad)
 
 
 class RecomputedAttention(torch.autograd.Function):

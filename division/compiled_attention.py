@@ -6,9 +6,13 @@ input, all full size. ``attention_forward`` computes the module's output as
 ``division.attention.self_attention`` does, from layers that keep codes (``division.compiled``):
 both projections through ``_Linear`` (their inputs as DIVISION codes at the model's bits) and the
 attention through ``_Attention``, which keeps the codes of the query, key and value at
-``method.attention_bits`` and nothing else; its backward recomputes the probabilities from the
-decoded query and key (``attention_gradients``), in tensor ops the compiler fuses, the same on
-every device and PyTorch version (the fused kernels' own backward operators differ between them).
+``method.attention_bits`` and nothing else. Its backward is ``attention_backward``: the fused
+attention kernels' forward and backward over the decoded query, key and value, as eager DIVISION
+runs them (``division.attention.fused_attention_gradients``), as one opaque custom op. The
+compiler sees neither kernel choice nor backward operator (those differ between devices and
+PyTorch versions), and the probabilities are never written out: recomputed in tensor ops the
+compiler fused, they were (N, heads, L, L) maps whose matrix products over ViT-B/16's 197 tokens
+ran as unaligned GEMMs.
 Calls ``division.attention`` does not cover run the module's own forward, saved as the compiler
 chooses.
 """
@@ -18,8 +22,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attention_gradients, self_attention
+from .attention import fused_attention_gradients, self_attention
 from .compiled import TensorCodec, _Linear
+
+
+@torch.library.custom_op("division::attention_backward", mutates_args=())
+def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of ``F.scaled_dot_product_attention(q, k, v)`` at ``grad``, by its fused
+    kernels, contiguous (the layout the fake implementation promises the compiler)."""
+    return tuple(g.contiguous() for g in fused_attention_gradients(q, k, v, grad))
+
+
+@attention_backward.register_fake
+def _attention_backward_fake(q, k, v, grad):
+    return tuple(torch.empty(t.shape, dtype=grad.dtype, device=grad.device) for t in (q, k, v))
 
 
 class _Attention(torch.autograd.Function):
@@ -44,7 +61,7 @@ class _Attention(torch.autograd.Function):
         for layout, size in zip(ctx.layouts, ctx.sizes):
             decoded.append(ctx.codec.decode(layout, tuple(saved[at:at + size])))
             at += size
-        return (*attention_gradients(*decoded, grad), None)
+        return (*attention_backward(*decoded, grad), None)
 
 
 def attention_forward(module: nn.MultiheadAttention, x: torch.Tensor, codec: TensorCodec,

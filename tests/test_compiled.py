@@ -483,16 +483,24 @@ class _SelfAttention(nn.Module):
         return self.attn(x, x, x, need_weights=False)[0]
 
 
-def test_self_attention_keeps_query_key_and_value_as_codes_when_compiled():
+def test_self_attention_keeps_query_key_and_value_as_codes_when_compiled(monkeypatch):
     """Compiled self-attention (nn.MultiheadAttention as torchvision's ViT calls it) keeps no
     token-size fp32 tensor: the projections' inputs and the query, key and value are codes, the
-    attention output and log-sum-exp are not kept, and the gradients follow plain training."""
+    attention output and log-sum-exp are not kept, and the gradients follow plain training. Its
+    backward is the fused kernels' (``division::attention_backward``, once per call), not
+    probabilities recomputed in the compiled graph."""
+    from division import compiled_attention
+    calls = []
+    fused = compiled_attention.fused_attention_gradients
+    monkeypatch.setattr(compiled_attention, "fused_attention_gradients",
+                        lambda *tensors: calls.append(tensors[0].shape) or fused(*tensors))
     torch.manual_seed(0)
     model = _SelfAttention(64, 4)
     x = torch.randn(4, 16, 64) * 2  # sharper attention than unit logits
     out, kept, grad_cosine = _compiled_beside_plain(model, x, "attn", "attention")
     assert _full_size_fp32(model, kept, out, 4 * 16 * 64 // 4) == []  # a head's (N, L, E) is a quarter
     assert grad_cosine > 0.999
+    assert calls == [(4, 4, 16, 16)]  # one backward, over (N, heads, L, E) maps
 
 
 def test_a_compiled_vit_is_covered_without_a_warning():
