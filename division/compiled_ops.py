@@ -97,6 +97,7 @@ def _encode_into(x: torch.Tensor, block_size: int, bits: int, stochastic: bool, 
     """x's (lfc, codes, mn, step) as ``TritonDivisionCodec.encode`` writes them, with stochastic
     rounding drawn by ``RNG_DATA`` (no host seed: a pure function of x, see the module docstring).
     ``launch(kernel, grid, args, constexprs, num_warps)`` runs each kernel (or nothing: fake)."""
+    from .triton_codec import sample_stride
     from .triton_codec_kernels import _encode_kernel
     from .triton_plan import RNG_DATA
     x = _specialized(x)
@@ -115,7 +116,8 @@ def _encode_into(x: torch.Tensor, block_size: int, bits: int, stochastic: bool, 
     for phase in plan.encode_phases:
         # unused pointers (seed counter, ReLU mask words, BatchNorm outputs) get any tensor: step
         launch(_encode_kernel, plan.encode_grid,
-               (maps, lfc, codes, mn, step, part, step, step, step, step, step, step, 0, c, c // plan.g),
+               (maps, lfc, codes, mn, step, part, step, step, step, step, step, step, 0, c, c // plan.g,
+                sample_stride(maps, plan)),
                dict(STOCHASTIC=stochastic, RNG=RNG_DATA, SEED_PTR=False, FMA_Q=stochastic and plan.fma_q,
                     PACK_MASK=False, NORM=False, **plan.encode_constexprs(phase)),
                plan.enc_warps)
@@ -131,7 +133,8 @@ def _decode_into(lfc, codes, mn, step, shape, dtype, channels_last, block_size, 
     geom = codec.geometry(shape, dtype)
     plan = codec.plan_for((geom.n, geom.c, geom.h, geom.w), dtype, channels_last, codes.device)
     out = _empty_maps((plan.n, plan.c, plan.h, plan.w), dtype, codes.device, plan.channels_last)
-    launch(_decode_kernel, plan.decode_grid, (codes, lfc, mn, step, out, out, out, out, plan.c, plan.c // plan.g),
+    launch(_decode_kernel, plan.decode_grid, (codes, lfc, mn, step, out, out, out, out, plan.c, plan.c // plan.g,
+                                                    plan.c * plan.h * plan.w),
            dict(plan.decode_constexprs(), MASK=0, TINY=float(torch.finfo(dtype).tiny), AFFINE=False),
            plan.dec_warps)
     out = out.view(shape)

@@ -104,13 +104,17 @@ def from_maps(y: torch.Tensor, layout: str, shape: torch.Size) -> torch.Tensor:
     return y.squeeze(-1).transpose(1, 2).reshape(shape)  # ROWS
 
 
-def split_maps(x: torch.Tensor, layout: str, block_size: int = 8) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def split_maps(x: torch.Tensor, layout: str, block_size: int = 8,
+               in_place=lambda maps: False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(the maps the codec encodes for ``layout``, what is kept exactly beside them or None): for
-    ``cls_grid`` the class token (a copy: no view keeps x alive) and the grid's maps, made dense
-    (the grid sliced off the class token is not: the fused kernels read dense maps only, and
-    would otherwise leave it to the reference codec)."""
+    ``cls_grid`` the class token (a copy: no view keeps x alive) and the grid's maps: the grid's
+    view into x where ``in_place(maps)`` (the fused codec reads such sample-strided maps,
+    ``TritonDivisionCodec.takes_sample_strided``), else made dense (the reference codec, the CPU)."""
     if layout == CLS_GRID:
-        return as_maps(x[:, 1:].contiguous(), GRID), x[:, :1].clone()
+        maps = as_maps(x[:, 1:], GRID)
+        if not in_place(maps):
+            maps = maps.contiguous(memory_format=torch.channels_last)
+        return maps, x[:, :1].clone()
     return as_maps(x, layout, block_size), None
 
 
@@ -157,14 +161,24 @@ class LayoutCodec(ActivationCodec):
         self.name = codec.name
 
     def encode(self, x: torch.Tensor, ctx: Optional[SaveContext] = None) -> Packed:
-        maps, head = split_maps(x, self.layout, self._block_size())
+        # a ViT's tokens: the fused codec reads the grid where it lies, behind the class token
+        # (a copy of it cost more GPU time than its encode, ViT-B/16 on an H100)
+        maps, head = split_maps(x, self.layout, self._block_size(),
+                                getattr(self.codec, "takes_sample_strided", lambda maps: False))
         inner = self.codec.encode(maps, ctx)
         kept = inner.tensors if head is None else {**inner.tensors, "cls": head}
         return Packed(self, kept, {"inner": inner, "shape": x.shape})
 
     def decode(self, packed: Packed) -> torch.Tensor:
-        return join_maps(packed.meta["inner"].unpack(), packed.tensors.get("cls"), self.layout,
-                         packed.meta["shape"])
+        inner, head, shape = packed.meta["inner"], packed.tensors.get("cls"), packed.meta["shape"]
+        decode_into = getattr(inner.codec, "decode_into", None)
+        if head is not None and decode_into is not None:
+            # the grid decoded into its place beside the class token: no concatenation
+            tokens = torch.empty(tuple(shape), dtype=head.dtype, device=head.device)
+            if decode_into(inner, as_maps(tokens[:, 1:], GRID)):
+                tokens[:, :1] = head
+                return tokens
+        return join_maps(inner.unpack(), head, self.layout, shape)
 
     def closed_form_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
         maps, head = split_shape(shape, self.layout, self._block_size())

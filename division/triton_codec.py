@@ -43,11 +43,29 @@ from .dual_precision import (CODES_NCHW, CODES_NHWC, LAYOUT_FEATURES, LAYOUT_MAP
                              DivisionCodec, Geometry, _memory_format)
 from .packing import packed_nbytes
 from .triton_codec_kernels import _DECODE, _ENCODE
-from .triton_launch import aligned, dense_layout, interpreting, runs_here
+from .triton_launch import INT32_LIMIT, aligned, dense_layout, interpreting, runs_here
 from .triton_plan import (_INTERPRET, _MASK_WORDS, RNG_DATA, RNG_HASH, RNG_PHILOX, TUNING, Plan, _lfc_format,
                           _mask_argument, _plan, _sm_count)
 
 _FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def sample_strided(x: torch.Tensor) -> bool:
+    """Is x an (N, C, H, W) map laid out channels_last within each sample, its samples further
+    apart than H * W * C elements: the token grid of (N, 1 + H * W, C) tokens without the class
+    token, viewed as maps (``division.layouts``). The kernels read and write such a map in place
+    (``_encode_kernel``'s XN); offsets stay below int32's range."""
+    if x.dim() != 4 or x.shape[0] < 2 or min(x.shape) < 1:
+        return False
+    n, c, h, w = x.shape
+    return (x.stride()[1:] == (1, w * c, c) and x.stride(0) > h * w * c
+            and x.storage_offset() + n * x.stride(0) < INT32_LIMIT)
+
+
+def sample_stride(x: torch.Tensor, plan: Plan) -> int:
+    """The kernels' XN for the maps x under ``plan``: elements from one sample to the next."""
+    dense = plan.c * plan.h * plan.w
+    return x.stride(0) if x.shape[0] > 1 and sample_strided(x) else dense
 
 
 @dataclass
@@ -226,8 +244,8 @@ class TritonDivisionCodec(DivisionCodec):
         """The Packed of x whose tensors ``_encode_kernel`` wrote under ``plan``."""
         geom: Geometry = self.geometry(x.shape, x.dtype)
         meta = {"layout": geom.layout, "shape": x.shape, "dtype": x.dtype,
-                "memory_format": _memory_format(x), "geometry": geom, "bits": self.bits,
-                "has_lfc": True, "has_hfc": True, "simulated": False}
+                "memory_format": "channels_last" if sample_strided(x) else _memory_format(x),
+                "geometry": geom, "bits": self.bits, "has_lfc": True, "has_hfc": True, "simulated": False}
         if plan.codes_cl:
             meta["codes_order"] = CODES_NHWC
         return Packed(self, tensors, meta)
@@ -238,6 +256,8 @@ class TritonDivisionCodec(DivisionCodec):
         volumes, whose canonical maps are reshapes (same codes, same LFC). Else (None, False)."""
         if x.dim() == 4:
             cl = dense_layout(x)
+            if cl is None and sample_strided(x):
+                return x, True
             return (x, cl) if cl is not None else (None, False)
         geom: Geometry = self.geometry(x.shape, x.dtype)
         if geom.layout in (LAYOUT_FEATURES, LAYOUT_VOLUME) and x.is_contiguous():
@@ -276,13 +296,14 @@ class TritonDivisionCodec(DivisionCodec):
         # C and CG are fixed by the plan, so the plan, x's dtype and alignment and the flags are
         # all the specialisation there is (outputs and the counter are fresh allocations: aligned).
         words = step if relu_mask is None else relu_mask.view(_MASK_WORDS[plan.g])  # step: any pointer
+        xn = sample_stride(x, plan)
         norm_args = (step,) * 4 if norm is None else (norm.y, norm.stats, norm.mean, norm.coef)
         for phase in phases:
             pack_mask = relu_mask is not None and phase != 2  # pass 1 (phases 0 and 1) reads all of x
             _ENCODE.launch((plan, phase, x.dtype, aligned(x), stochastic, rng, from_counter, pack_mask,
-                            norm is not None, dev.index),
+                            norm is not None, dev.index, xn),
                            plan.encode_grid,
-                           (x, lfc, codes, mn, step, part, counter, words, *norm_args, seed, c, c // plan.g),
+                           (x, lfc, codes, mn, step, part, counter, words, *norm_args, seed, c, c // plan.g, xn),
                            lambda: dict(STOCHASTIC=stochastic, RNG=rng, SEED_PTR=from_counter,
                                         FMA_Q=stochastic and plan.fma_q, PACK_MASK=pack_mask,
                                         NORM=norm is not None, **plan.encode_constexprs(phase)),
@@ -309,8 +330,31 @@ class TritonDivisionCodec(DivisionCodec):
         affine = (scale.detach().float().contiguous(), shift.detach().float().contiguous())
         return self._decode_fused(packed, plan, mask, affine)
 
+    def takes_sample_strided(self, x: torch.Tensor) -> bool:
+        """Does ``encode`` read the sample-strided channels_last map x (``sample_strided``: an
+        (N, C, H, W) map sliced out of longer samples, as a ViT's token grid out of its tokens) in
+        place, and can ``decode_into`` write its decode into such a map?"""
+        if not sample_strided(x):
+            return False
+        plan, _, _ = self._plan_of(x)
+        return plan is not None and plan.channels_last
+
+    def decode_into(self, packed: Packed, out: torch.Tensor) -> bool:
+        """Write ``packed``'s decode into ``out`` (its maps: dense, or sample-strided channels_last
+        where ``takes_sample_strided``) in one fused decode, instead of decoding into a fresh tensor
+        and copying: a ViT's tokens are rebuilt around their class token without a concatenation.
+        False (nothing written) where the fused decode does not take this Packed or this ``out``."""
+        plan = self._decode_plan(packed)
+        m = packed.meta
+        if (plan is None or tuple(out.shape) != (plan.n, plan.c, plan.h, plan.w) or out.dtype != m["dtype"]
+                or not runs_here(out) or out.device != packed.tensors["codes"].device
+                or not (plan.channels_last and (sample_strided(out) or dense_layout(out) is True))):
+            return False
+        self._decode_fused(packed, plan, None, out=out)
+        return True
+
     def _decode_fused(self, packed: Packed, plan: Plan, mask: Optional[Packed],
-                      affine: Optional[tuple] = None) -> torch.Tensor:
+                      affine: Optional[tuple] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         t, m = packed.tensors, packed.meta
         fmt = _lfc_format(plan)
         if not t["lfc"].is_contiguous(memory_format=fmt):
@@ -318,7 +362,7 @@ class TritonDivisionCodec(DivisionCodec):
         # The mask's bits follow the decoded output's storage order: the kernel reads the bit of
         # each element it writes. (A mask of another shape or format: applied afterwards.)
         bits = None if mask is None else relu_mask_bits(mask, m["shape"], plan.channels_last)
-        out = self._decode_kernel(t, m["dtype"], plan, bits, affine).view(m["shape"])
+        out = self._decode_kernel(t, m["dtype"], plan, bits, affine, out).view(m["shape"])
         if m["memory_format"] == "channels_last" and not plan.channels_last:
             out = out.contiguous(memory_format=torch.channels_last)  # a narrow map's NCHW decode
         return out if mask is None or bits is not None else apply_relu_mask(out, mask)
@@ -344,18 +388,24 @@ class TritonDivisionCodec(DivisionCodec):
         return plan
 
     def _decode_kernel(self, t: dict[str, torch.Tensor], dtype: torch.dtype, plan: Plan,
-                       mask_bits: Optional[torch.Tensor] = None, affine: Optional[tuple] = None) -> torch.Tensor:
+                       mask_bits: Optional[torch.Tensor] = None, affine: Optional[tuple] = None,
+                       out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The decode; with ``mask_bits`` (a ReLU mask in the output's storage order) the output
         takes its zeros from the mask (``exact.apply_relu_mask``); with ``affine`` (fp32 scale,
-        shift per channel) the decoded values are mapped through it first."""
+        shift per channel) the decoded values are mapped through it first. ``out``: the maps to
+        write (``decode_into``), else a fresh tensor."""
         n, c, h, w = plan.n, plan.c, plan.h, plan.w
-        fmt = torch.channels_last if plan.channels_last else torch.contiguous_format
-        out = torch.empty((n, c, h, w), dtype=dtype, device=t["codes"].device, memory_format=fmt)
+        if out is None:
+            fmt = torch.channels_last if plan.channels_last else torch.contiguous_format
+            out = torch.empty((n, c, h, w), dtype=dtype, device=t["codes"].device, memory_format=fmt)
+        xn = sample_stride(out, plan)
+        if mask_bits is not None and xn != c * h * w:
+            raise ValueError("a ReLU mask's bits follow a dense output: decode it into a fresh tensor")
         mask_mode, mask_arg = _mask_argument(mask_bits, plan)
         scale, shift = (out, out) if affine is None else affine
         args = (t["codes"], t["lfc"], t["mn"], t["step"], out, out if mask_arg is None else mask_arg,
-                scale, shift, c, c // plan.g)
-        key = (plan, dtype, mask_mode, affine is not None, *(aligned(a) for a in args[:4]), out.device.index)
+                scale, shift, c, c // plan.g, xn)
+        key = (plan, dtype, mask_mode, affine is not None, *(aligned(a) for a in args[:5]), out.device.index, xn)
         _DECODE.launch(key, plan.decode_grid, args,
                        lambda: dict(plan.decode_constexprs(), MASK=mask_mode,
                                     TINY=float(torch.finfo(dtype).tiny), AFFINE=affine is not None),

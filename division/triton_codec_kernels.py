@@ -240,7 +240,7 @@ def _store_mask_words(maskw_ptr, xv, pix0, hb, wb, group, CG, H: tl.constexpr, W
 
 @triton.jit(do_not_specialize=["seed"])
 def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_ptr, maskw_ptr,
-                   y_ptr, nstat_ptr, nmean_ptr, ncoef_ptr, seed, C, CG,
+                   y_ptr, nstat_ptr, nmean_ptr, ncoef_ptr, seed, C, CG, XN,
                    H: tl.constexpr, W: tl.constexpr, HW: tl.constexpr,
                    KH: tl.constexpr, KW: tl.constexpr, HB: tl.constexpr, WB: tl.constexpr,
                    TKH: tl.constexpr, TKW: tl.constexpr, WBC: tl.constexpr, NWC: tl.constexpr,
@@ -270,11 +270,13 @@ def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_p
     c0 = (pid - n * CG) * G
     p0 = pid * G                                   # first plane (n * C + c0) of this program
     g = tl.arange(0, G)
+    # XN: elements from one sample to the next (C * HW when dense; more for a map sliced out of a
+    # longer one, as a ViT's token grid out of its tokens with the class token)
     if CL:   # NHWC memory: G neighbouring channels are contiguous, an element step is C
-        x_off = n * (HW * C) + c0
+        x_off = n * XN + c0
         sE = C
     else:    # NCHW memory: each plane is contiguous
-        x_off = p0 * HW
+        x_off = n * XN + c0 * HW
         sE = 1
     x_base = x_ptr + x_off
     wl = tl.arange(0, WBC)
@@ -640,7 +642,7 @@ def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_p
 
 
 @triton.jit
-def _decode_kernel(codes_ptr, lfc_ptr, mn_ptr, step_ptr, out_ptr, mask_ptr, scale_ptr, shift_ptr, C, CG,
+def _decode_kernel(codes_ptr, lfc_ptr, mn_ptr, step_ptr, out_ptr, mask_ptr, scale_ptr, shift_ptr, C, CG, XN,
                    H: tl.constexpr, W: tl.constexpr, HW: tl.constexpr,
                    KH: tl.constexpr, KW: tl.constexpr, HB: tl.constexpr, WB: tl.constexpr,
                    TKH: tl.constexpr, TKW: tl.constexpr, WBC: tl.constexpr, NWC: tl.constexpr,
@@ -660,11 +662,11 @@ def _decode_kernel(codes_ptr, lfc_ptr, mn_ptr, step_ptr, out_ptr, mask_ptr, scal
     c0 = (pid - n * CG) * G
     p0 = pid * G
     g = tl.arange(0, G)
-    if CL:
-        out_off = n * (HW * C) + c0                # element offsets in the output's storage
+    if CL:  # element offsets in the output's storage (XN: as in _encode_kernel; C * HW with MASK)
+        out_off = n * XN + c0
         sE = C
     else:
-        out_off = p0 * HW
+        out_off = n * XN + c0 * HW
         sE = 1
     wl = tl.arange(0, WBC)
     lfc_base, sL = _lfc_base(lfc_ptr, n, c0, p0, g, C, HB * WB, CL)

@@ -323,6 +323,39 @@ def check_feature_and_volume_views(device):
         assert torch.equal(out, ref.decode(pr)), shape
 
 
+def check_sample_strided_grids(device, cases=((3, 4, 16, torch.float32), (2, 8, 32, torch.bfloat16))):
+    """A ViT's token grid behind its class token, (N, 1 + k * k, C) tokens viewed as (N, C, k, k)
+    maps whose samples lie 1 + k * k tokens apart: encoded where it lies, the codes are the dense
+    copy's byte for byte (nearest rounding); ``decode_into`` writes that decode into such a view
+    and nothing else (the class token's slot stays untouched); ``LayoutCodec`` (``cls_grid``) gives
+    the reference codec's decode; stochastic codes of the strided view decode within one step."""
+    from division.layouts import CLS_GRID, GRID, LayoutCodec, as_maps
+    from division.triton_codec import TritonDivisionCodec, sample_strided
+    for n, k, c, dtype in cases:
+        tokens = exact_input((n, 1 + k * k, c), dtype, device=device)
+        maps = as_maps(tokens[:, 1:], GRID)
+        assert sample_strided(maps) and not sample_strided(maps.contiguous(memory_format=torch.channels_last))
+        fast = TritonDivisionCodec(rounding="nearest")
+        assert fast.takes_sample_strided(maps)
+        strided, dense = fast.encode(maps), fast.encode(maps.contiguous(memory_format=torch.channels_last))
+        assert strided.meta["memory_format"] == dense.meta["memory_format"] == "channels_last"
+        for key in dense.tensors:
+            assert torch.equal(strided.tensors[key], dense.tensors[key]), (n, k, c, key)
+        into = torch.full_like(tokens, float("nan"))
+        assert fast.decode_into(strided, as_maps(into[:, 1:], GRID))
+        assert torch.isnan(into[:, 0]).all()
+        assert torch.equal(as_maps(into[:, 1:], GRID), fast.decode(dense))
+        ref_codec = LayoutCodec(DivisionCodec(rounding="nearest"), CLS_GRID)
+        fast_codec = LayoutCodec(fast, CLS_GRID)
+        assert torch.equal(fast_codec.decode(fast_codec.encode(tokens)), ref_codec.decode(ref_codec.encode(tokens)))
+        noisy = random_input((n, 1 + k * k, c), dtype, device=device)
+        rounded = TritonDivisionCodec(generator=torch.Generator(device=device).manual_seed(1))
+        packed = rounded.encode(as_maps(noisy[:, 1:], GRID))
+        step = packed.tensors["step"].float()[:, :, None, None]
+        err = (rounded.decode(packed).float() - as_maps(noisy[:, 1:], GRID).float()).abs()
+        assert (err <= step * 1.001 + 1e-2 * (dtype != torch.float32)).all(), (n, k, c)
+
+
 def check_int64_path(device, shape=(2, 8, 7, 7)):
     """The 64-bit index variant (used from 2^31 elements on) computes the same bytes."""
     from division import triton_codec as tc
@@ -990,6 +1023,7 @@ CPU_CHECKS = {
     "fallbacks": lambda: check_fallbacks("cpu"),
     "feature_views": lambda: check_feature_and_volume_views("cpu"),
     "int64_path": lambda: check_int64_path("cpu"),
+    "sample_strided_grids": lambda: check_sample_strided_grids("cpu"),
 }
 
 
@@ -1150,6 +1184,7 @@ def test_gpu_data_rng():
 def test_gpu_fallbacks_and_int64():
     check_fallbacks("cuda")
     check_feature_and_volume_views("cuda")
+    check_sample_strided_grids("cuda", ((3, 4, 16, torch.float32), (8, 14, 768, torch.bfloat16)))
     check_int64_path("cuda", shape=(4, 64, 7, 7))
 
 
