@@ -85,7 +85,7 @@ from .layouts import FlattenedRowsCodec, LayoutCodec, NormalizedCodec, fit, flat
 from .activations import KEEPS_DERIVATIVE
 from .ledger import PARAMETER_COPY, RECOMPUTED, REBUILT, ByteLedger, LedgerEntry
 from .norm_from_codes import NormFromCodes
-from .rebuild import ChainTracker, RebuildCodec, RecomputeCodec, take_decoded
+from .rebuild import ChainTracker, RebuildCodec, RecomputeCodec, activation_source, take_decoded
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +255,9 @@ class ActivationCompressor:
         self._recompute_norms = recompute_norm_input and codec is not None
         self._chains = ChainTracker() if self._rebuild_inputs or self._recompute_norms else None
         self._rebuild = RebuildCodec()
+        # with rebuild_conv_input: each tensor saved this step by its autograd (node, output number),
+        # with its Packed and layer, where a GELU's or SiLU's output is rebuilt from its stored input
+        self._stored_by_node: dict[tuple, tuple[Packed, str]] = {}
         self._recompute = RecomputeCodec()
         self.norm_mode: Optional[NormFromCodes] = None
         if norm_from_codes and hasattr(codec, "norm_plan"):
@@ -341,6 +344,7 @@ class ActivationCompressor:
         self._recent.clear()
         if self._chains is not None:
             self._chains.clear()
+        self._stored_by_node.clear()
         self._last_saved = None
         self._pending_mask = None
         if self.prefetcher is not None:
@@ -367,6 +371,7 @@ class ActivationCompressor:
         self._as_is.clear()
         if self._chains is not None:
             self._chains.clear()  # its autograd nodes and weak references, no longer needed
+        self._stored_by_node.clear()
 
     def _make_push(self, name: str, kind: str):
         # Read at the first call, not at install: a lazy module (nn.LazyConv2d) has no parameter
@@ -476,6 +481,8 @@ class ActivationCompressor:
                 if self.prefetcher is not None and hasattr(codec, "decode_ahead"):
                     packed.meta[PREVIOUS] = self._last_saved  # backward decodes in about reverse order
                     self._last_saved = weakref.ref(packed)
+        if self._rebuild_inputs and t.grad_fn is not None and codec is not _SHAPE_ONLY:
+            self._stored_by_node[(t.grad_fn, t.output_nr)] = (packed, frame.ctx.layer if frame else "")
         entry = None
         if frame is not None and (t is frame.input or (frame.ctx.kind == "conv" and self._recompute_norms
                                                        and self._is_input(t, frame))):
@@ -532,9 +539,14 @@ class ActivationCompressor:
 
     def _rebuilt(self, t: torch.Tensor, frame: Optional[_Frame], codec: ActivationCodec) -> Optional[Packed]:
         """The zero-byte Packed of a convolution's (or Linear's) input that ``division.rebuild``
-        can rebuild in backward, or None to store it as usual."""
-        if not self._rebuild_inputs or frame is None or frame.ctx.kind not in ("conv", "linear") \
-                or t is not frame.input or codec is _RAW:
+        can rebuild in backward, or of a GELU's or SiLU's output (whoever saves it) whose input is
+        stored, or None to store it as usual."""
+        if not self._rebuild_inputs or codec is _RAW:
+            return None
+        source = activation_source(t, self._stored_by_node)
+        if source is not None:
+            return self._rebuild.reference(t, source, None)
+        if frame is None or frame.ctx.kind not in ("conv", "linear") or t is not frame.input:
             return None
         chain = self._chains.lookup(t)
         if chain is None:
@@ -732,8 +744,8 @@ class ActivationCompressor:
                  "depthwise convolution -> BatchNorm / norm module chain was found; those inputs are stored as usual"),
                 (self._rebuild_inputs, REBUILT,
                  "rebuild_conv_input=true rebuilt no convolution input of this model: no BatchNorm(+ReLU) -> "
-                 "convolution chain through PyTorch's native or cuDNN BatchNorm was found (SyncBatchNorm is "
-                 "not rebuilt); those inputs are stored as usual")):
+                 "convolution chain through PyTorch's native or cuDNN BatchNorm and no stored GELU or SiLU "
+                 "input was found (SyncBatchNorm is not rebuilt); those inputs are stored as usual")):
             if asked and not any(e.codec == codec for e in seen.entries):
                 log.warning(message)
                 warnings.warn(message, RuntimeWarning, stacklevel=2)

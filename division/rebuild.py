@@ -27,6 +27,14 @@ the statistics, the parameters), all kept for the BatchNorm's backward anyway, w
 the convolution's. Backward decodes x once for both: the rebuild leaves ``x_hat`` with the
 BatchNorm's ``Packed`` (``take_decoded``), and the compressor hands it to the BatchNorm's backward.
 
+The same knob rebuilds, in eager steps, a GELU's or SiLU's output from the activation's own input,
+which its backward keeps (``activation_source``): whoever saves the output (a transformer's or
+ConvNeXt's second MLP Linear, a convolution after SiLU) holds no bytes for it, and backward computes
+act(h_hat) from the input's decode, left with the input's ``Packed`` for the activation's backward,
+which comes next. The link is proved on autograd's graph: the saved tensor's node is the
+activation's (or a view or cast of its output), and the activation's input node is that of a tensor
+stored this step. An in-place activation overwrites its input, so nothing is matched.
+
 ``method.recompute_norm_input`` goes one link further up: in conv-BN the BatchNorm saves the
 convolution's output, and the convolution already keeps its own input (codes, or itself a rebuild)
 and reads its weight (model memory). Where the convolution is cheap to run again
@@ -41,11 +49,13 @@ the convolution's (``ConvolutionBackward0``) on the saved input's node, its weig
 """
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .codec import ActivationCodec, Packed, SaveContext
@@ -133,6 +143,59 @@ class ConvSource:
         bias = None if self.bias is None else self.bias.detach().to(u_hat.dtype)
         with torch.no_grad():
             return torch.ops.aten.convolution(u_hat, weight, bias, *self.call).to(dtype)
+
+
+# autograd's nodes of activations whose backward keeps their input (so that a rebuild of their
+# output reads what is stored anyway), and the function each applies
+_ACTIVATIONS = {"GeluBackward0": "gelu", "SiluBackward0": "silu"}
+# nodes between an activation's output and the tensor a reader saves that keep its values: views,
+# reshapes (a Linear's 3-D or 4-D input flattened to rows), a cast (autocast's copy)
+_SAME_VALUES = ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "AliasBackward0",
+                "ToCopyBackward0")
+
+
+@dataclass
+class ActivationSource:
+    """What a rebuild of an activation's output reads: the activation's own stored input."""
+
+    layer: str              # the activation's module, for the ledger (or its autograd node's name)
+    packed: Packed          # its input, as stored for its own backward
+    function: str           # "gelu" or "silu"
+    approximate: str        # GELU's: "none" or "tanh"
+    shape: tuple            # the saved tensor's (the output, or a view of it)
+
+    def rebuilt(self, dtype: torch.dtype, mask: Optional[Packed]) -> torch.Tensor:
+        """act(h_hat) as the saved tensor, in ``dtype``; h_hat stays with the activation's
+        ``Packed`` for its backward, which comes next (one decode for both)."""
+        h_hat = decode_once(self.packed)
+        with torch.no_grad():
+            y = F.gelu(h_hat, approximate=self.approximate) if self.function == "gelu" else F.silu(h_hat)
+        return y.to(dtype).reshape(self.shape)
+
+
+def activation_source(t: torch.Tensor, stored: dict) -> Optional[ActivationSource]:
+    """``t``'s ``ActivationSource`` if ``t`` holds the values of a GELU's or SiLU's output (itself,
+    a view, a cast) whose input is stored: ``stored`` maps (autograd node, output number) of each
+    tensor saved this step to its (``Packed``, layer). A tensor changed in place since has another
+    node, so it is never matched."""
+    node = t.grad_fn
+    for _ in range(len(_SAME_VALUES) + 1):
+        name = type(node).__name__
+        if name in _ACTIVATIONS or name not in _SAME_VALUES or not node.next_functions:
+            break
+        node = node.next_functions[0][0]
+    name = type(node).__name__
+    if name not in _ACTIVATIONS or not node.next_functions or node.next_functions[0][0] is None:
+        return None
+    found = stored.get(node.next_functions[0])
+    if found is None:
+        return None
+    packed, layer = found
+    shape = packed.meta.get("shape")
+    if shape is None or math.prod(shape) != t.numel():
+        return None
+    return ActivationSource(layer or name, packed, _ACTIVATIONS[name],
+                            str(getattr(node, "_saved_approximate", "none")), tuple(t.shape))
 
 
 def decode_once(packed: Packed) -> torch.Tensor:
