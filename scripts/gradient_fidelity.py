@@ -103,7 +103,8 @@ def main() -> None:
     p.add_argument("--paper-decode", action="store_true",
                    help="method.relu_zeros=false: ReLU outputs decode without their mask's zeros")
     p.add_argument("--rebuild-conv-input", action="store_true",
-                   help="method.rebuild_conv_input=true: a conv input that is ReLU(BN(x)) is rebuilt in backward")
+                   help="method.rebuild_conv_input=true: a conv input that is ReLU(BN(x)), and a GELU or SiLU "
+                        "output, is rebuilt in backward")
     p.add_argument("--recompute-norm-input", action="store_true",
                    help="method.recompute_norm_input=true: a BatchNorm input made by a 1x1 or depthwise conv is recomputed in backward")
     p.add_argument("--out", default=None, help="write the full per-layer report as JSON")
@@ -118,7 +119,7 @@ def main() -> None:
     reports = []
     print(f"{args.model}, {args.images} real images, B={args.block_size}, attention_bits={args.attention_bits}, "
           f"probability_bits={args.probability_bits}" + (f", attention sharpened x{args.sharpen}" if args.sharpen != 1 else "")
-          + (", conv inputs rebuilt from BatchNorm" if args.rebuild_conv_input else "")
+          + (", conv inputs rebuilt from BatchNorm, GELU / SiLU outputs from their inputs" if args.rebuild_conv_input else "")
           + (", norm inputs recomputed by 1x1 / depthwise convs" if args.recompute_norm_input else ""))
     print(f"{'bits':>4} {'overall cosine':>15} {'overall rel.err':>16} {'worst layer cosine':>19} {'ledger ratio':>13}")
     for bits in args.bits:
