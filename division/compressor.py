@@ -256,8 +256,9 @@ class ActivationCompressor:
         self._chains = ChainTracker() if self._rebuild_inputs or self._recompute_norms else None
         self._rebuild = RebuildCodec()
         # with rebuild_conv_input: each tensor saved this step by its autograd (node, output number),
-        # with its Packed and layer, where a GELU's or SiLU's output is rebuilt from its stored input
-        self._stored_by_node: dict[tuple, tuple[Packed, str]] = {}
+        # with its Packed, layer and module, where a GELU's, SiLU's or LayerNorm's output is rebuilt
+        # from its stored input
+        self._stored_by_node: dict[tuple, tuple[Packed, str, Optional[nn.Module]]] = {}
         self._recompute = RecomputeCodec()
         self.norm_mode: Optional[NormFromCodes] = None
         if norm_from_codes and hasattr(codec, "norm_plan"):
@@ -482,7 +483,8 @@ class ActivationCompressor:
                     packed.meta[PREVIOUS] = self._last_saved  # backward decodes in about reverse order
                     self._last_saved = weakref.ref(packed)
         if self._rebuild_inputs and t.grad_fn is not None and codec is not _SHAPE_ONLY:
-            self._stored_by_node[(t.grad_fn, t.output_nr)] = (packed, frame.ctx.layer if frame else "")
+            self._stored_by_node[(t.grad_fn, t.output_nr)] = (packed, frame.ctx.layer if frame else "",
+                                                              frame.module if frame else None)
         entry = None
         if frame is not None and (t is frame.input or (frame.ctx.kind == "conv" and self._recompute_norms
                                                        and self._is_input(t, frame))):

@@ -254,7 +254,7 @@ class NormalizedCodec(ActivationCodec):
     def encode(self, x: torch.Tensor, ctx: Optional[SaveContext] = None) -> Packed:
         mean, rstd = self._stats(x)
         inner = self.codec.encode(((x.float() - mean) * rstd).to(x.dtype), ctx)
-        return Packed(self, {**inner.tensors, "mean": mean, "rstd": rstd}, {"inner": inner})
+        return Packed(self, {**inner.tensors, "mean": mean, "rstd": rstd}, {"inner": inner, "shape": x.shape})
 
     def decode(self, packed: Packed) -> torch.Tensor:
         x_hat = packed.meta["inner"].unpack()

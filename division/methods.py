@@ -239,8 +239,9 @@ class CodecMethod(TrainingMethod):
     codec's fused kernels stored them (``division.norm_from_codes``), instead of decoding it.
     rebuild_conv_input: a convolution's input that is ReLU(BN(x)) or BN(x) is not stored but rebuilt
     in backward from the BatchNorm's stored input (``division.rebuild``; compiled:
-    ``division.compiled_rebuild``); eagerly also a GELU's or SiLU's output, whoever saves it, from
-    the activation's own stored input (a transformer's or ConvNeXt's second MLP Linear's input).
+    ``division.compiled_rebuild``); eagerly also a GELU's, SiLU's or LayerNorm's output, whoever saves
+    it, from the activation's or LayerNorm's own stored input (the inputs of a transformer's or
+    ConvNeXt's attention projection and MLP Linears).
     recompute_norm_input: a BatchNorm's input that is a 1x1 or depthwise convolution's output is not
     stored but recomputed in backward from that convolution's stored input (``division.rebuild``;
     compiled: ``division.compiled_rebuild``).

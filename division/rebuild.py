@@ -31,9 +31,12 @@ The same knob rebuilds, in eager steps, a GELU's or SiLU's output from the activ
 which its backward keeps (``activation_source``): whoever saves the output (a transformer's or
 ConvNeXt's second MLP Linear, a convolution after SiLU) holds no bytes for it, and backward computes
 act(h_hat) from the input's decode, left with the input's ``Packed`` for the activation's backward,
-which comes next. The link is proved on autograd's graph: the saved tensor's node is the
-activation's (or a view or cast of its output), and the activation's input node is that of a tensor
-stored this step. An in-place activation overwrites its input, so nothing is matched.
+which comes next. A LayerNorm module's output likewise (the attention projection's and first MLP
+Linear's input): LayerNorm(x_hat) with the module's weight, bias and eps, one fused kernel, from the
+decode its backward reads next. The link is proved on autograd's graph: the saved tensor's node is
+the activation's or LayerNorm's (or a view or cast of its output), and that node's input is a
+tensor stored this step (the LayerNorm's by that very module, whose weight the node saved). An
+in-place activation overwrites its input, so nothing is matched.
 
 ``method.recompute_norm_input`` goes one link further up: in conv-BN the BatchNorm saves the
 convolution's output, and the convolution already keeps its own input (codes, or itself a rebuild)
@@ -148,8 +151,10 @@ class ConvSource:
 # autograd's nodes of activations whose backward keeps their input (so that a rebuild of their
 # output reads what is stored anyway), and the function each applies
 _ACTIVATIONS = {"GeluBackward0": "gelu", "SiluBackward0": "silu"}
-# nodes between an activation's output and the tensor a reader saves that keep its values: views,
-# reshapes (a Linear's 3-D or 4-D input flattened to rows), a cast (autocast's copy)
+_LAYER_NORM = "NativeLayerNormBackward0"
+# nodes between an activation's (or LayerNorm's) output and the tensor a reader saves that keep its
+# values in order: views, reshapes (a Linear's 3-D or 4-D input flattened to rows), a cast
+# (autocast's copy). Not a permute: the rebuilt tensor is reshaped to the saved one's shape.
 _SAME_VALUES = ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "AliasBackward0",
                 "ToCopyBackward0")
 
@@ -173,27 +178,58 @@ class ActivationSource:
         return y.to(dtype).reshape(self.shape)
 
 
-def activation_source(t: torch.Tensor, stored: dict) -> Optional[ActivationSource]:
+@dataclass
+class LayerNormSource:
+    """What a rebuild of a LayerNorm's output reads: the LayerNorm's own stored input and module."""
+
+    layer: str
+    packed: Packed          # its input, as stored for its own backward (normalized codes and statistics)
+    module: nn.LayerNorm    # normalized_shape, eps, weight and bias (model memory)
+    shape: tuple
+    versions: tuple[int, int]
+
+    def rebuilt(self, dtype: torch.dtype, mask: Optional[Packed]) -> torch.Tensor:
+        """LayerNorm(x_hat) with the module's parameters, as the saved tensor, in ``dtype``: one
+        fused kernel over the decode that the LayerNorm's backward, next, reads too."""
+        m = self.module
+        _check_unchanged(self.versions, m.weight, m.bias, f"the parameters of {self.layer or 'a LayerNorm'}",
+                         "rebuilt", "rebuild_conv_input")
+        x_hat = decode_once(self.packed)
+        with torch.no_grad():
+            y = F.layer_norm(x_hat, m.normalized_shape, _detached(m.weight), _detached(m.bias), m.eps)
+        return y.to(dtype).reshape(self.shape)
+
+
+def activation_source(t: torch.Tensor, stored: dict):
     """``t``'s ``ActivationSource`` if ``t`` holds the values of a GELU's or SiLU's output (itself,
-    a view, a cast) whose input is stored: ``stored`` maps (autograd node, output number) of each
-    tensor saved this step to its (``Packed``, layer). A tensor changed in place since has another
-    node, so it is never matched."""
+    a view, a cast) whose input is stored, or its ``LayerNormSource`` if of a LayerNorm module's
+    output whose input is stored; else None. ``stored`` maps (autograd node, output number) of each
+    tensor saved this step to its (``Packed``, layer, module running). A tensor changed in place
+    since has another node, so it is never matched."""
     node = t.grad_fn
     for _ in range(len(_SAME_VALUES) + 1):
         name = type(node).__name__
-        if name in _ACTIVATIONS or name not in _SAME_VALUES or not node.next_functions:
+        if name in _ACTIVATIONS or name == _LAYER_NORM or name not in _SAME_VALUES or not node.next_functions:
             break
         node = node.next_functions[0][0]
     name = type(node).__name__
-    if name not in _ACTIVATIONS or not node.next_functions or node.next_functions[0][0] is None:
+    if (name not in _ACTIVATIONS and name != _LAYER_NORM) or not node.next_functions \
+            or node.next_functions[0][0] is None:
         return None
     found = stored.get(node.next_functions[0])
     if found is None:
         return None
-    packed, layer = found
+    packed, layer, module = found
     shape = packed.meta.get("shape")
     if shape is None or math.prod(shape) != t.numel():
         return None
+    if name == _LAYER_NORM:
+        # the module that stored the input ran this LayerNorm: its parameters are the node's
+        if not isinstance(module, nn.LayerNorm) or not module.elementwise_affine \
+                or not _same(node._saved_weight, module.weight):
+            return None
+        return LayerNormSource(layer, packed, module, tuple(t.shape),
+                               (_version(module.weight), _version(module.bias)))
     return ActivationSource(layer or name, packed, _ACTIVATIONS[name],
                             str(getattr(node, "_saved_approximate", "none")), tuple(t.shape))
 
