@@ -2,6 +2,7 @@
 
     python scripts/host_time.py --model thin_vit --methods none division
     python scripts/host_time.py --model thin_convnext --methods division --profile 30
+    python scripts/host_time.py --model thin_vit --methods division --knobs rebuild_conv_input=true
 
 An eager DIVISION step on a GPU can be bound by its host: the Python that chooses a codec for each
 saved tensor, allocates the codes and launches the kernels (``scripts/profile_step.py`` measures it
@@ -64,11 +65,11 @@ def thin_model(name: str, size: int) -> torch.nn.Module:
     return torchvision.models.get_model(name, num_classes=10)
 
 
-def measure(model_name: str, method: str, size: int, batch: int, steps: int, top: int) -> str:
+def measure(model_name: str, method: str, size: int, batch: int, steps: int, top: int, knobs: dict) -> str:
     torch.manual_seed(0)
     model = thin_model(model_name, size)
     if method != "none":
-        division.build_method(method, backend="triton").attach(model)
+        division.build_method(method, backend="triton", **knobs).attach(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     x = torch.randn(batch, 3, size, size)
 
@@ -85,7 +86,8 @@ def measure(model_name: str, method: str, size: int, batch: int, steps: int, top
         start = time.perf_counter()
         step()
         times.append((time.perf_counter() - start) * 1000.0)
-    line = (f"{model_name} {method:>10}: {statistics.median(times):7.2f} ms per step (median of {steps}), "
+    label = method + "".join(f" {k}={v}" for k, v in knobs.items()) if method != "none" else method
+    line = (f"{model_name} {label:>10}: {statistics.median(times):7.2f} ms per step (median of {steps}), "
             f"{LAUNCHES[0] / steps:.0f} kernel launches skipped per step")
     if top:
         profiler = cProfile.Profile()
@@ -107,12 +109,20 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--methods", nargs="+", default=["none", "division"])
     p.add_argument("--profile", type=int, default=0, metavar="N", help="cProfile's top N functions too")
+    p.add_argument("--knobs", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="the method's knobs (build_method keywords), e.g. rebuild_conv_input=true bits=4")
     args = p.parse_args()
+    knobs = {}
+    for item in args.knobs:
+        key, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--knobs takes KEY=VALUE, not {item!r}")
+        knobs[key] = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
     torch.set_num_threads(1)
     division.backends.triton_available = lambda: True  # the fused codec, on CPU tensors
     CachedLaunch.launch = _skip_launch
     for method in args.methods:
-        print(measure(args.model, method, args.size, args.batch, args.steps, args.profile), flush=True)
+        print(measure(args.model, method, args.size, args.batch, args.steps, args.profile, knobs), flush=True)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_host_time_runs_the_fused_codec_path_without_a_gpu():
     """thin_vit (12 blocks): plain training launches no codec kernel; DIVISION encodes at least ten
     saves per block (two LayerNorm inputs, four Linear inputs, the query, key and value, GELU's
-    input) and decodes each once in backward, all through the fused codec's launches."""
+    input) and decodes each once in backward, all through the fused codec's launches; ``--knobs``
+    reaches the method (rebuild_conv_input: fewer launches by exactly the rebuilt tensors')."""
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "host_time.py"), "--model", "thin_vit",
                           "--steps", "2", "--methods", "none", "division"],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -21,3 +22,12 @@ def test_host_time_runs_the_fused_codec_path_without_a_gpu():
     assert set(found) == {"none", "division"}, out.stdout
     assert int(found["none"]) == 0
     assert int(found["division"]) >= 12 * 10 * 2, out.stdout
+    # with rebuild_conv_input, each block's two LayerNorm outputs and GELU output are rebuilt in
+    # backward, not stored: three encodes and three decodes (one launch each here) fewer per block
+    rebuilt = subprocess.run([sys.executable, str(ROOT / "scripts" / "host_time.py"), "--model", "thin_vit",
+                              "--steps", "2", "--methods", "division", "--knobs", "rebuild_conv_input=true"],
+                             capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert rebuilt.returncode == 0, rebuilt.stderr[-2000:]
+    launches = re.findall(r"division rebuild_conv_input=True:\s+[\d.]+ ms per step .*?, (\d+) kernel launches",
+                          rebuilt.stdout)
+    assert launches and int(launches[0]) == int(found["division"]) - 12 * 6, (rebuilt.stdout, found)
