@@ -541,8 +541,8 @@ class ActivationCompressor:
 
     def _rebuilt(self, t: torch.Tensor, frame: Optional[_Frame], codec: ActivationCodec) -> Optional[Packed]:
         """The zero-byte Packed of a convolution's (or Linear's) input that ``division.rebuild``
-        can rebuild in backward, or of a GELU's or SiLU's output (whoever saves it) whose input is
-        stored, or None to store it as usual."""
+        can rebuild in backward, or of a GELU's, SiLU's or LayerNorm module's output (whoever saves
+        it) whose input is stored (``division.rebuild.activation_source``), or None to store it as usual."""
         if not self._rebuild_inputs or codec is _RAW:
             return None
         source = activation_source(t, self._stored_by_node)
@@ -746,8 +746,8 @@ class ActivationCompressor:
                  "depthwise convolution -> BatchNorm / norm module chain was found; those inputs are stored as usual"),
                 (self._rebuild_inputs, REBUILT,
                  "rebuild_conv_input=true rebuilt no convolution input of this model: no BatchNorm(+ReLU) -> "
-                 "convolution chain through PyTorch's native or cuDNN BatchNorm and no stored GELU or SiLU "
-                 "input was found (SyncBatchNorm is not rebuilt); those inputs are stored as usual")):
+                 "convolution chain through PyTorch's native or cuDNN BatchNorm and no stored GELU, SiLU or "
+                 "LayerNorm input was found (SyncBatchNorm is not rebuilt); those inputs are stored as usual")):
             if asked and not any(e.codec == codec for e in seen.entries):
                 log.warning(message)
                 warnings.warn(message, RuntimeWarning, stacklevel=2)
