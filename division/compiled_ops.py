@@ -82,13 +82,16 @@ def _has_plan(shape, stride, dtype, device, block_size, bits, stochastic) -> boo
         import triton  # noqa: F401
     except ImportError:
         return False
+    from .triton_codec import sample_strided
     from .triton_launch import interpreting
     device = torch.device(device)
     if not (device.type == "cuda" or (interpreting() and device.type == "cpu")):
         return False
     codec = _codec(block_size, bits, stochastic)
     maps, channels_last = codec._as_maps(torch.empty_strided(shape, stride, dtype=dtype, device="meta"))
-    return maps is not None and codec._fast() and \
+    # a sample-strided map (a token grid read in place, eager only) is left to the tensor-op codec
+    # here: the compiled layers hand the ops dense maps (division.layouts.split_maps)
+    return maps is not None and not sample_strided(maps) and codec._fast() and \
         codec.plan_for(tuple(maps.shape), dtype, channels_last, device) is not None
 
 
@@ -97,7 +100,6 @@ def _encode_into(x: torch.Tensor, block_size: int, bits: int, stochastic: bool, 
     """x's (lfc, codes, mn, step) as ``TritonDivisionCodec.encode`` writes them, with stochastic
     rounding drawn by ``RNG_DATA`` (no host seed: a pure function of x, see the module docstring).
     ``launch(kernel, grid, args, constexprs, num_warps)`` runs each kernel (or nothing: fake)."""
-    from .triton_codec import sample_stride
     from .triton_codec_kernels import _encode_kernel
     from .triton_plan import RNG_DATA
     x = _specialized(x)
@@ -117,7 +119,7 @@ def _encode_into(x: torch.Tensor, block_size: int, bits: int, stochastic: bool, 
         # unused pointers (seed counter, ReLU mask words, BatchNorm outputs) get any tensor: step
         launch(_encode_kernel, plan.encode_grid,
                (maps, lfc, codes, mn, step, part, step, step, step, step, step, step, 0, c, c // plan.g,
-                sample_stride(maps, plan)),
+                c * plan.h * plan.w),  # dense maps only (applies): one sample after the other
                dict(STOCHASTIC=stochastic, RNG=RNG_DATA, SEED_PTR=False, FMA_Q=stochastic and plan.fma_q,
                     PACK_MASK=False, NORM=False, **plan.encode_constexprs(phase)),
                plan.enc_warps)

@@ -85,7 +85,7 @@ from .layouts import FlattenedRowsCodec, LayoutCodec, NormalizedCodec, fit, flat
 from .activations import KEEPS_DERIVATIVE
 from .ledger import PARAMETER_COPY, RECOMPUTED, REBUILT, ByteLedger, LedgerEntry
 from .norm_from_codes import NormFromCodes
-from .rebuild import ChainTracker, RebuildCodec, RecomputeCodec, activation_source, take_decoded
+from .rebuild import ChainTracker, RebuildCodec, RecomputeCodec, output_source, take_decoded
 
 log = logging.getLogger(__name__)
 
@@ -542,10 +542,10 @@ class ActivationCompressor:
     def _rebuilt(self, t: torch.Tensor, frame: Optional[_Frame], codec: ActivationCodec) -> Optional[Packed]:
         """The zero-byte Packed of a convolution's (or Linear's) input that ``division.rebuild``
         can rebuild in backward, or of a GELU's, SiLU's or LayerNorm module's output (whoever saves
-        it) whose input is stored (``division.rebuild.activation_source``), or None to store it as usual."""
+        it) whose input is stored (``division.rebuild.output_source``), or None to store it as usual."""
         if not self._rebuild_inputs or codec is _RAW:
             return None
-        source = activation_source(t, self._stored_by_node)
+        source = output_source(t, self._stored_by_node)
         if source is not None:
             return self._rebuild.reference(t, source, None)
         if frame is None or frame.ctx.kind not in ("conv", "linear") or t is not frame.input:

@@ -36,6 +36,11 @@ _UNPACKED = "unpacked"       # meta: unpacks so far
 _READY = "prefetched"        # meta: (decoded tensor, completion event, main stream)
 
 
+def prefetched(packed: Packed) -> bool:
+    """Is a decode of ``packed`` prefetched (``take`` would return it)?"""
+    return _READY in packed.meta
+
+
 def take(packed: Packed) -> Optional[torch.Tensor]:
     """The decode prefetched for ``packed`` (the current stream waits for it), or None."""
     ready = packed.meta.pop(_READY, None)

@@ -28,7 +28,7 @@ the convolution's. Backward decodes x once for both: the rebuild leaves ``x_hat`
 BatchNorm's ``Packed`` (``take_decoded``), and the compressor hands it to the BatchNorm's backward.
 
 The same knob rebuilds, in eager steps, a GELU's or SiLU's output from the activation's own input,
-which its backward keeps (``activation_source``): whoever saves the output (a transformer's or
+which its backward keeps (``output_source``): whoever saves the output (a transformer's or
 ConvNeXt's second MLP Linear, a convolution after SiLU) holds no bytes for it, and backward computes
 act(h_hat) from the input's decode, left with the input's ``Packed`` for the activation's backward,
 which comes next. A LayerNorm module's output likewise (the attention projection's and first MLP
@@ -200,7 +200,7 @@ class LayerNormSource:
         return y.to(dtype).reshape(self.shape)
 
 
-def activation_source(t: torch.Tensor, stored: dict):
+def output_source(t: torch.Tensor, stored: dict):
     """``t``'s ``ActivationSource`` if ``t`` holds the values of a GELU's or SiLU's output (itself,
     a view, a cast) whose input is stored, or its ``LayerNormSource`` if of a LayerNorm module's
     output whose input is stored; else None. ``stored`` maps (autograd node, output number) of each

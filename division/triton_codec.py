@@ -38,7 +38,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from .codec import Packed, SaveContext
-from .exact import apply_relu_mask, relu_mask_bits
+from .decode_prefetch import prefetched
+from .exact import RELU_MASK, apply_relu_mask, relu_mask_bits
 from .dual_precision import (CODES_NCHW, CODES_NHWC, LAYOUT_FEATURES, LAYOUT_MAPS, LAYOUT_VOLUME,
                              DivisionCodec, Geometry, _memory_format)
 from .packing import packed_nbytes
@@ -63,9 +64,12 @@ def sample_strided(x: torch.Tensor) -> bool:
 
 
 def sample_stride(x: torch.Tensor, plan: Plan) -> int:
-    """The kernels' XN for the maps x under ``plan``: elements from one sample to the next."""
+    """The kernels' XN for the maps x under ``plan``: elements from one sample to the next. Called
+    for every encode and decode: a dense map (every one but a ViT's token grid) is answered by its
+    first stride alone."""
     dense = plan.c * plan.h * plan.w
-    return x.stride(0) if x.shape[0] > 1 and sample_strided(x) else dense
+    step = x.stride(0)
+    return step if step != dense and sample_strided(x) else dense
 
 
 @dataclass
@@ -243,8 +247,10 @@ class TritonDivisionCodec(DivisionCodec):
     def packed(self, x: torch.Tensor, plan: Plan, tensors: dict[str, torch.Tensor]) -> Packed:
         """The Packed of x whose tensors ``_encode_kernel`` wrote under ``plan``."""
         geom: Geometry = self.geometry(x.shape, x.dtype)
-        meta = {"layout": geom.layout, "shape": x.shape, "dtype": x.dtype,
-                "memory_format": "channels_last" if sample_strided(x) else _memory_format(x),
+        fmt = _memory_format(x)
+        if fmt is None and not x.is_contiguous() and sample_strided(x):
+            fmt = "channels_last"  # a token grid read in place: channels_last within each sample
+        meta = {"layout": geom.layout, "shape": x.shape, "dtype": x.dtype, "memory_format": fmt,
                 "geometry": geom, "bits": self.bits, "has_lfc": True, "has_hfc": True, "simulated": False}
         if plan.codes_cl:
             meta["codes_order"] = CODES_NHWC
@@ -344,8 +350,10 @@ class TritonDivisionCodec(DivisionCodec):
         where ``takes_sample_strided``) in one fused decode, instead of decoding into a fresh tensor
         and copying: a ViT's tokens are rebuilt around their class token without a concatenation.
         False (nothing written) where the fused decode does not take this Packed or this ``out``."""
-        plan = self._decode_plan(packed)
         m = packed.meta
+        if RELU_MASK in m or prefetched(packed):
+            return False  # its decode takes a mask's zeros, or is waiting on a side stream: decode()
+        plan = self._decode_plan(packed)
         if (plan is None or tuple(out.shape) != (plan.n, plan.c, plan.h, plan.w) or out.dtype != m["dtype"]
                 or not runs_here(out) or out.device != packed.tensors["codes"].device
                 or not (plan.channels_last and (sample_strided(out) or dense_layout(out) is True))):

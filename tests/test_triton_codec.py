@@ -327,8 +327,10 @@ def check_sample_strided_grids(device, cases=((3, 4, 16, torch.float32), (2, 8, 
     """A ViT's token grid behind its class token, (N, 1 + k * k, C) tokens viewed as (N, C, k, k)
     maps whose samples lie 1 + k * k tokens apart: encoded where it lies, the codes are the dense
     copy's byte for byte (nearest rounding); ``decode_into`` writes that decode into such a view
-    and nothing else (the class token's slot stays untouched); ``LayoutCodec`` (``cls_grid``) gives
-    the reference codec's decode; stochastic codes of the strided view decode within one step."""
+    and nothing else (the class token's slot stays untouched), and refuses a Packed whose decode
+    takes a ReLU mask's zeros; the compiled path's fused ops refuse such maps (its layers make them
+    dense); ``LayoutCodec`` (``cls_grid``) gives the reference codec's decode; stochastic codes of
+    the strided view decode within one step."""
     from division.layouts import CLS_GRID, GRID, LayoutCodec, as_maps
     from division.triton_codec import TritonDivisionCodec, sample_strided
     for n, k, c, dtype in cases:
@@ -342,9 +344,17 @@ def check_sample_strided_grids(device, cases=((3, 4, 16, torch.float32), (2, 8, 
         for key in dense.tensors:
             assert torch.equal(strided.tensors[key], dense.tensors[key]), (n, k, c, key)
         into = torch.full_like(tokens, float("nan"))
+        from division.exact import RELU_MASK
+        assert not fast.decode_into(type(strided)(fast, strided.tensors, {**strided.meta, RELU_MASK: None}),
+                                    as_maps(into[:, 1:], GRID))  # a mask's zeros: decode() applies them
+        assert torch.isnan(into).all()
         assert fast.decode_into(strided, as_maps(into[:, 1:], GRID))
         assert torch.isnan(into[:, 0]).all()
         assert torch.equal(as_maps(into[:, 1:], GRID), fast.decode(dense))
+        # the compiled path's fused ops take dense maps only (its layers make the grid dense)
+        from division import compiled_ops
+        dense_maps = maps.contiguous(memory_format=torch.channels_last)
+        assert compiled_ops.applies(dense_maps, 8, 2, False) and not compiled_ops.applies(maps, 8, 2, False)
         ref_codec = LayoutCodec(DivisionCodec(rounding="nearest"), CLS_GRID)
         fast_codec = LayoutCodec(fast, CLS_GRID)
         assert torch.equal(fast_codec.decode(fast_codec.encode(tokens)), ref_codec.decode(ref_codec.encode(tokens)))
