@@ -417,11 +417,17 @@ class _LayerNorm(torch.autograd.Function):
     the quantization step then follows each row's own spread, not the largest channel's."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, normalized_shape, eps: float, codec: TensorCodec):
-        y, mean, rstd = torch.ops.aten.native_layer_norm(x, normalized_shape, weight, bias, eps)
-        x_hat = (x.float() - mean) * rstd
-        layout, stored = codec.encode(x_hat if x_hat.dtype == x.dtype else x_hat.to(x.dtype), feature_last=True)
-        ctx.save_for_backward(weight, bias, mean, rstd, *stored)
+    def forward(ctx, x, weight, bias, normalized_shape, eps: float, codec: TensorCodec,
+                layout: Optional["Layout"] = None, mean=None, rstd=None, *encoded):
+        """``layout``, ``mean``, ``rstd``, ``encoded``: the statistics and the normalized input's
+        codes, when the caller encoded it itself (``layer_norm_codes``: a rebuilt Linear input reads
+        them too, ``division.compiled_rebuild``)."""
+        if layout is None:
+            y, mean, rstd = torch.ops.aten.native_layer_norm(x, normalized_shape, weight, bias, eps)
+            layout, encoded = codec.encode(normalized(x, mean, rstd), feature_last=True)
+        else:  # from the statistics given (one reduction in the graph, not two)
+            y = layer_norm_affine(normalized(x, mean, rstd), weight, bias)
+        ctx.save_for_backward(weight, bias, mean, rstd, *encoded)
         ctx.codec, ctx.layout, ctx.normalized_shape = codec, layout, normalized_shape
         return y
 
@@ -435,7 +441,33 @@ class _LayerNorm(torch.autograd.Function):
                 bias is not None and ctx.needs_input_grad[2]]
         gx, gw, gb = torch.ops.aten.native_layer_norm_backward(grad, x, ctx.normalized_shape, mean, rstd,
                                                                weight, bias, mask)
-        return gx, gw, gb, None, None, None
+        return (gx, gw, gb) + (None,) * (len(ctx.needs_input_grad) - 3)
+
+
+def normalized(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """(x - mean) * rstd in x's dtype: what a LayerNorm's input is kept as."""
+    x_hat = (x.float() - mean) * rstd
+    return x_hat if x_hat.dtype == x.dtype else x_hat.to(x.dtype)
+
+
+def layer_norm_affine(x_hat: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """A LayerNorm's output from its normalized input: x_hat * weight + bias, in x_hat's dtype."""
+    y = x_hat.float()
+    if weight is not None:
+        y = y * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y if y.dtype == x_hat.dtype else y.to(x_hat.dtype)
+
+
+def layer_norm_codes(module: nn.LayerNorm, x: torch.Tensor, codec: TensorCodec) -> tuple:
+    """(layout, mean, rstd, codes) of the LayerNorm module's input, computed outside its function:
+    what ``_LayerNorm`` keeps, handed to it and to a reader of its output that rebuilds it."""
+    dims = list(range(x.dim() - len(module.normalized_shape), x.dim()))
+    var, mean = torch.var_mean(x.detach().float(), dim=dims, correction=0, keepdim=True)
+    rstd = torch.rsqrt(var + module.eps)
+    layout, encoded = codec.encode(normalized(x.detach(), mean, rstd), feature_last=True)
+    return layout, mean, rstd, tuple(encoded)
 
 
 class _Activation(torch.autograd.Function):
@@ -444,14 +476,15 @@ class _Activation(torch.autograd.Function):
     the codes of its derivative instead (``division.activations``: its derivative jumps)."""
 
     @staticmethod
-    def forward(ctx, x, kind: str, approximate: str, codec: TensorCodec):
-        if kind == "gelu":
-            y = F.gelu(x, approximate=approximate)
-        else:
-            y = F.silu(x) if kind == "silu" else F.hardswish(x)
-        layout, stored = codec.encode(hardswish_derivative(x) if kind == "hardswish" else x,
-                                     feature_last=False)
-        ctx.save_for_backward(*stored)
+    def forward(ctx, x, kind: str, approximate: str, codec: TensorCodec, layout: Optional["Layout"] = None,
+                *encoded):
+        """``layout`` and ``encoded``: x's codes, when the caller encoded x itself (a rebuilt
+        Linear or convolution input reads them too, ``division.compiled_rebuild``)."""
+        y = activation(x, kind, approximate)
+        if layout is None:
+            layout, encoded = codec.encode(hardswish_derivative(x) if kind == "hardswish" else x,
+                                           feature_last=False)
+        ctx.save_for_backward(*encoded)
         ctx.codec, ctx.layout, ctx.kind, ctx.approximate = codec, layout, kind, approximate
         return y
 
@@ -464,7 +497,14 @@ class _Activation(torch.autograd.Function):
             gx = torch.ops.aten.silu_backward(grad, kept)
         else:
             gx = grad * kept
-        return gx, None, None, None
+        return (gx,) + (None,) * (len(ctx.needs_input_grad) - 1)
+
+
+def activation(x: torch.Tensor, kind: str, approximate: str = "none") -> torch.Tensor:
+    """GELU (``approximate``), SiLU or Hardswish of x."""
+    if kind == "gelu":
+        return F.gelu(x, approximate=approximate)
+    return F.silu(x) if kind == "silu" else F.hardswish(x)
 
 
 class _MaxPool2d(torch.autograd.Function):
@@ -665,13 +705,16 @@ class CompiledLayers:
         from .compressor import module_kind
         for name, module in model.named_modules():
             if attention is not None and attention_applies(module) and "forward" not in module.__dict__:
-                module.forward = self._dispatch_attention(module)
+                module.forward = self._dispatch_attention(module, name)
                 self._patched.append(module)
                 self.modules[name] = "attention"
                 continue
             found = layer_for(module)
             if found is None or "forward" in module.__dict__:
                 if isinstance(module, nn.modules.dropout._DropoutNd) and module.p == 0:
+                    if rebuild_conv_input and "forward" not in module.__dict__:
+                        module.forward = self._pass_through(module)
+                        self._patched.append(module)
                     continue  # saves nothing
                 if module_kind(module) in ("conv", "norm", "linear", "dropout") \
                         or isinstance(module, _SAVING_MODULES):
@@ -701,10 +744,23 @@ class CompiledLayers:
             return own_forward(x, *args, **kwargs)
         return forward
 
-    def _dispatch_attention(self, module: nn.MultiheadAttention):
+    def _pass_through(self, module: nn.modules.dropout._DropoutNd):
+        """A dropout of p = 0 returns its input itself when traced, as it does eagerly (where
+        ``torch.dropout`` returns its input when p is 0): a rebuilt input's link through it (an
+        MLP's GELU, dropout, Linear) holds under Dynamo too, which would trace a new tensor."""
+        own_forward = type(module).forward.__get__(module)
+
+        def forward(x):
+            if module.p == 0 and (self.eager or torch.compiler.is_compiling()):
+                return x
+            return own_forward(x)
+        return forward
+
+    def _dispatch_attention(self, module: nn.MultiheadAttention, name: str):
         from .attention import attention_call_applies, eager_self_attention
         from .compiled_attention import attention_forward
         own_forward = type(module).forward.__get__(module)
+        chain = self.chain
 
         def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                     average_attn_weights=True, is_causal=False):
@@ -712,7 +768,8 @@ class CompiledLayers:
                     and attention_call_applies(query, key, value, key_padding_mask, need_weights, attn_mask,
                                                is_causal)):
                 if self.eager or torch.compiler.is_compiling():
-                    return attention_forward(module, query, self.codec, self.attention), None
+                    recipe = None if chain is None else chain.attention_input(name, module, query)
+                    return attention_forward(module, query, self.codec, self.attention, recipe), None
                 # eager training: the query, key and value alone, coded by the hooks (division.attention)
                 return eager_self_attention(module, query), None
             return own_forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
@@ -865,7 +922,8 @@ class SavedTensorCounter:
             for reader, source in names.items():
                 shape, dtype = inputs.get(reader, ((), ""))
                 self.ledger.record(LedgerEntry(layer=reader, kind=COMPILED, codec=codec, shape=shape, dtype=dtype,
-                                               plain_bytes=0, stored_bytes=0, op=op, rebuilt_from=source))
+                                               plain_bytes=0, stored_bytes=0, op=chain.ops.get(reader) or op,
+                                               rebuilt_from=source))
 
     def install(self, module: nn.Module) -> None:
         """Count every forward call of ``module`` (a compiled model: ``torch.compile`` runs the

@@ -65,7 +65,14 @@ class _Attention(torch.autograd.Function):
 
 
 def attention_forward(module: nn.MultiheadAttention, x: torch.Tensor, codec: TensorCodec,
-                      attention: TensorCodec) -> torch.Tensor:
-    """The module's output for self-attention over x (N, L, E); its attention weights are not formed."""
-    return self_attention(module, x, lambda t, w, b: _Linear.apply(t, w, b, codec),
-                          lambda q, k, v: _Attention.apply(q, k, v, attention))
+                      attention: TensorCodec, input_recipe=None) -> torch.Tensor:
+    """The module's output for self-attention over x (N, L, E); its attention weights are not formed.
+    ``input_recipe``: what the input projection rebuilds x from in backward, keeping nothing of it
+    (``division.compiled_rebuild``, a LayerNorm's output); None: it keeps x's codes."""
+    from .compiled_rebuild import linear_with_recipe
+
+    def linear(t, weight, bias):
+        if input_recipe is not None and t is x:
+            return linear_with_recipe(t, weight, bias, codec, input_recipe)
+        return _Linear.apply(t, weight, bias, codec)
+    return self_attention(module, x, linear, lambda q, k, v: _Attention.apply(q, k, v, attention))

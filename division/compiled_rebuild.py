@@ -46,23 +46,36 @@ import weakref
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch._dynamo.comptime import comptime
 
 from .rebuild import cheap_to_recompute
-from .compiled import (_BatchNorm, _Relu, _cast, _compute_dtype, _memory_format, _unpack_mask, TensorCodec,
+from .compiled import (_ACTIVATIONS, _Activation, _BatchNorm, _LayerNorm, _Relu, _cast, _compute_dtype,
+                       _memory_format, _unpack_mask, TensorCodec, activation, activation_applies,
                        batch_norm_affine, batch_norm_gradients, batch_norm_output, batch_statistics,
-                       conv_applies, conv_arguments)
+                       conv_applies, conv_arguments, layer_norm_affine, layer_norm_codes)
 
 # How backward makes a tensor that was not stored, a recipe (nested tuples, which Dynamo keeps in a dict
 # without a graph break, and hands to an autograd function's apply flattened, ``_flatten``):
 #   ("codes", layout, encoded)                                  x's codes: decode them
 #   ("norm", inner, mean, invstd, weight, bias, bits, mask_cl)  BN(inner), with a ReLU's mask (bits) if any
 #   ("conv", inner, weight, bias, conv_args, dtype, format)     a cheap convolution of inner
+#   ("act", inner, kind, approximate)                            GELU or SiLU of inner
+#   ("ln", inner, weight, bias)                                  a LayerNorm's output from its normalized input
 Recipe = tuple
-# A source: (the tensor a module must read, its recipe, the BatchNorm or convolution it comes from,
-# its kind: "norm" for BN(x) or ReLU(BN(x)), "conv" for a cheap convolution's output).
+# A source: (the tensor a module must read, its recipe, the layer it comes from, its kind: "norm" for
+# BN(x) or ReLU(BN(x)), "conv" for a cheap convolution's output, "act" for a GELU's or SiLU's output,
+# "ln" for a LayerNorm module's).
 Source = tuple
+# Which sources each reader rebuilds its input from (a convolution also from a ReLU of a BatchNorm,
+# which ``prove`` tracks as "relu")
+READ_BY = ((nn.Linear, ("act", "ln")), (nn.MultiheadAttention, ("ln",)), (nn.modules.conv._ConvNd, ("norm", "act")))
+
+
+def read_by(module: nn.Module) -> tuple:
+    """The kinds of source ``module`` rebuilds its input from (``READ_BY``)."""
+    return next((kinds for cls, kinds in READ_BY if isinstance(module, cls)), ())
 
 
 class ConvInputChain:
@@ -78,6 +91,7 @@ class ConvInputChain:
         self.inputs: dict[str, tuple] = {}  # convolution name -> (shape, dtype) of its rebuilt input
         self.recomputed: dict[str, str] = {}  # BatchNorm name -> the convolution that recomputes its input
         self.norm_inputs: dict[str, tuple] = {}  # BatchNorm name -> (shape, dtype) of its recomputed input
+        self.ops: dict[str, str] = {}  # reader name -> its module's type (Conv2d, Linear, BatchNorm2d, ...)
         # proven (reader, BatchNorm or convolution) links (``prove``)
         self.proven: set[tuple[str, str]] = set()
 
@@ -89,27 +103,44 @@ class ConvInputChain:
             inner = None
             if self.recompute and linked and source[3] == "conv":
                 inner = source[1]
-                self._note(self.recomputed, self.norm_inputs, name, source[2], x)
+                self._note(self.recomputed, self.norm_inputs, name, source[2], x, module)
             y, recipe = _norm_with_recipe(module, x, codec, inner)
             self._sources[name] = (y, recipe, name, "norm")
             return y
-        if self.rebuild and linked and source[3] == "norm":
-            if isinstance(module, nn.ReLU):
-                y, bits = _ReluKeepingMask.apply(x)
-                recipe = source[1][:6] + (bits, _memory_format(y) == "channels_last")
-                self._sources[name] = (y, recipe, source[2], "norm")
-                return y
-            if _rebuildable_conv(module):
-                self._note(self.rebuilt, self.inputs, name, source[2], x)
-                y, recipe = _conv_with_recipe(module, x, codec, source[1])
-                if self.recompute and _cheap_conv(module):
-                    self._sources[name] = (y, recipe, name, "conv")
-                return y
+        if self.rebuild and linked and source[3] == "norm" and isinstance(module, nn.ReLU):
+            y, bits = _ReluKeepingMask.apply(x)
+            recipe = source[1][:6] + (bits, _memory_format(y) == "channels_last")
+            self._sources[name] = (y, recipe, source[2], "norm")
+            return y
+        if self.rebuild and _output_source(module):
+            y, recipe, kind = (_layer_norm_with_recipe if isinstance(module, nn.LayerNorm)
+                               else _activation_with_recipe)(module, x, codec)
+            self._sources[name] = (y, recipe, name, kind)
+            return y
+        if self.rebuild and linked and isinstance(module, nn.Linear) and source[3] in read_by(module):
+            self._note(self.rebuilt, self.inputs, name, source[2], x, module)
+            return linear_with_recipe(x, module.weight, module.bias, codec, source[1])
+        if self.rebuild and linked and _rebuildable_conv(module) and source[3] in read_by(module):
+            self._note(self.rebuilt, self.inputs, name, source[2], x, module)
+            y, recipe = _conv_with_recipe(module, x, codec, source[1])
+            if self.recompute and _cheap_conv(module):
+                self._sources[name] = (y, recipe, name, "conv")
+            return y
         if self.recompute and _cheap_conv(module):
             y, recipe = _conv_with_recipe(module, x, codec, None)
             self._sources[name] = (y, recipe, name, "conv")
             return y
         return compressed_forward(module, x, codec)
+
+    def attention_input(self, name: str, module: nn.Module, x: torch.Tensor) -> Optional[Recipe]:
+        """The recipe a self-attention's input projection rebuilds its input ``x`` from (a
+        LayerNorm module's output, a proven link), or None: it keeps x's codes."""
+        source = self._source_of(x)
+        if not (self.rebuild and source is not None and source[3] in read_by(module)
+                and (name, source[2]) in self.proven):
+            return None
+        self._note(self.rebuilt, self.inputs, name, source[2], x, module)
+        return source[1]
 
     def prove(self, model: nn.Module, modules, args: tuple) -> None:
         """Which (ReLU or convolution, BatchNorm) links hold, from one eager forward of ``model``
@@ -164,19 +195,27 @@ class ConvInputChain:
             elif isinstance(module, nn.ReLU):
                 handles.append(module.register_forward_pre_hook(before_relu(name)))
                 handles.append(module.register_forward_hook(after_relu))
+            elif _output_source(module):
+                handles.append(module.register_forward_hook(
+                    after(name, "ln" if isinstance(module, nn.LayerNorm) else "act")))
+            elif isinstance(module, (nn.Linear, nn.MultiheadAttention)):
+                handles.append(module.register_forward_pre_hook(before(name, read_by(module))))
             elif _rebuildable_conv(module):
-                handles.append(module.register_forward_pre_hook(before(name, ("norm", "relu"))))
+                handles.append(module.register_forward_pre_hook(before(name, read_by(module) + ("relu",))))
                 if self.recompute and _cheap_conv(module):
                     handles.append(module.register_forward_hook(after(name, "conv")))
         with torch.no_grad():
             traceless_forward(model, args, handles)
         self.proven = proven
 
-    def _note(self, names: dict, inputs: dict, reader: str, source: str, x: torch.Tensor) -> None:
-        """Name the rebuilt convolution (or the recomputed BatchNorm: ``names``, ``inputs``) and the
-        shape and dtype of its input. While Dynamo traces, at compile time (``comptime``): a dict
-        written from the traced code would be guarded on, and recompiled for once it had changed."""
+    def _note(self, names: dict, inputs: dict, reader: str, source: str, x: torch.Tensor,
+              module: nn.Module) -> None:
+        """Name the rebuilt layer input (or the recomputed BatchNorm input: ``names``, ``inputs``),
+        its shape and dtype, and the reader's type (``ops``). While Dynamo traces, at compile time
+        (``comptime``): a dict written from the traced code would be guarded on, and recompiled for
+        once it had changed."""
         shape, dtype = tuple(x.shape), str(x.dtype).replace("torch.", "")
+        op = type(module).__name__
         if torch.compiler.is_compiling():
             chain = id(self)  # noqa: F841 - read by _note_when_compiling through comptime's frame
             which = "recomputed" if names is self.recomputed else "rebuilt"  # noqa: F841 - as chain
@@ -184,6 +223,7 @@ class ConvInputChain:
         else:
             names[reader] = source
             inputs[reader] = (shape, dtype)
+            self.ops[reader] = op
 
     def _source_of(self, x: torch.Tensor) -> Optional[Source]:
         for source in self._sources.values():
@@ -216,6 +256,7 @@ def _note_when_compiling(ctx) -> None:
         else (chain.rebuilt, chain.inputs)
     names[reader] = value("source")
     inputs[reader] = (value("shape", ()), value("dtype", ""))
+    chain.ops[reader] = value("op", "")
 
 
 def _cheap_conv(module: nn.Module) -> bool:
@@ -263,6 +304,12 @@ def materialize(codec: TensorCodec, recipe: Recipe, dtype: torch.dtype) -> torch
             # (as the eager rebuild, division.exact.apply_relu_mask)
             y = torch.where(keep, y.clamp_min(torch.finfo(dtype).tiny), y.new_zeros(()))
         return y
+    if kind == "act":
+        _, inner, act_kind, approximate = recipe
+        return activation(materialize(codec, inner, dtype), act_kind, approximate)
+    if kind == "ln":
+        _, inner, weight, bias = recipe
+        return layer_norm_affine(materialize(codec, inner, dtype), weight, bias)
     _, inner, weight, bias, conv_args, in_dtype, memory_format = recipe
     u = _as_input(materialize(codec, inner, in_dtype), in_dtype, memory_format)
     return torch.ops.aten.convolution(u, weight, bias, *conv_args)
@@ -349,6 +396,70 @@ class _ConvFromRecipe(torch.autograd.Function):
                 ctx.bias_shape is not None and ctx.needs_input_grad[2]]
         gx, gw, gb = torch.ops.aten.convolution_backward(grad, x, weight, ctx.bias_shape, *ctx.conv_args, mask)
         return (gx, gw, gb) + (None,) * (len(ctx.needs_input_grad) - 3)
+
+
+def _output_source(module: nn.Module) -> bool:
+    """A GELU or SiLU module (a Hardswish keeps its derivative, not its input) or an
+    ``nn.LayerNorm`` with its affine parameters: its output can be made from what it keeps."""
+    if type(module) is nn.LayerNorm:
+        return module.elementwise_affine
+    return activation_applies(module) and not isinstance(module, nn.Hardswish)
+
+
+def _activation_with_recipe(module: nn.Module, x: torch.Tensor, codec: TensorCodec):
+    """``activation_forward`` with x encoded here, and its output's recipe: act(x's decode)."""
+    kind, approximate = _ACTIVATIONS[type(module)], getattr(module, "approximate", "none")
+    layout, encoded = codec.encode(x.detach(), feature_last=False)
+    y = _Activation.apply(x, kind, approximate, codec, layout, *encoded)
+    return y, ("act", ("codes", layout, tuple(encoded)), kind, approximate), "act"
+
+
+def _layer_norm_with_recipe(module: nn.LayerNorm, x: torch.Tensor, codec: TensorCodec):
+    """``layer_norm_forward`` with the normalized input encoded here, and its output's recipe:
+    the decoded normalized input times the weight plus the bias (no statistics recomputed)."""
+    dtype = torch.float32 if _compute_dtype(x) is not None else None
+    x, weight, bias = _cast(x, dtype), _cast(module.weight, dtype), _cast(module.bias, dtype)
+    layout, mean, rstd, encoded = layer_norm_codes(module, x, codec)
+    y = _LayerNorm.apply(x, weight, bias, list(module.normalized_shape), module.eps, codec,
+                         layout, mean, rstd, *encoded)
+    return y, ("ln", ("codes", layout, encoded), weight, bias), "ln"
+
+
+class _LinearFromRecipe(torch.autograd.Function):
+    """A linear layer whose backward makes its input from a recipe (a GELU's, SiLU's or
+    LayerNorm's output rebuilt from what that layer keeps)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, codec: TensorCodec, structure, *tensors):
+        y = F.linear(x, weight, bias)
+        ctx.save_for_backward(weight, *tensors)
+        ctx.codec, ctx.structure, ctx.input_dtype = codec, structure, x.dtype
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, *tensors = ctx.saved_tensors
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = grad @ weight
+        if ctx.needs_input_grad[1]:
+            x = materialize(ctx.codec, _unflatten(ctx.structure, tensors), ctx.input_dtype)
+            x = x if x.dtype == ctx.input_dtype else x.to(ctx.input_dtype)
+            gw = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return (gx, gw, gb) + (None,) * (len(ctx.needs_input_grad) - 3)
+
+
+def linear_with_recipe(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                        codec: TensorCodec, recipe: Recipe) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` (in autocast's dtype, as ``linear_forward``) keeping nothing of
+    x: its backward rebuilds x from ``recipe``."""
+    dtype = _compute_dtype(x)
+    x, weight, bias = _cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype)
+    structure, tensors = _flatten(recipe)
+    return _LinearFromRecipe.apply(x, weight, bias, codec, structure, *tensors)
 
 
 def _conv_with_recipe(module: nn.modules.conv._ConvNd, x: torch.Tensor, codec: TensorCodec,

@@ -662,6 +662,108 @@ def test_compiled_rebuild_without_batch_norm_chains_warns():
     assert not [e for e in ledger.entries if e.codec == "rebuilt"]
 
 
+# ------------------------------------- rebuilt Linear inputs (GELU, SiLU, LayerNorm outputs), compiled
+def _tiny_vit() -> nn.Module:
+    import torchvision
+    torch.manual_seed(0)
+    return torchvision.models.VisionTransformer(image_size=16, patch_size=4, num_layers=2, num_heads=4,
+                                                hidden_dim=32, mlp_dim=64, num_classes=10).train()
+
+
+def _tiny_convnext() -> nn.Module:
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+    torch.manual_seed(0)
+    return ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)], num_classes=10).train()
+
+
+def _transformer_run(make, rebuild: bool, backend: str = "aot_eager", bits: int = 8, autocast: bool = False):
+    """One compiled step: (method, ledger, loss, grads)."""
+    torch._dynamo.reset()
+    model = make()
+    ledger = division.ByteLedger()
+    method = division.build_method("division", bits=bits, rounding="nearest", rebuild_conv_input=rebuild)
+    method.attach(model, ledger=ledger)
+    run = method.compile(model, backend=backend)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = F.cross_entropy(run(x).float(), y)
+    loss.backward()
+    return method, ledger, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_compiled_vit_rebuilds_its_linear_inputs_from_layer_norm_and_gelu():
+    """Under inductor a ViT's attention projection and first MLP Linear keep nothing of their
+    input (a LayerNorm's output: its normalized input's codes, times the weight, plus the bias) and
+    its second MLP Linear nothing of its (GELU of the first's output, through a dropout of p = 0):
+    the graph keeps exactly those six inputs' codes fewer (Q = 2), the ledger names each with its
+    source, the loss is the same, and at Q = 8 the gradients are those of storing the inputs."""
+    runs = {rebuild: _transformer_run(_tiny_vit, rebuild, backend="inductor", bits=2) for rebuild in (False, True)}
+    method, ledger, loss, _ = runs[True]
+    layers = [f"encoder.layers.encoder_layer_{i}" for i in range(2)]
+    expected = {}
+    for layer in layers:
+        expected.update({f"{layer}.self_attention": f"{layer}.ln_1", f"{layer}.mlp.0": f"{layer}.ln_2",
+                         f"{layer}.mlp.3": f"{layer}.mlp.1"})
+    assert method.compiled_layers.chain.rebuilt == expected
+    tokens = (4, 17, 32)  # 16 patches and the class token
+    assert sorted((r["layer"], r["rebuilt_from"], r["shape"], r["tensor_bytes"]) for r in ledger.rebuilt()) == sorted(
+        (reader, source, (4, 17, 64) if reader.endswith("mlp.3") else tokens,
+         4 * 4 * 17 * (64 if reader.endswith("mlp.3") else 32)) for reader, source in expected.items())
+    assert {e.layer: e.op for e in ledger.entries if e.codec == "rebuilt"} == {
+        reader: "MultiheadAttention" if reader.endswith("attention") else "Linear" for reader in expected}
+    codec = method.tensor_codec
+    saved = 2 * (2 * codec.nbytes(tokens, torch.float32, feature_last=True)
+                 + codec.nbytes((4, 17, 64), torch.float32, feature_last=True))
+    assert runs[False][1].stored_bytes - ledger.stored_bytes == saved
+    assert torch.equal(loss, runs[False][2])
+    exact = {rebuild: _transformer_run(_tiny_vit, rebuild, bits=8)[3] for rebuild in (False, True)}
+    assert cosine(exact[True], exact[False]) > 0.9999
+
+
+def test_compiled_convnext_rebuilds_its_mlp_inputs_under_autocast():
+    """A ConvNeXt block's first Linear reads its LayerNorm's output, its second the GELU's: both
+    are rebuilt (bf16 autocast: the LayerNorm in fp32, the Linears in bf16), with plain training's
+    gradients at Q = 8 as closely as storing them."""
+    runs = {rebuild: _transformer_run(_tiny_convnext, rebuild, autocast=True) for rebuild in (False, True)}
+    method, ledger, loss, grads = runs[True]
+    assert method.compiled_layers.chain.rebuilt == {
+        "features.1.0.block.3": "features.1.0.block.2", "features.1.0.block.5": "features.1.0.block.4",
+        "features.3.0.block.3": "features.3.0.block.2", "features.3.0.block.5": "features.3.0.block.4"}
+    assert ledger.stored_bytes < runs[False][1].stored_bytes
+    assert torch.equal(loss, runs[False][2])
+    assert cosine(grads, runs[False][3]) > 0.9999
+
+
+class _GeluChangedInPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2, self.act2, self.fc3 = (nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 16),
+                                                             nn.GELU(), nn.Linear(16, 10))
+
+    def forward(self, x):
+        h = self.act(self.fc1(x))
+        h.mul_(2)  # the GELU's output changed in place: fc2 must not rebuild it
+        return self.fc3(self.act2(self.fc2(h)))
+
+
+def test_compiled_rebuild_skips_an_activation_output_changed_in_place():
+    """fc2 reads 2 * GELU(...) (changed in place): identity alone would rebuild it as GELU(...);
+    the eager proof (version counters) leaves it out, and only fc3 (reading GELU directly) is rebuilt."""
+    torch._dynamo.reset()
+    grads = {}
+    for rebuild in (False, True):
+        torch.manual_seed(0)
+        model = _GeluChangedInPlace().train()
+        method = division.build_method("division", bits=8, rounding="nearest", rebuild_conv_input=rebuild)
+        method.attach(model)
+        run = method.compile(model, backend="aot_eager")
+        x, y = torch.randn(6, 8, generator=torch.Generator().manual_seed(2)), torch.arange(6)
+        _, grads[rebuild] = step(run, x, y)
+    assert method.compiled_layers.chain.rebuilt == {"fc3": "act2"}
+    assert cosine(grads[False], grads[True]) > 0.9999
+
+
 # ----------------------------------------------------- recomputed BatchNorm inputs, compiled
 def _recomputing_run(rebuild: bool, recompute: bool, bits: int = 8, channels_last: bool = False,
                      device: str = "cpu", backend: str = "aot_eager", size: int = 16):
