@@ -35,7 +35,8 @@ pass keeps one encode and one copy of the codes, as the eager path's cache does.
 
 With ``rebuild_conv_input``, a convolution that reads a BatchNorm's output (or the ReLU module's
 after it) keeps nothing of its input: its backward rebuilds it from what the BatchNorm and the ReLU
-keep (``division.compiled_rebuild``).
+keep; so does a Linear (or self-attention, or convolution) reading a GELU's, SiLU's or LayerNorm's
+output, from what the activation or the LayerNorm keeps (``division.compiled_rebuild``).
 
 The byte ledger of a compiled step (``SavedTensorCounter``) counts what the compiled graph really
 saves, from autograd's own saved-tensor hooks around it: every tensor but the parameters.

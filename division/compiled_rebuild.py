@@ -29,6 +29,14 @@ the forward returns.
 The rebuilt convolution's saved tensors are the BatchNorm's and the ReLU's own (the same graph
 nodes), so the compiled graph keeps them once: it saves nothing for the convolution's input.
 
+Transformers and ConvNeXt, the twin of the eager ``output_source``: a GELU or SiLU module encodes its
+input itself and hands on its output's recipe, act(x_hat); an ``nn.LayerNorm`` (with its affine
+parameters) hands on x_hat_norm * weight + bias, from the codes of its normalized input that its
+own backward keeps (no statistics recomputed). A Linear, a self-attention's input projection
+(``division.compiled_attention``) or a convolution whose input *is* such an output, on a link
+``prove`` holds, keeps nothing of it. A dropout of p = 0 in between (a ViT's MLP: Linear, GELU,
+dropout, Linear) returns its input itself when traced, as eagerly, so the link passes through it.
+
 The compiled twin of the eager recompute (``division.rebuild.ConvSource``): a 1x1 or depthwise convolution (with
 ``recompute_norm_input``) encodes its input itself, or reads it rebuilt, and hands on its output's
 recipe; a BatchNorm whose input *is* that output (a link proved by ``prove`` too) keeps nothing of

@@ -239,9 +239,10 @@ class CodecMethod(TrainingMethod):
     codec's fused kernels stored them (``division.norm_from_codes``), instead of decoding it.
     rebuild_conv_input: a convolution's input that is ReLU(BN(x)) or BN(x) is not stored but rebuilt
     in backward from the BatchNorm's stored input (``division.rebuild``; compiled:
-    ``division.compiled_rebuild``); eagerly also a GELU's, SiLU's or LayerNorm's output, whoever saves
-    it, from the activation's or LayerNorm's own stored input (the inputs of a transformer's or
-    ConvNeXt's attention projection and MLP Linears).
+    ``division.compiled_rebuild``); also a GELU's, SiLU's or LayerNorm's output, from the
+    activation's or LayerNorm's own stored input (the inputs of a transformer's or ConvNeXt's
+    attention projection and MLP Linears): eagerly whoever saves it, compiled a Linear, a
+    self-attention or a convolution reading it directly.
     recompute_norm_input: a BatchNorm's input that is a 1x1 or depthwise convolution's output is not
     stored but recomputed in backward from that convolution's stored input (``division.rebuild``;
     compiled: ``division.compiled_rebuild``).
@@ -354,9 +355,9 @@ class CodecMethod(TrainingMethod):
                 # a knob that asked for rebuilds (recomputes) where the traced forward made none
                 for asked, made, message in (
                         (chain.rebuild, chain.rebuilt,
-                         "rebuild_conv_input=true rebuilt no convolution input of this compiled model: no "
-                         "BatchNorm (+ ReLU module) output is read by a convolution directly; those inputs "
-                         "are stored as usual"),
+                         "rebuild_conv_input=true rebuilt no layer input of this compiled model: no "
+                         "BatchNorm (+ ReLU module), GELU, SiLU or LayerNorm module output is read directly by a "
+                         "convolution, Linear or self-attention; those inputs are stored as usual"),
                         (chain.recompute, chain.recomputed,
                          "recompute_norm_input=true recomputed no BatchNorm input of this compiled model: no "
                          "1x1 or depthwise convolution's output is read by a BatchNorm directly; those inputs are stored "

@@ -656,7 +656,7 @@ def test_compiled_rebuild_skips_a_batch_norm_output_changed_in_place():
 def test_compiled_rebuild_without_batch_norm_chains_warns():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
-    with pytest.warns(RuntimeWarning, match="rebuilt no convolution input of this compiled model"):
+    with pytest.warns(RuntimeWarning, match="rebuilt no layer input of this compiled model"):
         method, ledger, _, _ = _rebuilding_run(model, backend="aot_eager")
     assert method.compiled_layers.chain.rebuilt == {}
     assert not [e for e in ledger.entries if e.codec == "rebuilt"]
