@@ -313,15 +313,21 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         weight, *stored = ctx.saved_tensors
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = grad @ weight
-        if ctx.needs_input_grad[1]:
-            x = ctx.codec.decode(ctx.layout, tuple(stored))
-            gw = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = grad.reshape(-1, grad.shape[-1]).sum(0)
-        return gx, gw, gb, None
+        return linear_gradients(ctx, grad, weight, lambda: ctx.codec.decode(ctx.layout, tuple(stored))) + (None,)
+
+
+def linear_gradients(ctx, grad, weight, read_input) -> tuple:
+    """(d input, d weight, d bias) of ``F.linear`` at ``grad``, the input read (``read_input()``:
+    decoded or rebuilt) only for the weight's gradient; ``ctx.needs_input_grad`` says which."""
+    gx = gw = gb = None
+    if ctx.needs_input_grad[0]:
+        gx = grad @ weight
+    if ctx.needs_input_grad[1]:
+        x = read_input()
+        gw = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        gb = grad.reshape(-1, grad.shape[-1]).sum(0)
+    return gx, gw, gb
 
 
 def batch_norm_affine(weight, bias, mean, invstd) -> tuple[torch.Tensor, torch.Tensor]:

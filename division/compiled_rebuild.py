@@ -62,7 +62,7 @@ from .rebuild import cheap_to_recompute
 from .compiled import (_ACTIVATIONS, _Activation, _BatchNorm, _LayerNorm, _Relu, _cast, _compute_dtype,
                        _memory_format, _unpack_mask, TensorCodec, activation, activation_applies,
                        batch_norm_affine, batch_norm_gradients, batch_norm_output, batch_statistics,
-                       conv_applies, conv_arguments, layer_norm_affine, layer_norm_codes)
+                       conv_applies, conv_arguments, layer_norm_affine, layer_norm_codes, linear_gradients)
 
 # How backward makes a tensor that was not stored, a recipe (nested tuples, which Dynamo keeps in a dict
 # without a graph break, and hands to an autograd function's apply flattened, ``_flatten``):
@@ -448,16 +448,11 @@ class _LinearFromRecipe(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         weight, *tensors = ctx.saved_tensors
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = grad @ weight
-        if ctx.needs_input_grad[1]:
+
+        def rebuilt():
             x = materialize(ctx.codec, _unflatten(ctx.structure, tensors), ctx.input_dtype)
-            x = x if x.dtype == ctx.input_dtype else x.to(ctx.input_dtype)
-            gw = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = grad.reshape(-1, grad.shape[-1]).sum(0)
-        return (gx, gw, gb) + (None,) * (len(ctx.needs_input_grad) - 3)
+            return x if x.dtype == ctx.input_dtype else x.to(ctx.input_dtype)
+        return linear_gradients(ctx, grad, weight, rebuilt) + (None,) * (len(ctx.needs_input_grad) - 3)
 
 
 def linear_with_recipe(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
