@@ -18,7 +18,8 @@ and ``state_dict`` do not change.
 
 What is covered: convolutions (zero padding), BatchNorm in training mode, LayerNorm (its input
 normalized, with exact statistics), Linear, ReLU, GELU / SiLU (their input as codes), Hardswish (its derivative as codes) and MaxPool2d (its argmax as a uint8 position in
-the window, as the eager path keeps it). The rest (average pooling, element-wise ops, modules this file does not know) is saved the way the compiler
+the window, as the eager path keeps it), and torchvision's ConvNeXt block, whose layer scale's
+product keeps the block's output as codes. The rest (average pooling, element-wise ops, modules this file does not know) is saved the way the compiler
 chooses; the byte ledger (``SavedTensorCounter``) counts it and ``CompiledLayers.uncovered``
 names those layers, so nothing is hidden.
 
@@ -514,6 +515,32 @@ def activation(x: torch.Tensor, kind: str, approximate: str = "none") -> torch.T
     return F.silu(x) if kind == "silu" else F.hardswish(x)
 
 
+class _Scale(torch.autograd.Function):
+    """x times a parameter broadcast over it (a ConvNeXt block's layer scale), keeping x's codes for
+    the parameter's gradient (what the eager path's ``cover_all`` codes too)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, codec: TensorCodec):
+        y = x * scale
+        layout, stored = codec.encode(x)
+        ctx.save_for_backward(scale, *stored)
+        ctx.codec, ctx.layout = codec, layout
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        scale, *stored = ctx.saved_tensors
+        gx = gs = None
+        if ctx.needs_input_grad[0]:
+            gx = grad * scale
+            gx = gx if gx.dtype == ctx.layout.dtype else gx.to(ctx.layout.dtype)
+        if ctx.needs_input_grad[1]:
+            x = ctx.codec.decode(ctx.layout, tuple(stored))
+            gs = (grad.float() * x.float()).sum_to_size(scale.shape)
+            gs = gs if gs.dtype == scale.dtype else gs.to(scale.dtype)
+        return gx, gs, None
+
+
 class _MaxPool2d(torch.autograd.Function):
     """MaxPool2d keeping each output's argmax as its uint8 position inside the pooling window (what
     the eager path's ``MaxPoolIndexCodec`` keeps), not the int64 indices and the input that
@@ -629,6 +656,17 @@ def layer_norm_2d_applies(module: nn.Module) -> bool:
     return type(module).__name__ == "LayerNorm2d" and type(module).__module__ == "torchvision.models.convnext"
 
 
+def layer_scale_block_forward(module: nn.Module, x: torch.Tensor, codec: TensorCodec) -> torch.Tensor:
+    """torchvision's ConvNeXt block (CNBlock), written as its own forward writes it, its layer
+    scale's product keeping the block's output as codes (compiled plain, that product keeps it raw)."""
+    result = _Scale.apply(module.block(x), module.layer_scale, codec)
+    return module.stochastic_depth(result) + x
+
+
+def layer_scale_block_applies(module: nn.Module) -> bool:
+    return type(module).__name__ == "CNBlock" and type(module).__module__ == "torchvision.models.convnext"
+
+
 _ACTIVATIONS = {nn.GELU: "gelu", nn.SiLU: "silu", nn.Hardswish: "hardswish"}
 
 
@@ -666,6 +704,7 @@ _LAYERS = (
     (lambda m: isinstance(m, nn.ReLU), relu_forward, "relu"),
     (max_pool_applies, max_pool_forward, "maxpool"),
     (activation_applies, activation_forward, "other"),
+    (layer_scale_block_applies, layer_scale_block_forward, "other"),
 )
 
 

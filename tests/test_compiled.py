@@ -474,6 +474,19 @@ def test_convnext_layer_norm_2d_is_compressed_with_its_own_permutes():
     assert grad_cosine > 0.999
 
 
+def test_convnext_block_keeps_its_layer_scale_input_as_codes_when_compiled():
+    """torchvision's ConvNeXt block multiplies its branch's output by a layer scale: compiled, that
+    product keeps the output as codes (compiled plain keeps it raw), the forward is the block's own,
+    and at 8 bits the gradients follow plain training's, the layer scale's included."""
+    from torchvision.models.convnext import CNBlock
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), CNBlock(16, layer_scale=0.5, stochastic_depth_prob=0.0),
+                          nn.Conv2d(16, 4, 1))
+    out, kept, grad_cosine = _compiled_beside_plain(model, torch.randn(4, 3, 8, 8), "1", "other")
+    assert _full_size_fp32(model, kept, out, 4 * 16 * 8 * 8) == []
+    assert grad_cosine > 0.999
+
+
 class _SelfAttention(nn.Module):
     def __init__(self, embed: int, heads: int):
         super().__init__()
