@@ -739,6 +739,7 @@ class CompiledLayers:
         input (``chain.recomputed``)."""
         from .attention import attention_applies
         from .compiled_rebuild import ConvInputChain
+        from .compiled_window_attention import applies as window_attention_applies, window_attention_forward
         self.codec = codec
         self.chain = ConvInputChain(rebuild_conv_input, recompute_norm_input) \
             if rebuild_conv_input or recompute_norm_input else None
@@ -752,6 +753,12 @@ class CompiledLayers:
         for name, module in model.named_modules():
             if attention is not None and attention_applies(module) and "forward" not in module.__dict__:
                 module.forward = self._dispatch_attention(module, name)
+                self._patched.append(module)
+                self.modules[name] = "attention"
+                continue
+            if attention is not None and window_attention_applies(module) and "forward" not in module.__dict__:
+                module.forward = self._dispatch(
+                    module, lambda m, x, c: window_attention_forward(m, x, c, attention), name)
                 self._patched.append(module)
                 self.modules[name] = "attention"
                 continue
