@@ -45,23 +45,33 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, codec: TensorCodec):
         out = F.scaled_dot_product_attention(q, k, v)
-        stored, ctx.layouts, ctx.sizes = [], [], []
-        for t in (q, k, v):
-            layout, kept = codec.encode(t)
-            ctx.layouts.append(layout)
-            ctx.sizes.append(len(kept))
-            stored += kept
+        ctx.layouts, stored = encode_each(codec, (q, k, v))
         ctx.save_for_backward(*stored)
         ctx.codec = codec
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        saved, decoded, at = ctx.saved_tensors, [], 0
-        for layout, size in zip(ctx.layouts, ctx.sizes):
-            decoded.append(ctx.codec.decode(layout, tuple(saved[at:at + size])))
-            at += size
-        return (*attention_backward(*decoded, grad), None)
+        return (*attention_backward(*decode_each(ctx.codec, ctx.layouts, ctx.saved_tensors), grad), None)
+
+
+def encode_each(codec: TensorCodec, tensors) -> tuple[list, list[torch.Tensor]]:
+    """Each tensor's (layout, number of tensors kept), and all that is kept, one after the other."""
+    layouts, stored = [], []
+    for t in tensors:
+        layout, kept = codec.encode(t)
+        layouts.append((layout, len(kept)))
+        stored += kept
+    return layouts, stored
+
+
+def decode_each(codec: TensorCodec, layouts: list, saved) -> list[torch.Tensor]:
+    """The tensors ``encode_each`` kept, decoded (``saved`` may go on past them)."""
+    decoded, at = [], 0
+    for layout, size in layouts:
+        decoded.append(codec.decode(layout, tuple(saved[at:at + size])))
+        at += size
+    return decoded
 
 
 def attention_forward(module: nn.MultiheadAttention, x: torch.Tensor, codec: TensorCodec,

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .compiled import TensorCodec, linear_forward
+from .compiled_attention import decode_each, encode_each
 
 
 def applies(module: nn.Module) -> bool:
@@ -93,12 +94,7 @@ class _WindowAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, mask, windows: int, codec: TensorCodec):
         out = F.softmax(_scores(q, k, bias, mask, windows), dim=-1).matmul(v)
-        stored, ctx.layouts, ctx.sizes = [], [], []
-        for t in (q, k, v):
-            layout, kept = codec.encode(t)
-            ctx.layouts.append(layout)
-            ctx.sizes.append(len(kept))
-            stored += kept
+        ctx.layouts, stored = encode_each(codec, (q, k, v))
         ctx.save_for_backward(bias, mask, *stored)
         ctx.codec, ctx.windows = codec, windows
         ctx.dtypes = (q.dtype, k.dtype, v.dtype, bias.dtype)
@@ -107,11 +103,7 @@ class _WindowAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         bias, mask, *saved = ctx.saved_tensors
-        decoded, at = [], 0
-        for layout, size in zip(ctx.layouts, ctx.sizes):
-            decoded.append(ctx.codec.decode(layout, tuple(saved[at:at + size])).float())
-            at += size
-        q, k, v = decoded
+        q, k, v = (t.float() for t in decode_each(ctx.codec, ctx.layouts, saved))
         p = F.softmax(_scores(q, k, bias.float(), mask, ctx.windows), dim=-1)
         g = grad.float()
         dv = p.transpose(-2, -1).matmul(g)
