@@ -579,6 +579,30 @@ def test_a_compiled_swin_keeps_its_window_attention_as_codes():
     assert cosine({"b": model.get_parameter(table).grad}, {"b": plain[table]}) > 0.999
 
 
+@pytest.mark.parametrize("size, shift", [(6, [2, 2]), (8, [2, 2]), (4, [2, 2])])
+def test_window_attention_function_matches_torchvision_with_padding_and_shifts(size, shift):
+    """The window attention's function against torchvision's module on one map: padded to whole
+    windows (6 -> 8), shifted (the mask), and a map no larger than a window (no shift): the same
+    output, and at 8 bits its gradients, the relative position bias table's included."""
+    from torchvision.models.swin_transformer import ShiftedWindowAttention
+    from division.compiled_window_attention import window_attention_forward
+    torch.manual_seed(0)
+    module = ShiftedWindowAttention(16, window_size=[4, 4], shift_size=shift, num_heads=2)
+    x = torch.randn(2, size, size, 16, requires_grad=True)
+    g = torch.randn(2, size, size, 16)
+    (module(x) * g).sum().backward()
+    plain = {"x": x.grad.clone(), **{n: p.grad.clone() for n, p in module.named_parameters()}}
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    codec = TensorCodec(block_size=4, bits=8, rounding="nearest")
+    out = window_attention_forward(module, x, codec, codec)
+    assert torch.allclose(out, module(x), atol=1e-5)
+    (out * g).sum().backward()
+    ours = {"x": x.grad, **{n: p.grad for n, p in module.named_parameters()}}
+    assert cosine(ours, plain) > 0.999
+    assert cosine({"t": ours["relative_position_bias_table"]}, {"t": plain["relative_position_bias_table"]}) > 0.999
+
+
 def test_compiled_coverage_is_measured_on_the_first_step_and_warns_when_low():
     """Compression is never silently partial: the first compiled training call measures which
     share of plain autograd's saved bytes lies in layers that compress compiled, without touching
