@@ -105,8 +105,8 @@ class ConvInputChain:
 
     def forward(self, name: str, module: nn.Module, x: torch.Tensor, codec: TensorCodec, compressed_forward):
         """The compressing forward of a module on the chain's terms (module docstring)."""
-        source = self._source_of(x)
-        linked = source is not None and (name, source[2]) in self.proven
+        source = self._linked_source(name, x)
+        linked = source is not None
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             inner = None
             if self.recompute and linked and source[3] == "conv":
@@ -143,9 +143,8 @@ class ConvInputChain:
     def attention_input(self, name: str, module: nn.Module, x: torch.Tensor) -> Optional[Recipe]:
         """The recipe a self-attention's input projection rebuilds its input ``x`` from (a
         LayerNorm module's output, a proven link), or None: it keeps x's codes."""
-        source = self._source_of(x)
-        if not (self.rebuild and source is not None and source[3] in read_by(module)
-                and (name, source[2]) in self.proven):
+        source = self._linked_source(name, x)
+        if not (self.rebuild and source is not None and source[3] in read_by(module)):
             return None
         self._note(self.rebuilt, self.inputs, name, source[2], x, module)
         return source[1]
@@ -233,10 +232,11 @@ class ConvInputChain:
             inputs[reader] = (shape, dtype)
             self.ops[reader] = op
 
-    def _source_of(self, x: torch.Tensor) -> Optional[Source]:
+    def _linked_source(self, reader: str, x: torch.Tensor) -> Optional[Source]:
+        """The source whose tensor ``x`` is, on a link ``prove`` holds for ``reader``; else None."""
         for source in self._sources.values():
             if source[0] is x:
-                return source
+                return source if (reader, source[2]) in self.proven else None
         return None
 
     def clear(self) -> None:
