@@ -11,7 +11,8 @@ there). This script runs that same Python without a GPU: under Triton's interpre
 and every kernel launch (``division.triton_launch.CachedLaunch``) is counted and skipped, so what
 remains is the host's own work: the hooks, the layouts, the allocations, the torch ops around the
 kernels. The model is small (``thin_vit``: ViT-B/16's 12 blocks with class token at width 64;
-``thin_convnext``: ConvNeXt-T's 3-3-9-3 stages at widths 8 to 64; or any torchvision model by name)
+``thin_convnext``: ConvNeXt-T's 3-3-9-3 stages at widths 8 to 64; ``thin_resnet50``: ResNet-50 8x
+narrower; or any torchvision model by name)
 so that its own ops cost little. fp32, the codes are never decoded to real values (no kernel ran).
 One difference from a GPU: the codec's rounding generator lives on the model's device, so here each
 encode draws its seed with ``torch.randint`` (a few microseconds), on a GPU from Python's generator.
@@ -53,6 +54,15 @@ def _skip_launch(self, key, grid, args, constexprs, num_warps) -> None:
     LAUNCHES[0] += 1
 
 
+def _valid_pool_indices(decode_offsets):
+    """The max-pool decode with its skipped kernel's output set to index 0: backward scatters
+    through those indices, and the uninitialised ones of a skipped launch crash the process."""
+    def decode(offsets, geometry):
+        indices = decode_offsets(offsets, geometry)
+        return None if indices is None else indices.zero_()
+    return decode
+
+
 def thin_model(name: str, size: int) -> torch.nn.Module:
     if name == "thin_vit":
         from torchvision.models.vision_transformer import VisionTransformer
@@ -62,7 +72,21 @@ def thin_model(name: str, size: int) -> torch.nn.Module:
         from torchvision.models.convnext import CNBlockConfig, ConvNeXt
         return ConvNeXt([CNBlockConfig(8, 16, 3), CNBlockConfig(16, 32, 3), CNBlockConfig(32, 64, 9),
                          CNBlockConfig(64, None, 3)], num_classes=10)
+    if name == "thin_resnet50":
+        return _thin_resnet50()
     return torchvision.models.get_model(name, num_classes=10)
+
+
+def _thin_resnet50() -> torch.nn.Module:
+    """ResNet-50's 16 bottlenecks (3-4-6-3) and stem, every stage 8x narrower (32 to 256 channels out)."""
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    class ThinResNet(ResNet):
+        def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
+            return super()._make_layer(block, planes // 8, blocks, stride, dilate)
+    model = ThinResNet(Bottleneck, [3, 4, 6, 3], num_classes=10)
+    model.fc = torch.nn.Linear(64 * Bottleneck.expansion, 10)
+    return model
 
 
 def measure(model_name: str, method: str, size: int, batch: int, steps: int, top: int, knobs: dict) -> str:
@@ -103,7 +127,7 @@ def measure(model_name: str, method: str, size: int, batch: int, steps: int, top
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="thin_vit", help="thin_vit, thin_convnext or a torchvision model name")
+    p.add_argument("--model", default="thin_vit", help="thin_vit, thin_convnext, thin_resnet50 or a torchvision model name")
     p.add_argument("--size", type=int, default=64, help="input height and width")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=15)
@@ -121,6 +145,8 @@ def main() -> None:
     torch.set_num_threads(1)
     division.backends.triton_available = lambda: True  # the fused codec, on CPU tensors
     CachedLaunch.launch = _skip_launch
+    import division.triton_masks as masks
+    masks.decode_offsets = _valid_pool_indices(masks.decode_offsets)
     for method in args.methods:
         print(measure(args.model, method, args.size, args.batch, args.steps, args.profile, knobs), flush=True)
 
