@@ -157,15 +157,23 @@ def _specialized(x: torch.Tensor) -> torch.Tensor:
 
 def _empty_maps(shape: tuple[int, int, int, int], dtype: torch.dtype, device, channels_last: bool
                 ) -> torch.Tensor:
-    """An uninitialised (N, C, H, W) buffer for a kernel to fill, channels_last or contiguous, made
-    with its strides spelled out. Made by ``torch.empty(..., memory_format=channels_last)``, such a
-    buffer got a kernel of its own in inductor's code that wrote NaN over all of it before the op
-    filled it: on a GPU, before every channels_last LFC and every decoded activation of compiled
-    ResNet-50 (the ``triton_poi_fused_empty_*`` kernels of its profile). ``empty_strided`` is
-    allocated in its final layout, with no kernel (tests/test_compiled_ops.py)."""
+    """An uninitialised (N, C, H, W) buffer for a kernel to fill, channels_last or contiguous: a
+    contiguous ``torch.empty`` (an NHWC one, seen through a permutation, for channels_last).
+
+    Both other ways cost memory or time in compiled graphs. ``torch.empty(...,
+    memory_format=channels_last)`` got a kernel of its own in inductor's code that wrote NaN over
+    all of the buffer before the op filled it (before every channels_last LFC and every decoded
+    activation of compiled ResNet-50: the ``triton_poi_fused_empty_*`` kernels of its profile).
+    ``torch.empty_strided`` has no such kernel, but torch 2.11's common-subexpression pass merges
+    equal ``empty_strided`` calls (``aten.empty`` it leaves alone; 2.14 spares buffers that a kernel
+    writes): every decode of one shape then wrote into a copy of one shared buffer, and inductor
+    made all those copies in one kernel at the start of backward, so all the decoded activations of
+    that shape were alive at once (on an H100 a compiled network's backward peaked at 0.56 of plain
+    training's instead of decoding one activation at a time). tests/test_compiled_ops.py"""
     n, c, h, w = shape
-    stride = (h * w * c, 1, w * c, c) if channels_last else (c * h * w, h * w, w, 1)
-    return torch.empty_strided(shape, stride, dtype=dtype, device=device)
+    if channels_last:
+        return torch.empty((n, h, w, c), dtype=dtype, device=device).permute(0, 3, 1, 2)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _traced_launch(kernel, grid, args, constexprs, num_warps) -> None:

@@ -203,3 +203,30 @@ def test_kernel_outputs_are_allocated_in_their_layout_without_a_fill_kernel():
         code = "\n".join(codes)
         assert "fused_empty" not in code, code
         assert torch.equal(out, x) and out.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_kernel_output_buffers_are_never_merged_as_common_subexpressions(channels_last):
+    """Two equal output buffers of the fused ops stay two buffers through the compiler's
+    common-subexpression pass. torch 2.11 merged equal ``empty_strided`` calls, so every decode of
+    one shape wrote into a copy of one shared buffer and inductor made all the copies in one kernel
+    at the start of backward: all those decoded activations alive at once (the GPU test
+    ``test_gpu_compiled_decodes_one_at_a_time`` failed on an H100). ``aten.empty`` is never merged."""
+    import torch
+    from torch._functorch.compile_utils import fx_graph_cse
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from division.compiled_ops import _empty_maps
+
+    def two(x):
+        return tuple(_empty_maps((2, 8, 4, 4), torch.float32, x.device, channels_last) for _ in range(2))
+
+    def used(x):  # the buffers read inside the graph (as a kernel's outputs are), not its outputs
+        a, b = two(x)
+        return a + 1, b + 2
+    graph = fx_graph_cse(make_fx(used)(torch.zeros(1)).graph)
+    allocations = [n for n in graph.nodes if n.op == "call_function" and "empty" in str(n.target)]
+    assert len(allocations) == 2, graph
+    a, b = two(torch.zeros(1))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert a.shape == (2, 8, 4, 4) and a.is_contiguous(memory_format=fmt)
+    assert a.data_ptr() != b.data_ptr()
