@@ -16,7 +16,10 @@ OUT_DIR/LABEL_peak.txt:
   project's code on their allocation stack (or of PyTorch's; "(no Python frame)" for the C++ autograd
   nodes of backward, which run on autograd's own thread), largest group first, and the largest
   blocks one by one;
-- OUT_DIR/LABEL_curve.csv: allocated bytes over the step's events (about 2000 rows), with the marks.
+- OUT_DIR/LABEL_curve.csv: allocated bytes over the step's events (about 2000 rows), with the marks;
+- with ``--code`` (a compiled step, ``compile=true``): OUT_DIR/LABEL_code.py, inductor's generated
+  code of the first step's graphs (forward, then backward): where each buffer is allocated and freed,
+  i.e. which decoded activations its backward keeps alive together.
 
 CUDA only. Overrides after ``--`` are main.py's (config groups and keys).
 """
@@ -76,7 +79,7 @@ def replay(trace: list[dict]):
     return curve, best, best_at, best_live, marks
 
 
-def profile(label: str, overrides: list[str], out: Path, steps: int) -> str:
+def profile(label: str, overrides: list[str], out: Path, steps: int, code: bool = False) -> str:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["device=cuda", *overrides])
     device = torch.device("cuda")
@@ -91,8 +94,13 @@ def profile(label: str, overrides: list[str], out: Path, steps: int) -> str:
         markers.append(_phase_marker(device))
 
     try:
-        for _ in range(steps - 1):
-            train_step(bench, cfg, device)
+        for index in range(steps - 1):
+            if code and index == 0:
+                from torch._inductor.utils import run_and_get_code
+                _, sources = run_and_get_code(train_step, bench, cfg, device)
+                (out / f"{label}_code.py").write_text("\n\n# ======== next graph\n".join(sources))
+            else:
+                train_step(bench, cfg, device)
         gc.collect()
         torch.cuda.synchronize(device)
         floor = torch.cuda.memory_allocated(device)
@@ -144,9 +152,10 @@ def main() -> None:
     p.add_argument("out", type=Path)
     p.add_argument("--label", required=True)
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--code", action="store_true", help="also write inductor's code of a compiled step")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    print(profile(args.label, overrides, args.out, args.steps), flush=True)
+    print(profile(args.label, overrides, args.out, args.steps, args.code), flush=True)
 
 
 if __name__ == "__main__":
