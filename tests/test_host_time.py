@@ -31,3 +31,16 @@ def test_host_time_runs_the_fused_codec_path_without_a_gpu():
     launches = re.findall(r"division rebuild_conv_input=True:\s+[\d.]+ ms per step .*?, (\d+) kernel launches",
                           rebuilt.stdout)
     assert launches and int(launches[0]) == int(found["division"]) - 12 * 6, (rebuilt.stdout, found)
+
+
+def test_host_time_runs_a_network_with_max_pooling():
+    """thin_resnet50 (ResNet-50's 16 bottlenecks, 8x narrower, and its max-pooling stem): the
+    skipped max-pool decode would hand backward uninitialised indices to scatter through (the
+    process crashed); the script sets them valid. DIVISION encodes at least the 53 convolution
+    inputs and decodes them in backward."""
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "host_time.py"), "--model", "thin_resnet50",
+                          "--steps", "2", "--methods", "division"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    launches = re.findall(r"thin_resnet50\s+division:\s+[\d.]+ ms per step .*?, (\d+) kernel launches", out.stdout)
+    assert launches and int(launches[0]) >= 2 * 53, out.stdout
