@@ -154,6 +154,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--code", action="store_true", help="also write inductor's code of a compiled step")
     args = p.parse_args(argv)
+    if args.code and args.steps < 2:
+        p.error("--code writes the first step's code and records the last step: it needs --steps 2 or more")
     args.out.mkdir(parents=True, exist_ok=True)
     print(profile(args.label, overrides, args.out, args.steps, args.code), flush=True)
 

@@ -544,18 +544,20 @@ def test_a_compiled_vit_is_covered_without_a_warning():
     assert kept["none"] > 3 * kept["division"], kept
 
 
+def _small_swin() -> nn.Module:
+    import torchvision
+    torch.manual_seed(0)
+    return torchvision.models.SwinTransformer(patch_size=[2, 2], embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+                                              window_size=[4, 4], num_classes=10, stochastic_depth_prob=0.0).train()
+
+
 def test_a_compiled_swin_keeps_its_window_attention_as_codes():
     """A small torchvision Swin (shifted windows, padding-free 4x4 windows) compiled with DIVISION:
     the window attention's projections keep codes of their inputs, the attention keeps codes of its
     query, key and value and recomputes its probabilities in backward, so nothing of a window's size
     is kept raw, coverage is complete (no warning; 59% before), and at 8 bits the gradients, the
     relative position bias tables' included, follow plain training's."""
-    import torchvision
-
-    def make():
-        torch.manual_seed(0)
-        return torchvision.models.SwinTransformer(patch_size=[2, 2], embed_dim=16, depths=[2, 2], num_heads=[2, 4],
-                                                  window_size=[4, 4], num_classes=10, stochastic_depth_prob=0.0).train()
+    make = _small_swin
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)
     _, plain = step(make(), x, y)
@@ -735,11 +737,11 @@ def test_compiled_rebuild_without_batch_norm_chains_warns():
 
 
 # ------------------------------------- rebuilt Linear inputs (GELU, SiLU, LayerNorm outputs), compiled
-def _tiny_vit() -> nn.Module:
+def _tiny_vit(image_size: int = 16, hidden_dim: int = 32) -> nn.Module:
     import torchvision
     torch.manual_seed(0)
-    return torchvision.models.VisionTransformer(image_size=16, patch_size=4, num_layers=2, num_heads=4,
-                                                hidden_dim=32, mlp_dim=64, num_classes=10).train()
+    return torchvision.models.VisionTransformer(image_size=image_size, patch_size=4, num_layers=2, num_heads=4,
+                                                hidden_dim=hidden_dim, mlp_dim=2 * hidden_dim, num_classes=10).train()
 
 
 def _tiny_convnext() -> nn.Module:
@@ -982,13 +984,6 @@ def test_fused_ops_read_symbolic_sizes_as_ints():
         assert _specialized(y) is y  # static tensors pass through
 
 
-def _small_swin() -> nn.Module:
-    import torchvision
-    torch.manual_seed(0)
-    return torchvision.models.SwinTransformer(patch_size=[2, 2], embed_dim=16, depths=[2, 2], num_heads=[2, 4],
-                                              window_size=[4, 4], num_classes=10, stochastic_depth_prob=0.0).train()
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ["vit", "convnext", "swin"])
 def test_gpu_compiled_architectures_rebuild_with_the_fused_codec(arch):
@@ -996,12 +991,8 @@ def test_gpu_compiled_architectures_rebuild_with_the_fused_codec(arch):
     and the rebuilds launch the fused kernels from inductor's code, keep fewer bytes than without the
     rebuilds, and at Q = 8 give plain training's gradients (the window attention's bias tables too)."""
     from torch._inductor.utils import run_and_get_code
-    make, size = {"vit": (_tiny_vit, 32), "convnext": (_tiny_convnext, 32), "swin": (_small_swin, 32)}[arch]
-    if arch == "vit":
-        import torchvision
-        make = lambda: (torch.manual_seed(0), torchvision.models.VisionTransformer(  # noqa: E731
-            image_size=32, patch_size=4, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128,
-            num_classes=10).train())[1]
+    make = {"vit": lambda: _tiny_vit(32, 64), "convnext": _tiny_convnext, "swin": _small_swin}[arch]
+    size = 32
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 3, size, size, generator=g).cuda(), torch.randint(0, 10, (8,), generator=g).cuda()
     _, plain = step(make().cuda(), x, y)
