@@ -19,10 +19,14 @@ Stochastic rounding draws with ``RNG_DATA``: the hash of each code byte's positi
 the bits of the values being rounded, not by a host seed. The encode is then a pure function of
 its input, which the compiler needs twice over: a host seed inside a compiled graph (or a CUDA
 graph, ``mode="reduce-overhead"``) would be frozen at trace time, and two encodes of one tensor
-(a ResNet block's input, read by conv1 and by the downsample convolution) are merged by the
+(a ResNet block's input, read by conv1 and by the downsample convolution) may be merged by the
 compiler's common-subexpression pass into one encode and one copy of the codes, as the eager
-path's cache does. The draws change whenever the activations do (every step); the tensor-op
-codec's ``hash_dither`` makes the same trade.
+path's cache does. The opaque ops (the CPU tests) are merged so. The ``triton_op``s are not: traced
+through, each encode allocates its outputs with ``aten.empty``, which that pass never merges (and
+must not, see ``_empty_maps``), so on a GPU such a tensor is encoded and kept twice (compiled
+ResNet-50: the first block of each stage, 59.5 MB more than eager DIVISION at batch 128, fp32;
+docs/results.md, records h200-r8). The draws change whenever the activations do (every step); the
+tensor-op codec's ``hash_dither`` makes the same trade.
 
 ``encode_reference`` wraps the tensor-op codec (``compiled.TensorCodec.encode_tensors``) as one
 opaque op, for the CPU and for shapes the kernels have no plan for: its outputs are what the
