@@ -21,7 +21,8 @@ its input, which the compiler needs twice over: a host seed inside a compiled gr
 graph, ``mode="reduce-overhead"``) would be frozen at trace time, and two encodes of one tensor
 (a ResNet block's input, read by conv1 and by the downsample convolution) may be merged by the
 compiler's common-subexpression pass into one encode and one copy of the codes, as the eager
-path's cache does. The opaque ops (the CPU tests) are merged so. The ``triton_op``s are not: traced
+path's cache does. The CPU's opaque ``encode_reference`` is merged so (its compiled ResNet-50
+ledger is not above eager's). The ``triton_op``s are not: traced
 through, each encode allocates its outputs with ``aten.empty``, which that pass never merges (and
 must not, see ``_empty_maps``), so on a GPU such a tensor is encoded and kept twice (compiled
 ResNet-50: the first block of each stage, 59.5 MB more than eager DIVISION at batch 128, fp32;
