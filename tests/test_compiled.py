@@ -557,12 +557,11 @@ def test_a_compiled_swin_keeps_its_window_attention_as_codes():
     query, key and value and recomputes its probabilities in backward, so nothing of a window's size
     is kept raw, coverage is complete (no warning; 59% before), and at 8 bits the gradients, the
     relative position bias tables' included, follow plain training's."""
-    make = _small_swin
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)
-    _, plain = step(make(), x, y)
+    _, plain = step(_small_swin(), x, y)
     torch._dynamo.reset()
-    model = make()
+    model = _small_swin()
     ledger = division.ByteLedger()
     method = division.build_method("division", bits=8, rounding="nearest")
     method.attach(model, ledger=ledger)
