@@ -30,9 +30,12 @@ Elsewhere (the CPU, shapes the kernels have no plan for, dynamic shapes) it is D
 PyTorch reference (``division.dual_precision``), written in tensor ops that inductor turns into
 kernels. Its stochastic rounding takes its uniform draw from a hash
 of each element's value bits and position (``hash_dither``) instead of a random-number op: the
-encode is then a pure function of its input, so when two layers read the same tensor (a ResNet
-block's input, read by conv1 and by the downsample convolution) the compiler's common-subexpression
-pass keeps one encode and one copy of the codes, as the eager path's cache does.
+encode is then a pure function of its input, so a graph that reads one tensor's codes twice reads
+the same codes. A ResNet block's input, read by conv1 and by the downsample convolution, is encoded
+once in the traced graph, as the eager path's cache keeps it once: the downsample convolution reads
+conv1's codes (``share_conv_inputs``, ``division.compiled_rebuild``), where an eager forward proved
+the tensor unchanged between the two reads. (The compiler's common-subexpression pass would merge
+the two encodes of the CPU's reference op, but never the GPU's fused ones.)
 
 With ``rebuild_conv_input``, a convolution that reads a BatchNorm's output (or the ReLU module's
 after it) keeps nothing of its input: its backward rebuilds it from what the BatchNorm and the ReLU
@@ -56,7 +59,7 @@ from torch import nn
 from . import compiled_ops
 from .activations import HardswishKeepingDerivative, hardswish_derivative
 from .exact import MaxPoolIndexCodec, indices_from_offsets, window_offsets
-from .ledger import COMPILED, RECOMPUTED, REBUILT, LedgerEntry
+from .ledger import COMPILED, RECOMPUTED, REBUILT, SHARED, LedgerEntry
 from .dual_precision import (LAYOUT_RAW, Geometry, block_mean, canonical_geometry, dequantize,
                              from_canonical, quantize, to_canonical, upsample)
 from .layouts import CLS_GRID, fit, join_maps, split_maps, split_shape
@@ -730,19 +733,22 @@ class CompiledLayers:
 
     def __init__(self, model: nn.Module, codec: TensorCodec, *, eager: bool = False,
                  attention: Optional[TensorCodec] = None, rebuild_conv_input: bool = False,
-                 recompute_norm_input: bool = False):
+                 recompute_norm_input: bool = False, share_conv_inputs: bool = True):
         """``attention``: the codec of self-attention's query, key and value
         (``division.compiled_attention``); None leaves ``nn.MultiheadAttention`` to the compiler.
         ``rebuild_conv_input``: convolutions reading BN(x) or ReLU(BN(x)) rebuild their input
         (``division.compiled_rebuild``; ``chain.rebuilt`` names them once traced).
         ``recompute_norm_input``: BatchNorms reading a 1x1 or depthwise convolution's output recompute their
-        input (``chain.recomputed``)."""
+        input (``chain.recomputed``).
+        ``share_conv_inputs``: a convolution reading the same tensor as a convolution before it (a
+        ResNet block's input, read by conv1 and the downsample convolution) reads that one's codes
+        (``chain.shared``), where ``ConvInputChain.prove`` has seen the tensor unchanged in between."""
         from .attention import attention_applies
         from .compiled_rebuild import ConvInputChain
         from .compiled_window_attention import applies as window_attention_applies, window_attention_forward
         self.codec = codec
-        self.chain = ConvInputChain(rebuild_conv_input, recompute_norm_input) \
-            if rebuild_conv_input or recompute_norm_input else None
+        self.chain = ConvInputChain(rebuild_conv_input, recompute_norm_input, share_conv_inputs) \
+            if rebuild_conv_input or recompute_norm_input or share_conv_inputs else None
         self.attention = attention
         self.enabled = True
         self.eager = eager  # True: the compressing functions run in eager mode too (self_check)
@@ -839,6 +845,10 @@ class CompiledLayers:
             out = inner(*args, **kwargs)
             chain.clear()
             return out
+        # A code object of its own: torch.compile traces this wrapper as the model's frame, and
+        # Dynamo keeps its graphs per code object, so with one shared code every model the process
+        # compiles would count against one recompile limit (division.recompile_limit)
+        forward.__code__ = forward.__code__.replace()
         model.forward = forward
         if model not in self._patched:
             self._patched.append(model)
@@ -939,9 +949,9 @@ class SavedTensorCounter:
     """
 
     def __init__(self, model: nn.Module, ledger, chain=None):
-        """``chain``: the ``ConvInputChain`` of ``rebuild_conv_input`` (its ``rebuilt`` inputs are
-        filled while the forward is traced): each rebuilt input a ledger entry that stores nothing,
-        as the eager ledger shows them."""
+        """``chain``: the compiled layers' ``ConvInputChain`` (its ``rebuilt``, ``recomputed`` and
+        ``shared`` inputs are filled while the forward is traced): each such input a ledger entry
+        that stores nothing, as the eager ledger shows them."""
         self.model = model
         self.ledger = ledger
         self.chain = chain
@@ -971,7 +981,8 @@ class SavedTensorCounter:
         chain = self.chain
         for names, inputs, codec, op in (() if chain is None else (
                 (chain.rebuilt, chain.inputs, REBUILT, "Conv2d"),
-                (chain.recomputed, chain.norm_inputs, RECOMPUTED, "BatchNorm2d"))):
+                (chain.recomputed, chain.norm_inputs, RECOMPUTED, "BatchNorm2d"),
+                (chain.shared, chain.shared_inputs, SHARED, "Conv2d"))):
             for reader, source in names.items():
                 shape, dtype = inputs.get(reader, ((), ""))
                 self.ledger.record(LedgerEntry(layer=reader, kind=COMPILED, codec=codec, shape=shape, dtype=dtype,

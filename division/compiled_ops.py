@@ -17,17 +17,17 @@ compiler cannot record a launch, so the same code runs as opaque custom ops (``e
 
 Stochastic rounding draws with ``RNG_DATA``: the hash of each code byte's position is keyed by
 the bits of the values being rounded, not by a host seed. The encode is then a pure function of
-its input, which the compiler needs twice over: a host seed inside a compiled graph (or a CUDA
-graph, ``mode="reduce-overhead"``) would be frozen at trace time, and two encodes of one tensor
-(a ResNet block's input, read by conv1 and by the downsample convolution) may be merged by the
-compiler's common-subexpression pass into one encode and one copy of the codes, as the eager
-path's cache does. The CPU's opaque ``encode_reference`` is merged so (its compiled ResNet-50
-ledger is not above eager's). The ``triton_op``s are not: traced
-through, each encode allocates its outputs with ``aten.empty``, which that pass never merges (and
-must not, see ``_empty_maps``), so on a GPU such a tensor is encoded and kept twice (compiled
-ResNet-50: the first block of each stage, 59.5 MB more than eager DIVISION at batch 128, fp32;
-docs/results.md, records h200-r8). The draws change whenever the activations do (every step); the
+its input: a host seed inside a compiled graph (or a CUDA graph, ``mode="reduce-overhead"``)
+would be frozen at trace time. The draws change whenever the activations do (every step); the
 tensor-op codec's ``hash_dither`` makes the same trade.
+
+Two encodes of one tensor are not merged by the compiler: traced through, each ``triton_op``
+encode allocates its outputs with ``aten.empty``, which the common-subexpression pass never merges
+(and must not, see ``_empty_maps``); the CPU's opaque ``encode_reference`` is merged. So a tensor
+two convolutions read (a ResNet block's input, read by conv1 and by the downsample convolution) is
+encoded once by the traced code itself (``division.compiled_rebuild``, ``share_conv_inputs``).
+Before that, a GPU encoded and kept such a tensor twice (compiled ResNet-50: the first block of
+each stage, 59.5 MB more than eager DIVISION at batch 128, fp32; docs/results.md, records h200-r8).
 
 ``encode_reference`` wraps the tensor-op codec (``compiled.TensorCodec.encode_tensors``) as one
 opaque op, for the CPU and for shapes the kernels have no plan for: its outputs are what the

@@ -1,5 +1,5 @@
-"""Rebuilt convolution inputs and recomputed BatchNorm inputs under ``torch.compile``
-(``method.rebuild_conv_input``, ``method.recompute_norm_input``).
+"""Rebuilt convolution inputs, recomputed BatchNorm inputs and shared convolution input codes under
+``torch.compile`` (``method.rebuild_conv_input``, ``method.recompute_norm_input``, and always).
 
 The compiled twin of ``division.rebuild``: in conv-BN-ReLU-conv the second convolution's input,
 ReLU(BN(x)), is not kept; its backward rebuilds it as
@@ -43,6 +43,13 @@ recipe; a BatchNorm whose input *is* that output (a link proved by ``prove`` too
 it, and its backward runs the convolution again on the decoded (or rebuilt) input. What backward
 makes from what is a recipe (below), nested where a recompute reads a rebuilt input (a bottleneck's
 conv3) and a rebuild a recomputed one (its conv2 reads ReLU(bn1), whose input conv1 recomputes).
+
+Shared input codes (``CompiledLayers(share_conv_inputs=True)``, the default): a convolution whose
+input a later convolution reads unchanged (a ResNet block's input, read by conv1 and by the
+downsample convolution; a link ``prove`` holds, version counters included) encodes it itself, and
+the later one's backward decodes those codes: one encode and one copy of the codes in the traced
+graph, where two encodes of the GPU's fused op would both be kept (``division.compiled_ops``). The
+ledger shows the later convolution's input as ``shared``, naming the first.
 
 Each reader makes its recipe itself: a rebuilt BatchNorm input is decoded twice in backward (for
 the convolution and for the BatchNorm), and so is a recomputing convolution's input (for the
@@ -88,30 +95,37 @@ def read_by(module: nn.Module) -> tuple:
 
 class ConvInputChain:
     """The BatchNorm and cheap-convolution sources of one traced forward, the convolutions
-    rebuilt from a BatchNorm (``rebuild``) and the BatchNorms whose input is recomputed by a
-    convolution (``recompute``, ``method.recompute_norm_input``)."""
+    rebuilt from a BatchNorm (``rebuild``), the BatchNorms whose input is recomputed by a
+    convolution (``recompute``, ``method.recompute_norm_input``) and the convolutions that read
+    the codes of an earlier convolution's input (``share``)."""
 
-    def __init__(self, rebuild: bool = True, recompute: bool = False):
+    def __init__(self, rebuild: bool = True, recompute: bool = False, share: bool = True):
         _CHAINS[id(self)] = self
-        self.rebuild, self.recompute = rebuild, recompute
+        self.rebuild, self.recompute, self.share = rebuild, recompute, share
         self._sources: dict[str, Source] = {}  # module name -> the source of its output
+        # first reader's name -> (its input tensor, that input's codes as a recipe), while traced
+        self._read: dict[str, tuple] = {}
         self.rebuilt: dict[str, str] = {}  # convolution name -> the BatchNorm it is rebuilt from
         self.inputs: dict[str, tuple] = {}  # convolution name -> (shape, dtype) of its rebuilt input
         self.recomputed: dict[str, str] = {}  # BatchNorm name -> the convolution that recomputes its input
         self.norm_inputs: dict[str, tuple] = {}  # BatchNorm name -> (shape, dtype) of its recomputed input
+        self.shared: dict[str, str] = {}  # convolution name -> the convolution whose input's codes it reads
+        self.shared_inputs: dict[str, tuple] = {}  # convolution name -> (shape, dtype) of that input
         self.ops: dict[str, str] = {}  # reader name -> its module's type (Conv2d, Linear, BatchNorm2d, ...)
         # proven (reader, BatchNorm or convolution) links (``prove``)
         self.proven: set[tuple[str, str]] = set()
+        # proven (convolution, the convolution that read the same tensor before it) links (``prove``)
+        self.shares: set[tuple[str, str]] = set()
 
     def forward(self, name: str, module: nn.Module, x: torch.Tensor, codec: TensorCodec, compressed_forward):
         """The compressing forward of a module on the chain's terms (module docstring)."""
         source = self._linked_source(name, x)
         linked = source is not None
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (self.rebuild or self.recompute):
             inner = None
             if self.recompute and linked and source[3] == "conv":
                 inner = source[1]
-                self._note(self.recomputed, self.norm_inputs, name, source[2], x, module)
+                self._note("recomputed", name, source[2], x, module)
             y, recipe = _norm_with_recipe(module, x, codec, inner)
             self._sources[name] = (y, recipe, name, "norm")
             return y
@@ -126,19 +140,39 @@ class ConvInputChain:
             self._sources[name] = (y, recipe, name, kind)
             return y
         if self.rebuild and linked and isinstance(module, nn.Linear) and source[3] in read_by(module):
-            self._note(self.rebuilt, self.inputs, name, source[2], x, module)
+            self._note("rebuilt", name, source[2], x, module)
             return linear_with_recipe(x, module.weight, module.bias, codec, source[1])
         if self.rebuild and linked and _rebuildable_conv(module) and source[3] in read_by(module):
-            self._note(self.rebuilt, self.inputs, name, source[2], x, module)
+            self._note("rebuilt", name, source[2], x, module)
             y, recipe = _conv_with_recipe(module, x, codec, source[1])
             if self.recompute and _cheap_conv(module):
                 self._sources[name] = (y, recipe, name, "conv")
             return y
-        if self.recompute and _cheap_conv(module):
-            y, recipe = _conv_with_recipe(module, x, codec, None)
-            self._sources[name] = (y, recipe, name, "conv")
+        if not _rebuildable_conv(module):
+            return compressed_forward(module, x, codec)
+        inner = self._shared_codes(name, module, x)
+        first_reader = name in self._first_readers
+        recomputable = self.recompute and _cheap_conv(module)
+        if inner is not None or first_reader or recomputable:
+            y, recipe = _conv_with_recipe(module, x, codec, inner)
+            if first_reader and inner is None:
+                self._read[name] = (x, recipe[1])
+            if recomputable:
+                self._sources[name] = (y, recipe, name, "conv")
             return y
         return compressed_forward(module, x, codec)
+
+    def _shared_codes(self, reader: str, module: nn.Module, x: torch.Tensor) -> Optional[Recipe]:
+        """The codes of ``x`` that an earlier convolution encoded (a ResNet block's input, read by
+        conv1 and by the downsample convolution), on a link ``prove`` holds; else None."""
+        for first, (tensor, recipe) in self._read.items():
+            if tensor is x and (reader, first) in self.shares:
+                layout = recipe[1]
+                if layout.dtype != (_compute_dtype(x) or x.dtype):  # coded in another dtype
+                    return None
+                self._note("shared", reader, first, x, module)
+                return recipe
+        return None
 
     def attention_input(self, name: str, module: nn.Module, x: torch.Tensor) -> Optional[Recipe]:
         """The recipe a self-attention's input projection rebuilds its input ``x`` from (a
@@ -146,7 +180,7 @@ class ConvInputChain:
         source = self._linked_source(name, x)
         if not (self.rebuild and source is not None and source[3] in read_by(module)):
             return None
-        self._note(self.rebuilt, self.inputs, name, source[2], x, module)
+        self._note("rebuilt", name, source[2], x, module)
         return source[1]
 
     def prove(self, model: nn.Module, modules, args: tuple) -> None:
@@ -191,6 +225,21 @@ class ConvInputChain:
             if norm is not None:
                 outputs[id(output)] = (output, output._version, norm, "relu")
 
+        read: dict[int, tuple] = {}  # id -> (a convolution's input, its version, that convolution)
+        shares: set[tuple[str, str]] = set()
+
+        def before_conv(name):
+            def hook(_module, inputs):
+                x = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+                if x is None:
+                    return
+                entry = read.get(id(x))
+                if entry is not None and entry[0] is x and entry[1] == x._version:
+                    shares.add((name, entry[2]))
+                else:
+                    read[id(x)] = (x, x._version, name)
+            return hook
+
         handles = []
         for name, module in model.named_modules():
             if name not in modules:
@@ -209,28 +258,34 @@ class ConvInputChain:
                 handles.append(module.register_forward_pre_hook(before(name, read_by(module))))
             elif _rebuildable_conv(module):
                 handles.append(module.register_forward_pre_hook(before(name, read_by(module) + ("relu",))))
+                if self.share:
+                    handles.append(module.register_forward_pre_hook(before_conv(name)))
                 if self.recompute and _cheap_conv(module):
                     handles.append(module.register_forward_hook(after(name, "conv")))
         with torch.no_grad():
             traceless_forward(model, args, handles)
-        self.proven = proven
+        self.proven, self.shares = proven, shares
 
-    def _note(self, names: dict, inputs: dict, reader: str, source: str, x: torch.Tensor,
-              module: nn.Module) -> None:
-        """Name the rebuilt layer input (or the recomputed BatchNorm input: ``names``, ``inputs``),
-        its shape and dtype, and the reader's type (``ops``). While Dynamo traces, at compile time
-        (``comptime``): a dict written from the traced code would be guarded on, and recompiled for
-        once it had changed."""
+    def _note(self, which: str, reader: str, source: str, x: torch.Tensor, module: nn.Module) -> None:
+        """Name the layer input that ``reader`` does not keep itself (``which``: "rebuilt" from
+        ``source``, a BatchNorm input "recomputed" by ``source``, or "shared": the codes
+        convolution ``source`` keeps), its shape and dtype, and the reader's type (``ops``). While
+        Dynamo traces, at compile time (``comptime``): a dict written from the traced code would
+        be guarded on, and recompiled for once it had changed."""
         shape, dtype = tuple(x.shape), str(x.dtype).replace("torch.", "")
         op = type(module).__name__
         if torch.compiler.is_compiling():
             chain = id(self)  # noqa: F841 - read by _note_when_compiling through comptime's frame
-            which = "recomputed" if names is self.recomputed else "rebuilt"  # noqa: F841 - as chain
             comptime(_note_when_compiling)
         else:
-            names[reader] = source
-            inputs[reader] = (shape, dtype)
-            self.ops[reader] = op
+            self._record(which, reader, source, shape, dtype, op)
+
+    def _record(self, which: str, reader: str, source: str, shape: tuple, dtype: str, op: str) -> None:
+        names, inputs = {"rebuilt": (self.rebuilt, self.inputs), "recomputed": (self.recomputed, self.norm_inputs),
+                         "shared": (self.shared, self.shared_inputs)}[which]
+        names[reader] = source
+        inputs[reader] = (shape, dtype)
+        self.ops[reader] = op
 
     def _linked_source(self, reader: str, x: torch.Tensor) -> Optional[Source]:
         """The source whose tensor ``x`` is, on a link ``prove`` holds for ``reader``; else None."""
@@ -239,8 +294,14 @@ class ConvInputChain:
                 return source if (reader, source[2]) in self.proven else None
         return None
 
+    @property
+    def _first_readers(self) -> set[str]:
+        """The convolutions whose input a later convolution reads unchanged (``shares``)."""
+        return {first for _, first in self.shares}
+
     def clear(self) -> None:
         self._sources.clear()
+        self._read.clear()
 
 
 def _rebuildable_conv(module: nn.Module) -> bool:
@@ -259,12 +320,8 @@ def _note_when_compiling(ctx) -> None:
             return ctx.get_local(name).as_python_constant()
         except Exception:  # noqa: BLE001 - a symbolic value
             return default
-    chain, reader = _CHAINS[value("chain")], value("reader")
-    names, inputs = (chain.recomputed, chain.norm_inputs) if value("which") == "recomputed" \
-        else (chain.rebuilt, chain.inputs)
-    names[reader] = value("source")
-    inputs[reader] = (value("shape", ()), value("dtype", ""))
-    chain.ops[reader] = value("op", "")
+    _CHAINS[value("chain")]._record(value("which"), value("reader"), value("source"), value("shape", ()),
+                                    value("dtype", ""), value("op", ""))
 
 
 def _cheap_conv(module: nn.Module) -> bool:

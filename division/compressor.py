@@ -83,7 +83,7 @@ from .exact import (RELU_MASK, BoolMaskCodec, DropoutMaskCodec, MaxPoolIndexCode
                     ShapeOnlyCodec, add_reader)
 from .layouts import FlattenedRowsCodec, LayoutCodec, NormalizedCodec, fit, flattened_activation
 from .activations import KEEPS_DERIVATIVE
-from .ledger import PARAMETER_COPY, RECOMPUTED, REBUILT, ByteLedger, LedgerEntry
+from .ledger import PARAMETER_COPY, RECOMPUTED, REBUILT, SHARED, ByteLedger, LedgerEntry
 from .norm_from_codes import NormFromCodes
 from .rebuild import ChainTracker, RebuildCodec, RecomputeCodec, output_source, take_decoded
 
@@ -713,7 +713,7 @@ class ActivationCompressor:
         plain_seen = ref is not None and ref() is t
         if not plain_seen:
             self._plain_seen[id(t)] = weakref.ref(t)
-        codec = "shared" if shared else packed.codec.name
+        codec = SHARED if shared else packed.codec.name
         if packed.codec is _RAW and not shared and t.is_floating_point() and _copies_parameter(t):
             codec = PARAMETER_COPY  # model memory, e.g. autocast's copy of a weight: raw, outside coverage
         entry = LedgerEntry(

@@ -20,6 +20,7 @@ from typing import Optional
 COMPILED = "compiled"  # LedgerEntry.kind of a tensor saved by a compiled graph
 REBUILT = "rebuilt"    # LedgerEntry.codec of a tensor rebuilt in backward, not stored (division.rebuild)
 RECOMPUTED = "recomputed"  # LedgerEntry.codec of a 1x1 or depthwise convolution's output recomputed in backward
+SHARED = "shared"      # LedgerEntry.codec of a save another entry stores (a tensor two layers read)
 PARAMETER_COPY = "parameter_copy"  # LedgerEntry.codec of a raw save made from parameters alone (model memory)
 
 
@@ -36,7 +37,8 @@ class LedgerEntry:
     op: str = ""             # the operator behind the save: the saving module's type (Conv2d, GELU, ...)
     compressed: bool = True  # stored by a compressing codec (False: kept raw, as plain autograd keeps it)
     rebuilt_from: str = ""   # codec "rebuilt": the BatchNorm whose stored input backward rebuilds it from;
-                             # "recomputed": the convolution whose stored input recomputes it
+                             # "recomputed": the convolution whose stored input recomputes it;
+                             # "shared" (compiled): the convolution whose input's codes it reads
 
 
 class ByteLedger:

@@ -23,6 +23,7 @@ from .decode_prefetch import DecodePrefetcher
 from .encode_stream import SideStreamEncoder
 from .ledger import ByteLedger
 from .packing import SUPPORTED_BITS
+from .recompile_limit import refuse_recompile_limit
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class TrainingMethod:
                 "torch.compile'd model bypasses (it would train uncompressed); train it without "
                 "compile, or use method 'division' or 'none'")
         self._check_compiled(model, compile_kwargs)
-        compiled = torch.compile(model, **compile_kwargs)
+        compiled = refuse_recompile_limit(torch.compile(model, **compile_kwargs), self.name)
         if self.ledger is not None:
             self.counter = SavedTensorCounter(model, self.ledger, self._compiled_chain())
             self.counter.install(compiled)

@@ -214,6 +214,9 @@ def prepare_model(model: nn.Module, method, cfg, device: torch.device, ledger=No
                                         gradient_as_bucket_view=True)
     mode = compile_mode(cfg)
     if mode is not None:
+        # a clean compiler cache for each run: a sweep's runs share one process, and Dynamo's
+        # recompile limit counts the graphs of every model it compiled (division.recompile_limit)
+        torch._dynamo.reset()
         # DDP inside the compiled module: Dynamo then splits the graph at DDP's buckets, so the
         # all-reduces overlap backward as they do in eager mode
         model = method.compile(model, mode=mode)

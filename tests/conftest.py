@@ -24,6 +24,15 @@ def repo_root() -> Path:
     return ROOT
 
 
+@pytest.fixture(autouse=True)
+def clean_compiler_cache():
+    """Each test compiles from a clean Dynamo cache: the session compiles dozens of models in one
+    process, past Dynamo's recompile limit, which compiled models refuse to run beyond
+    (``division.recompile_limit``)."""
+    import torch
+    torch._dynamo.reset()
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Small tensors: intra-op threads only add wake-up latency on a 2-core runner (CPU avg_pool2d
