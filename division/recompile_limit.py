@@ -11,6 +11,8 @@ a test session.
 
 ``refuse_recompile_limit`` makes the calls of a compiled model ask Dynamo to fail instead, and
 turns that failure into ``RecompileLimitReached``, which names the limit and the two ways out.
+Inside those calls Dynamo's ``suppress_errors`` is off as well (it may not be on together with
+the failure, and it would run a frame whose compilation failed uncompiled, in silence too).
 The runners also reset Dynamo before each run they compile (``runners.compiling``), so a sweep's
 runs do not add up.
 """
@@ -44,7 +46,7 @@ def refuse_recompile_limit(compiled: nn.Module, method: str) -> nn.Module:
     key = _fail_key()
 
     def checked(*args, **kwargs):
-        with torch._dynamo.config.patch(**{key: True}):
+        with torch._dynamo.config.patch(**{key: True, "suppress_errors": False}):
             try:
                 return forward(*args, **kwargs)
             except _LIMIT_ERRORS as err:
