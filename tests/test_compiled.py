@@ -105,6 +105,22 @@ def test_tensor_codec_codes_through_the_eager_paths_views(shape, feature_last, v
         assert torch.equal(x_hat[:, 0], x[:, 0])  # the class token, exactly
 
 
+@pytest.mark.parametrize("shape", [(3, 10), (2, 7, 5), (2, 3, 13, 10), (2, 3, 4, 5, 6), (2, 3, 1, 1), (1, 2, 9, 1)])
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("parts", [(True, True), (True, False), (False, True)])
+def test_reference_encode_fake_gives_the_real_outputs_shapes(shape, bits, parts):
+    """The opaque reference encode's fake implementation (what tracing sees) computes its outputs'
+    shapes instead of running the codec: they are the real outputs' shapes, dtypes and strides."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    x = torch.randn(shape)
+    args = (8, bits, "stochastic", *parts)
+    real = torch.ops.division.encode_reference(x, *args)
+    with FakeTensorMode() as mode:
+        fake = torch.ops.division.encode_reference(mode.from_tensor(x), *args)
+    assert [(tuple(t.shape), t.dtype, t.stride()) for t in fake] == \
+        [(tuple(t.shape), t.dtype, t.stride()) for t in real]
+
+
 def test_tensor_codec_stochastic_error_is_below_one_step_and_unbiased():
     x = torch.randn(16, 8, 16, 16)
     codec = TensorCodec(block_size=8, bits=2)
