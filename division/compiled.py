@@ -48,9 +48,11 @@ saves, from autograd's own saved-tensor hooks around it: every tensor but the pa
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +66,8 @@ from .dual_precision import (LAYOUT_RAW, Geometry, block_mean, canonical_geometr
                              from_canonical, quantize, to_canonical, upsample)
 from .layouts import CLS_GRID, fit, join_maps, split_maps, split_shape
 from .packing import pack_bits, packed_nbytes, unpack_bits
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------- the codec as tensors
@@ -752,6 +756,10 @@ class CompiledLayers:
         self.attention = attention
         self.enabled = True
         self.eager = eager  # True: the compressing functions run in eager mode too (self_check)
+        # Is the eager path compressing (the compressor's hooks active, or paused on purpose)?
+        # Set by the method; None: not checked. See ``_ran_uncompressed``.
+        self.eager_compressing: Optional[Callable[[], bool]] = None
+        self.warned_uncompressed = False
         self.modules: dict[str, str] = {}  # name -> kind, the modules that compress when compiled
         self.uncovered: list[str] = []  # modules the eager path compresses and these functions do not
         self._patched: list[nn.Module] = []
@@ -798,10 +806,28 @@ class CompiledLayers:
                     if chain is not None:
                         return chain.forward(name, module, x, codec, compressed_forward)
                     return compressed_forward(module, x, codec)
+                if self.eager_compressing is not None and not self.eager_compressing():
+                    self._ran_uncompressed(name)
                 if eager_forward is not None:
                     return eager_forward(x)
             return own_forward(x, *args, **kwargs)
         return forward
+
+    def _ran_uncompressed(self, name: str) -> None:
+        """A known layer trained eagerly while the eager path's hooks were off: outside any traced
+        graph, yet not in an eager DIVISION step. That is torch.compile running a frame
+        uncompiled (past its recompile limit, or a frame it skips), which would keep plain
+        training's activations in silence. Warn once, naming the layer."""
+        if self.warned_uncompressed:
+            return
+        self.warned_uncompressed = True
+        message = (f"layer {name!r} of a DIVISION model trained outside a compiled graph and outside "
+                   "DIVISION's eager hooks: its activations are kept UNCOMPRESSED. torch.compile ran it "
+                   "uncompiled (past torch._dynamo.config.recompile_limit, or a frame it skips); compile "
+                   "through the method (method.compile(model), which refuses that), call "
+                   "torch._dynamo.reset() between models, or train without torch.compile")
+        log.warning(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def _pass_through(self, module: nn.modules.dropout._DropoutNd):
         """A dropout of p = 0 returns its input itself when traced, as it does eagerly (where

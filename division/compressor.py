@@ -307,6 +307,10 @@ class ActivationCompressor:
     def _active(self) -> bool:
         return self._hooks_ctx is not None
 
+    def compressing(self) -> bool:
+        """Is an eager step's compression on (its hooks active), or paused on purpose (``paused``)?"""
+        return self._hooks_ctx is not None or getattr(self, "_paused", False)
+
     @contextlib.contextmanager
     def paused(self):
         """Forwards inside run as if these hooks were not there (nothing stored, nothing counted):

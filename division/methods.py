@@ -313,6 +313,7 @@ class CodecMethod(TrainingMethod):
                                                recompute_norm_input=self.recompute_norm_input)
         if self.compiled_layers is not None:
             self.compressor.compiled_uncovered = self.compiled_layers.uncovered
+            self.compiled_layers.eager_compressing = self.compressor.compressing
         return model
 
     def compile(self, model: nn.Module, **compile_kwargs) -> nn.Module:

@@ -366,6 +366,26 @@ def compiled_plain_bytes(x, y) -> int:
     return ledger.stored_bytes
 
 
+def test_a_layer_run_uncompiled_outside_the_eager_hooks_warns():
+    """A user's own torch.compile (no refusal) past the recompile limit runs the model's frame
+    uncompiled, and DIVISION's layers then keep plain training's activations (seen: the saved bytes
+    of a batch of 4 were 6.6x a compiled batch of 8's): a warning names it. Compiled steps and eager
+    DIVISION steps give none."""
+    model = small_net()
+    method = division.build_method("division", rounding="nearest")
+    method.attach(model)
+    compiled = torch.compile(model, backend="aot_eager")
+    x, y = batch()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step(compiled, x, y)
+        step(model, x, y)  # eager DIVISION: the hooks compress
+    assert not [w for w in caught if "UNCOMPRESSED" in str(w.message)]
+    with torch._dynamo.config.patch(recompile_limit=1):
+        with pytest.warns(RuntimeWarning, match="layer '0' of a DIVISION model .* UNCOMPRESSED"):
+            step(compiled, x[:4], y[:4])
+
+
 def test_each_compiled_run_starts_from_a_clean_compiler_cache(monkeypatch):
     """The runs of a sweep share one process: each compiled run resets Dynamo first, so that their
     graphs do not add up to the recompile limit."""
