@@ -13,7 +13,8 @@ layer's backward needs it.
 
 ``CompiledLayers.install`` puts a dispatching ``forward`` on every known leaf module: while Dynamo
 traces (``torch.compiler.is_compiling()``) the module runs its compressing function; in eager
-mode it runs its own forward, which the hooks already compress. The model's parameters, buffers
+mode it runs its own forward, which the hooks already compress (where they are off, it warns: see
+``CompiledLayers._ran_uncompressed``). The model's parameters, buffers
 and ``state_dict`` do not change.
 
 What is covered: convolutions (zero padding), BatchNorm in training mode, LayerNorm (its input

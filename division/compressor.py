@@ -309,7 +309,7 @@ class ActivationCompressor:
 
     def compressing(self) -> bool:
         """Is an eager step's compression on (its hooks active), or paused on purpose (``paused``)?"""
-        return self._hooks_ctx is not None or getattr(self, "_paused", False)
+        return self._active() or getattr(self, "_paused", False)
 
     @contextlib.contextmanager
     def paused(self):
