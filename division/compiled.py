@@ -189,11 +189,17 @@ class TensorCodec:
         geom = canonical_geometry(shape, dtype, self.block_size)
         if geom.layout == LAYOUT_RAW:
             return math.prod(shape) * dtype.itemsize
+        return sum(math.prod(size) * kind.itemsize for size, kind in self.stored_shapes(geom))
+
+    def stored_shapes(self, geom: Geometry) -> list[tuple[tuple, torch.dtype]]:
+        """(shape, dtype) of each tensor ``encode_tensors`` keeps for a canonical geometry: the
+        LFC, then the packed codes, minimum and step of each map (``parts`` says which)."""
         has_lfc, has_hfc = self.parts(geom)
-        total = geom.maps * geom.hb * geom.wb * 2 if has_lfc else 0
+        out = [((geom.n, geom.c, geom.hb, geom.wb), torch.bfloat16)] if has_lfc else []
         if has_hfc:
-            total += packed_nbytes(geom.numel, self.bits) + 4 * geom.maps
-        return total
+            out += [((packed_nbytes(geom.numel, self.bits),), torch.uint8),
+                    ((geom.n, geom.c), torch.bfloat16), ((geom.n, geom.c), torch.bfloat16)]
+        return out
 
 
 _LOW31 = 0x7FFFFFFF

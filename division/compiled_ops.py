@@ -247,17 +247,11 @@ def encode_reference(x: torch.Tensor, block_size: int, bits: int, rounding: str,
 
 @encode_reference.register_fake
 def _encode_reference_fake(x, block_size, bits, rounding, keep_lfc, keep_hfc):
-    """The outputs' shapes and dtypes, computed (contiguous, as the ops give them): running the
-    codec's few dozen tensor ops on fake tensors took a quarter of Dynamo's tracing of a
-    compiled ViT on the CPU."""
+    """The outputs' shapes and dtypes (``TensorCodec.stored_shapes``; contiguous, as the ops give
+    them), not the codec's few dozen tensor ops run on fake tensors, which tracing spent much of
+    its time on."""
     from .compiled import TensorCodec
     from .dual_precision import canonical_geometry
-    geom = canonical_geometry(x.shape, x.dtype, block_size)
-    has_lfc, has_hfc = TensorCodec(block_size, bits, rounding, keep_lfc, keep_hfc).parts(geom)
-    out = []
-    if has_lfc:
-        out.append(x.new_empty((geom.n, geom.c, -(-geom.h // geom.kh), -(-geom.w // geom.kw)), dtype=torch.bfloat16))
-    if has_hfc:
-        out += [x.new_empty((packed_nbytes(geom.numel, bits),), dtype=torch.uint8),
-                x.new_empty((geom.n, geom.c), dtype=torch.bfloat16), x.new_empty((geom.n, geom.c), dtype=torch.bfloat16)]
-    return out
+    codec = TensorCodec(block_size, bits, rounding, keep_lfc, keep_hfc)
+    return [x.new_empty(size, dtype=dtype)
+            for size, dtype in codec.stored_shapes(canonical_geometry(x.shape, x.dtype, block_size))]

@@ -114,8 +114,10 @@ class ConvInputChain:
         self.ops: dict[str, str] = {}  # reader name -> its module's type (Conv2d, Linear, BatchNorm2d, ...)
         # proven (reader, BatchNorm or convolution) links (``prove``)
         self.proven: set[tuple[str, str]] = set()
-        # proven (convolution, the convolution that read the same tensor before it) links (``prove``)
+        # proven (convolution, the convolution that read the same tensor before it) links (``prove``),
+        # and those first convolutions, which encode their input outside their function to hand it on
         self.shares: set[tuple[str, str]] = set()
+        self.first_readers: set[str] = set()
 
     def forward(self, name: str, module: nn.Module, x: torch.Tensor, codec: TensorCodec, compressed_forward):
         """The compressing forward of a module on the chain's terms (module docstring)."""
@@ -151,7 +153,7 @@ class ConvInputChain:
         if not _rebuildable_conv(module):
             return compressed_forward(module, x, codec)
         inner = self._shared_codes(name, module, x)
-        first_reader = name in self._first_readers
+        first_reader = name in self.first_readers
         recomputable = self.recompute and _cheap_conv(module)
         if inner is not None or first_reader or recomputable:
             y, recipe = _conv_with_recipe(module, x, codec, inner)
@@ -265,6 +267,7 @@ class ConvInputChain:
         with torch.no_grad():
             traceless_forward(model, args, handles)
         self.proven, self.shares = proven, shares
+        self.first_readers = {first for _, first in shares}
 
     def _note(self, which: str, reader: str, source: str, x: torch.Tensor, module: nn.Module) -> None:
         """Name the layer input that ``reader`` does not keep itself (``which``: "rebuilt" from
@@ -293,11 +296,6 @@ class ConvInputChain:
             if source[0] is x:
                 return source if (reader, source[2]) in self.proven else None
         return None
-
-    @property
-    def _first_readers(self) -> set[str]:
-        """The convolutions whose input a later convolution reads unchanged (``shares``)."""
-        return {first for _, first in self.shares}
 
     def clear(self) -> None:
         self._sources.clear()

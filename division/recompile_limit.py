@@ -44,18 +44,23 @@ def refuse_recompile_limit(compiled: nn.Module, method: str) -> nn.Module:
     where Dynamo would run it uncompiled; return it."""
     forward = compiled.forward
     key = _fail_key()
+    config = torch._dynamo.config
+    # one patch, made once: making one costs several times what entering it does, on every step
+    patch = config.patch(**{key: True, "suppress_errors": False})
 
     def checked(*args, **kwargs):
-        with torch._dynamo.config.patch(**{key: True, "suppress_errors": False}):
-            try:
+        try:
+            if getattr(config, key) and not config.suppress_errors:  # set already (a call inside a call)
                 return forward(*args, **kwargs)
-            except _LIMIT_ERRORS as err:
-                limit = torch._dynamo.config.recompile_limit
-                raise RecompileLimitReached(
-                    f"torch.compile reached its recompile limit ({limit} graphs for one piece of code; "
-                    f"every model this process compiles counts): past it, this model would run "
-                    f"uncompiled, and method {method!r} would not do what it reports. Call "
-                    "torch._dynamo.reset() before compiling a new model, or raise "
-                    "torch._dynamo.config.recompile_limit") from err
+            with patch:
+                return forward(*args, **kwargs)
+        except _LIMIT_ERRORS as err:
+            limit = config.recompile_limit
+            raise RecompileLimitReached(
+                f"torch.compile reached its recompile limit ({limit} graphs for one piece of code; "
+                f"every model this process compiles counts): past it, this model would run "
+                f"uncompiled, and method {method!r} would not do what it reports. Call "
+                "torch._dynamo.reset() before compiling a new model, or raise "
+                "torch._dynamo.config.recompile_limit") from err
     compiled.forward = checked
     return compiled
