@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import operator
 from functools import lru_cache
+from typing import Optional
 
 import torch
 from torch.library import custom_op, triton_op, wrap_triton
@@ -131,18 +132,30 @@ def _encode_into(x: torch.Tensor, block_size: int, bits: int, stochastic: bool, 
     return lfc, codes, mn, step
 
 
-def _decode_into(lfc, codes, mn, step, shape, dtype, channels_last, block_size, bits, launch) -> torch.Tensor:
-    """The activation of ``shape`` and ``dtype`` (channels_last or contiguous) rebuilt from
-    ``_encode_into``'s outputs; ``launch`` as there."""
-    from .triton_codec_kernels import _decode_kernel
-    shape = [int(size) for size in shape]  # symbolic sizes, as in _specialized
+def _decode_plan(shape, dtype, channels_last, block_size, bits, device):
     codec = _codec(block_size, bits, True)  # the plan does not depend on the rounding
     geom = codec.geometry(shape, dtype)
-    plan = codec.plan_for((geom.n, geom.c, geom.h, geom.w), dtype, channels_last, codes.device)
+    return codec.plan_for((geom.n, geom.c, geom.h, geom.w), dtype, channels_last, device)
+
+
+def _decode_into(lfc, codes, mn, step, shape, dtype, channels_last, block_size, bits, launch,
+                 scale=None, shift=None, mask=None) -> torch.Tensor:
+    """The activation of ``shape`` and ``dtype`` (channels_last or contiguous) rebuilt from
+    ``_encode_into``'s outputs; ``launch`` as there. With ``scale`` and ``shift`` (fp32, one per
+    channel) the decoded values go through ``val * scale + shift``, and with ``mask`` (a ReLU's
+    bits in the output's storage order) take its zeros: a BatchNorm's (and ReLU's) output rebuilt
+    from its input's codes in the one kernel (``affine_applies`` says where)."""
+    from .triton_codec_kernels import _decode_kernel
+    from .triton_plan import _mask_argument
+    shape = [int(size) for size in shape]  # symbolic sizes, as in _specialized
+    plan = _decode_plan(shape, dtype, channels_last, block_size, bits, codes.device)
     out = _empty_maps((plan.n, plan.c, plan.h, plan.w), dtype, codes.device, plan.channels_last)
-    launch(_decode_kernel, plan.decode_grid, (codes, lfc, mn, step, out, out, out, out, plan.c, plan.c // plan.g,
-                                                    plan.c * plan.h * plan.w),
-           dict(plan.decode_constexprs(), MASK=0, TINY=float(torch.finfo(dtype).tiny), AFFINE=False),
+    mask_mode, mask_arg = _mask_argument(mask, plan)
+    affine = scale is not None
+    launch(_decode_kernel, plan.decode_grid,
+           (codes, lfc, mn, step, out, out if mask_arg is None else mask_arg, scale if affine else out,
+            shift if affine else out, plan.c, plan.c // plan.g, plan.c * plan.h * plan.w),
+           dict(plan.decode_constexprs(), MASK=mask_mode, TINY=float(torch.finfo(dtype).tiny), AFFINE=affine),
            plan.dec_warps)
     out = out.view(shape)
     if channels_last and not plan.channels_last:
@@ -209,15 +222,27 @@ def _decode_op(launch):
     return decode
 
 
+def _decode_affine_op(launch):
+    def decode_affine(lfc: torch.Tensor, codes: torch.Tensor, mn: torch.Tensor, step: torch.Tensor,
+                      scale: torch.Tensor, shift: torch.Tensor, mask: Optional[torch.Tensor], shape: list[int],
+                      dtype: torch.dtype, channels_last: bool, block_size: int, bits: int) -> torch.Tensor:
+        return _decode_into(lfc, codes, mn, step, shape, dtype, channels_last, block_size, bits, launch,
+                            scale, shift, mask)
+    return decode_affine
+
+
 # x's (lfc, codes, mn, step), and the activation rebuilt from them: launched from inductor's code
 encode = triton_op("division::encode", mutates_args=())(_encode_op(_traced_launch))
 decode = triton_op("division::decode", mutates_args=())(_decode_op(_traced_launch))
+decode_affine = triton_op("division::decode_affine", mutates_args=())(_decode_affine_op(_traced_launch))
 # the same as opaque ops: under Triton's interpreter (the CPU tests), whose kernels the compiler
 # cannot record (``wrap_triton`` takes compiled kernels only)
 encode_opaque = custom_op("division::encode_opaque", mutates_args=())(_encode_op(_direct_launch))
 decode_opaque = custom_op("division::decode_opaque", mutates_args=())(_decode_op(_direct_launch))
+decode_affine_opaque = custom_op("division::decode_affine_opaque", mutates_args=())(_decode_affine_op(_direct_launch))
 encode_opaque.register_fake(_encode_op(_no_launch))
 decode_opaque.register_fake(_decode_op(_no_launch))
+decode_affine_opaque.register_fake(_decode_affine_op(_no_launch))
 
 
 def fused_encode(x: torch.Tensor, block_size: int, bits: int, stochastic: bool):
@@ -231,6 +256,32 @@ def fused_decode(lfc, codes, mn, step, shape: list[int], dtype: torch.dtype, cha
     """The decode op for this process (see ``fused_encode``)."""
     op = torch.ops.division.decode_opaque if interpreting() else torch.ops.division.decode
     return op(lfc, codes, mn, step, shape, dtype, channels_last, block_size, bits)
+
+
+def affine_applies(shape, dtype: torch.dtype, channels_last: bool, mask_channels_last: Optional[bool],
+                   block_size: int, bits: int, device) -> bool:
+    """Can ``fused_decode_affine`` rebuild this output (codes of the fused encode)? Its plan must
+    write the output in the layout the mask's bits follow (``mask_channels_last``, None without a
+    mask): a narrow channels_last map is decoded in NCHW order, and its NHWC mask is then applied
+    by tensor ops instead."""
+    return _affine_plan_fits(tuple(int(size) for size in shape), dtype, channels_last, mask_channels_last,
+                             block_size, bits, str(device))
+
+
+@torch.compiler.assume_constant_result
+def _affine_plan_fits(shape, dtype, channels_last, mask_channels_last, block_size, bits, device) -> bool:
+    """``affine_applies`` on plain values, run once at trace time (host code, not traced)."""
+    plan = _decode_plan(list(shape), dtype, channels_last, block_size, bits, torch.device(device))
+    return plan is not None and plan.channels_last == channels_last and \
+        (mask_channels_last is None or mask_channels_last == plan.channels_last)
+
+
+def fused_decode_affine(lfc, codes, mn, step, scale: torch.Tensor, shift: torch.Tensor,
+                        mask: Optional[torch.Tensor], shape: list[int], dtype: torch.dtype, channels_last: bool,
+                        block_size: int, bits: int) -> torch.Tensor:
+    """The decode-affine op for this process (see ``fused_encode``)."""
+    op = torch.ops.division.decode_affine_opaque if interpreting() else torch.ops.division.decode_affine
+    return op(lfc, codes, mn, step, scale, shift, mask, shape, dtype, channels_last, block_size, bits)
 
 
 @custom_op("division::encode_reference", mutates_args=())

@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch._dynamo.comptime import comptime
 
+from . import compiled_ops
 from .rebuild import cheap_to_recompute
 from .compiled import (_ACTIVATIONS, _Activation, _BatchNorm, _LayerNorm, _Relu, _cast, _compute_dtype,
                        _memory_format, _unpack_mask, TensorCodec, activation, activation_applies,
@@ -357,9 +358,12 @@ def materialize(codec: TensorCodec, recipe: Recipe, dtype: torch.dtype) -> torch
         return codec.decode(layout, tuple(encoded))
     if kind == "norm":
         _, inner, mean, invstd, weight, bias, bits, mask_cl = recipe
+        scale, shift = batch_norm_affine(weight, bias, mean, invstd)
+        fused = _fused_rebuild(codec, inner, scale, shift, bits, mask_cl)
+        if fused is not None:
+            return fused
         x_hat = materialize(codec, inner, dtype).float()
         shape = [1, -1] + [1] * (x_hat.dim() - 2)
-        scale, shift = batch_norm_affine(weight, bias, mean, invstd)
         y = torch.addcmul(shift.view(shape), x_hat, scale.view(shape))
         if bits is not None:
             keep = _unpack_mask(bits, tuple(y.shape), mask_cl) > 0
@@ -376,6 +380,25 @@ def materialize(codec: TensorCodec, recipe: Recipe, dtype: torch.dtype) -> torch
     _, inner, weight, bias, conv_args, in_dtype, memory_format = recipe
     u = _as_input(materialize(codec, inner, in_dtype), in_dtype, memory_format)
     return torch.ops.aten.convolution(u, weight, bias, *conv_args)
+
+
+def _fused_rebuild(codec: TensorCodec, inner: Recipe, scale: torch.Tensor, shift: torch.Tensor,
+                   bits: Optional[torch.Tensor], mask_cl: bool) -> Optional[torch.Tensor]:
+    """BN(x) (with the ReLU's zeros of ``bits``) in one fused decode of x's codes, or None where x
+    is not the fused encode's codes or that decode has no plan for them (``materialize`` then
+    decodes x and applies the affine map and the mask with tensor ops: a full-size decode written,
+    then read again)."""
+    if inner[0] != "codes":
+        return None
+    _, layout, encoded = inner
+    channels_last = layout.memory_format == "channels_last"
+    if not layout.fused or layout.view is not None or not compiled_ops.affine_applies(
+            layout.shape, layout.dtype, channels_last, None if bits is None else mask_cl,
+            codec.block_size, codec.bits, encoded[1].device):
+        return None
+    return compiled_ops.fused_decode_affine(*encoded, scale.contiguous(), shift.contiguous(), bits,
+                                           list(layout.shape), layout.dtype, channels_last,
+                                           codec.block_size, codec.bits)
 
 
 def _as_input(t: torch.Tensor, dtype: torch.dtype, memory_format: Optional[str]) -> torch.Tensor:

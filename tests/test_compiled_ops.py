@@ -73,6 +73,51 @@ def _checks(inductor: bool) -> dict:
                                 + codes(n, 32) + masks)
     from division import compiled_ops
     out["applies_cpu_tensor_interpreted"] = compiled_ops.applies(x, 4, 4, False)
+    out["rebuild"] = _rebuild_checks(codec, x, y, backend, graphs)
+    return out
+
+
+def _rebuild_checks(codec, x, y, backend, graphs) -> dict:
+    """``rebuild_conv_input`` compiled (aot, inductor's partitioner) in both memory formats: the
+    backward ops that rebuild a convolution's input, and the gradients against the same run with
+    the rebuild composed of a decode and tensor ops (``_fused_rebuild`` off)."""
+    import torch
+    import torch.nn.functional as F
+    from division import compiled_rebuild
+    from division.compiled import CompiledLayers
+    from tests.test_compiled import small_net, cosine
+
+    def run(channels_last: bool, fused: bool):
+        torch._dynamo.reset()
+        net = small_net()
+        inputs = x
+        if channels_last:
+            net, inputs = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        layers = CompiledLayers(net, codec, rebuild_conv_input=True)
+        layers.chain.prove(net, layers.modules, (inputs,))
+        saved = compiled_rebuild._fused_rebuild
+        if not fused:
+            compiled_rebuild._fused_rebuild = lambda *_: None
+        try:
+            loss = F.cross_entropy(torch.compile(net, backend=backend)(inputs), y)
+            loss.backward()
+        finally:
+            compiled_rebuild._fused_rebuild = saved
+        grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+        return grads, list(graphs["backward"]), sorted(layers.chain.rebuilt)
+
+    out = {}
+    for channels_last in (False, True):
+        fused, fused_ops, rebuilt = run(channels_last, True)
+        composed, composed_ops, _ = run(channels_last, False)
+        worst = max(float((fused[n] - composed[n]).abs().max() / composed[n].abs().max().clamp_min(1e-12))
+                    for n in fused)
+        out["channels_last" if channels_last else "contiguous"] = {
+            "rebuilt": rebuilt, "cosine": cosine(fused, composed), "worst_relative": worst,
+            "affine_decodes": fused_ops.count("division.decode_affine_opaque.default"),
+            "plain_decodes": fused_ops.count("division.decode_opaque.default"),
+            "composed_affine_decodes": composed_ops.count("division.decode_affine_opaque.default"),
+            "composed_plain_decodes": composed_ops.count("division.decode_opaque.default")}
     return out
 
 
@@ -115,6 +160,24 @@ def test_inductor_compiles_the_fused_ops_and_keeps_what_eager_keeps():
     checks = background.result(f"{__name__}.inductor", _command(inductor=True))
     assert checks["inductor"]["cosine_to_eager"] > 0.9999, checks["inductor"]
     assert checks["inductor"]["codes_bytes"] == checks["eager_codes_bytes"]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_compiled_rebuild_is_one_fused_decode_with_the_affine_map_and_mask(interpreted, layout):
+    """``rebuild_conv_input`` compiled with the fused codec: a rebuilt convolution input
+    (ReLU(BN(x)) of bn0 for the block's conv1 and shortcut, of bn1 for conv2) is one
+    ``decode_affine`` of the BatchNorm input's codes, not a decode written out and then scaled and
+    masked by tensor ops (on a GPU: three full-size passes instead of one), with the gradients of
+    that composition."""
+    checks = interpreted["rebuild"][layout]
+    assert checks["rebuilt"] == ["3.conv1", "3.conv2", "3.shortcut"], checks
+    # two: ReLU(bn1) for conv2, ReLU(bn0) for conv1 and the shortcut (equal opaque ops, which the
+    # partitioner merges; a GPU's traced ops are never merged, as the plain decodes)
+    assert checks["affine_decodes"] == 2 and checks["composed_affine_decodes"] == 0, checks
+    # the plain decodes are the layers' own (the BatchNorms', conv0's and the Linear's), which the
+    # composed rebuilds shared here (merged as equal ops)
+    assert checks["plain_decodes"] == checks["composed_plain_decodes"] == 5, checks
+    assert checks["cosine"] > 0.999999 and checks["worst_relative"] < 1e-4, checks
 
 
 def test_cpu_tensors_take_the_fused_ops_only_under_the_interpreter(interpreted):
