@@ -376,6 +376,46 @@ class _BatchNorm(torch.autograd.Function):
         return (gx, gw, gb, None, None, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 8)
 
 
+class _FusedBatchNorm(torch.autograd.Function):
+    """Training-mode batch normalization run by the fused encode of its input (``compiled_ops.
+    norm_encode``: statistics, output and x's codes from two reads of x), whose backward computes
+    the gradients from the codes (``norm_backward``: no decoded input written). Returns (y, the
+    batch's mean and unbiased variance for the running statistics, x's layout's stored tensors),
+    all but y non-differentiable."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps: float, codec: "TensorCodec"):
+        y, mean, invstd, _, batch_var, *encoded = compiled_ops.fused_norm_encode(
+            x, weight, bias, eps, codec.block_size, codec.bits, codec.stochastic)
+        ctx.save_for_backward(weight, mean, invstd, *encoded)
+        ctx.codec, ctx.shape, ctx.bias_dtype = codec, list(x.shape), bias.dtype
+        ctx.mark_non_differentiable(mean, invstd, batch_var, *encoded)
+        return (y, mean, invstd, batch_var, *encoded)
+
+    @staticmethod
+    def backward(ctx, grad, *_):
+        weight, mean, invstd, *encoded = ctx.saved_tensors
+        gx, gw, gb = compiled_ops.fused_norm_backward(grad, *encoded, weight, mean, invstd, ctx.shape,
+                                                      ctx.codec.block_size, ctx.codec.bits)
+        return gx, gw, gb.to(ctx.bias_dtype), None, None
+
+
+def fused_batch_norm(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, codec: "TensorCodec"
+                     ) -> Optional[tuple[torch.Tensor, "Layout", tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]]:
+    """The BatchNorm through ``_FusedBatchNorm`` where it applies (the fused codec, a channels_last
+    map the fused kernels take, affine parameters): (y, x's layout and stored codes, the batch
+    mean and invstd as the other functions' recipes hold them); the running statistics updated.
+    None elsewhere."""
+    if not (codec.fused and codec.keep_lfc and codec.keep_hfc and module.affine and x.dim() == 4
+            and compiled_ops.norm_applies(x, codec.block_size, codec.bits, codec.stochastic)):
+        return None
+    y, mean, invstd, batch_var, *encoded = _FusedBatchNorm.apply(x, module.weight, module.bias, module.eps, codec)
+    _update_running_statistics(module, x, mean, batch_var, unbiased=True)
+    geom = canonical_geometry(x.shape, x.dtype, codec.block_size)
+    layout = Layout(tuple(x.shape), x.dtype, "channels_last", geom, fused=True)
+    return y, layout, tuple(encoded), mean, invstd
+
+
 def batch_norm_output(x, weight, bias, mean, invstd) -> torch.Tensor:
     """Training-mode batch normalization of ``x`` with the batch statistics given, in x's dtype."""
     shape = [1, -1] + [1] * (x.dim() - 2)
@@ -611,6 +651,9 @@ def linear_forward(module: nn.Linear, x: torch.Tensor, codec: TensorCodec) -> to
 
 def batch_norm_forward(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor,
                        codec: TensorCodec) -> torch.Tensor:
+    fused = fused_batch_norm(module, x, codec)
+    if fused is not None:
+        return fused[0]
     mean, invstd = batch_statistics(module, x)
     return _BatchNorm.apply(x, module.weight, module.bias, mean, invstd, module.eps, codec)
 
@@ -623,6 +666,14 @@ def batch_statistics(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -
     # function's apply switch off its backward (zero gradients)
     var, mean = torch.var_mean(x.detach().float(), dim=dims, correction=0)
     invstd = torch.rsqrt(var + module.eps)
+    _update_running_statistics(module, x, mean, var, unbiased=False)
+    return mean, invstd
+
+
+def _update_running_statistics(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, mean: torch.Tensor,
+                               var: torch.Tensor, unbiased: bool) -> None:
+    """The running-statistics update of ``nn.BatchNorm`` from the batch's mean and variance
+    (``unbiased``: already the unbiased estimate)."""
     with torch.no_grad():
         if module.track_running_stats:
             module.num_batches_tracked.add_(1)
@@ -631,10 +682,10 @@ def batch_statistics(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -
             else:
                 factor = module.momentum
             count = x.numel() // x.shape[1]
-            unbiased = var * (count / max(count - 1, 1))
+            if not unbiased:
+                var = var * (count / max(count - 1, 1))
             module.running_mean.mul_(1 - factor).add_(mean * factor)
-            module.running_var.mul_(1 - factor).add_(unbiased * factor)
-    return mean, invstd
+            module.running_var.mul_(1 - factor).add_(var * factor)
 
 
 def batch_norm_applies(module: nn.Module) -> bool:

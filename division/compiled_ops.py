@@ -163,6 +163,57 @@ def _decode_into(lfc, codes, mn, step, shape, dtype, channels_last, block_size, 
     return out
 
 
+def _norm_encode_into(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, block_size: int,
+                      bits: int, stochastic: bool, launch) -> tuple[torch.Tensor, ...]:
+    """A training BatchNorm's forward carried by the encode of its input x (``triton_norm``: phase 1
+    also writes per-chunk statistics, ``_stats_kernel`` merges them, phase 2 also writes the
+    output): (y, mean, invstd, the batch's mean and unbiased variance (for the running statistics,
+    which the caller updates), then x's lfc, codes, mn, step as ``_encode_into`` writes them).
+    x is read twice in all, as a BatchNorm's own forward reads it, where the BatchNorm and a
+    separate encode read it three or four times. ``norm_applies`` says where."""
+    from .triton_codec_kernels import _encode_kernel
+    from .triton_norm import statistics_launch
+    from .triton_plan import RNG_DATA
+    x = _specialized(x)
+    _, plan, maps = _plan(x, block_size, bits, stochastic)
+    n, c, h, w = plan.n, plan.c, plan.h, plan.w
+    lfc = _empty_maps((n, c, plan.hb, plan.wb), torch.bfloat16, x.device, True)
+    codes = x.new_empty((packed_nbytes(n * c * h * w, plan.bits),), dtype=torch.uint8)
+    mn = x.new_empty((n, c), dtype=torch.bfloat16)
+    step = x.new_empty((n, c), dtype=torch.bfloat16)
+    part = x.new_empty((n * c * plan.enc_split * 2,), dtype=torch.float32)
+    rows = n * plan.enc_split  # phase 1 writes row n * chunks + chunk
+    stats = x.new_empty((rows, 3, c), dtype=torch.float32)
+    mean = x.new_empty((c,), dtype=torch.float32)
+    invstd = x.new_empty((c,), dtype=torch.float32)
+    coef = x.new_empty((2, c), dtype=torch.float32)
+    # the kernel's running-statistics update with momentum 1 on zeros: the batch's mean and unbiased variance
+    batch_mean = x.new_zeros((c,), dtype=torch.float32)
+    batch_var = x.new_zeros((c,), dtype=torch.float32)
+    y = _empty_maps((n, c, h, w), x.dtype, x.device, True)
+    for phase in (1, 2):
+        launch(_encode_kernel, plan.encode_grid,
+               (maps, lfc, codes, mn, step, part, step, step, y, stats, mean, coef, 0, c, c // plan.g, c * h * w),
+               dict(STOCHASTIC=stochastic, RNG=RNG_DATA, SEED_PTR=False, FMA_Q=stochastic and plan.fma_q,
+                    PACK_MASK=False, NORM=True, **plan.encode_constexprs(phase)),
+               plan.enc_warps)
+        if phase == 1:
+            statistics_launch(stats, weight, bias, batch_mean, batch_var, mean, invstd, coef, rows, 1.0, eps,
+                              launch=launch)
+    return y, mean, invstd, batch_mean, batch_var, lfc, codes, mn, step
+
+
+def _norm_backward_into(dy, lfc, codes, mn, step, weight, mean, invstd, shape, block_size, bits, launch
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, d weight, d bias) of the BatchNorm whose input ``_norm_encode_into`` coded, computed from
+    the codes (``triton_norm.batch_norm_backward``: no decoded input written); d bias in fp32."""
+    from .triton_norm import batch_norm_backward
+    shape = [int(size) for size in shape]
+    plan = _decode_plan(shape, dy.dtype, True, block_size, bits, codes.device)
+    tensors = {"lfc": lfc, "codes": codes, "mn": mn, "step": step}
+    return batch_norm_backward(dy, tensors, plan, weight, mean, invstd, launch=launch)
+
+
 def _specialized(x: torch.Tensor) -> torch.Tensor:
     """x with plain int sizes and strides. After ``applies`` has specialized a symbolic graph's
     sizes, the op's fake run in tracing still gets them as ``SymInt`` objects (fixed in value, but
@@ -231,6 +282,23 @@ def _decode_affine_op(launch):
     return decode_affine
 
 
+def _norm_encode_op(launch):
+    def norm_encode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, block_size: int,
+                    bits: int, stochastic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                          torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                          torch.Tensor]:
+        return _norm_encode_into(x, weight, bias, eps, block_size, bits, stochastic, launch)
+    return norm_encode
+
+
+def _norm_backward_op(launch):
+    def norm_backward(dy: torch.Tensor, lfc: torch.Tensor, codes: torch.Tensor, mn: torch.Tensor, step: torch.Tensor,
+                      weight: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, shape: list[int],
+                      block_size: int, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _norm_backward_into(dy, lfc, codes, mn, step, weight, mean, invstd, shape, block_size, bits, launch)
+    return norm_backward
+
+
 # x's (lfc, codes, mn, step), and the activation rebuilt from them: launched from inductor's code
 encode = triton_op("division::encode", mutates_args=())(_encode_op(_traced_launch))
 decode = triton_op("division::decode", mutates_args=())(_decode_op(_traced_launch))
@@ -240,6 +308,13 @@ decode_affine = triton_op("division::decode_affine", mutates_args=())(_decode_af
 encode_opaque = custom_op("division::encode_opaque", mutates_args=())(_encode_op(_direct_launch))
 decode_opaque = custom_op("division::decode_opaque", mutates_args=())(_decode_op(_direct_launch))
 decode_affine_opaque = custom_op("division::decode_affine_opaque", mutates_args=())(_decode_affine_op(_direct_launch))
+# a training BatchNorm's forward in its input's encode, and its backward from those codes
+norm_encode = triton_op("division::norm_encode", mutates_args=())(_norm_encode_op(_traced_launch))
+norm_backward = triton_op("division::norm_backward", mutates_args=())(_norm_backward_op(_traced_launch))
+norm_encode_opaque = custom_op("division::norm_encode_opaque", mutates_args=())(_norm_encode_op(_direct_launch))
+norm_backward_opaque = custom_op("division::norm_backward_opaque", mutates_args=())(_norm_backward_op(_direct_launch))
+norm_encode_opaque.register_fake(_norm_encode_op(_no_launch))
+norm_backward_opaque.register_fake(_norm_backward_op(_no_launch))
 encode_opaque.register_fake(_encode_op(_no_launch))
 decode_opaque.register_fake(_decode_op(_no_launch))
 decode_affine_opaque.register_fake(_decode_affine_op(_no_launch))
@@ -282,6 +357,39 @@ def fused_decode_affine(lfc, codes, mn, step, scale: torch.Tensor, shift: torch.
     """The decode-affine op for this process (see ``fused_encode``)."""
     op = torch.ops.division.decode_affine_opaque if interpreting() else torch.ops.division.decode_affine
     return op(lfc, codes, mn, step, scale, shift, mask, shape, dtype, channels_last, block_size, bits)
+
+
+def norm_applies(x: torch.Tensor, block_size: int, bits: int, stochastic: bool) -> bool:
+    """Can ``fused_norm_encode`` run a BatchNorm on x: a channels_last map whose fused plan stores
+    NHWC-ordered codes in 4-D block-row tiles, with a channel group (``triton_norm``)? Decided at
+    trace time, as ``applies``."""
+    if x.dim() != 4 or not applies(x, block_size, bits, stochastic):
+        return False
+    shape = tuple(operator.index(size) for size in x.shape)
+    stride = tuple(operator.index(step) for step in x.stride())
+    return _norm_plan_fits(shape, stride, x.dtype, str(x.device), block_size, bits, stochastic)
+
+
+@torch.compiler.assume_constant_result
+def _norm_plan_fits(shape, stride, dtype, device, block_size, bits, stochastic) -> bool:
+    from . import triton_norm
+    x = torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+    if not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
+        return False
+    plan = _codec(block_size, bits, stochastic).plan_for(shape, dtype, True, torch.device(device))
+    return triton_norm.applies(plan) and triton_norm.forward_applies(plan)
+
+
+def fused_norm_encode(x, weight, bias, eps: float, block_size: int, bits: int, stochastic: bool):
+    """The BatchNorm-and-encode op for this process (see ``fused_encode``)."""
+    op = torch.ops.division.norm_encode_opaque if interpreting() else torch.ops.division.norm_encode
+    return op(x, weight, bias, eps, block_size, bits, stochastic)
+
+
+def fused_norm_backward(dy, lfc, codes, mn, step, weight, mean, invstd, shape: list[int], block_size: int, bits: int):
+    """The BatchNorm backward op for this process (see ``fused_encode``)."""
+    op = torch.ops.division.norm_backward_opaque if interpreting() else torch.ops.division.norm_backward
+    return op(dy, lfc, codes, mn, step, weight, mean, invstd, shape, block_size, bits)
 
 
 @custom_op("division::encode_reference", mutates_args=())

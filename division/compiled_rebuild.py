@@ -70,7 +70,7 @@ from .rebuild import cheap_to_recompute
 from .compiled import (_ACTIVATIONS, _Activation, _BatchNorm, _LayerNorm, _Relu, _cast, _compute_dtype,
                        _memory_format, _unpack_mask, TensorCodec, activation, activation_applies,
                        batch_norm_affine, batch_norm_gradients, batch_norm_output, batch_statistics,
-                       conv_applies, conv_arguments, layer_norm_affine, layer_norm_codes, linear_gradients)
+                       conv_applies, conv_arguments, fused_batch_norm, layer_norm_affine, layer_norm_codes, linear_gradients)
 
 # How backward makes a tensor that was not stored, a recipe (nested tuples, which Dynamo keeps in a dict
 # without a graph break, and hands to an autograd function's apply flattened, ``_flatten``):
@@ -409,7 +409,12 @@ def _as_input(t: torch.Tensor, dtype: torch.dtype, memory_format: Optional[str])
 def _norm_with_recipe(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, codec: TensorCodec,
                       inner: Optional[Recipe]):
     """``batch_norm_forward`` that hands on its output's recipe: x encoded here (``inner`` None),
-    so that the codes can be handed on, or recomputed in backward from ``inner``."""
+    so that the codes can be handed on, or recomputed in backward from ``inner``. Where the fused
+    BatchNorm applies (``compiled.fused_batch_norm``), its encode is the one that hands them on."""
+    fused = fused_batch_norm(module, x, codec) if inner is None else None
+    if fused is not None:
+        y, layout, encoded, mean, invstd = fused
+        return y, ("norm", ("codes", layout, encoded), mean, invstd, module.weight, module.bias, None, False)
     mean, invstd = batch_statistics(module, x)
     if inner is None:
         layout, encoded = codec.encode(x.detach())

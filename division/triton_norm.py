@@ -222,29 +222,48 @@ def batch_norm_forward(codec, x: torch.Tensor, plan: Plan, weight: Optional[torc
     invstd = torch.empty(c, dtype=torch.float32, device=dev)
     coef = torch.empty((2, c), dtype=torch.float32, device=dev)
     y = torch.empty_like(x, memory_format=torch.channels_last)
-    running = running_mean is not None and running_var is not None
-    block_c = min(16, next_power_of_2(c))
 
     def reduce() -> None:
-        args = (stats, weight if weight is not None else mean, bias if bias is not None else mean,
-                running_mean if running else mean, running_var if running else mean, mean, invstd, coef,
-                rows, float(momentum), float(eps))
-        flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RUNNING=running)
-        # (the parameters' and running statistics' dtypes and alignment are part of the compiled kernel)
-        given = [(a.dtype, aligned(a)) for a in (weight, bias, running_mean, running_var) if a is not None]
-        _STATS.launch((c, *flags.values(), *given, dev.index), (cdiv(c, block_c),), args,
-                      dict(C=c, BLOCK_C=block_c, BLOCK_R=64, **flags), 4)
+        statistics_launch(stats, weight, bias, running_mean, running_var, mean, invstd, coef, rows, momentum, eps)
 
     tensors = codec._encode_kernel(x, plan, norm=FusedNorm(y, stats, mean, coef, reduce))
     return y, mean, invstd, codec.packed(x, plan, tensors)
 
 
+def statistics_launch(stats, weight, bias, running_mean, running_var, mean, invstd, coef, rows: int,
+                      momentum: float, eps: float, launch=None) -> None:
+    """``_stats_kernel`` between the fused encode's two phases: the chunks' ``stats`` ((rows, 3, C))
+    merged into ``mean``, ``invstd`` and ``coef``, the running statistics (where given) updated.
+    ``launch(kernel, grid, args, constexprs, num_warps)``: how a compiled graph launches it
+    (``division.compiled_ops``); None: the cached launch."""
+    c = mean.shape[0]
+    running = running_mean is not None and running_var is not None
+    block_c = min(16, next_power_of_2(c))
+    args = (stats, weight if weight is not None else mean, bias if bias is not None else mean,
+            running_mean if running else mean, running_var if running else mean, mean, invstd, coef,
+            rows, float(momentum), float(eps))
+    flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RUNNING=running)
+    constexprs = dict(C=c, BLOCK_C=block_c, BLOCK_R=64, **flags)
+    if launch is not None:
+        launch(_stats_kernel, (cdiv(c, block_c),), args, constexprs, 4)
+        return
+    # (the parameters' and running statistics' dtypes and alignment are part of the compiled kernel)
+    given = [(a.dtype, aligned(a)) for a in (weight, bias, running_mean, running_var) if a is not None]
+    _STATS.launch((c, *flags.values(), *given, mean.device.index), (cdiv(c, block_c),), args, constexprs, 4)
+
+
 def batch_norm_backward(dy: torch.Tensor, tensors: dict[str, torch.Tensor], plan: Plan,
-                        weight: Optional[torch.Tensor], mean: torch.Tensor, invstd: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        weight: Optional[torch.Tensor], mean: torch.Tensor, invstd: torch.Tensor,
+                        launch=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, d weight, d bias) of a training-mode BatchNorm whose input DIVISION stored as
     ``tensors`` (``applies(plan)``); ``mean`` / ``invstd``: the forward's batch statistics.
-    d weight is None without a weight."""
+    d weight is None without a weight. ``launch``: as in ``statistics_launch``."""
+    def run(cached: CachedLaunch, key, grid, args, constexprs, warps) -> None:
+        if launch is None:
+            cached.launch(key, grid, args, constexprs, warps)
+        else:
+            launch(cached.kernel, grid, args, constexprs() if callable(constexprs) else constexprs, warps)
+
     n, c, h, w = plan.n, plan.c, plan.h, plan.w
     dy = dy.contiguous(memory_format=torch.channels_last)
     dev = dy.device
@@ -264,23 +283,25 @@ def batch_norm_backward(dy: torch.Tensor, tensors: dict[str, torch.Tensor], plan
     codes, lfc, mn, step = tensors["codes"], tensors["lfc"], tensors["mn"], tensors["step"]
     mean, invstd = mean.float().contiguous(), invstd.float().contiguous()
     part = torch.empty((chunks, 2, c), dtype=torch.float32, device=dev)
-    key = (plan, dy.dtype, steps, aligned(dy), dev.index, tun)
-    _REDUCE.launch(key, (chunks, groups), (dy, codes, lfc, mn, step, mean, part, pixels),
-                   lambda: dict(geometry, STEPS=steps), warps)
+    dy_aligned = aligned(dy) if launch is None else None  # (no data pointer while a graph is traced)
+    key = (plan, dy.dtype, steps, dy_aligned, dev.index, tun)
+    run(_REDUCE, key, (chunks, groups), (dy, codes, lfc, mn, step, mean, part, pixels),
+        lambda: dict(geometry, STEPS=steps), warps)
 
     coef = torch.empty((3, c), dtype=torch.float32, device=dev)
     db = torch.empty(c, dtype=torch.float32, device=dev)
     dw = torch.empty(c, dtype=weight.dtype, device=dev) if weight is not None else None
     block_c = min(16, next_power_of_2(c))  # many programs: each one's loop over chunks is latency-bound
-    _COEF.launch((c, weight is not None, None if weight is None else weight.dtype, dev.index),
-                 (cdiv(c, block_c),),
-                 (part, invstd, weight if weight is not None else invstd, coef, dw if dw is not None else db,
-                  db, chunks, pixels),
-                 dict(C=c, BLOCK_C=block_c, BLOCK_K=128, HAS_WEIGHT=weight is not None), 4)
+    run(_COEF, (c, weight is not None, None if weight is None else weight.dtype, dev.index),
+        (cdiv(c, block_c),),
+        (part, invstd, weight if weight is not None else invstd, coef, dw if dw is not None else db,
+         db, chunks, pixels),
+        dict(C=c, BLOCK_C=block_c, BLOCK_K=128, HAS_WEIGHT=weight is not None), 4)
 
-    dx = torch.empty_like(dy, memory_format=torch.channels_last)
+    # an NHWC buffer seen as (N, C, H, W) (channels_last): in a compiled graph, torch.empty_like with
+    # a memory format gets a fill kernel of its own (division.compiled_ops._empty_maps)
+    dx = torch.empty((n, h, w, c), dtype=dy.dtype, device=dev).permute(0, 3, 1, 2)
     grad_steps = TUNING["grad_steps"]
-    _INPUT_GRAD.launch((plan, dy.dtype, aligned(dy), dev.index, tun), (cdiv(tiles, grad_steps), groups),
-                       (dy, codes, lfc, mn, step, mean, coef, dx, pixels),
-                       lambda: dict(geometry, STEPS=grad_steps), warps)
+    run(_INPUT_GRAD, (plan, dy.dtype, dy_aligned, dev.index, tun), (cdiv(tiles, grad_steps), groups),
+        (dy, codes, lfc, mn, step, mean, coef, dx, pixels), lambda: dict(geometry, STEPS=grad_steps), warps)
     return dx, dw, db

@@ -74,7 +74,51 @@ def _checks(inductor: bool) -> dict:
     from division import compiled_ops
     out["applies_cpu_tensor_interpreted"] = compiled_ops.applies(x, 4, 4, False)
     out["rebuild"] = _rebuild_checks(codec, x, y, backend, graphs)
+    out["norm"] = _norm_checks(codec, x, y, backend, graphs)
     return out
+
+
+def _worst_relative(a: dict, b: dict) -> float:
+    return max(float((a[n].float() - b[n].float()).abs().max() / b[n].float().abs().max().clamp_min(1e-12))
+               for n in a)
+
+
+def _norm_checks(codec, x, y, backend, graphs) -> dict:
+    """A channels_last ``small_net`` compiled (aot, inductor's partitioner), its BatchNorms run by the
+    fused encode (``norm_encode``) and their backward from the codes (``norm_backward``), against
+    the same run with the BatchNorms in tensor ops beside a separate encode (``norm_applies`` off)."""
+    import torch
+    import torch.nn.functional as F
+    from division import compiled_ops
+    from division.compiled import CompiledLayers, _identity
+    from tests.test_compiled import small_net, cosine
+
+    runs = {}
+    inputs = x.contiguous(memory_format=torch.channels_last)
+    for fused in (True, False):
+        torch._dynamo.reset()
+        net = small_net().to(memory_format=torch.channels_last)
+        CompiledLayers(net, codec)
+        saved, kept = compiled_ops.norm_applies, []
+        if not fused:
+            compiled_ops.norm_applies = lambda *_: False
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, _identity):
+                loss = F.cross_entropy(torch.compile(net, backend=backend)(inputs), y)
+            loss.backward()
+        finally:
+            compiled_ops.norm_applies = saved
+        runs[fused] = {"grads": {n: p.grad.clone() for n, p in net.named_parameters()},
+                       "running": {n: b.clone() for n, b in net.named_buffers() if b.is_floating_point()},
+                       "forward": list(graphs["forward"]), "backward": list(graphs["backward"]),
+                       "codes_bytes": sum(t.numel() for t in kept if t.dtype == torch.uint8)}
+    fused, composed = runs[True], runs[False]
+    return {"forward_ops": [op for op in fused["forward"] if op.startswith("division.")],
+            "backward_ops": [op for op in fused["backward"] if op.startswith("division.")],
+            "cosine": cosine(fused["grads"], composed["grads"]),
+            "worst_relative": _worst_relative(fused["grads"], composed["grads"]),
+            "running_worst_relative": _worst_relative(fused["running"], composed["running"]),
+            "codes_bytes": [fused["codes_bytes"], composed["codes_bytes"]]}
 
 
 def _rebuild_checks(codec, x, y, backend, graphs) -> dict:
@@ -110,8 +154,7 @@ def _rebuild_checks(codec, x, y, backend, graphs) -> dict:
     for channels_last in (False, True):
         fused, fused_ops, rebuilt = run(channels_last, True)
         composed, composed_ops, _ = run(channels_last, False)
-        worst = max(float((fused[n] - composed[n]).abs().max() / composed[n].abs().max().clamp_min(1e-12))
-                    for n in fused)
+        worst = _worst_relative(fused, composed)
         out["channels_last" if channels_last else "contiguous"] = {
             "rebuilt": rebuilt, "cosine": cosine(fused, composed), "worst_relative": worst,
             "affine_decodes": fused_ops.count("division.decode_affine_opaque.default"),
@@ -174,10 +217,31 @@ def test_compiled_rebuild_is_one_fused_decode_with_the_affine_map_and_mask(inter
     # two: ReLU(bn1) for conv2, ReLU(bn0) for conv1 and the shortcut (equal opaque ops, which the
     # partitioner merges; a GPU's traced ops are never merged, as the plain decodes)
     assert checks["affine_decodes"] == 2 and checks["composed_affine_decodes"] == 0, checks
-    # the plain decodes are the layers' own (the BatchNorms', conv0's and the Linear's), which the
-    # composed rebuilds shared here (merged as equal ops)
-    assert checks["plain_decodes"] == checks["composed_plain_decodes"] == 5, checks
+    # the plain decodes are the layers' own: conv0's input, the Linear's and, in NCHW, the
+    # BatchNorms' inputs (which the composed rebuilds shared here, merged as equal ops); a
+    # channels_last BatchNorm's backward reads its codes (norm_backward), so there the composed
+    # rebuilds decode for themselves
+    plain, composed = {"contiguous": (5, 5), "channels_last": (2, 4)}[layout]
+    assert (checks["plain_decodes"], checks["composed_plain_decodes"]) == (plain, composed), checks
     assert checks["cosine"] > 0.999999 and checks["worst_relative"] < 1e-4, checks
+
+
+def test_compiled_batch_norm_runs_in_its_input_encode_and_its_backward_reads_the_codes(interpreted):
+    """channels_last: each BatchNorm is one ``norm_encode`` (statistics, output and its input's
+    codes from two reads of the input, where the BatchNorm's kernels and a separate encode read it
+    three or four times) and one ``norm_backward`` from the codes (no decode); the other inputs
+    (conv0's, the block input, conv2's, the Linear's) are encoded as before. The gradients and
+    running statistics are those of the BatchNorm in tensor ops beside the encode, and the codes kept
+    the same bytes."""
+    checks = interpreted["norm"]
+    fwd, bwd = checks["forward_ops"], checks["backward_ops"]
+    assert fwd.count("division.norm_encode_opaque.default") == 3, fwd
+    assert fwd.count("division.encode_opaque.default") == 4, fwd
+    assert bwd.count("division.norm_backward_opaque.default") == 3, bwd
+    assert bwd.count("division.decode_opaque.default") == 4, bwd
+    assert checks["cosine"] > 0.999999 and checks["worst_relative"] < 1e-4, checks
+    assert checks["running_worst_relative"] < 1e-5, checks
+    assert checks["codes_bytes"][0] == checks["codes_bytes"][1] > 0, checks
 
 
 def test_cpu_tensors_take_the_fused_ops_only_under_the_interpreter(interpreted):
@@ -235,6 +299,53 @@ def test_gpu_inductor_launches_the_fused_kernels_from_its_own_code():
     sizes = lambda ts: Counter(t.numel() for t in ts if t.dtype == torch.uint8)  # noqa: E731
     assert sizes(kept) == sizes(eager_kept)
     assert max(t.numel() for t in kept if t.is_floating_point()) < 8 * 16 * 16 * 16
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rebuild", [False, True])
+def test_gpu_inductor_launches_the_fused_batch_norm_and_rebuild_kernels(rebuild):
+    """channels_last on a GPU: inductor's code launches the BatchNorm carried by the encode (its
+    statistics kernel), its backward from the codes (``_reduce_kernel``, ``_input_grad_kernel``)
+    and, with ``rebuild_conv_input``, the fused rebuild decode; the gradients are those of the same
+    layers run eagerly (the same ops, called outside a graph)."""
+    import torch
+    import torch.nn.functional as F
+    from torch._inductor.utils import run_and_get_code
+
+    from division.compiled import CompiledLayers, TensorCodec
+    from tests.test_compiled import batch, cosine, small_net, step
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    codec = TensorCodec(block_size=4, bits=4, rounding="nearest", fused=True)
+    x, y = (t.cuda() for t in batch())
+    x = x.contiguous(memory_format=torch.channels_last)
+
+    def layers(net, eager):
+        made = CompiledLayers(net, codec, eager=eager, rebuild_conv_input=rebuild)
+        if rebuild:
+            made.chain.prove(net, made.modules, (x,))
+        return made
+    eager_net = small_net().cuda().to(memory_format=torch.channels_last)
+    layers(eager_net, True)
+    _, eager_grads = step(eager_net, x, y)
+    net = small_net().cuda().to(memory_format=torch.channels_last)
+    chain = layers(net, False).chain
+    run = torch.compile(net)
+
+    def train_step():
+        net.zero_grad(set_to_none=True)
+        F.cross_entropy(run(x), y).backward()
+
+    _, code = run_and_get_code(train_step)
+    code = "\n".join(code)
+    for kernel in ("_encode_kernel", "_stats_kernel", "_reduce_kernel", "_input_grad_kernel", "_decode_kernel"):
+        assert kernel in code, kernel
+    assert "division.norm" not in code and "division.decode" not in code
+    if rebuild:
+        assert sorted(chain.rebuilt) == ["3.conv1", "3.conv2", "3.shortcut"]
+    grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+    assert cosine(grads, eager_grads) > 0.9999
 
 
 def test_kernel_outputs_are_allocated_in_their_layout_without_a_fill_kernel():
