@@ -380,40 +380,55 @@ class _FusedBatchNorm(torch.autograd.Function):
     """Training-mode batch normalization run by the fused encode of its input (``compiled_ops.
     norm_encode``: statistics, output and x's codes from two reads of x), whose backward computes
     the gradients from the codes (``norm_backward``: no decoded input written). Returns (y, the
-    batch's mean and unbiased variance for the running statistics, x's layout's stored tensors),
-    all but y non-differentiable."""
+    batch's mean, invstd and unbiased variance (for the running statistics), the ReLU's mask (empty
+    without ``relu``), x's stored codes), all but y non-differentiable. ``relu``: y is the output of
+    a ReLU applied to the BatchNorm's, whose mask this function keeps (the ReLU module then returns
+    y as it is: ``compiled_rebuild.ConvInputChain``)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps: float, codec: "TensorCodec"):
-        y, mean, invstd, _, batch_var, *encoded = compiled_ops.fused_norm_encode(
-            x, weight, bias, eps, codec.block_size, codec.bits, codec.stochastic)
-        ctx.save_for_backward(weight, mean, invstd, *encoded)
-        ctx.codec, ctx.shape, ctx.bias_dtype = codec, list(x.shape), bias.dtype
-        ctx.mark_non_differentiable(mean, invstd, batch_var, *encoded)
-        return (y, mean, invstd, batch_var, *encoded)
+    def forward(ctx, x, weight, bias, eps: float, codec: "TensorCodec", relu: bool):
+        y, mean, invstd, _, batch_var, mask, *encoded = compiled_ops.fused_norm_encode(
+            x, weight, bias, eps, codec.block_size, codec.bits, codec.stochastic, relu)
+        ctx.save_for_backward(weight, mean, invstd, *encoded, *((mask,) if relu else ()))
+        ctx.codec, ctx.shape, ctx.bias_dtype, ctx.relu = codec, list(x.shape), bias.dtype, relu
+        ctx.mark_non_differentiable(mean, invstd, batch_var, mask, *encoded)
+        return (y, mean, invstd, batch_var, mask, *encoded)
 
     @staticmethod
     def backward(ctx, grad, *_):
-        weight, mean, invstd, *encoded = ctx.saved_tensors
-        gx, gw, gb = compiled_ops.fused_norm_backward(grad, *encoded, weight, mean, invstd, ctx.shape,
+        weight, mean, invstd, *stored = ctx.saved_tensors
+        mask = stored.pop() if ctx.relu else None
+        gx, gw, gb = compiled_ops.fused_norm_backward(grad, *stored, mask, weight, mean, invstd, ctx.shape,
                                                       ctx.codec.block_size, ctx.codec.bits)
-        return gx, gw, gb.to(ctx.bias_dtype), None, None
+        return gx, gw, gb.to(ctx.bias_dtype), None, None, None
 
 
-def fused_batch_norm(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, codec: "TensorCodec"
-                     ) -> Optional[tuple[torch.Tensor, "Layout", tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]]:
-    """The BatchNorm through ``_FusedBatchNorm`` where it applies (the fused codec, a channels_last
-    map the fused kernels take, affine parameters): (y, x's layout and stored codes, the batch
-    mean and invstd as the other functions' recipes hold them); the running statistics updated.
-    None elsewhere."""
-    if not (codec.fused and codec.keep_lfc and codec.keep_hfc and module.affine and x.dim() == 4
-            and compiled_ops.norm_applies(x, codec.block_size, codec.bits, codec.stochastic)):
+def fused_batch_norm(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, codec: "TensorCodec",
+                     relu: bool = False) -> Optional[tuple]:
+    """The BatchNorm through ``_FusedBatchNorm`` where it applies (``fused_norm_applies``): (y, x's
+    layout and stored codes, the batch mean and invstd as the other functions' recipes hold them,
+    the ReLU's mask); the running statistics updated. ``relu``: y is ReLU(BN(x))
+    (``fused_relu_applies``). None elsewhere."""
+    if not fused_norm_applies(module, x, codec):
         return None
-    y, mean, invstd, batch_var, *encoded = _FusedBatchNorm.apply(x, module.weight, module.bias, module.eps, codec)
+    y, mean, invstd, batch_var, mask, *encoded = _FusedBatchNorm.apply(x, module.weight, module.bias, module.eps,
+                                                                      codec, relu)
     _update_running_statistics(module, x, mean, batch_var, unbiased=True)
     geom = canonical_geometry(x.shape, x.dtype, codec.block_size)
     layout = Layout(tuple(x.shape), x.dtype, "channels_last", geom, fused=True)
-    return y, layout, tuple(encoded), mean, invstd
+    return y, layout, tuple(encoded), mean, invstd, mask
+
+
+def fused_norm_applies(module: nn.Module, x: torch.Tensor, codec: "TensorCodec") -> bool:
+    """The fused codec, an affine BatchNorm and a channels_last map the fused kernels take."""
+    return (codec.fused and codec.keep_lfc and codec.keep_hfc and module.affine and x.dim() == 4
+            and compiled_ops.norm_applies(x, codec.block_size, codec.bits, codec.stochastic))
+
+
+def fused_relu_applies(module: nn.Module, x: torch.Tensor, codec: "TensorCodec") -> bool:
+    """Can ``fused_batch_norm`` apply the ReLU after this BatchNorm too?"""
+    return fused_norm_applies(module, x, codec) and \
+        compiled_ops.norm_relu_applies(x, codec.block_size, codec.bits, codec.stochastic)
 
 
 def batch_norm_output(x, weight, bias, mean, invstd) -> torch.Tensor:

@@ -164,13 +164,16 @@ def _decode_into(lfc, codes, mn, step, shape, dtype, channels_last, block_size, 
 
 
 def _norm_encode_into(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, block_size: int,
-                      bits: int, stochastic: bool, launch) -> tuple[torch.Tensor, ...]:
+                      bits: int, stochastic: bool, relu: bool, launch) -> tuple[torch.Tensor, ...]:
     """A training BatchNorm's forward carried by the encode of its input x (``triton_norm``: phase 1
     also writes per-chunk statistics, ``_stats_kernel`` merges them, phase 2 also writes the
     output): (y, mean, invstd, the batch's mean and unbiased variance (for the running statistics,
-    which the caller updates), then x's lfc, codes, mn, step as ``_encode_into`` writes them).
-    x is read twice in all, as a BatchNorm's own forward reads it, where the BatchNorm and a
-    separate encode read it three or four times. ``norm_applies`` says where."""
+    which the caller updates), the ReLU's mask, then x's lfc, codes, mn, step as ``_encode_into``
+    writes them). ``relu``: a ReLU follows, y is its output and the mask (one bit per element,
+    NHWC order) its ``y > 0``; else the mask is empty. x is read twice in all, as a BatchNorm's own
+    forward reads it, where the BatchNorm and a separate encode read it three or four times.
+    ``norm_applies`` says where."""
+    from .triton_plan import _MASK_WORDS
     from .triton_codec_kernels import _encode_kernel
     from .triton_norm import statistics_launch
     from .triton_plan import RNG_DATA
@@ -191,27 +194,30 @@ def _norm_encode_into(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     batch_mean = x.new_zeros((c,), dtype=torch.float32)
     batch_var = x.new_zeros((c,), dtype=torch.float32)
     y = _empty_maps((n, c, h, w), x.dtype, x.device, True)
+    mask = x.new_empty((packed_nbytes(n * c * h * w, 1) if relu else 0,), dtype=torch.uint8)
     for phase in (1, 2):
         launch(_encode_kernel, plan.encode_grid,
-               (maps, lfc, codes, mn, step, part, step, step, y, stats, mean, coef, 0, c, c // plan.g, c * h * w),
+               (maps, lfc, codes, mn, step, part, step, mask.view(_MASK_WORDS[plan.g]) if relu else step, y,
+                stats, mean, coef, 0, c, c // plan.g, c * h * w),
                dict(STOCHASTIC=stochastic, RNG=RNG_DATA, SEED_PTR=False, FMA_Q=stochastic and plan.fma_q,
-                    PACK_MASK=False, NORM=True, **plan.encode_constexprs(phase)),
+                    PACK_MASK=False, NORM=2 if relu else 1, **plan.encode_constexprs(phase)),
                plan.enc_warps)
         if phase == 1:
             statistics_launch(stats, weight, bias, batch_mean, batch_var, mean, invstd, coef, rows, 1.0, eps,
                               launch=launch)
-    return y, mean, invstd, batch_mean, batch_var, lfc, codes, mn, step
+    return y, mean, invstd, batch_mean, batch_var, mask, lfc, codes, mn, step
 
 
-def _norm_backward_into(dy, lfc, codes, mn, step, weight, mean, invstd, shape, block_size, bits, launch
+def _norm_backward_into(dy, lfc, codes, mn, step, mask, weight, mean, invstd, shape, block_size, bits, launch
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, d weight, d bias) of the BatchNorm whose input ``_norm_encode_into`` coded, computed from
-    the codes (``triton_norm.batch_norm_backward``: no decoded input written); d bias in fp32."""
+    the codes (``triton_norm.batch_norm_backward``: no decoded input written); d bias in fp32.
+    ``mask``: the ReLU's, where one followed (dy is then the ReLU's output gradient), else None."""
     from .triton_norm import batch_norm_backward
     shape = [int(size) for size in shape]
     plan = _decode_plan(shape, dy.dtype, True, block_size, bits, codes.device)
     tensors = {"lfc": lfc, "codes": codes, "mn": mn, "step": step}
-    return batch_norm_backward(dy, tensors, plan, weight, mean, invstd, launch=launch)
+    return batch_norm_backward(dy, tensors, plan, weight, mean, invstd, launch=launch, relu_mask=mask)
 
 
 def _specialized(x: torch.Tensor) -> torch.Tensor:
@@ -284,18 +290,19 @@ def _decode_affine_op(launch):
 
 def _norm_encode_op(launch):
     def norm_encode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, block_size: int,
-                    bits: int, stochastic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                          torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                          torch.Tensor]:
-        return _norm_encode_into(x, weight, bias, eps, block_size, bits, stochastic, launch)
+                    bits: int, stochastic: bool, relu: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                               torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _norm_encode_into(x, weight, bias, eps, block_size, bits, stochastic, relu, launch)
     return norm_encode
 
 
 def _norm_backward_op(launch):
     def norm_backward(dy: torch.Tensor, lfc: torch.Tensor, codes: torch.Tensor, mn: torch.Tensor, step: torch.Tensor,
-                      weight: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, shape: list[int],
-                      block_size: int, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _norm_backward_into(dy, lfc, codes, mn, step, weight, mean, invstd, shape, block_size, bits, launch)
+                      mask: Optional[torch.Tensor], weight: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                      shape: list[int], block_size: int, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _norm_backward_into(dy, lfc, codes, mn, step, mask, weight, mean, invstd, shape, block_size, bits,
+                                   launch)
     return norm_backward
 
 
@@ -380,16 +387,33 @@ def _norm_plan_fits(shape, stride, dtype, device, block_size, bits, stochastic) 
     return triton_norm.applies(plan) and triton_norm.forward_applies(plan)
 
 
-def fused_norm_encode(x, weight, bias, eps: float, block_size: int, bits: int, stochastic: bool):
+def norm_relu_applies(x: torch.Tensor, block_size: int, bits: int, stochastic: bool) -> bool:
+    """Can ``fused_norm_encode`` also apply the ReLU after the BatchNorm (``norm_applies``, and a
+    plan whose programs store one mask word per pixel: groups of 8 to 64 channels)?"""
+    if not norm_applies(x, block_size, bits, stochastic):
+        return False
+    shape = tuple(operator.index(size) for size in x.shape)
+    return _mask_words_fit(shape, x.dtype, str(x.device), block_size, bits, stochastic)
+
+
+@torch.compiler.assume_constant_result
+def _mask_words_fit(shape, dtype, device, block_size, bits, stochastic) -> bool:
+    from .triton_plan import _MASK_WORDS
+    plan = _codec(block_size, bits, stochastic).plan_for(shape, dtype, True, torch.device(device))
+    return plan.g in _MASK_WORDS
+
+
+def fused_norm_encode(x, weight, bias, eps: float, block_size: int, bits: int, stochastic: bool, relu: bool):
     """The BatchNorm-and-encode op for this process (see ``fused_encode``)."""
     op = torch.ops.division.norm_encode_opaque if interpreting() else torch.ops.division.norm_encode
-    return op(x, weight, bias, eps, block_size, bits, stochastic)
+    return op(x, weight, bias, eps, block_size, bits, stochastic, relu)
 
 
-def fused_norm_backward(dy, lfc, codes, mn, step, weight, mean, invstd, shape: list[int], block_size: int, bits: int):
+def fused_norm_backward(dy, lfc, codes, mn, step, mask, weight, mean, invstd, shape: list[int], block_size: int,
+                        bits: int):
     """The BatchNorm backward op for this process (see ``fused_encode``)."""
     op = torch.ops.division.norm_backward_opaque if interpreting() else torch.ops.division.norm_backward
-    return op(dy, lfc, codes, mn, step, weight, mean, invstd, shape, block_size, bits)
+    return op(dy, lfc, codes, mn, step, mask, weight, mean, invstd, shape, block_size, bits)
 
 
 @custom_op("division::encode_reference", mutates_args=())

@@ -57,6 +57,7 @@ BatchNorm and for the convolution), where the eager path shares one decode.
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import Optional
 
@@ -64,13 +65,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch._dynamo.comptime import comptime
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
 
 from . import compiled_ops
 from .rebuild import cheap_to_recompute
 from .compiled import (_ACTIVATIONS, _Activation, _BatchNorm, _LayerNorm, _Relu, _cast, _compute_dtype,
                        _memory_format, _unpack_mask, TensorCodec, activation, activation_applies,
                        batch_norm_affine, batch_norm_gradients, batch_norm_output, batch_statistics,
-                       conv_applies, conv_arguments, fused_batch_norm, layer_norm_affine, layer_norm_codes, linear_gradients)
+                       conv_applies, conv_arguments, fused_batch_norm, fused_relu_applies, layer_norm_affine, layer_norm_codes, linear_gradients)
 
 # How backward makes a tensor that was not stored, a recipe (nested tuples, which Dynamo keeps in a dict
 # without a graph break, and hands to an autograd function's apply flattened, ``_flatten``):
@@ -100,9 +103,9 @@ class ConvInputChain:
     convolution (``recompute``, ``method.recompute_norm_input``) and the convolutions that read
     the codes of an earlier convolution's input (``share``)."""
 
-    def __init__(self, rebuild: bool = True, recompute: bool = False, share: bool = True):
+    def __init__(self, rebuild: bool = True, recompute: bool = False, share: bool = True, fused_relu: bool = True):
         _CHAINS[id(self)] = self
-        self.rebuild, self.recompute, self.share = rebuild, recompute, share
+        self.rebuild, self.recompute, self.share, self.fused_relu = rebuild, recompute, share, fused_relu
         self._sources: dict[str, Source] = {}  # module name -> the source of its output
         # first reader's name -> (its input tensor, that input's codes as a recipe), while traced
         self._read: dict[str, tuple] = {}
@@ -119,11 +122,27 @@ class ConvInputChain:
         # and those first convolutions, which encode their input outside their function to hand it on
         self.shares: set[tuple[str, str]] = set()
         self.first_readers: set[str] = set()
+        # BatchNorm name -> the ReLU module that ``prove`` saw read its output first and alone
+        # (``_absorbed_reads``): the fused BatchNorm applies that ReLU itself (``fused_relu``)
+        self.absorbed: dict[str, str] = {}
+        self._absorbed_outputs: dict[str, tuple] = {}  # ReLU name -> (its input, recipe, BatchNorm), while traced
 
     def forward(self, name: str, module: nn.Module, x: torch.Tensor, codec: TensorCodec, compressed_forward):
         """The compressing forward of a module on the chain's terms (module docstring)."""
         source = self._linked_source(name, x)
         linked = source is not None
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and name in self.absorbed \
+                and not (self.recompute and linked and source[3] == "conv") and fused_relu_applies(module, x, codec):
+            y, layout, encoded, mean, invstd, mask = fused_batch_norm(module, x, codec, relu=True)
+            recipe = ("norm", ("codes", layout, encoded), mean, invstd, module.weight, module.bias, mask, True)
+            self._absorbed_outputs[self.absorbed[name]] = (y, recipe, name)
+            return y
+        if isinstance(module, nn.ReLU) and name in self._absorbed_outputs and self._absorbed_outputs[name][0] is x:
+            # the BatchNorm before it applied it (and keeps its mask): its output is this ReLU's
+            _, recipe, norm = self._absorbed_outputs.pop(name)
+            if self.rebuild:
+                self._sources[name] = (x, recipe, norm, "norm")
+            return x
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and (self.rebuild or self.recompute):
             inner = None
             if self.recompute and linked and source[3] == "conv":
@@ -265,10 +284,18 @@ class ConvInputChain:
                     handles.append(module.register_forward_pre_hook(before_conv(name)))
                 if self.recompute and _cheap_conv(module):
                     handles.append(module.register_forward_hook(after(name, "conv")))
-        with torch.no_grad():
+        watch = _ReadWatch() if self.fused_relu else None
+        if watch is not None:
+            for name, module in model.named_modules():
+                if name in modules and isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    handles.append(module.register_forward_hook(watch.output_of(name)))
+                elif name in modules and isinstance(module, nn.ReLU):
+                    handles += watch.reader(name, module)
+        with torch.no_grad(), (watch if watch is not None else contextlib.nullcontext()):
             traceless_forward(model, args, handles)
         self.proven, self.shares = proven, shares
         self.first_readers = {first for _, first in shares}
+        self.absorbed = watch.absorbed() if watch is not None else {}
 
     def _note(self, which: str, reader: str, source: str, x: torch.Tensor, module: nn.Module) -> None:
         """Name the layer input that ``reader`` does not keep itself (``which``: "rebuilt" from
@@ -301,6 +328,59 @@ class ConvInputChain:
     def clear(self) -> None:
         self._sources.clear()
         self._read.clear()
+        self._absorbed_outputs.clear()
+
+
+class _ReadWatch(TorchFunctionMode):
+    """Which BatchNorm outputs a ReLU module may be folded into (``ConvInputChain.absorbed``), from
+    every torch function call of one eager forward (``prove``): those whose first reader is a ReLU
+    module, which then is their only reader, or an in-place one (later readers read the ReLU's
+    output either way). Anything else that reads the output before the ReLU (a functional op, a
+    residual sum, another module) would see BN(x) without the ReLU once the two are one kernel, so
+    it leaves the pair apart. Calls inside the ReLU module are its own; metadata reads
+    (``Tensor.shape`` and the like) read no values."""
+
+    def __init__(self):
+        super().__init__()
+        self._outputs: dict[int, tuple] = {}  # id -> (BatchNorm output, BatchNorm name)
+        self._readers: dict[str, list] = {}   # BatchNorm name -> readers in order: ReLU name or None
+        self._inplace: dict[str, bool] = {}   # ReLU name -> inplace
+        self._in_relu: Optional[str] = None
+
+    def output_of(self, name: str):
+        def hook(_module, _inputs, output):
+            if isinstance(output, torch.Tensor):
+                self._outputs[id(output)] = (output, name)
+                self._readers[name] = []
+        return hook
+
+    def reader(self, name: str, module: nn.ReLU) -> list:
+        self._inplace[name] = module.inplace
+
+        def enter(_module, _inputs):
+            self._in_relu = name
+
+        def leave(_module, _inputs, _output):
+            self._in_relu = None
+        return [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") != "__get__":
+            for t in pytree.tree_leaves((args, kwargs)):
+                entry = self._outputs.get(id(t)) if isinstance(t, torch.Tensor) else None
+                if entry is not None and entry[0] is t:
+                    readers = self._readers[entry[1]]
+                    if not readers or readers[-1] != self._in_relu or self._in_relu is None:
+                        readers.append(self._in_relu)
+        return func(*args, **kwargs)
+
+    def absorbed(self) -> dict[str, str]:
+        folded = {}
+        for norm, readers in self._readers.items():
+            if readers and readers[0] is not None and (len(readers) == 1 or self._inplace[readers[0]]):
+                folded[norm] = readers[0]
+        return folded
 
 
 def _rebuildable_conv(module: nn.Module) -> bool:
@@ -413,7 +493,7 @@ def _norm_with_recipe(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, 
     BatchNorm applies (``compiled.fused_batch_norm``), its encode is the one that hands them on."""
     fused = fused_batch_norm(module, x, codec) if inner is None else None
     if fused is not None:
-        y, layout, encoded, mean, invstd = fused
+        y, layout, encoded, mean, invstd, _ = fused
         return y, ("norm", ("codes", layout, encoded), mean, invstd, module.weight, module.bias, None, False)
     mean, invstd = batch_statistics(module, x)
     if inner is None:

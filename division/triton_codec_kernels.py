@@ -33,7 +33,8 @@ encode
             twice.
 NORM    (``FusedNorm``, division/triton_norm.py; split phases of NHWC mode 0): phase 1 also writes
         each chunk's per-channel count, mean and squared deviations, phase 2 a BatchNorm's output
-        ``(x - mean) * scale + bias`` from the statistics a kernel merged in between.
+        ``(x - mean) * scale + bias`` from the statistics a kernel merged in between (NORM == 2: and
+        a ReLU after it, whose mask phase 2 stores as one G-bit word per pixel).
 decode  4-D tiles [G, kh, blocks, kw] per block row: one LFC load per block, one byte load per
         element (cached), unpack -> ``lfc + (mn + code * step)`` (then, with ``AFFINE``, a
         per-channel ``* scale + shift``: a rebuilt BatchNorm output) -> cast -> store in the output's
@@ -238,6 +239,18 @@ def _store_mask_words(maskw_ptr, xv, pix0, hb, wb, group, CG, H: tl.constexpr, W
         tl.store(ptrs, word.to(maskw_ptr.dtype.element_ty), mask=(ii < KH) & (hh < H) & (jj < KW) & (ww < W))
 
 
+@triton.jit
+def _store_mask_words_flat(maskw_ptr, yv, e, live, pix0, group, CG, G: tl.constexpr):
+    """``_store_mask_words`` for the flat NHWC tile [G, EB, PB] of pass 2 (element ``e`` [1, EB, PB]
+    of each of the G channels' planes): one G-bit word per pixel."""
+    if G > 32:
+        bits = (yv > 0).to(tl.int64) << tl.arange(0, G).to(tl.int64)[:, None, None]
+    else:
+        bits = (yv > 0).to(tl.int32) << tl.arange(0, G)[:, None, None]
+    word = tl.sum(bits, axis=0)                                   # disjoint bits: the sum is the OR
+    tl.store(maskw_ptr + (pix0 + e) * CG + group, word[None, :, :].to(maskw_ptr.dtype.element_ty), mask=live)
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_ptr, maskw_ptr,
                    y_ptr, nstat_ptr, nmean_ptr, ncoef_ptr, seed, C, CG, XN,
@@ -256,8 +269,11 @@ def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_p
     """NORM: a training BatchNorm's forward rides along (division/triton_norm.py, split phases
     1 and 2 of NHWC mode 0): phase 1 also writes its chunk's per-channel (count, mean, M2) to
     ``nstat_ptr`` (rows n * SPLIT + s of [3, C]); phase 2 writes ``y = (x - mean) * scale + bias``
-    (``nmean_ptr``, ``ncoef_ptr`` = [scale, bias] per channel) to ``y_ptr``, x's layout."""
+    (``nmean_ptr``, ``ncoef_ptr`` = [scale, bias] per channel) to ``y_ptr``, x's layout. NORM == 2:
+    a ReLU follows, ``y = max(that, 0)``, and its mask (``y > 0``) goes to ``maskw_ptr`` as one
+    G-bit word per pixel, as PACK_MASK stores x's."""
     tl.static_assert(not NORM or (MODE == 0 and CL and not MISALIGNED and PHASE != 0))
+    tl.static_assert(NORM != 2 or G == 8 or G == 16 or G == 32 or G == 64)
     if SEED_PTR:
         # Under a CUDA graph: the host's seed is frozen into the graph, so mix in a device
         # counter that the replayed graph advances before every encode (see graph_seed_counter).
@@ -536,10 +552,17 @@ def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_p
                         # (repeated block columns store the same values twice)
                         yv = (xv - n_mean[:, None, None, None, None]) * n_scale[:, None, None, None, None] \
                             + n_bias[:, None, None, None, None]
+                        if NORM == 2:
+                            yv = tl.maximum(yv, 0.0)
+                        yc = _cast_out(yv, y_ptr, EXACT)
                         if FULL_H and FULL_W:
-                            tl.store(y_base + g5 + el, _cast_out(yv, y_ptr, EXACT))
+                            tl.store(y_base + g5 + el, yc)
                         else:
-                            tl.store(y_base + g5 + el, _cast_out(yv, y_ptr, EXACT), mask=m)
+                            tl.store(y_base + g5 + el, yc, mask=m)
+                        if NORM == 2:  # the ReLU's mask: of the stored output (> 0 after rounding)
+                            _store_mask_words(maskw_ptr, tl.reshape(yc.to(tl.float32), [G, TKH, WBC, TKW]),
+                                              n * HW, hb, wb, pid - n * CG, CG, H, W, KH, KW, TKH, TKW, G,
+                                              FULL_H and FULL_W)
                     lf = tl.load(lfc_base + (hb * WB + wb[None, :]) * sL).to(tl.float32)   # [G, WBC]
                     if FMA_Q:
                         off = -((lf + mn_s[:, None]) * rcp[:, None])                 # [G, WBC]
@@ -604,7 +627,12 @@ def _encode_kernel(x_ptr, lfc_ptr, codes_ptr, mn_ptr, step_ptr, part_ptr, seed_p
                              eviction_policy="evict_first").to(tl.float32)
                 if NORM:
                     yv = (xv - n_mean[:, None, None]) * n_scale[:, None, None] + n_bias[:, None, None]
-                    tl.store(y_base + g3 + e * sE, _cast_out(yv, y_ptr, EXACT), mask=ok)
+                    if NORM == 2:
+                        yv = tl.maximum(yv, 0.0)
+                    yc = _cast_out(yv, y_ptr, EXACT)
+                    tl.store(y_base + g3 + e * sE, yc, mask=ok)
+                    if NORM == 2:
+                        _store_mask_words_flat(maskw_ptr, yc.to(tl.float32), e, e < HW, n * HW, pid - n * CG, CG, G)
                 hh = e // W
                 wc_ = e - hh * W
                 lf = tl.load(lfc_planes3 + ((hh // KH) * WB + wc_ // KW) * sL, mask=ok, other=0.0).to(tl.float32)

@@ -43,15 +43,22 @@ TUNING = {"pixels": 16, "warps": 2, "reduce_programs_per_sm": 4, "grad_steps": 4
 
 
 @triton.jit
-def _tile(dy_ptr, codes_ptr, lfc_ptr, mn_ptr, step_ptr, tile, c, M, C: tl.constexpr, W: tl.constexpr,
+def _tile(dy_ptr, codes_ptr, lfc_ptr, mn_ptr, step_ptr, mask_ptr, tile, c, M, C: tl.constexpr, W: tl.constexpr,
           HW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HB: tl.constexpr, WB: tl.constexpr,
-          PB: tl.constexpr, Q: tl.constexpr, LEVELS: tl.constexpr, P: tl.constexpr, EXACT: tl.constexpr):
+          PB: tl.constexpr, Q: tl.constexpr, LEVELS: tl.constexpr, P: tl.constexpr, EXACT: tl.constexpr,
+          MASKED: tl.constexpr):
     """Tile ``tile``: P pixels (global NHWC pixel index ``q`` [P, 1]) of channels ``c`` [1, G].
     Returns (q, live pixels, dy, x), dy and x in fp32; x is the decode's value, rounded to the
-    input's dtype (``dy_ptr``'s) as the decode writes it."""
+    input's dtype (``dy_ptr``'s) as the decode writes it. MASKED: a ReLU followed the BatchNorm
+    (one bit per element in NHWC order at ``mask_ptr``): dy is the ReLU's input gradient, 0 where
+    the bit is clear."""
     q = tile * P + tl.arange(0, P)[:, None]
     live = q < M
     dy = tl.load(dy_ptr + q * C + c, mask=live, other=0.0).to(tl.float32)
+    if MASKED:
+        bit = q * C + c
+        byte = tl.load(mask_ptr + (bit >> 3), mask=live, other=0).to(tl.int32)
+        dy = tl.where(((byte >> (bit & 7)) & 1) != 0, dy, 0.0)
     n = q // HW
     e = q - n * HW
     hh = e // W
@@ -66,11 +73,11 @@ def _tile(dy_ptr, codes_ptr, lfc_ptr, mn_ptr, step_ptr, tile, c, M, C: tl.conste
 
 
 @triton.jit(do_not_specialize=["M"])
-def _reduce_kernel(dy_ptr, codes_ptr, lfc_ptr, mn_ptr, step_ptr, mean_ptr, part_ptr, M,
+def _reduce_kernel(dy_ptr, codes_ptr, lfc_ptr, mn_ptr, step_ptr, mask_ptr, mean_ptr, part_ptr, M,
                    C: tl.constexpr, W: tl.constexpr, HW: tl.constexpr, KH: tl.constexpr,
                    KW: tl.constexpr, HB: tl.constexpr, WB: tl.constexpr, PB: tl.constexpr,
                    Q: tl.constexpr, LEVELS: tl.constexpr, G: tl.constexpr, P: tl.constexpr,
-                   STEPS: tl.constexpr, EXACT: tl.constexpr):
+                   STEPS: tl.constexpr, EXACT: tl.constexpr, MASKED: tl.constexpr):
     chunk = tl.program_id(0)
     cg = tl.arange(0, G) + tl.program_id(1) * G
     c = cg[None, :]
@@ -78,8 +85,8 @@ def _reduce_kernel(dy_ptr, codes_ptr, lfc_ptr, mn_ptr, step_ptr, mean_ptr, part_
     acc = tl.zeros([P, G], tl.float32)
     acc_x = tl.zeros([P, G], tl.float32)
     for t in range(STEPS):
-        _, _, dy, x = _tile(dy_ptr, codes_ptr, lfc_ptr, mn_ptr, step_ptr, chunk * STEPS + t, c, M, C, W, HW,
-                            KH, KW, HB, WB, PB, Q, LEVELS, P, EXACT)
+        _, _, dy, x = _tile(dy_ptr, codes_ptr, lfc_ptr, mn_ptr, step_ptr, mask_ptr, chunk * STEPS + t, c, M, C,
+                            W, HW, KH, KW, HB, WB, PB, Q, LEVELS, P, EXACT, MASKED)
         acc += dy
         acc_x += dy * (x - mean)
     part = part_ptr + chunk * 2 * C + cg
@@ -114,11 +121,11 @@ def _coef_kernel(part_ptr, invstd_ptr, weight_ptr, coef_ptr, dw_ptr, db_ptr, chu
 
 
 @triton.jit(do_not_specialize=["M"])
-def _input_grad_kernel(dy_ptr, codes_ptr, lfc_ptr, mn_ptr, step_ptr, mean_ptr, coef_ptr, dx_ptr, M,
+def _input_grad_kernel(dy_ptr, codes_ptr, lfc_ptr, mn_ptr, step_ptr, mask_ptr, mean_ptr, coef_ptr, dx_ptr, M,
                        C: tl.constexpr, W: tl.constexpr, HW: tl.constexpr, KH: tl.constexpr,
                        KW: tl.constexpr, HB: tl.constexpr, WB: tl.constexpr, PB: tl.constexpr,
                        Q: tl.constexpr, LEVELS: tl.constexpr, G: tl.constexpr, P: tl.constexpr,
-                       STEPS: tl.constexpr, EXACT: tl.constexpr):
+                       STEPS: tl.constexpr, EXACT: tl.constexpr, MASKED: tl.constexpr):
     chunk = tl.program_id(0)
     c = (tl.arange(0, G) + tl.program_id(1) * G)[None, :]
     mean = tl.load(mean_ptr + c)
@@ -126,8 +133,8 @@ def _input_grad_kernel(dy_ptr, codes_ptr, lfc_ptr, mn_ptr, step_ptr, mean_ptr, c
     proj = tl.load(coef_ptr + C + c)
     scale = tl.load(coef_ptr + 2 * C + c)
     for t in range(STEPS):
-        q, live, dy, x = _tile(dy_ptr, codes_ptr, lfc_ptr, mn_ptr, step_ptr, chunk * STEPS + t, c, M, C, W, HW,
-                               KH, KW, HB, WB, PB, Q, LEVELS, P, EXACT)
+        q, live, dy, x = _tile(dy_ptr, codes_ptr, lfc_ptr, mn_ptr, step_ptr, mask_ptr, chunk * STEPS + t, c, M,
+                               C, W, HW, KH, KW, HB, WB, PB, Q, LEVELS, P, EXACT, MASKED)
         dx = (dy - mean_dy - (x - mean) * proj) * scale
         tl.store(dx_ptr + q * C + c, _cast_out(dx, dx_ptr, EXACT), mask=live)
 
@@ -254,10 +261,13 @@ def statistics_launch(stats, weight, bias, running_mean, running_var, mean, invs
 
 def batch_norm_backward(dy: torch.Tensor, tensors: dict[str, torch.Tensor], plan: Plan,
                         weight: Optional[torch.Tensor], mean: torch.Tensor, invstd: torch.Tensor,
-                        launch=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        launch=None, relu_mask: Optional[torch.Tensor] = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, d weight, d bias) of a training-mode BatchNorm whose input DIVISION stored as
     ``tensors`` (``applies(plan)``); ``mean`` / ``invstd``: the forward's batch statistics.
-    d weight is None without a weight. ``launch``: as in ``statistics_launch``."""
+    d weight is None without a weight. ``launch``: as in ``statistics_launch``. ``relu_mask``: a
+    ReLU followed the BatchNorm (its mask, one bit per element in NHWC order): ``dy`` is the
+    ReLU's output gradient, masked in the kernels' reads."""
     def run(cached: CachedLaunch, key, grid, args, constexprs, warps) -> None:
         if launch is None:
             cached.launch(key, grid, args, constexprs, warps)
@@ -279,13 +289,15 @@ def batch_norm_backward(dy: torch.Tensor, tensors: dict[str, torch.Tensor], plan
     steps = max(1, min(64, (tiles * groups) // max(1, want)))
     chunks = cdiv(tiles, steps)
     geometry = dict(C=c, W=w, HW=h * w, KH=plan.kh, KW=plan.kw, HB=plan.hb, WB=plan.wb, PB=plan.pb,
-                    Q=plan.bits, LEVELS=2 ** plan.bits - 1, G=g, P=TUNING["pixels"], EXACT=interpreting())
+                    Q=plan.bits, LEVELS=2 ** plan.bits - 1, G=g, P=TUNING["pixels"], EXACT=interpreting(),
+                    MASKED=relu_mask is not None)
+    mask = relu_mask if relu_mask is not None else mean  # any pointer: read only when MASKED
     codes, lfc, mn, step = tensors["codes"], tensors["lfc"], tensors["mn"], tensors["step"]
     mean, invstd = mean.float().contiguous(), invstd.float().contiguous()
     part = torch.empty((chunks, 2, c), dtype=torch.float32, device=dev)
     dy_aligned = aligned(dy) if launch is None else None  # (no data pointer while a graph is traced)
-    key = (plan, dy.dtype, steps, dy_aligned, dev.index, tun)
-    run(_REDUCE, key, (chunks, groups), (dy, codes, lfc, mn, step, mean, part, pixels),
+    key = (plan, dy.dtype, steps, dy_aligned, dev.index, tun, relu_mask is not None)
+    run(_REDUCE, key, (chunks, groups), (dy, codes, lfc, mn, step, mask, mean, part, pixels),
         lambda: dict(geometry, STEPS=steps), warps)
 
     coef = torch.empty((3, c), dtype=torch.float32, device=dev)
@@ -302,6 +314,7 @@ def batch_norm_backward(dy: torch.Tensor, tensors: dict[str, torch.Tensor], plan
     # a memory format gets a fill kernel of its own (division.compiled_ops._empty_maps)
     dx = torch.empty((n, h, w, c), dtype=dy.dtype, device=dev).permute(0, 3, 1, 2)
     grad_steps = TUNING["grad_steps"]
-    run(_INPUT_GRAD, (plan, dy.dtype, dy_aligned, dev.index, tun), (cdiv(tiles, grad_steps), groups),
-        (dy, codes, lfc, mn, step, mean, coef, dx, pixels), lambda: dict(geometry, STEPS=grad_steps), warps)
+    run(_INPUT_GRAD, (plan, dy.dtype, dy_aligned, dev.index, tun, relu_mask is not None),
+        (cdiv(tiles, grad_steps), groups), (dy, codes, lfc, mn, step, mask, mean, coef, dx, pixels),
+        lambda: dict(geometry, STEPS=grad_steps), warps)
     return dx, dw, db

@@ -821,6 +821,38 @@ def test_compiled_rebuild_skips_a_batch_norm_output_changed_in_place():
     assert cosine(grads[False], grads[True]) > 0.9999
 
 
+class _NormReads(nn.Module):
+    """conv-BN-ReLU-conv, where ``read`` says what else reads the BatchNorm's output."""
+
+    def __init__(self, read: str, inplace: bool = True):
+        super().__init__()
+        self.conv1, self.bn, self.relu = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=inplace)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.read = read
+
+    def forward(self, x):
+        y = self.bn(self.conv1(x))
+        side = y.sum() if self.read == "before" else 0.0
+        z = self.relu(y)
+        if self.read == "after":
+            side = y.mean()
+        return self.conv2(z).mean() + side
+
+
+@pytest.mark.parametrize("read,inplace,folded", [("none", True, True), ("none", False, True),
+                                                 ("before", True, False), ("after", True, True),
+                                                 ("after", False, False)])
+def test_batch_norm_folds_in_the_relu_only_where_nothing_else_reads_its_output(read, inplace, folded):
+    """``ConvInputChain.prove`` folds a ReLU into the BatchNorm before it (the fused kernel would
+    write ReLU(BN(x)) in place of BN(x)) only where every read of BN(x) is the ReLU's: a sum read
+    before the ReLU, or after a ReLU that is not in place (BN(x) itself then lives on), would see
+    the ReLU's output instead. After an in-place ReLU the BatchNorm's output is the ReLU's."""
+    model = _NormReads(read, inplace)
+    layers = CompiledLayers(model, TensorCodec())
+    layers.chain.prove(model, layers.modules, (torch.randn(2, 3, 8, 8),))
+    assert layers.chain.absorbed == ({"bn": "relu"} if folded else {})
+
+
 def test_compiled_rebuild_without_batch_norm_chains_warns():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))

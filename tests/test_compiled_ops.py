@@ -75,6 +75,42 @@ def _checks(inductor: bool) -> dict:
     out["applies_cpu_tensor_interpreted"] = compiled_ops.applies(x, 4, 4, False)
     out["rebuild"] = _rebuild_checks(codec, x, y, backend, graphs)
     out["norm"] = _norm_checks(codec, x, y, backend, graphs)
+    out["norm_relu"] = _norm_relu_checks(codec, x, y, backend, graphs)
+    return out
+
+
+def _norm_relu_checks(codec, x, y, backend, graphs) -> dict:
+    """The channels_last ``small_net`` compiled with and without the ReLUs folded into the fused
+    BatchNorms (``ConvInputChain.fused_relu``), with ``rebuild_conv_input`` off and on."""
+    import torch
+    import torch.nn.functional as F
+    from division.compiled import CompiledLayers, _identity
+    from tests.test_compiled import small_net, cosine
+
+    inputs = x.contiguous(memory_format=torch.channels_last)
+    out = {}
+    for rebuild in (False, True):
+        runs = {}
+        for fold in (True, False):
+            torch._dynamo.reset()
+            net = small_net().to(memory_format=torch.channels_last)
+            layers = CompiledLayers(net, codec, rebuild_conv_input=rebuild)
+            layers.chain.fused_relu = fold
+            layers.chain.prove(net, layers.modules, (inputs,))
+            kept = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, _identity):
+                loss = F.cross_entropy(torch.compile(net, backend=backend)(inputs), y)
+            loss.backward()
+            runs[fold] = {"grads": {n: p.grad.clone() for n, p in net.named_parameters()},
+                          "running": {n: b.clone() for n, b in net.named_buffers() if b.is_floating_point()},
+                          "relus": sum("relu" in op for op in graphs["forward"]), "absorbed": layers.chain.absorbed,
+                          "uint8_bytes": sum(t.numel() for t in kept if t.dtype == torch.uint8)}
+        out["rebuild" if rebuild else "plain"] = {
+            "absorbed": runs[True]["absorbed"], "relus": [runs[True]["relus"], runs[False]["relus"]],
+            "uint8_bytes": [runs[True]["uint8_bytes"], runs[False]["uint8_bytes"]],
+            "cosine": cosine(runs[True]["grads"], runs[False]["grads"]),
+            "worst_relative": _worst_relative(runs[True]["grads"], runs[False]["grads"]),
+            "running_worst_relative": _worst_relative(runs[True]["running"], runs[False]["running"])}
     return out
 
 
@@ -244,6 +280,21 @@ def test_compiled_batch_norm_runs_in_its_input_encode_and_its_backward_reads_the
     assert checks["codes_bytes"][0] == checks["codes_bytes"][1] > 0, checks
 
 
+@pytest.mark.parametrize("knobs", ["plain", "rebuild"])
+def test_compiled_batch_norm_applies_the_relu_that_reads_its_output(interpreted, knobs):
+    """A ReLU module that alone reads a channels_last BatchNorm's output (bn0's and bn1's in
+    ``small_net``; not the block's last ReLU, which reads bn2 plus the shortcut) is folded into
+    the fused BatchNorm: the kernel writes ReLU(BN(x)) and the ReLU's mask, the traced forward
+    has no ReLU op of its own for them, the same bytes are kept (the mask moves from the ReLU to
+    the BatchNorm) and the gradients and running statistics are those of the two apart."""
+    checks = interpreted["norm_relu"][knobs]
+    assert checks["absorbed"] == {"1": "2", "3.bn1": "3.relu1"}, checks
+    assert checks["relus"][1] - checks["relus"][0] == 2, checks
+    assert checks["uint8_bytes"][0] == checks["uint8_bytes"][1] > 0, checks
+    assert checks["cosine"] > 0.999999 and checks["worst_relative"] < 1e-5, checks
+    assert checks["running_worst_relative"] < 1e-6, checks
+
+
 def test_cpu_tensors_take_the_fused_ops_only_under_the_interpreter(interpreted):
     import torch
     from division import compiled_ops
@@ -305,7 +356,7 @@ def test_gpu_inductor_launches_the_fused_kernels_from_its_own_code():
 @pytest.mark.parametrize("rebuild", [False, True])
 def test_gpu_inductor_launches_the_fused_batch_norm_and_rebuild_kernels(rebuild):
     """channels_last on a GPU: inductor's code launches the BatchNorm carried by the encode (its
-    statistics kernel), its backward from the codes (``_reduce_kernel``, ``_input_grad_kernel``)
+    statistics kernel; with the ReLU after it where one follows), its backward from the codes (``_reduce_kernel``, ``_input_grad_kernel``)
     and, with ``rebuild_conv_input``, the fused rebuild decode; the gradients are those of the same
     layers run eagerly (the same ops, called outside a graph)."""
     import torch
@@ -323,8 +374,7 @@ def test_gpu_inductor_launches_the_fused_batch_norm_and_rebuild_kernels(rebuild)
 
     def layers(net, eager):
         made = CompiledLayers(net, codec, eager=eager, rebuild_conv_input=rebuild)
-        if rebuild:
-            made.chain.prove(net, made.modules, (x,))
+        made.chain.prove(net, made.modules, (x,))  # the links, and the ReLUs the BatchNorms apply
         return made
     eager_net = small_net().cuda().to(memory_format=torch.channels_last)
     layers(eager_net, True)
@@ -344,6 +394,7 @@ def test_gpu_inductor_launches_the_fused_batch_norm_and_rebuild_kernels(rebuild)
     assert "division.norm" not in code and "division.decode" not in code
     if rebuild:
         assert sorted(chain.rebuilt) == ["3.conv1", "3.conv2", "3.shortcut"]
+    assert chain.absorbed == {"1": "2", "3.bn1": "3.relu1"}
     grads = {n: p.grad.clone() for n, p in net.named_parameters()}
     assert cosine(grads, eager_grads) > 0.9999
 
