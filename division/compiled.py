@@ -26,7 +26,9 @@ names those layers, so nothing is hidden.
 
 On a GPU, the codec is the fused Triton kernels that eager DIVISION runs, as ``triton_op``s that
 inductor launches from its own code (``division.compiled_ops``: one encode and one decode per
-activation).
+activation). A training BatchNorm on a channels_last map runs inside its input's encode and its
+backward reads the codes (``_FusedBatchNorm``, the eager path's ``division.triton_norm`` kernels);
+where ``ConvInputChain.prove`` saw a ReLU module read its output alone, it applies that ReLU too.
 Elsewhere (the CPU, shapes the kernels have no plan for, dynamic shapes) it is DIVISION's
 PyTorch reference (``division.dual_precision``), written in tensor ops that inductor turns into
 kernels. Its stochastic rounding takes its uniform draw from a hash
