@@ -148,9 +148,10 @@ def _stats_kernel(stats_ptr, weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, mean_ptr
     PyTorch does), and the forward's scale (weight * invstd) and bias."""
     cg = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = cg < C
-    # fp32 as a direct launch passes them (inductor's launch of this kernel passes Python floats as fp64)
-    eps = eps.to(tl.float32)
-    momentum = momentum.to(tl.float32)
+    # fp32, as a direct launch passes them: inductor's launch passes Python floats as fp64, and its
+    # analysis of what the kernel writes traces it with them as Python floats (tl.cast takes both)
+    eps = tl.cast(eps, tl.float32)
+    momentum = tl.cast(momentum, tl.float32)
     cnt = tl.zeros([BLOCK_C], tl.float32)
     mean = tl.zeros([BLOCK_C], tl.float32)
     m2 = tl.zeros([BLOCK_C], tl.float32)
