@@ -26,9 +26,10 @@ names those layers, so nothing is hidden.
 
 On a GPU, the codec is the fused Triton kernels that eager DIVISION runs, as ``triton_op``s that
 inductor launches from its own code (``division.compiled_ops``: one encode and one decode per
-activation). A training BatchNorm on a channels_last map runs inside its input's encode and its
-backward reads the codes (``_FusedBatchNorm``, the eager path's ``division.triton_norm`` kernels);
-where ``ConvInputChain.prove`` saw a ReLU module read its output alone, it applies that ReLU too.
+activation). With ``TensorCodec(fused_norm=True)`` (experimental, off by default) a training
+BatchNorm on a channels_last map runs inside its input's encode and its backward reads the codes
+(``_FusedBatchNorm``, the eager path's ``division.triton_norm`` kernels); where
+``ConvInputChain.prove`` saw a ReLU module read its output alone, it applies that ReLU too.
 Elsewhere (the CPU, shapes the kernels have no plan for, dynamic shapes) it is DIVISION's
 PyTorch reference (``division.dual_precision``), written in tensor ops that inductor turns into
 kernels. Its stochastic rounding takes its uniform draw from a hash
@@ -92,6 +93,11 @@ class TensorCodec:
     keep_lfc: bool = True
     keep_hfc: bool = True
     fused: bool = False  # the fused GPU kernels as custom ops (division.compiled_ops) where they apply
+    # with ``fused``: a channels_last BatchNorm runs inside its input's encode, its backward reads the
+    # codes, and a ReLU module reading its output alone is folded in (``_FusedBatchNorm``). Off by
+    # default: on a GPU its tests pass on small models, but compiled ResNet-50 stopped at Dynamo's
+    # recompile limit with it (a graph break at each BatchNorm, docs/results.md); not yet timed.
+    fused_norm: bool = False
 
     @property
     def stochastic(self) -> bool:
@@ -422,8 +428,9 @@ def fused_batch_norm(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, c
 
 
 def fused_norm_applies(module: nn.Module, x: torch.Tensor, codec: "TensorCodec") -> bool:
-    """The fused codec, an affine BatchNorm and a channels_last map the fused kernels take."""
-    return (codec.fused and codec.keep_lfc and codec.keep_hfc and module.affine and x.dim() == 4
+    """The fused codec with ``fused_norm``, an affine BatchNorm and a channels_last map the fused
+    kernels take."""
+    return (codec.fused and codec.fused_norm and codec.keep_lfc and codec.keep_hfc and module.affine and x.dim() == 4
             and compiled_ops.norm_applies(x, codec.block_size, codec.bits, codec.stochastic))
 
 
@@ -826,7 +833,8 @@ class CompiledLayers:
         from .compiled_rebuild import ConvInputChain
         from .compiled_window_attention import applies as window_attention_applies, window_attention_forward
         self.codec = codec
-        self.chain = ConvInputChain(rebuild_conv_input, recompute_norm_input, share_conv_inputs) \
+        self.chain = ConvInputChain(rebuild_conv_input, recompute_norm_input, share_conv_inputs,
+                                    fused_relu=codec.fused and codec.fused_norm) \
             if rebuild_conv_input or recompute_norm_input or share_conv_inputs else None
         self.attention = attention
         self.enabled = True

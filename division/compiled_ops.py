@@ -29,7 +29,8 @@ encoded once by the traced code itself (``division.compiled_rebuild``, ``share_c
 Before that, a GPU encoded and kept such a tensor twice (compiled ResNet-50: the first block of
 each stage, 59.5 MB more than eager DIVISION at batch 128, fp32; docs/results.md, records h200-r8).
 
-``norm_encode`` / ``norm_backward``: a training BatchNorm on a channels_last map carried by its
+``norm_encode`` / ``norm_backward`` (``TensorCodec(fused_norm=True)``, experimental): a training
+BatchNorm on a channels_last map carried by its
 input's encode (statistics, output and, with ``relu``, the ReLU after it and its mask), and its
 backward from the codes (``division.triton_norm``'s kernels, which eager DIVISION runs too).
 ``decode_affine``: a decode through a per-channel affine map and a ReLU mask, a rebuilt convolution

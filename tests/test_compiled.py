@@ -848,9 +848,13 @@ def test_batch_norm_folds_in_the_relu_only_where_nothing_else_reads_its_output(r
     before the ReLU, or after a ReLU that is not in place (BN(x) itself then lives on), would see
     the ReLU's output instead. After an in-place ReLU the BatchNorm's output is the ReLU's."""
     model = _NormReads(read, inplace)
-    layers = CompiledLayers(model, TensorCodec())
+    layers = CompiledLayers(model, TensorCodec(fused=True, fused_norm=True))  # (the proof looks for the pairs)
     layers.chain.prove(model, layers.modules, (torch.randn(2, 3, 8, 8),))
     assert layers.chain.absorbed == ({"bn": "relu"} if folded else {})
+    off = _NormReads(read, inplace)
+    plain = CompiledLayers(off, TensorCodec(fused=True))  # fused_norm off, the default: nothing folded
+    plain.chain.prove(off, plain.modules, (torch.randn(2, 3, 8, 8),))
+    assert plain.chain.absorbed == {}
 
 
 def test_compiled_rebuild_without_batch_norm_chains_warns():

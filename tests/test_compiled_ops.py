@@ -32,7 +32,7 @@ def _checks(inductor: bool) -> dict:
     from division.triton_codec import TritonDivisionCodec
     from tests.test_compiled import batch, small_net, step, cosine
 
-    codec = TensorCodec(block_size=4, bits=4, rounding="nearest", fused=True)
+    codec = TensorCodec(block_size=4, bits=4, rounding="nearest", fused=True, fused_norm=True)
     n = 4  # images: the interpreter's time grows with the batch, what is checked does not
     x, y = batch(n)
     graphs = {}
@@ -122,10 +122,12 @@ def _worst_relative(a: dict, b: dict) -> float:
 def _norm_checks(codec, x, y, backend, graphs) -> dict:
     """A channels_last ``small_net`` compiled (aot, inductor's partitioner), its BatchNorms run by the
     fused encode (``norm_encode``) and their backward from the codes (``norm_backward``), against
-    the same run with the BatchNorms in tensor ops beside a separate encode (``norm_applies`` off)."""
+    the same run with ``fused_norm`` off (the default): the BatchNorms in tensor ops beside a separate
+    encode."""
+    import dataclasses
+
     import torch
     import torch.nn.functional as F
-    from division import compiled_ops
     from division.compiled import CompiledLayers, _identity
     from tests.test_compiled import small_net, cosine
 
@@ -134,16 +136,11 @@ def _norm_checks(codec, x, y, backend, graphs) -> dict:
     for fused in (True, False):
         torch._dynamo.reset()
         net = small_net().to(memory_format=torch.channels_last)
-        CompiledLayers(net, codec)
-        saved, kept = compiled_ops.norm_applies, []
-        if not fused:
-            compiled_ops.norm_applies = lambda *_: False
-        try:
-            with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, _identity):
-                loss = F.cross_entropy(torch.compile(net, backend=backend)(inputs), y)
-            loss.backward()
-        finally:
-            compiled_ops.norm_applies = saved
+        CompiledLayers(net, dataclasses.replace(codec, fused_norm=fused))
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, _identity):
+            loss = F.cross_entropy(torch.compile(net, backend=backend)(inputs), y)
+        loss.backward()
         runs[fused] = {"grads": {n: p.grad.clone() for n, p in net.named_parameters()},
                        "running": {n: b.clone() for n, b in net.named_buffers() if b.is_floating_point()},
                        "forward": list(graphs["forward"]), "backward": list(graphs["backward"]),
@@ -151,6 +148,7 @@ def _norm_checks(codec, x, y, backend, graphs) -> dict:
     fused, composed = runs[True], runs[False]
     return {"forward_ops": [op for op in fused["forward"] if op.startswith("division.")],
             "backward_ops": [op for op in fused["backward"] if op.startswith("division.")],
+            "off_ops": [op for op in composed["forward"] + composed["backward"] if "norm_" in op],
             "cosine": cosine(fused["grads"], composed["grads"]),
             "worst_relative": _worst_relative(fused["grads"], composed["grads"]),
             "running_worst_relative": _worst_relative(fused["running"], composed["running"]),
@@ -263,7 +261,7 @@ def test_compiled_rebuild_is_one_fused_decode_with_the_affine_map_and_mask(inter
 
 
 def test_compiled_batch_norm_runs_in_its_input_encode_and_its_backward_reads_the_codes(interpreted):
-    """channels_last: each BatchNorm is one ``norm_encode`` (statistics, output and its input's
+    """``TensorCodec(fused_norm=True)``, channels_last: each BatchNorm is one ``norm_encode`` (statistics, output and its input's
     codes from two reads of the input, where the BatchNorm's kernels and a separate encode read it
     three or four times) and one ``norm_backward`` from the codes (no decode); the other inputs
     (conv0's, the block input, conv2's, the Linear's) are encoded as before. The gradients and
@@ -275,6 +273,7 @@ def test_compiled_batch_norm_runs_in_its_input_encode_and_its_backward_reads_the
     assert fwd.count("division.encode_opaque.default") == 4, fwd
     assert bwd.count("division.norm_backward_opaque.default") == 3, bwd
     assert bwd.count("division.decode_opaque.default") == 4, bwd
+    assert checks["off_ops"] == [], checks  # TensorCodec(fused_norm=False), the default
     assert checks["cosine"] > 0.999999 and checks["worst_relative"] < 1e-4, checks
     assert checks["running_worst_relative"] < 1e-5, checks
     assert checks["codes_bytes"][0] == checks["codes_bytes"][1] > 0, checks
@@ -368,7 +367,7 @@ def test_gpu_inductor_launches_the_fused_batch_norm_and_rebuild_kernels(rebuild)
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    codec = TensorCodec(block_size=4, bits=4, rounding="nearest", fused=True)
+    codec = TensorCodec(block_size=4, bits=4, rounding="nearest", fused=True, fused_norm=True)
     x, y = (t.cuda() for t in batch())
     x = x.contiguous(memory_format=torch.channels_last)
 
