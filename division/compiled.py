@@ -395,7 +395,7 @@ class _FusedBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps: float, codec: "TensorCodec", relu: bool):
-        y, mean, invstd, _, batch_var, mask, *encoded = compiled_ops.fused_norm_encode(
+        y, mean, invstd, batch_var, mask, *encoded = compiled_ops.fused_norm_encode(
             x, weight, bias, eps, codec.block_size, codec.bits, codec.stochastic, relu)
         ctx.save_for_backward(weight, mean, invstd, *encoded, *((mask,) if relu else ()))
         ctx.codec, ctx.shape, ctx.bias_dtype, ctx.relu = codec, list(x.shape), bias.dtype, relu
@@ -437,7 +437,7 @@ def fused_norm_applies(module: nn.Module, x: torch.Tensor, codec: "TensorCodec")
 def fused_relu_applies(module: nn.Module, x: torch.Tensor, codec: "TensorCodec") -> bool:
     """Can ``fused_batch_norm`` apply the ReLU after this BatchNorm too?"""
     return fused_norm_applies(module, x, codec) and \
-        compiled_ops.norm_relu_applies(x, codec.block_size, codec.bits, codec.stochastic)
+        compiled_ops.mask_words_fit(x, codec.block_size, codec.bits, codec.stochastic)
 
 
 def batch_norm_output(x, weight, bias, mean, invstd) -> torch.Tensor:

@@ -108,11 +108,14 @@ def _has_plan(shape, stride, dtype, device, block_size, bits, stochastic) -> boo
         codec.plan_for(tuple(maps.shape), dtype, channels_last, device) is not None
 
 
-def _encode_into(x: torch.Tensor, block_size: int, bits: int, stochastic: bool, launch
+def _encode_into(x: torch.Tensor, block_size: int, bits: int, stochastic: bool, launch, norm=None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x's (lfc, codes, mn, step) as ``TritonDivisionCodec.encode`` writes them, with stochastic
     rounding drawn by ``RNG_DATA`` (no host seed: a pure function of x, see the module docstring).
-    ``launch(kernel, grid, args, constexprs, num_warps)`` runs each kernel (or nothing: fake)."""
+    ``launch(kernel, grid, args, constexprs, num_warps)`` runs each kernel (or nothing: fake).
+    ``norm``: a BatchNorm carried by the two phases (``_norm_encode_into``): a function of the plan
+    that allocates its tensors and returns (the kernel's NORM mode, its mask-word, output,
+    statistics, mean and coefficient tensors, a function launched between the phases)."""
     from .triton_codec_kernels import _encode_kernel
     from .triton_plan import RNG_DATA
     x = _specialized(x)
@@ -125,17 +128,20 @@ def _encode_into(x: torch.Tensor, block_size: int, bits: int, stochastic: bool, 
     codes = x.new_empty((packed_nbytes(n * c * plan.h * plan.w, plan.bits),), dtype=torch.uint8)
     mn = x.new_empty((n, c), dtype=torch.bfloat16)
     step = x.new_empty((n, c), dtype=torch.bfloat16)
+    phases = plan.encode_phases if norm is None else (1, 2)  # the statistics come between
     # split planes: each chunk's HFC (min, max), written by phase 1 and reduced by phase 2
-    part = x.new_empty((n * c * plan.enc_split * 2,), dtype=torch.float32) \
-        if len(plan.encode_phases) > 1 else step
-    for phase in plan.encode_phases:
-        # unused pointers (seed counter, ReLU mask words, BatchNorm outputs) get any tensor: step
+    part = x.new_empty((n * c * plan.enc_split * 2,), dtype=torch.float32) if len(phases) > 1 else step
+    # unused pointers (seed counter, ReLU mask words, BatchNorm tensors) get any tensor: step
+    mode, words, *norm_args, between = (0, step, step, step, step, step, None) if norm is None else norm(plan)
+    for phase in phases:
         launch(_encode_kernel, plan.encode_grid,
-               (maps, lfc, codes, mn, step, part, step, step, step, step, step, step, 0, c, c // plan.g,
+               (maps, lfc, codes, mn, step, part, step, words, *norm_args, 0, c, c // plan.g,
                 c * plan.h * plan.w),  # dense maps only (applies): one sample after the other
                dict(STOCHASTIC=stochastic, RNG=RNG_DATA, SEED_PTR=False, FMA_Q=stochastic and plan.fma_q,
-                    PACK_MASK=False, NORM=False, **plan.encode_constexprs(phase)),
+                    PACK_MASK=False, NORM=mode, **plan.encode_constexprs(phase)),
                plan.enc_warps)
+        if phase == 1 and between is not None:
+            between()
     return lfc, codes, mn, step
 
 
@@ -174,45 +180,39 @@ def _norm_encode_into(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                       bits: int, stochastic: bool, relu: bool, launch) -> tuple[torch.Tensor, ...]:
     """A training BatchNorm's forward carried by the encode of its input x (``triton_norm``: phase 1
     also writes per-chunk statistics, ``_stats_kernel`` merges them, phase 2 also writes the
-    output): (y, mean, invstd, the batch's mean and unbiased variance (for the running statistics,
-    which the caller updates), the ReLU's mask, then x's lfc, codes, mn, step as ``_encode_into``
+    output): (y, mean, invstd, the batch's unbiased variance (for the running statistics, which
+    the caller updates), the ReLU's mask, then x's lfc, codes, mn, step as ``_encode_into``
     writes them). ``relu``: a ReLU follows, y is its output and the mask (one bit per element,
     NHWC order) its ``y > 0``; else the mask is empty. x is read twice in all, as a BatchNorm's own
     forward reads it, where the BatchNorm and a separate encode read it three or four times.
     ``norm_applies`` says where."""
-    from .triton_plan import _MASK_WORDS
-    from .triton_codec_kernels import _encode_kernel
     from .triton_norm import statistics_launch
-    from .triton_plan import RNG_DATA
-    x = _specialized(x)
-    _, plan, maps = _plan(x, block_size, bits, stochastic)
-    n, c, h, w = plan.n, plan.c, plan.h, plan.w
-    lfc = _empty_maps((n, c, plan.hb, plan.wb), torch.bfloat16, x.device, True)
-    codes = x.new_empty((packed_nbytes(n * c * h * w, plan.bits),), dtype=torch.uint8)
-    mn = x.new_empty((n, c), dtype=torch.bfloat16)
-    step = x.new_empty((n, c), dtype=torch.bfloat16)
-    part = x.new_empty((n * c * plan.enc_split * 2,), dtype=torch.float32)
-    rows = n * plan.enc_split  # phase 1 writes row n * chunks + chunk
-    stats = x.new_empty((rows, 3, c), dtype=torch.float32)
-    mean = x.new_empty((c,), dtype=torch.float32)
-    invstd = x.new_empty((c,), dtype=torch.float32)
-    coef = x.new_empty((2, c), dtype=torch.float32)
-    # the kernel's running-statistics update with momentum 1 on zeros: the batch's mean and unbiased variance
-    batch_mean = x.new_zeros((c,), dtype=torch.float32)
-    batch_var = x.new_zeros((c,), dtype=torch.float32)
-    y = _empty_maps((n, c, h, w), x.dtype, x.device, True)
-    mask = x.new_empty((packed_nbytes(n * c * h * w, 1) if relu else 0,), dtype=torch.uint8)
-    for phase in (1, 2):
-        launch(_encode_kernel, plan.encode_grid,
-               (maps, lfc, codes, mn, step, part, step, mask.view(_MASK_WORDS[plan.g]) if relu else step, y,
-                stats, mean, coef, 0, c, c // plan.g, c * h * w),
-               dict(STOCHASTIC=stochastic, RNG=RNG_DATA, SEED_PTR=False, FMA_Q=stochastic and plan.fma_q,
-                    PACK_MASK=False, NORM=2 if relu else 1, **plan.encode_constexprs(phase)),
-               plan.enc_warps)
-        if phase == 1:
+    from .triton_plan import _MASK_WORDS
+    made = {}
+
+    def norm(plan):
+        n, c, h, w = plan.n, plan.c, plan.h, plan.w
+        rows = n * plan.enc_split  # phase 1 writes row n * chunks + chunk
+        stats = x.new_empty((rows, 3, c), dtype=torch.float32)
+        mean = x.new_empty((c,), dtype=torch.float32)
+        invstd = x.new_empty((c,), dtype=torch.float32)
+        coef = x.new_empty((2, c), dtype=torch.float32)
+        # the kernel's running-statistics update with momentum 1 on zeros: the batch's mean (again)
+        # and unbiased variance
+        batch_mean = x.new_zeros((c,), dtype=torch.float32)
+        batch_var = x.new_zeros((c,), dtype=torch.float32)
+        y = _empty_maps((n, c, h, w), x.dtype, x.device, True)
+        mask = x.new_empty((packed_nbytes(n * c * h * w, 1) if relu else 0,), dtype=torch.uint8)
+        made.update(y=y, mean=mean, invstd=invstd, var=batch_var, mask=mask)
+
+        def between():
             statistics_launch(stats, weight, bias, batch_mean, batch_var, mean, invstd, coef, rows, 1.0, eps,
                               launch=launch)
-    return y, mean, invstd, batch_mean, batch_var, mask, lfc, codes, mn, step
+        words = mask.view(_MASK_WORDS[plan.g]) if relu else mean  # (mean: any pointer, unread)
+        return 2 if relu else 1, words, y, stats, mean, coef, between
+
+    encoded = _encode_into(x, block_size, bits, stochastic, launch, norm)
+    return (made["y"], made["mean"], made["invstd"], made["var"], made["mask"], *encoded)
 
 
 def _norm_backward_into(dy, lfc, codes, mn, step, mask, weight, mean, invstd, shape, block_size, bits, launch
@@ -299,7 +299,7 @@ def _norm_encode_op(launch):
     def norm_encode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, block_size: int,
                     bits: int, stochastic: bool, relu: bool
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                               torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                               torch.Tensor, torch.Tensor, torch.Tensor]:
         return _norm_encode_into(x, weight, bias, eps, block_size, bits, stochastic, relu, launch)
     return norm_encode
 
@@ -394,11 +394,9 @@ def _norm_plan_fits(shape, stride, dtype, device, block_size, bits, stochastic) 
     return triton_norm.applies(plan) and triton_norm.forward_applies(plan)
 
 
-def norm_relu_applies(x: torch.Tensor, block_size: int, bits: int, stochastic: bool) -> bool:
-    """Can ``fused_norm_encode`` also apply the ReLU after the BatchNorm (``norm_applies``, and a
-    plan whose programs store one mask word per pixel: groups of 8 to 64 channels)?"""
-    if not norm_applies(x, block_size, bits, stochastic):
-        return False
+def mask_words_fit(x: torch.Tensor, block_size: int, bits: int, stochastic: bool) -> bool:
+    """Can ``fused_norm_encode`` (where ``norm_applies``) also apply the ReLU after the BatchNorm:
+    does x's plan store one mask word per pixel (programs of 8 to 64 channels)?"""
     shape = tuple(operator.index(size) for size in x.shape)
     return _mask_words_fit(shape, x.dtype, str(x.device), block_size, bits, stochastic)
 

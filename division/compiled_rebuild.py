@@ -134,7 +134,7 @@ class ConvInputChain:
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and name in self.absorbed \
                 and not (self.recompute and linked and source[3] == "conv") and fused_relu_applies(module, x, codec):
             y, layout, encoded, mean, invstd, mask = fused_batch_norm(module, x, codec, relu=True)
-            recipe = ("norm", ("codes", layout, encoded), mean, invstd, module.weight, module.bias, mask, True)
+            recipe = _norm_recipe(module, ("codes", layout, encoded), mean, invstd, mask)
             self._absorbed_outputs[self.absorbed[name]] = (y, recipe, name)
             return y
         if isinstance(module, nn.ReLU) and name in self._absorbed_outputs and self._absorbed_outputs[name][0] is x:
@@ -326,9 +326,17 @@ class ConvInputChain:
         return None
 
     def clear(self) -> None:
+        pending = dict(self._absorbed_outputs)
         self._sources.clear()
         self._read.clear()
         self._absorbed_outputs.clear()
+        if pending:
+            # a BatchNorm wrote ReLU(BN(x)) for a ReLU that then did not read it: whatever read it
+            # instead got the ReLU's output where BN(x) was meant (a forward unlike the proof's)
+            raise RuntimeError(
+                f"BatchNorm {', '.join(norm for _, _, norm in pending.values())} applied the ReLU after it "
+                f"({', '.join(pending)}), but that ReLU did not read its output in this forward, unlike the "
+                "forward that proved the pair: train with TensorCodec(fused_norm=False)")
 
 
 class _ReadWatch(TorchFunctionMode):
@@ -494,7 +502,7 @@ def _norm_with_recipe(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, 
     fused = fused_batch_norm(module, x, codec) if inner is None else None
     if fused is not None:
         y, layout, encoded, mean, invstd, _ = fused
-        return y, ("norm", ("codes", layout, encoded), mean, invstd, module.weight, module.bias, None, False)
+        return y, _norm_recipe(module, ("codes", layout, encoded), mean, invstd)
     mean, invstd = batch_statistics(module, x)
     if inner is None:
         layout, encoded = codec.encode(x.detach())
@@ -504,7 +512,14 @@ def _norm_with_recipe(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, 
         structure, tensors = _flatten(inner)
         y = _BatchNormFromRecipe.apply(x, module.weight, module.bias, mean, invstd, module.eps, codec,
                                        structure, *tensors)
-    return y, ("norm", inner, mean, invstd, module.weight, module.bias, None, False)
+    return y, _norm_recipe(module, inner, mean, invstd)
+
+
+def _norm_recipe(module: nn.modules.batchnorm._BatchNorm, inner: Recipe, mean, invstd,
+                 mask: Optional[torch.Tensor] = None) -> Recipe:
+    """BN(inner) with the batch statistics given; with ``mask`` (a channels_last ReLU mask kept by
+    the fused BatchNorm that applied the ReLU) ReLU(BN(inner))."""
+    return ("norm", inner, mean, invstd, module.weight, module.bias, mask, mask is not None)
 
 
 class _BatchNormFromRecipe(torch.autograd.Function):

@@ -13,8 +13,8 @@ a test session.
 turns that failure into ``RecompileLimitReached``, which names the limit and the two ways out.
 Inside those calls Dynamo's ``suppress_errors`` is off as well (it may not be on together with
 the failure, and it would run a frame whose compilation failed uncompiled, in silence too).
-The runners also reset Dynamo before each run they compile (``runners.compiling``), so a sweep's
-runs do not add up.
+The runners also reset Dynamo before each run they compile (``runners.distributed.prepare_model``),
+so a sweep's runs do not add up.
 """
 from __future__ import annotations
 

@@ -254,13 +254,21 @@ def statistics_launch(stats, weight, bias, running_mean, running_var, mean, invs
             running_mean if running else mean, running_var if running else mean, mean, invstd, coef,
             rows, float(momentum), float(eps))
     flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RUNNING=running)
-    constexprs = dict(C=c, BLOCK_C=block_c, BLOCK_R=64, **flags)
-    if launch is not None:
-        launch(_stats_kernel, (cdiv(c, block_c),), args, constexprs, 4)
-        return
     # (the parameters' and running statistics' dtypes and alignment are part of the compiled kernel)
-    given = [(a.dtype, aligned(a)) for a in (weight, bias, running_mean, running_var) if a is not None]
-    _STATS.launch((c, *flags.values(), *given, mean.device.index), (cdiv(c, block_c),), args, constexprs, 4)
+    key = None if launch is not None else \
+        (c, *flags.values(), *[(a.dtype, aligned(a)) for a in (weight, bias, running_mean, running_var)
+                               if a is not None], mean.device.index)
+    _run(_STATS, key, (cdiv(c, block_c),), args, dict(C=c, BLOCK_C=block_c, BLOCK_R=64, **flags), 4, launch)
+
+
+def _run(cached: CachedLaunch, key, grid, args, constexprs, warps: int, launch=None) -> None:
+    """One of this module's kernels: through its cached launch (``key``), or through a compiled
+    graph's ``launch(kernel, grid, args, constexprs, num_warps)`` (no key: no data pointers while
+    traced). ``constexprs``: a dict, or a function returning one."""
+    if launch is None:
+        cached.launch(key, grid, args, constexprs, warps)
+    else:
+        launch(cached.kernel, grid, args, constexprs() if callable(constexprs) else constexprs, warps)
 
 
 def batch_norm_backward(dy: torch.Tensor, tensors: dict[str, torch.Tensor], plan: Plan,
@@ -272,12 +280,6 @@ def batch_norm_backward(dy: torch.Tensor, tensors: dict[str, torch.Tensor], plan
     d weight is None without a weight. ``launch``: as in ``statistics_launch``. ``relu_mask``: a
     ReLU followed the BatchNorm (its mask, one bit per element in NHWC order): ``dy`` is the
     ReLU's output gradient, masked in the kernels' reads."""
-    def run(cached: CachedLaunch, key, grid, args, constexprs, warps) -> None:
-        if launch is None:
-            cached.launch(key, grid, args, constexprs, warps)
-        else:
-            launch(cached.kernel, grid, args, constexprs() if callable(constexprs) else constexprs, warps)
-
     n, c, h, w = plan.n, plan.c, plan.h, plan.w
     dy = dy.contiguous(memory_format=torch.channels_last)
     dev = dy.device
@@ -301,24 +303,24 @@ def batch_norm_backward(dy: torch.Tensor, tensors: dict[str, torch.Tensor], plan
     part = torch.empty((chunks, 2, c), dtype=torch.float32, device=dev)
     dy_aligned = aligned(dy) if launch is None else None  # (no data pointer while a graph is traced)
     key = (plan, dy.dtype, steps, dy_aligned, dev.index, tun, relu_mask is not None)
-    run(_REDUCE, key, (chunks, groups), (dy, codes, lfc, mn, step, mask, mean, part, pixels),
-        lambda: dict(geometry, STEPS=steps), warps)
+    _run(_REDUCE, key, (chunks, groups), (dy, codes, lfc, mn, step, mask, mean, part, pixels),
+         lambda: dict(geometry, STEPS=steps), warps, launch)
 
     coef = torch.empty((3, c), dtype=torch.float32, device=dev)
     db = torch.empty(c, dtype=torch.float32, device=dev)
     dw = torch.empty(c, dtype=weight.dtype, device=dev) if weight is not None else None
     block_c = min(16, next_power_of_2(c))  # many programs: each one's loop over chunks is latency-bound
-    run(_COEF, (c, weight is not None, None if weight is None else weight.dtype, dev.index),
-        (cdiv(c, block_c),),
-        (part, invstd, weight if weight is not None else invstd, coef, dw if dw is not None else db,
-         db, chunks, pixels),
-        dict(C=c, BLOCK_C=block_c, BLOCK_K=128, HAS_WEIGHT=weight is not None), 4)
+    _run(_COEF, (c, weight is not None, None if weight is None else weight.dtype, dev.index),
+         (cdiv(c, block_c),),
+         (part, invstd, weight if weight is not None else invstd, coef, dw if dw is not None else db,
+          db, chunks, pixels),
+         dict(C=c, BLOCK_C=block_c, BLOCK_K=128, HAS_WEIGHT=weight is not None), 4, launch)
 
     # an NHWC buffer seen as (N, C, H, W) (channels_last): in a compiled graph, torch.empty_like with
     # a memory format gets a fill kernel of its own (division.compiled_ops._empty_maps)
     dx = torch.empty((n, h, w, c), dtype=dy.dtype, device=dev).permute(0, 3, 1, 2)
     grad_steps = TUNING["grad_steps"]
-    run(_INPUT_GRAD, (plan, dy.dtype, dy_aligned, dev.index, tun, relu_mask is not None),
-        (cdiv(tiles, grad_steps), groups), (dy, codes, lfc, mn, step, mask, mean, coef, dx, pixels),
-        lambda: dict(geometry, STEPS=grad_steps), warps)
+    _run(_INPUT_GRAD, (plan, dy.dtype, dy_aligned, dev.index, tun, relu_mask is not None),
+         (cdiv(tiles, grad_steps), groups), (dy, codes, lfc, mn, step, mask, mean, coef, dx, pixels),
+         lambda: dict(geometry, STEPS=grad_steps), warps, launch)
     return dx, dw, db

@@ -857,6 +857,18 @@ def test_batch_norm_folds_in_the_relu_only_where_nothing_else_reads_its_output(r
     assert plain.chain.absorbed == {}
 
 
+def test_a_folded_relu_that_does_not_read_its_batch_norm_output_is_an_error():
+    """A forward unlike the proof's, where the ReLU folded into a BatchNorm never reads that
+    BatchNorm's output: whatever read it got ReLU(BN(x)) in place of BN(x), so the forward's end
+    raises, naming both, instead of training on."""
+    model = _NormReads("none")
+    layers = CompiledLayers(model, TensorCodec(fused=True, fused_norm=True))
+    layers.chain._absorbed_outputs["relu"] = (torch.zeros(1), (), "bn")  # what the fused BatchNorm leaves
+    with pytest.raises(RuntimeError, match="BatchNorm bn applied the ReLU after it \\(relu\\)"):
+        model(torch.randn(2, 3, 8, 8))
+    assert layers.chain._absorbed_outputs == {}
+
+
 def test_compiled_rebuild_without_batch_norm_chains_warns():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
