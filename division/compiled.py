@@ -232,14 +232,16 @@ def hash_dither(x: torch.Tensor) -> torch.Tensor:
     return (h >> 7).to(torch.float32) * (1.0 / (1 << 24))
 
 
-def tensor_codec_for(codec) -> Optional[TensorCodec]:
+def tensor_codec_for(codec, fused_norm: bool = False) -> Optional[TensorCodec]:
     """The compiled form of an eager codec: DIVISION's (reference or fused kernels), except its
-    ``simulate`` debugging mode; None for any other codec (the baselines have none)."""
+    ``simulate`` debugging mode; None for any other codec (the baselines have none). ``fused_norm``:
+    ``TensorCodec.fused_norm`` where the codec is the fused kernels'."""
     from .dual_precision import DivisionCodec
     if not isinstance(codec, DivisionCodec) or codec.simulate:
         return None
+    fused = type(codec).__name__ == "TritonDivisionCodec"
     return TensorCodec(codec.block_size, codec.bits, codec.rounding, codec.keep_lfc, codec.keep_hfc,
-                       fused=type(codec).__name__ == "TritonDivisionCodec")
+                       fused=fused, fused_norm=fused_norm and fused)
 
 
 @dataclass(frozen=True)
@@ -387,9 +389,10 @@ class _BatchNorm(torch.autograd.Function):
 class _FusedBatchNorm(torch.autograd.Function):
     """Training-mode batch normalization run by the fused encode of its input (``compiled_ops.
     norm_encode``: statistics, output and x's codes from two reads of x), whose backward computes
-    the gradients from the codes (``norm_backward``: no decoded input written). Returns (y, the
-    batch's mean, invstd and unbiased variance (for the running statistics), the ReLU's mask (empty
-    without ``relu``), x's stored codes), all but y non-differentiable. ``relu``: y is the output of
+    the gradients from the codes (``norm_backward``: no decoded input written). Returns (y as an
+    (N, H, W, C) tensor, the batch's mean, invstd and unbiased variance (for the running
+    statistics), the ReLU's mask (empty without ``relu``), x's stored codes), all but y
+    non-differentiable. ``relu``: y is the output of
     a ReLU applied to the BatchNorm's, whose mask this function keeps (the ReLU module then returns
     y as it is: ``compiled_rebuild.ConvInputChain``)."""
 
@@ -406,7 +409,7 @@ class _FusedBatchNorm(torch.autograd.Function):
     def backward(ctx, grad, *_):
         weight, mean, invstd, *stored = ctx.saved_tensors
         mask = stored.pop() if ctx.relu else None
-        gx, gw, gb = compiled_ops.fused_norm_backward(grad, *stored, mask, weight, mean, invstd, ctx.shape,
+        gx, gw, gb = compiled_ops.fused_norm_backward(grad.permute(0, 3, 1, 2), *stored, mask, weight, mean, invstd, ctx.shape,
                                                       ctx.codec.block_size, ctx.codec.bits)
         return gx, gw, gb.to(ctx.bias_dtype), None, None, None
 
@@ -421,6 +424,7 @@ def fused_batch_norm(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, c
         return None
     y, mean, invstd, batch_var, mask, *encoded = _FusedBatchNorm.apply(x, module.weight, module.bias, module.eps,
                                                                       codec, relu)
+    y = y.permute(0, 3, 1, 2)  # (the function returns the NHWC buffer: a view of it could not be modified in place)
     _update_running_statistics(module, x, mean, batch_var, unbiased=True)
     geom = canonical_geometry(x.shape, x.dtype, codec.block_size)
     layout = Layout(tuple(x.shape), x.dtype, "channels_last", geom, fused=True)

@@ -180,8 +180,8 @@ def _norm_encode_into(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                       bits: int, stochastic: bool, relu: bool, launch) -> tuple[torch.Tensor, ...]:
     """A training BatchNorm's forward carried by the encode of its input x (``triton_norm``: phase 1
     also writes per-chunk statistics, ``_stats_kernel`` merges them, phase 2 also writes the
-    output): (y, mean, invstd, the batch's unbiased variance (for the running statistics, which
-    the caller updates), the ReLU's mask, then x's lfc, codes, mn, step as ``_encode_into``
+    output): (y as an (N, H, W, C) tensor (its NHWC buffer), mean, invstd, the batch's unbiased
+    variance (for the running statistics, which the caller updates), the ReLU's mask, then x's lfc, codes, mn, step as ``_encode_into``
     writes them). ``relu``: a ReLU follows, y is its output and the mask (one bit per element,
     NHWC order) its ``y > 0``; else the mask is empty. x is read twice in all, as a BatchNorm's own
     forward reads it, where the BatchNorm and a separate encode read it three or four times.
@@ -201,7 +201,11 @@ def _norm_encode_into(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
         # and unbiased variance
         batch_mean = x.new_zeros((c,), dtype=torch.float32)
         batch_var = x.new_zeros((c,), dtype=torch.float32)
-        y = _empty_maps((n, c, h, w), x.dtype, x.device, True)
+        # y in NHWC order and shape: not a view (a channels_last (N, C, H, W) map is one, a
+        # permutation of its NHWC buffer), since the caller's autograd function returns it and
+        # an in-place op on a view that a custom function returned is refused (a residual's
+        # ``out += identity`` after the block's last BatchNorm)
+        y = x.new_empty((n, h, w, c))
         mask = x.new_empty((packed_nbytes(n * c * h * w, 1) if relu else 0,), dtype=torch.uint8)
         made.update(y=y, mean=mean, invstd=invstd, var=batch_var, mask=mask)
 

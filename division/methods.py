@@ -247,6 +247,9 @@ class CodecMethod(TrainingMethod):
     recompute_norm_input: a BatchNorm's input that is a 1x1 or depthwise convolution's output is not
     stored but recomputed in backward from that convolution's stored input (``division.rebuild``;
     compiled: ``division.compiled_rebuild``).
+    fused_norm: compiled steps run a training BatchNorm on a channels_last map inside its input's
+    encode, with a ReLU that alone reads its output folded in, and its backward from the codes
+    (``division.compiled``'s ``_FusedBatchNorm``; the eager path's fused kernels). Fused codec only.
     """
 
     def __init__(self, name: str, codec: ActivationCodec, *, exact_masks: bool = True,
@@ -255,10 +258,10 @@ class CodecMethod(TrainingMethod):
                  seed: Optional[int] = None, cover_all: bool = False,
                  attention_codec: Optional[ActivationCodec] = None,
                  probability_codec: Optional[ActivationCodec] = None, rebuild_conv_input: bool = False,
-                 recompute_norm_input: bool = False) -> None:
+                 recompute_norm_input: bool = False, fused_norm: bool = False) -> None:
         super().__init__()
         for knob, value in (("rebuild_conv_input", rebuild_conv_input),
-                            ("recompute_norm_input", recompute_norm_input)):
+                            ("recompute_norm_input", recompute_norm_input), ("fused_norm", fused_norm)):
             if not isinstance(value, bool):
                 raise ValueError(f"{knob} must be true or false, got {value!r}")
         for knob, value in (("side_stream", side_stream), ("prefetch_decode", prefetch_decode)):
@@ -280,7 +283,8 @@ class CodecMethod(TrainingMethod):
         self.probability_codec = probability_codec
         self.rebuild_conv_input = rebuild_conv_input
         self.recompute_norm_input = recompute_norm_input
-        self.tensor_codec = tensor_codec_for(codec)  # None: the codec has no compiled form
+        self.fused_norm = fused_norm
+        self.tensor_codec = tensor_codec_for(codec, fused_norm)  # None: the codec has no compiled form
         self.compile_safe = self.tensor_codec is not None
         self.compiled_layers: Optional[CompiledLayers] = None
         # compiled: the share of plain autograd's saved bytes inside layers that compress compiled
@@ -434,7 +438,8 @@ class CodecMethod(TrainingMethod):
         fields = {"method": self.name, "block_size": knobs.get("block_size"), "bits": knobs.get("bits"),
                   "kernels": codec_kernels(self.codec)}
         if self.name == "division":
-            fields.update(rebuild_conv_input=self.rebuild_conv_input, recompute_norm_input=self.recompute_norm_input)
+            fields.update(rebuild_conv_input=self.rebuild_conv_input, recompute_norm_input=self.recompute_norm_input,
+                          fused_norm=self.fused_norm)
             if self.cover_all:  # else attention and probabilities are stored like every other save
                 fields.update(attention_bits=_stored_bits(self.attention_codec, knobs.get("bits")),
                               probability_bits=_stored_bits(self.probability_codec, knobs.get("bits")))
@@ -453,7 +458,7 @@ def _division(block_size: int = 8, bits: int = 2, rounding: str = "stochastic", 
               side_stream="auto", prefetch_decode="auto", prefetch_ahead: int = 1, norm_from_codes: bool = True,
               seed: Optional[int] = None, cover_all: bool = True, attention_bits: int = DEFAULT_ATTENTION_BITS,
               probability_bits: int = DEFAULT_PROBABILITY_BITS, rebuild_conv_input: bool = False,
-              recompute_norm_input: bool = False, **_) -> TrainingMethod:
+              recompute_norm_input: bool = False, fused_norm: bool = False, **_) -> TrainingMethod:
     from .backends import division_codec
     for knob, value, what in (("attention_bits", attention_bits, "attention"),
                               ("probability_bits", probability_bits, "probabilities")):
@@ -475,7 +480,7 @@ def _division(block_size: int = 8, bits: int = 2, rounding: str = "stochastic", 
                        norm_from_codes=norm_from_codes, seed=seed, cover_all=cover_all,
                        attention_codec=apart(attention_bits), probability_codec=apart(probability_bits),
                        rebuild_conv_input=rebuild_conv_input,
-                       recompute_norm_input=recompute_norm_input)
+                       recompute_norm_input=recompute_norm_input, fused_norm=fused_norm)
 
 
 _REGISTRY: dict[str, Callable[..., TrainingMethod]] = {

@@ -159,6 +159,7 @@ RULES: dict[str, Rule] = {
     "method.norm_from_codes": boolean(),
     "method.rebuild_conv_input": boolean(),
     "method.recompute_norm_input": boolean(),
+    "method.fused_norm": boolean(),
     "method.side_stream": (valid_side_stream, "use auto, true or false"),
     "method.prefetch_decode": (valid_side_stream, "use auto, true or false"),
     "method.prefetch_ahead": (valid_prefetch_ahead, "use an integer >= 1"),

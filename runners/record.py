@@ -54,6 +54,7 @@ STORE_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
     ("kernels", pa.string()),        # the codec's implementation: "triton" (fused kernels), "pytorch" (ops), "inductor" (compiled), null
     ("rebuild_conv_input", pa.bool_()),  # DIVISION's method.rebuild_conv_input; null for other methods
     ("recompute_norm_input", pa.bool_()),  # DIVISION's method.recompute_norm_input; null for other methods
+    ("fused_norm", pa.bool_()),  # DIVISION's method.fused_norm; null for other methods
     ("attention_bits", pa.int64()),    # DIVISION's method.attention_bits (0: exact); null for other methods, without cover_all
     ("probability_bits", pa.int64()),  # DIVISION's method.probability_bits, likewise
     ("batch_size", pa.int64()), ("device", pa.string()), ("precision", pa.string()),
@@ -116,6 +117,7 @@ def new_record(cfg, run_dir: str | Path, method_fields: dict[str, Any]) -> dict[
         "kernels": method_fields.get("kernels"),
         "rebuild_conv_input": method_fields.get("rebuild_conv_input"),
         "recompute_norm_input": method_fields.get("recompute_norm_input"),
+        "fused_norm": method_fields.get("fused_norm"),
         "attention_bits": method_fields.get("attention_bits"),
         "probability_bits": method_fields.get("probability_bits"),
         "batch_size": int(cfg.batch_size),
@@ -134,7 +136,7 @@ def new_record(cfg, run_dir: str | Path, method_fields: dict[str, Any]) -> dict[
     }
     if cfg.mode.name == "report":
         record.update(dict.fromkeys(("model", "dataset", "method", "block_size", "bits", "kernels",
-                                     "rebuild_conv_input", "recompute_norm_input", "attention_bits",
+                                     "rebuild_conv_input", "recompute_norm_input", "fused_norm", "attention_bits",
                                      "probability_bits", "batch_size")))
     return record
 

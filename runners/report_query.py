@@ -47,6 +47,7 @@ _SETUP = [
                     || CASE WHEN bits IS NOT NULL THEN ' Q' || knob(bits) ELSE '' END
                     || CASE WHEN rebuild_conv_input THEN ' rebuild' ELSE '' END
                     || CASE WHEN recompute_norm_input THEN ' recompute' ELSE '' END
+                    || CASE WHEN fused_norm THEN ' fused-norm' ELSE '' END
                     || CASE WHEN attention_bits <> {DEFAULT_ATTENTION_BITS} THEN ' A' || CAST(attention_bits AS VARCHAR) ELSE '' END
                     || CASE WHEN probability_bits <> {DEFAULT_PROBABILITY_BITS} THEN ' P' || CAST(probability_bits AS VARCHAR) ELSE '' END
                     AS _label,
@@ -54,6 +55,7 @@ _SETUP = [
          coalesce(num(block_size), 0), coalesce(num(bits), 0),
          CASE WHEN rebuild_conv_input THEN 1.0 ELSE 0.0 END,
          CASE WHEN recompute_norm_input THEN 1.0 ELSE 0.0 END,
+         CASE WHEN fused_norm THEN 1.0 ELSE 0.0 END,
          coalesce(attention_bits, {DEFAULT_ATTENTION_BITS})::DOUBLE,
          coalesce(probability_bits, {DEFAULT_PROBABILITY_BITS})::DOUBLE] AS _label_rank,
         txt(model) || ' b' || txt(batch_size) AS _col,

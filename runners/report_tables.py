@@ -108,7 +108,7 @@ def _knob(value: Any) -> str:
 def method_label(row: dict[str, Any]) -> str:
     """The method with its knobs, as the tables' row names: "division B8 Q2", "actnn Q2", "none",
     "division B8 Q2 rebuild" (``method.rebuild_conv_input``), "... recompute"
-    (``method.recompute_norm_input``), "... A4" / "... P8" (``method.attention_bits`` /
+    (``method.recompute_norm_input``), "... fused-norm" (``method.fused_norm``), "... A4" / "... P8" (``method.attention_bits`` /
     ``method.probability_bits`` other than their defaults) (the same label report_query's
     ``_label`` gives in SQL, for code that holds one row)."""
     label = str(row.get("method"))
@@ -120,6 +120,8 @@ def method_label(row: dict[str, Any]) -> str:
         label += " rebuild"
     if row.get("recompute_norm_input"):
         label += " recompute"
+    if row.get("fused_norm"):
+        label += " fused-norm"
     for key, letter, default in (("attention_bits", "A", DEFAULT_ATTENTION_BITS),
                                  ("probability_bits", "P", DEFAULT_PROBABILITY_BITS)):
         if row.get(key) is not None and number(row[key]) != default:
@@ -131,7 +133,7 @@ def method_sort_key(row: dict[str, Any]) -> tuple:
     method = str(row.get("method"))
     rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
     return (rank, method, number(row.get("block_size")) or 0, number(row.get("bits")) or 0,
-            bool(row.get("rebuild_conv_input")), bool(row.get("recompute_norm_input")),
+            bool(row.get("rebuild_conv_input")), bool(row.get("recompute_norm_input")), bool(row.get("fused_norm")),
             _bits_or(row.get("attention_bits"), DEFAULT_ATTENTION_BITS),
             _bits_or(row.get("probability_bits"), DEFAULT_PROBABILITY_BITS))
 
