@@ -76,7 +76,38 @@ def _checks(inductor: bool) -> dict:
     out["rebuild"] = _rebuild_checks(codec, x, y, backend, graphs)
     out["norm"] = _norm_checks(codec, x, y, backend, graphs)
     out["norm_relu"] = _norm_relu_checks(codec, x, y, backend, graphs)
+    out["norm_residual"] = _norm_residual_checks(codec, backend, graphs)
     return out
+
+
+def _norm_residual_checks(codec, backend, graphs) -> dict:
+    """torchvision's BasicBlock ResNet (one block per stage), channels_last, with the fused
+    BatchNorm: each block adds its shortcut into bn2's output in place (``out += identity``), which
+    autograd refuses on a view that a custom function returned. The same functions run eagerly and
+    compiled."""
+    import torch
+    import torch.nn.functional as F
+    import torchvision
+    from division.compiled import CompiledLayers
+    from tests.test_compiled import cosine
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 32, 32, generator=g).contiguous(memory_format=torch.channels_last)
+    y = torch.tensor([1, 7])
+    runs = {}
+    for eager in (True, False):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        net = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=10)
+        net = net.to(memory_format=torch.channels_last)
+        layers = CompiledLayers(net, codec, eager=eager)
+        layers.chain.prove(net, layers.modules, (x,))
+        F.cross_entropy((net if eager else torch.compile(net, backend=backend))(x), y).backward()
+        runs[eager] = {"grads": {n: p.grad.clone() for n, p in net.named_parameters()},
+                       "absorbed": len(layers.chain.absorbed)}
+    return {"absorbed": [runs[True]["absorbed"], runs[False]["absorbed"]],
+            "norm_encodes": graphs["forward"].count("division.norm_encode_opaque.default"),
+            "cosine": cosine(runs[True]["grads"], runs[False]["grads"])}
 
 
 def _norm_relu_checks(codec, x, y, backend, graphs) -> dict:
@@ -292,6 +323,17 @@ def test_compiled_batch_norm_applies_the_relu_that_reads_its_output(interpreted,
     assert checks["uint8_bytes"][0] == checks["uint8_bytes"][1] > 0, checks
     assert checks["cosine"] > 0.999999 and checks["worst_relative"] < 1e-5, checks
     assert checks["running_worst_relative"] < 1e-6, checks
+
+
+def test_compiled_batch_norm_output_takes_a_residual_sum_in_place(interpreted):
+    """torchvision's ResNet adds each block's shortcut into its last BatchNorm's output in place.
+    The fused BatchNorm's output is no view (autograd refuses an in-place op on a view a custom
+    function returned, which stopped this eager run), eagerly and compiled; every BatchNorm with
+    a plan is fused and the ReLUs after the stem's and the blocks' first BatchNorms are folded."""
+    checks = interpreted["norm_residual"]
+    assert checks["absorbed"] == [5, 5], checks
+    assert checks["norm_encodes"] >= 5, checks
+    assert checks["cosine"] > 0.9999, checks
 
 
 def test_cpu_tensors_take_the_fused_ops_only_under_the_interpreter(interpreted):
