@@ -285,6 +285,9 @@ class CodecMethod(TrainingMethod):
         self.recompute_norm_input = recompute_norm_input
         self.fused_norm = fused_norm
         self.tensor_codec = tensor_codec_for(codec, fused_norm)  # None: the codec has no compiled form
+        if fused_norm and not (self.tensor_codec is not None and self.tensor_codec.fused):
+            raise ValueError("fused_norm=true runs the fused GPU kernels' BatchNorm: it needs method.backend=triton "
+                             "(or auto on a CUDA machine); set method.fused_norm=false here")
         self.compile_safe = self.tensor_codec is not None
         self.compiled_layers: Optional[CompiledLayers] = None
         # compiled: the share of plain autograd's saved bytes inside layers that compress compiled

@@ -857,6 +857,22 @@ def test_batch_norm_folds_in_the_relu_only_where_nothing_else_reads_its_output(r
     assert plain.chain.absorbed == {}
 
 
+def test_method_fused_norm_reaches_the_compiled_codec_and_the_record():
+    """``method.fused_norm=true`` turns on the compiled fused BatchNorm (``TensorCodec.fused_norm``)
+    of the fused kernels' codec, and the method describes it for the record; with the tensor-op
+    codec, which has no such BatchNorm, it is an error, not a knob silently ignored."""
+    from division.methods import CodecMethod
+    from division.triton_codec import TritonDivisionCodec
+    fused = CodecMethod("division", TritonDivisionCodec(), fused_norm=True)
+    assert fused.tensor_codec.fused and fused.tensor_codec.fused_norm
+    assert fused.describe()["fused_norm"] is True
+    assert not CodecMethod("division", TritonDivisionCodec()).tensor_codec.fused_norm
+    with pytest.raises(ValueError, match="fused_norm=true runs the fused GPU kernels' BatchNorm"):
+        division.build_method("division", backend="torch", fused_norm=True)
+    with pytest.raises(ValueError, match="fused_norm must be true or false"):
+        division.build_method("division", fused_norm="yes")
+
+
 def test_a_folded_relu_that_does_not_read_its_batch_norm_output_is_an_error():
     """A forward unlike the proof's, where the ReLU folded into a BatchNorm never reads that
     BatchNorm's output: whatever read it got ReLU(BN(x)) in place of BN(x), so the forward's end

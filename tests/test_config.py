@@ -57,6 +57,7 @@ def test_experiment_presets_compose_into_valid_configs():
     ("method.relu_zeros=maybe", "method.relu_zeros", "true or false"),
     ("method.norm_from_codes=2", "method.norm_from_codes", "true or false"),
     ("method.rebuild_conv_input=maybe", "method.rebuild_conv_input", "true or false"),
+    ("method.fused_norm=1", "method.fused_norm", "true or false"),
 ])
 def test_bad_values_are_rejected_with_key_value_and_allowed(override, key, allowed, tmp_path):
     cfg = compose_config([override, f"results_dir={tmp_path}/store", "logger=none"])

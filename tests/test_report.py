@@ -422,6 +422,21 @@ def test_fidelity_table_keeps_rebuilt_runs_apart_and_shows_the_ledger_ratio():
     assert fidelity_table(old).columns[-1] == "worst layer cosine"
 
 
+def test_a_fused_norm_run_is_its_own_row_in_python_and_in_sql(tmp_path):
+    """``method.fused_norm=true`` (the compiled BatchNorm in its input's encode) names its own row
+    ("... fused-norm") beside the same B and Q without it, in the Python label and the report's SQL."""
+    from runners.report_tables import method_label
+    runs = [record(method="division", fused_norm=fused, activation_bytes=act, ledger_bytes=act, total_bytes=act,
+                   peak_bytes=act) for fused, act in ((False, GIB), (True, GIB // 2))]
+    want = ["division B8 Q2", "division B8 Q2 fused-norm"]
+    assert [method_label(r) for r in runs] == want
+    store = tmp_path / "store"
+    fill(store, runs)
+    run_report(store, tmp_path / "out", formats=("md",))
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert [row[0] for row in md_table(markdown, "Activation memory")[1:]] == want
+
+
 def test_attention_and_probability_bits_other_than_the_defaults_name_their_own_rows(tmp_path):
     """A run with method.attention_bits or method.probability_bits off their defaults (8, 4) is its
     own row ("... A4", "... P8"), in the Python label and in the report's SQL alike; records made
