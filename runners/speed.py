@@ -27,7 +27,7 @@ from . import distributed
 from .graph_step import WARMUP_STEPS, CudaGraphError, GraphedStep
 from .build import build_method
 from .memory import Bench, build_bench, train_step
-from .speed_queue import timing_turn
+from .speed_queue import leaving_on_failure, timing_turn
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +70,12 @@ def eager_unless_capturable(cfg):
 
 def time_steps(cfg, device: torch.device) -> list[float]:
     """Milliseconds of each timed step, after the warm-up steps."""
-    bench = build_speed_bench(cfg, device)
+    with leaving_on_failure(cfg):  # speed.queue: a run that fails here is not waited for
+        bench = build_speed_bench(cfg, device)
     try:
-        for _ in range(warmup_steps(cfg)):
-            train_step(bench, cfg, device)
+        with leaving_on_failure(cfg):
+            for _ in range(warmup_steps(cfg)):
+                train_step(bench, cfg, device)
         timer = cuda_step_ms if device.type == "cuda" else _cpu_step_ms
         with timing_turn(cfg) as queued:  # speed.queue: after the runs started beside it are warm
             if queued:

@@ -9,9 +9,10 @@ while timed). While it waits, a run holds no cached GPU memory beyond its live t
 graph pools); it takes one untimed step after the wait to allocate again. Without ``speed.queue`` a
 run is timed as soon as it has warmed up.
 
-A run that never arrives (it failed while compiling) must not hold the others forever: after
-``speed.queue_timeout`` seconds of waiting the others are timed anyway, with a warning naming how
-many runs arrived. Nothing in the record depends on the queue: the timed steps are the same steps.
+A run that fails before it is warm (a compile error) leaves the queue (``leaving_on_failure``): the
+others count it and go on. One that never arrives for another reason (killed) must not hold the
+others forever: after ``speed.queue_timeout`` seconds of waiting the others are timed anyway, with
+a warning naming how many runs arrived. Nothing in the record depends on the queue: the timed steps are the same steps.
 """
 from __future__ import annotations
 
@@ -55,13 +56,32 @@ def timing_turn(cfg) -> Iterator[bool]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def leaving_on_failure(cfg) -> Iterator[None]:
+    """Around a queued run's build, compile and warm-up: if they raise before the run is warm, it
+    marks itself gone, so that the runs beside it do not wait for it until the queue's timeout."""
+    try:
+        yield
+    except BaseException:
+        folder = cfg.speed.get("queue")
+        if folder and not _mark(Path(str(folder)), "warm").exists():
+            Path(str(folder)).mkdir(parents=True, exist_ok=True)
+            _mark(Path(str(folder)), "gone").touch()
+        raise
+
+
+def _mark(folder: Path, state: str) -> Path:
+    """This run's file in the queue's folder: ``warm`` (ready to be timed) or ``gone`` (failed before)."""
+    return folder / f"{state}-{os.getpid()}-{threading.get_ident()}"
+
+
 def wait_for_all(folder: Path, size: int, timeout_s: float) -> int:
-    """Marks this process warm in ``folder`` and waits until ``size`` processes are (or the timeout
-    passes); returns how many were."""
-    (folder / f"warm-{os.getpid()}-{threading.get_ident()}").touch()
+    """Marks this process warm in ``folder`` and waits until ``size`` processes are warm or gone (or
+    the timeout passes); returns how many were."""
+    _mark(folder, "warm").touch()
     deadline = time.monotonic() + timeout_s
     while True:
-        arrived = len(list(folder.glob("warm-*")))
+        arrived = len(list(folder.glob("warm-*"))) + len(list(folder.glob("gone-*")))
         if arrived >= size:
             return arrived
         if time.monotonic() >= deadline:

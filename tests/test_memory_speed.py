@@ -262,6 +262,33 @@ def test_speed_queue_times_runs_one_at_a_time_after_all_are_warm(tmp_path):
     assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:]))
 
 
+def test_a_queued_run_that_fails_while_warming_up_is_not_waited_for(tmp_path):
+    """One of two queued runs raises while it warms up (a compile error): the other is timed at
+    once, not after the queue's timeout (60 s here), and the failure still reaches its caller."""
+    import threading
+    import time
+    from omegaconf import OmegaConf
+    from runners.speed_queue import leaving_on_failure
+    folder, spans, errors = str(tmp_path / "queue"), [], []
+
+    def failing() -> None:
+        cfg = OmegaConf.create({"speed": {"queue": folder, "queue_size": 2, "queue_timeout": 60}})
+        try:
+            with leaving_on_failure(cfg):
+                time.sleep(0.3)
+                raise RuntimeError("compile failed")
+        except RuntimeError as error:
+            errors.append(str(error))
+    started = time.monotonic()
+    runs = [threading.Thread(target=failing), threading.Thread(target=_queued_run, args=(folder, 2, 0.0, spans))]
+    for run_ in runs:
+        run_.start()
+    for run_ in runs:
+        run_.join(60)
+    assert errors == ["compile failed"]
+    assert len(spans) == 1 and spans[0][1] - started < 10
+
+
 def test_speed_queue_times_the_arrived_runs_after_its_timeout(tmp_path, caplog):
     from runners.speed_queue import wait_for_all
     assert wait_for_all(tmp_path, size=2, timeout_s=0.2) == 1
