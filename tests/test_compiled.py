@@ -1247,3 +1247,21 @@ def test_gpu_compiled_architectures_rebuild_with_the_fused_codec(arch):
     assert method.compiled_layers.chain.rebuilt
     assert stored[True] < stored[False], stored
     assert cosine(grads, plain) > 0.999
+
+
+@pytest.mark.slow
+def test_graph_breaks_script_finds_none_in_a_torchvision_resnet_with_the_fused_batch_norm():
+    """scripts/graph_breaks.py on torchvision's ResNet-18 (channels_last, the fused kernels under
+    Triton's interpreter, the fused BatchNorm and the rebuilds on): one graph, no break, the ReLUs
+    after the stem's and each block's first BatchNorm folded (9: a BasicBlock's ReLU module runs
+    twice, after bn1 and after the residual sum) and each block's conv2 input rebuilt."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "scripts" / "graph_breaks.py"), "--model", "resnet18",
+                           "--interpret", "--size", "32", "--batch", "2", "--steps", "1",
+                           "--knobs", "fused_norm=true", "rebuild_conv_input=true"],
+                          capture_output=True, text=True, timeout=900, cwd=root)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert "graph breaks: 0" in done.stdout and "folded ReLUs: 9, rebuilt inputs: 8" in done.stdout, done.stdout
