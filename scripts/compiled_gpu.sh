@@ -11,7 +11,11 @@
 #                                                 # rebuild_conv_input), then compile=reduce-overhead
 #                                                 # (none, division: the graphs replayed as CUDA graphs),
 #                                                 # then division with recompute_norm_input (and
-#                                                 # both knobs), compile=true
+#                                                 # both knobs), compile=true, then division with
+#                                                 # fused_norm (the BatchNorm in its input's encode;
+#                                                 # and with rebuild_conv_input), compile=true
+#   bash scripts/compiled_gpu.sh OUT_DIR breaks   # Dynamo's graph breaks of compiled ResNet-50 with
+#                                                 # fused_norm (scripts/graph_breaks.py, aot_eager, bf16)
 #
 # Memory runs share the GPU (allocator figures are per process); speed runs never do. Records go to
 # OUT_DIR/store (pack them with ``python -m runners.record pack``); each stage's log to OUT_DIR/NAME.log.
@@ -19,8 +23,8 @@
 # ends by then. SPEED_QUEUE, SPEED_QUEUE_SIZE and SPEED_QUEUE_TIMEOUT share one speed.queue folder with
 # the speed runs of another script started beside this one (scripts/moonshot_gpu.sh's).
 set -uo pipefail
-out=${1:?usage: compiled_gpu.sh OUT_DIR memory|speed|all}
-what=${2:?usage: compiled_gpu.sh OUT_DIR memory|speed|all}
+out=${1:?usage: compiled_gpu.sh OUT_DIR memory|speed|all|breaks}
+what=${2:?usage: compiled_gpu.sh OUT_DIR memory|speed|all|breaks}
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.inductor-cache}
 mkdir -p "$out"
 common=(logger=none device=cuda "results_dir=$out/store" train.progress=false)
@@ -30,7 +34,9 @@ variants=("method=none compile=true" "method=division compile=true"
           "method=division method.rebuild_conv_input=true compile=true"
           "method=none compile=reduce-overhead" "method=division compile=reduce-overhead"
           "method=division method.recompute_norm_input=true compile=true"
-          "method=division method.rebuild_conv_input=true method.recompute_norm_input=true compile=true")
+          "method=division method.rebuild_conv_input=true method.recompute_norm_input=true compile=true"
+          "method=division method.fused_norm=true compile=true"
+          "method=division method.fused_norm=true method.rebuild_conv_input=true compile=true")
 # ONLY="0 1 5" keeps those variants of the speed stage
 read -r -a only <<< "${ONLY:-${!variants[*]}}"
 deadline=${DEADLINE:-3600}
@@ -47,6 +53,12 @@ stage() {  # stage NAME SECONDS ARGS...: one main.py call, bounded, logged to OU
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/versions.txt"
 python -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)" >> "$out/versions.txt"
 
+if [[ $what == breaks ]]; then
+  for knobs in "fused_norm=true" "fused_norm=true rebuild_conv_input=true"; do
+    # shellcheck disable=SC2086
+    TORCH_LOGS=graph_breaks timeout 300 python scripts/graph_breaks.py --model resnet50 --amp --knobs $knobs
+  done > "$out/graph_breaks.log" 2>&1
+fi
 if [[ $what == memory || $what == all ]]; then
   for i in 0 1 2; do
     # shellcheck disable=SC2086
