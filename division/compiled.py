@@ -392,9 +392,8 @@ class _FusedBatchNorm(torch.autograd.Function):
     the gradients from the codes (``norm_backward``: no decoded input written). Returns (y as an
     (N, H, W, C) tensor, the batch's mean, invstd and unbiased variance (for the running
     statistics), the ReLU's mask (empty without ``relu``), x's stored codes), all but y
-    non-differentiable. ``relu``: y is the output of
-    a ReLU applied to the BatchNorm's, whose mask this function keeps (the ReLU module then returns
-    y as it is: ``compiled_rebuild.ConvInputChain``)."""
+    non-differentiable. ``relu``: y is the output of a ReLU applied to the BatchNorm's, whose mask
+    this function keeps (the ReLU module then returns y as it is: ``compiled_rebuild.ConvInputChain``)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps: float, codec: "TensorCodec", relu: bool):
@@ -409,7 +408,8 @@ class _FusedBatchNorm(torch.autograd.Function):
     def backward(ctx, grad, *_):
         weight, mean, invstd, *stored = ctx.saved_tensors
         mask = stored.pop() if ctx.relu else None
-        gx, gw, gb = compiled_ops.fused_norm_backward(grad.permute(0, 3, 1, 2), *stored, mask, weight, mean, invstd, ctx.shape,
+        dy = grad.permute(0, 3, 1, 2)  # (the NHWC gradient of y as returned, seen as (N, C, H, W))
+        gx, gw, gb = compiled_ops.fused_norm_backward(dy, *stored, mask, weight, mean, invstd, ctx.shape,
                                                       ctx.codec.block_size, ctx.codec.bits)
         return gx, gw, gb.to(ctx.bias_dtype), None, None, None
 

@@ -181,9 +181,9 @@ def _norm_encode_into(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     """A training BatchNorm's forward carried by the encode of its input x (``triton_norm``: phase 1
     also writes per-chunk statistics, ``_stats_kernel`` merges them, phase 2 also writes the
     output): (y as an (N, H, W, C) tensor (its NHWC buffer), mean, invstd, the batch's unbiased
-    variance (for the running statistics, which the caller updates), the ReLU's mask, then x's lfc, codes, mn, step as ``_encode_into``
-    writes them). ``relu``: a ReLU follows, y is its output and the mask (one bit per element,
-    NHWC order) its ``y > 0``; else the mask is empty. x is read twice in all, as a BatchNorm's own
+    variance (for the running statistics, which the caller updates), the ReLU's mask, then x's lfc,
+    codes, mn, step as ``_encode_into`` writes them). ``relu``: a ReLU follows, y is its output
+    and the mask (one bit per element, NHWC order) its ``y > 0``; else the mask is empty. x is read twice in all, as a BatchNorm's own
     forward reads it, where the BatchNorm and a separate encode read it three or four times.
     ``norm_applies`` says where."""
     from .triton_norm import statistics_launch
