@@ -94,9 +94,11 @@ class TensorCodec:
     keep_hfc: bool = True
     fused: bool = False  # the fused GPU kernels as custom ops (division.compiled_ops) where they apply
     # with ``fused``: a channels_last BatchNorm runs inside its input's encode, its backward reads the
-    # codes, and a ReLU module reading its output alone is folded in (``_FusedBatchNorm``). Off by
-    # default: on a GPU its tests pass on small models, but compiled ResNet-50 stopped at Dynamo's
-    # recompile limit with it (a graph break at each BatchNorm, docs/results.md); not yet timed.
+    # codes, and a ReLU module reading its output alone is folded in (``_FusedBatchNorm``;
+    # ``method.fused_norm``). Off by default: on a GPU its tests pass on small models, but compiled
+    # ResNet-50 stopped at Dynamo's recompile limit with it (a graph break at each BatchNorm), before
+    # the in-place residual sum on its output was fixed; not re-run on a GPU since, not timed
+    # (docs/results.md).
     fused_norm: bool = False
 
     @property
@@ -424,7 +426,7 @@ def fused_batch_norm(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, c
         return None
     y, mean, invstd, batch_var, mask, *encoded = _FusedBatchNorm.apply(x, module.weight, module.bias, module.eps,
                                                                       codec, relu)
-    y = y.permute(0, 3, 1, 2)  # (the function returns the NHWC buffer: a view of it could not be modified in place)
+    y = y.permute(0, 3, 1, 2)  # (the function returns the NHWC buffer: its view could not be changed in place)
     _update_running_statistics(module, x, mean, batch_var, unbiased=True)
     geom = canonical_geometry(x.shape, x.dtype, codec.block_size)
     layout = Layout(tuple(x.shape), x.dtype, "channels_last", geom, fused=True)
@@ -434,7 +436,7 @@ def fused_batch_norm(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, c
 def fused_norm_applies(module: nn.Module, x: torch.Tensor, codec: "TensorCodec") -> bool:
     """The fused codec with ``fused_norm``, an affine BatchNorm and a channels_last map the fused
     kernels take."""
-    return (codec.fused and codec.fused_norm and codec.keep_lfc and codec.keep_hfc and module.affine and x.dim() == 4
+    return (codec.fused and codec.fused_norm and codec.keep_lfc and codec.keep_hfc and module.affine
             and compiled_ops.norm_applies(x, codec.block_size, codec.bits, codec.stochastic))
 
 

@@ -29,10 +29,10 @@ encoded once by the traced code itself (``division.compiled_rebuild``, ``share_c
 Before that, a GPU encoded and kept such a tensor twice (compiled ResNet-50: the first block of
 each stage, 59.5 MB more than eager DIVISION at batch 128, fp32; docs/results.md, records h200-r8).
 
-``norm_encode`` / ``norm_backward`` (``TensorCodec(fused_norm=True)``, experimental): a training
-BatchNorm on a channels_last map carried by its
-input's encode (statistics, output and, with ``relu``, the ReLU after it and its mask), and its
-backward from the codes (``division.triton_norm``'s kernels, which eager DIVISION runs too).
+``norm_encode`` / ``norm_backward`` (``method.fused_norm``, ``TensorCodec(fused_norm=True)``;
+experimental): a training BatchNorm on a channels_last map carried by its input's encode
+(statistics, output and, with ``relu``, the ReLU after it and its mask), and its backward from the
+codes (``division.triton_norm``'s kernels, which eager DIVISION runs too).
 ``decode_affine``: a decode through a per-channel affine map and a ReLU mask, a rebuilt convolution
 input (``division.compiled_rebuild``) in one kernel.
 
@@ -183,8 +183,9 @@ def _norm_encode_into(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     output): (y as an (N, H, W, C) tensor (its NHWC buffer), mean, invstd, the batch's unbiased
     variance (for the running statistics, which the caller updates), the ReLU's mask, then x's lfc,
     codes, mn, step as ``_encode_into`` writes them). ``relu``: a ReLU follows, y is its output
-    and the mask (one bit per element, NHWC order) its ``y > 0``; else the mask is empty. x is read twice in all, as a BatchNorm's own
-    forward reads it, where the BatchNorm and a separate encode read it three or four times.
+    and the mask (one bit per element, NHWC order) its ``y > 0``; else the mask is empty. x is
+    read twice in all, as a BatchNorm's own forward reads it, where the BatchNorm and a separate
+    encode read it three or four times.
     ``norm_applies`` says where."""
     from .triton_norm import statistics_launch
     from .triton_plan import _MASK_WORDS

@@ -73,7 +73,8 @@ from .rebuild import cheap_to_recompute
 from .compiled import (_ACTIVATIONS, _Activation, _BatchNorm, _LayerNorm, _Relu, _cast, _compute_dtype,
                        _memory_format, _unpack_mask, TensorCodec, activation, activation_applies,
                        batch_norm_affine, batch_norm_gradients, batch_norm_output, batch_statistics,
-                       conv_applies, conv_arguments, fused_batch_norm, fused_relu_applies, layer_norm_affine, layer_norm_codes, linear_gradients)
+                       conv_applies, conv_arguments, fused_batch_norm, fused_relu_applies, layer_norm_affine,
+                       layer_norm_codes, linear_gradients)
 
 # How backward makes a tensor that was not stored, a recipe (nested tuples, which Dynamo keeps in a dict
 # without a graph break, and hands to an autograd function's apply flattened, ``_flatten``):
@@ -135,7 +136,10 @@ class ConvInputChain:
                 and not (self.recompute and linked and source[3] == "conv") and fused_relu_applies(module, x, codec):
             y, layout, encoded, mean, invstd, mask = fused_batch_norm(module, x, codec, relu=True)
             recipe = _norm_recipe(module, ("codes", layout, encoded), mean, invstd, mask)
-            self._absorbed_outputs[self.absorbed[name]] = (y, recipe, name)
+            relu = self.absorbed[name]
+            if relu in self._absorbed_outputs:  # (a ReLU module shared by two BatchNorms, as torchvision's)
+                self._unread_folds()  # its earlier BatchNorm's output was not read by it
+            self._absorbed_outputs[relu] = (y, recipe, name)
             return y
         if isinstance(module, nn.ReLU) and name in self._absorbed_outputs and self._absorbed_outputs[name][0] is x:
             # the BatchNorm before it applied it (and keeps its mask): its output is this ReLU's
@@ -326,17 +330,21 @@ class ConvInputChain:
         return None
 
     def clear(self) -> None:
-        pending = dict(self._absorbed_outputs)
+        pending = bool(self._absorbed_outputs)
         self._sources.clear()
         self._read.clear()
-        self._absorbed_outputs.clear()
         if pending:
-            # a BatchNorm wrote ReLU(BN(x)) for a ReLU that then did not read it: whatever read it
-            # instead got the ReLU's output where BN(x) was meant (a forward unlike the proof's)
-            raise RuntimeError(
-                f"BatchNorm {', '.join(norm for _, _, norm in pending.values())} applied the ReLU after it "
-                f"({', '.join(pending)}), but that ReLU did not read its output in this forward, unlike the "
-                "forward that proved the pair: train with TensorCodec(fused_norm=False)")
+            self._unread_folds()
+
+    def _unread_folds(self) -> None:
+        """Raise: a BatchNorm wrote ReLU(BN(x)) for a ReLU that then did not read it, so whatever
+        read it instead got the ReLU's output where BN(x) was meant (a forward unlike the proof's)."""
+        pending = dict(self._absorbed_outputs)
+        self._absorbed_outputs.clear()
+        raise RuntimeError(
+            f"BatchNorm {', '.join(norm for _, _, norm in pending.values())} applied the ReLU after it "
+            f"({', '.join(pending)}), but that ReLU did not read its output in this forward, unlike the "
+            "forward that proved the pair: train with method.fused_norm=false (TensorCodec(fused_norm=False))")
 
 
 class _ReadWatch(TorchFunctionMode):

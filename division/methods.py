@@ -283,7 +283,6 @@ class CodecMethod(TrainingMethod):
         self.probability_codec = probability_codec
         self.rebuild_conv_input = rebuild_conv_input
         self.recompute_norm_input = recompute_norm_input
-        self.fused_norm = fused_norm
         self.tensor_codec = tensor_codec_for(codec, fused_norm)  # None: the codec has no compiled form
         if fused_norm and not (self.tensor_codec is not None and self.tensor_codec.fused):
             raise ValueError("fused_norm=true runs the fused GPU kernels' BatchNorm: it needs method.backend=triton "
@@ -442,7 +441,7 @@ class CodecMethod(TrainingMethod):
                   "kernels": codec_kernels(self.codec)}
         if self.name == "division":
             fields.update(rebuild_conv_input=self.rebuild_conv_input, recompute_norm_input=self.recompute_norm_input,
-                          fused_norm=self.fused_norm)
+                          fused_norm=self.tensor_codec is not None and self.tensor_codec.fused_norm)
             if self.cover_all:  # else attention and probabilities are stored like every other save
                 fields.update(attention_bits=_stored_bits(self.attention_codec, knobs.get("bits")),
                               probability_bits=_stored_bits(self.probability_codec, knobs.get("bits")))
@@ -498,6 +497,18 @@ def register_method(name: str, factory: Callable[..., TrainingMethod]) -> None:
 
 def method_names() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def knobs_from_text(items: list[str]) -> dict:
+    """``build_method`` keywords from KEY=VALUE strings (a script's command line): true / false as
+    booleans, integers as ints, anything else as text."""
+    knobs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"a knob is KEY=VALUE, not {item!r}")
+        knobs[key] = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
+    return knobs
 
 
 def build_method(name: str, **knobs) -> TrainingMethod:

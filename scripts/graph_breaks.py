@@ -12,9 +12,10 @@ backward graphs, no code generation, so it takes seconds where inductor takes mi
 frames compiled, and the pairs the fused BatchNorm folded (``absorbed``) and the inputs rebuilt.
 
 ``--interpret``: on the CPU, the fused kernels run under Triton's interpreter (set here before
-Triton loads), as the CPU tests run them; the method is built with the fused kernels' codec and
-without the compiled self-check, which refuses the CPU (its partitioner's choices differ from a
-GPU's; what Dynamo traces does not). Exit status 1 when there was a graph break.
+Triton loads), as the CPU tests run them; the method is the same ``build_method("division",
+backend="triton", ...)`` (the fused codec taking CPU tensors, as ``scripts/host_time.py`` builds
+it), compiled without its self-check, which refuses the CPU (its partitioner's choices differ from
+a GPU's; what Dynamo traces does not). Exit status 1 when there was a graph break.
 """
 from __future__ import annotations
 
@@ -39,16 +40,6 @@ def parse() -> argparse.Namespace:
     return p.parse_args()
 
 
-def knob_values(pairs: list[str]) -> dict:
-    values = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        values[key] = {"true": True, "false": False}.get(value.lower(), value)
-        if isinstance(values[key], str) and value.lstrip("-").isdigit():
-            values[key] = int(value)
-    return values
-
-
 def main() -> int:
     args = parse()
     if args.interpret:
@@ -59,18 +50,17 @@ def main() -> int:
     from torch._dynamo.utils import counters
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import division
-    from division.methods import CodecMethod, build_method
-    from division.triton_codec import TritonDivisionCodec
+    import division.backends
+    from division.methods import build_method, knobs_from_text
 
     device = torch.device("cpu" if args.interpret else "cuda")
-    knobs = knob_values(args.knobs)
+    knobs = knobs_from_text(args.knobs)
     torch.manual_seed(0)
     model = torchvision.models.get_model(args.model, num_classes=10).to(device)
     model = model.to(memory_format=torch.channels_last)
     if args.interpret:
-        bits, block = knobs.pop("bits", 2), knobs.pop("block_size", 8)
-        method = CodecMethod("division", TritonDivisionCodec(block_size=block, bits=bits), **knobs)
+        division.backends.triton_available = lambda: True  # the fused codec, on CPU tensors
+        method = build_method("division", backend="triton", **knobs)
         method._check_compiled = lambda *_args, **_kwargs: None  # (see the module's docstring)
     else:
         method = build_method("division", **knobs)

@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import division  # noqa: E402
 import division.backends  # noqa: E402
+from division.methods import knobs_from_text  # noqa: E402
 from division.triton_launch import CachedLaunch  # noqa: E402
 
 LAUNCHES = [0]
@@ -136,12 +137,10 @@ def main() -> None:
     p.add_argument("--knobs", nargs="*", default=[], metavar="KEY=VALUE",
                    help="the method's knobs (build_method keywords), e.g. rebuild_conv_input=true bits=4")
     args = p.parse_args()
-    knobs = {}
-    for item in args.knobs:
-        key, sep, value = item.partition("=")
-        if not sep:
-            p.error(f"--knobs takes KEY=VALUE, not {item!r}")
-        knobs[key] = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
+    try:
+        knobs = knobs_from_text(args.knobs)
+    except ValueError as error:
+        p.error(f"--knobs: {error}")
     torch.set_num_threads(1)
     division.backends.triton_available = lambda: True  # the fused codec, on CPU tensors
     CachedLaunch.launch = _skip_launch

@@ -857,6 +857,34 @@ def test_batch_norm_folds_in_the_relu_only_where_nothing_else_reads_its_output(r
     assert plain.chain.absorbed == {}
 
 
+class _NormTwice(nn.Module):
+    """A BatchNorm applied twice before the ReLU (a forward unlike the one that proved a fold)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.bn(self.bn(self.conv(x)))).mean()
+
+
+def test_a_batch_norm_folding_again_before_its_relu_read_the_first_output_is_an_error(monkeypatch):
+    """A ReLU module that two BatchNorms fold into (torchvision shares one ReLU module per block)
+    must read the first one's output before the second runs: otherwise the first's ReLU(BN(x))
+    went to whatever read it, and the forward raises there, not at its end. (The fused BatchNorm
+    stands in for the kernels, which this CPU process does not run.)"""
+    from division import compiled_rebuild
+    monkeypatch.setattr(compiled_rebuild, "fused_relu_applies", lambda *_: True)
+    monkeypatch.setattr(compiled_rebuild, "fused_batch_norm",
+                        lambda module, x, codec, relu: (x.relu(), None, (), None, None, None))
+    model = _NormTwice()
+    layers = CompiledLayers(model, TensorCodec(fused=True, fused_norm=True), eager=True)
+    layers.chain.absorbed = {"bn": "relu"}  # as a proof of another forward would leave it
+    with pytest.raises(RuntimeError, match="BatchNorm bn applied the ReLU after it \\(relu\\)"):
+        model(torch.randn(2, 3, 8, 8))
+    assert layers.chain._absorbed_outputs == {}
+
+
 def test_method_fused_norm_reaches_the_compiled_codec_and_the_record():
     """``method.fused_norm=true`` turns on the compiled fused BatchNorm (``TensorCodec.fused_norm``)
     of the fused kernels' codec, and the method describes it for the record; with the tensor-op
