@@ -198,10 +198,9 @@ def _norm_encode_into(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
         mean = x.new_empty((c,), dtype=torch.float32)
         invstd = x.new_empty((c,), dtype=torch.float32)
         coef = x.new_empty((2, c), dtype=torch.float32)
-        # the kernel's running-statistics update with momentum 1 on zeros: the batch's mean (again)
-        # and unbiased variance
-        batch_mean = x.new_zeros((c,), dtype=torch.float32)
-        batch_var = x.new_zeros((c,), dtype=torch.float32)
+        # the batch's unbiased variance, for the caller's running-statistics update: written by the
+        # kernel alone (not a momentum-1 update of zero-filled buffers: a fill kernel each, on a GPU)
+        batch_var = x.new_empty((c,), dtype=torch.float32)
         # y in NHWC order and shape: not a view (a channels_last (N, C, H, W) map is one, a
         # permutation of its NHWC buffer), since the caller's autograd function returns it and
         # an in-place op on a view that a custom function returned is refused (a residual's
@@ -211,8 +210,8 @@ def _norm_encode_into(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
         made.update(y=y, mean=mean, invstd=invstd, var=batch_var, mask=mask)
 
         def between():
-            statistics_launch(stats, weight, bias, batch_mean, batch_var, mean, invstd, coef, rows, 1.0, eps,
-                              launch=launch)
+            statistics_launch(stats, weight, bias, None, None, mean, invstd, coef, rows, 1.0, eps,
+                              launch=launch, batch_var=batch_var)
         words = mask.view(_MASK_WORDS[plan.g]) if relu else mean  # (mean: any pointer, unread)
         return 2 if relu else 1, words, y, stats, mean, coef, between
 

@@ -142,10 +142,13 @@ def _input_grad_kernel(dy_ptr, codes_ptr, lfc_ptr, mn_ptr, step_ptr, mask_ptr, m
 @triton.jit(do_not_specialize=["rows", "momentum", "eps"])
 def _stats_kernel(stats_ptr, weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, mean_ptr, invstd_ptr, coef_ptr,
                   rows, momentum, eps, C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-                  HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RUNNING: tl.constexpr):
+                  HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RUNNING: tl.constexpr,
+                  BATCH_VAR: tl.constexpr):
     """Per channel: the chunks' (count, mean, M2) merged into the batch's, BLOCK_R chunks at a
     time; mean and invstd stored, the running statistics updated (the unbiased variance, as
-    PyTorch does), and the forward's scale (weight * invstd) and bias."""
+    PyTorch does), and the forward's scale (weight * invstd) and bias. ``BATCH_VAR`` (without
+    ``RUNNING``): the unbiased variance stored at ``rvar_ptr`` instead, for a caller that updates
+    the running statistics itself (a compiled graph)."""
     cg = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = cg < C
     # fp32, as a direct launch passes them: inductor's launch passes Python floats as fp64, and its
@@ -175,10 +178,12 @@ def _stats_kernel(stats_ptr, weight_ptr, bias_ptr, rmean_ptr, rvar_ptr, mean_ptr
     invstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(var + eps))
     tl.store(mean_ptr + cg, mean, mask=cm)
     tl.store(invstd_ptr + cg, invstd, mask=cm)
+    unbiased = m2 / tl.maximum(cnt - 1.0, 1.0)
+    if BATCH_VAR:
+        tl.store(rvar_ptr + cg, unbiased, mask=cm)
     if RUNNING:
         rm = tl.load(rmean_ptr + cg, mask=cm, other=0.0).to(tl.float32)
         rv = tl.load(rvar_ptr + cg, mask=cm, other=0.0).to(tl.float32)
-        unbiased = m2 / tl.maximum(cnt - 1.0, 1.0)
         tl.store(rmean_ptr + cg, (momentum * mean + (1.0 - momentum) * rm).to(rmean_ptr.dtype.element_ty), mask=cm)
         tl.store(rvar_ptr + cg, (momentum * unbiased + (1.0 - momentum) * rv).to(rvar_ptr.dtype.element_ty), mask=cm)
     scale = invstd
@@ -242,18 +247,23 @@ def batch_norm_forward(codec, x: torch.Tensor, plan: Plan, weight: Optional[torc
 
 
 def statistics_launch(stats, weight, bias, running_mean, running_var, mean, invstd, coef, rows: int,
-                      momentum: float, eps: float, launch=None) -> None:
+                      momentum: float, eps: float, launch=None, batch_var=None) -> None:
     """``_stats_kernel`` between the fused encode's two phases: the chunks' ``stats`` ((rows, 3, C))
     merged into ``mean``, ``invstd`` and ``coef``, the running statistics (where given) updated.
+    ``batch_var`` (without running statistics): C floats that take the batch's unbiased variance.
     ``launch(kernel, grid, args, constexprs, num_warps)``: how a compiled graph launches it
     (``division.compiled_ops``); None: the cached launch."""
     c = mean.shape[0]
     running = running_mean is not None and running_var is not None
+    if running and batch_var is not None:
+        raise ValueError("batch_var is for a caller without running statistics")
     block_c = min(16, next_power_of_2(c))
+    var_out = running_var if running else batch_var if batch_var is not None else mean
     args = (stats, weight if weight is not None else mean, bias if bias is not None else mean,
-            running_mean if running else mean, running_var if running else mean, mean, invstd, coef,
+            running_mean if running else mean, var_out, mean, invstd, coef,
             rows, float(momentum), float(eps))
-    flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RUNNING=running)
+    flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RUNNING=running,
+                 BATCH_VAR=batch_var is not None)
     # (the parameters' and running statistics' dtypes and alignment are part of the compiled kernel)
     key = None if launch is not None else \
         (c, *flags.values(), *[(a.dtype, aligned(a)) for a in (weight, bias, running_mean, running_var)

@@ -18,7 +18,8 @@ One difference from a GPU: the codec's rounding generator lives on the model's d
 encode draws its seed with ``torch.randint`` (a few microseconds), on a GPU from Python's generator.
 
 Per method it prints the median wall time of a step (forward, backward, optimizer), the kernel
-launches skipped per step, and with ``--profile N`` cProfile's top N functions by own time over 3
+launches skipped per step, the allocations asked for by name in one more step (``AllocationCount``),
+and with ``--profile N`` cProfile's top N functions by own time over 3
 steps. The difference between methods is the host time a method adds, without the launches' own cost
 (a few microseconds each on a GPU).
 """
@@ -40,6 +41,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import torchvision  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -62,6 +64,24 @@ def _valid_pool_indices(decode_offsets):
         indices = decode_offsets(offsets, geometry)
         return None if indices is None else indices.zero_()
     return decode
+
+
+class AllocationCount(TorchDispatchMode):
+    """Counts the allocation ops (``torch.empty`` and kin) dispatched: the memory a method's Python
+    asks for by name, each a call into the caching allocator on a GPU (about 10 us of host time
+    there). The outputs of compute ops (a convolution's, a backward's) are not counted."""
+
+    _ALLOCATING = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "zeros",
+                   "zeros_like", "new_zeros", "full", "full_like", "ones", "ones_like")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self._ALLOCATING:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
 def thin_model(name: str, size: int) -> torch.nn.Module:
@@ -90,13 +110,17 @@ def _thin_resnet50() -> torch.nn.Module:
     return model
 
 
-def measure(model_name: str, method: str, size: int, batch: int, steps: int, top: int, knobs: dict) -> str:
+def measure(model_name: str, method: str, size: int, batch: int, steps: int, top: int, knobs: dict,
+            channels_last: bool = False) -> str:
     torch.manual_seed(0)
     model = thin_model(model_name, size)
+    x = torch.randn(batch, 3, size, size)
+    if channels_last:  # as the GPU speed runs train CNNs: the fused BatchNorm's layout
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     if method != "none":
         division.build_method(method, backend="triton", **knobs).attach(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    x = torch.randn(batch, 3, size, size)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -112,8 +136,12 @@ def measure(model_name: str, method: str, size: int, batch: int, steps: int, top
         step()
         times.append((time.perf_counter() - start) * 1000.0)
     label = method + "".join(f" {k}={v}" for k, v in knobs.items()) if method != "none" else method
+    launches = LAUNCHES[0] / steps
+    with AllocationCount() as allocations:  # one more step, untimed: the count's mode costs time
+        step()
     line = (f"{model_name} {label:>10}: {statistics.median(times):7.2f} ms per step (median of {steps}), "
-            f"{LAUNCHES[0] / steps:.0f} kernel launches skipped per step")
+            f"{launches:.0f} kernel launches skipped, {allocations.count} allocations by "
+            f"name per step")
     if top:
         profiler = cProfile.Profile()
         profiler.enable()
@@ -133,6 +161,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--methods", nargs="+", default=["none", "division"])
+    p.add_argument("--channels-last", action="store_true",
+                   help="model and input in channels_last, as the GPU speed runs train CNNs")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="cProfile's top N functions too")
     p.add_argument("--knobs", nargs="*", default=[], metavar="KEY=VALUE",
                    help="the method's knobs (build_method keywords), e.g. rebuild_conv_input=true bits=4")
@@ -147,7 +177,8 @@ def main() -> None:
     import division.triton_masks as masks
     masks.decode_offsets = _valid_pool_indices(masks.decode_offsets)
     for method in args.methods:
-        print(measure(args.model, method, args.size, args.batch, args.steps, args.profile, knobs), flush=True)
+        print(measure(args.model, method, args.size, args.batch, args.steps, args.profile, knobs,
+                      args.channels_last), flush=True)
 
 
 if __name__ == "__main__":

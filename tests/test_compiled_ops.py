@@ -69,7 +69,37 @@ def _checks(inductor: bool) -> dict:
     out["norm"] = _norm_checks(codec, x, y, backend, graphs)
     out["norm_relu"] = _norm_relu_checks(codec, x, y, backend, graphs)
     out["norm_residual"] = _norm_residual_checks(codec, backend, graphs)
+    out["norm_encode_ops"] = _norm_encode_op_checks()
     return out
+
+
+def _norm_encode_op_checks() -> dict:
+    """The fused BatchNorm op's own function (``_norm_encode_into``, as ``norm_encode`` runs it) on
+    a channels_last map: the tensor ops it dispatches (traced into a GPU graph, each one a kernel
+    or an allocation there) and its outputs against ``torch.native_batch_norm``."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from division import compiled_ops
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(2, 16, 8, 8, generator=g) * 3 + 1).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.rand(16, generator=g) + 0.5, torch.randn(16, generator=g)
+    with Ops() as ops:
+        y, mean, invstd, var, *_ = compiled_ops._norm_encode_into(x, weight, bias, 1e-5, 4, 4, False, False,
+                                                                 compiled_ops._direct_launch)
+    want, want_mean, want_invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.1, 1e-5)
+    rel = lambda a, b: float((a - b).abs().max() / b.abs().max())  # noqa: E731
+    return {"ops": sorted(set(ops.names)), "y": rel(y.permute(0, 3, 1, 2), want), "mean": rel(mean, want_mean),
+            "invstd": rel(invstd, want_invstd), "var": rel(var, x.var(dim=(0, 2, 3), unbiased=True))}
 
 
 def _norm_residual_checks(codec, backend, graphs) -> dict:
@@ -330,6 +360,17 @@ def test_compiled_batch_norm_output_takes_a_residual_sum_in_place(interpreted):
     # are 1x1 at 32x32 images, contiguous in both layouts, which the fused BatchNorm leaves alone
     assert checks["norm_encodes"] == 9, checks
     assert checks["cosine"] > 0.9999, checks
+
+
+def test_fused_batch_norm_writes_the_batch_variance_without_filled_buffers(interpreted):
+    """The fused BatchNorm op hands its caller the batch's unbiased variance (for the running
+    statistics) from the statistics kernel itself. It used to run that kernel's momentum-1 update on
+    two zero-filled buffers: traced into a GPU graph, a fill kernel for each of them, per BatchNorm
+    and step. Its output, mean and invstd are ``torch.native_batch_norm``'s."""
+    checks = interpreted["norm_encode_ops"]
+    assert not [op for op in checks["ops"] if "zero" in op or "fill" in op or op == "full"], checks
+    assert checks["var"] < 1e-5 and checks["mean"] < 1e-5 and checks["invstd"] < 1e-5, checks
+    assert checks["y"] < 1e-5, checks
 
 
 def test_cpu_tensors_take_the_fused_ops_only_under_the_interpreter(interpreted):

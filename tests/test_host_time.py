@@ -44,3 +44,27 @@ def test_host_time_runs_a_network_with_max_pooling():
     assert out.returncode == 0, out.stderr[-2000:]
     launches = re.findall(r"thin_resnet50\s+division:\s+[\d.]+ ms per step .*?, (\d+) kernel launches", out.stdout)
     assert launches and int(launches[0]) >= 2 * 53, out.stdout
+
+
+def test_host_time_channels_last_runs_the_fused_batch_norm_and_counts_allocations():
+    """``--channels-last`` (the layout of the GPU speed runs): thin_resnet50's BatchNorms run fused
+    into their inputs' encodes, forward and backward (``method.norm_from_codes``): three launches
+    each way per BatchNorm, so more launches than with ``norm_from_codes=false``. The allocations
+    asked for by name are counted: none of plain training's come from a codec."""
+    def run(*extra):
+        out = subprocess.run([sys.executable, str(ROOT / "scripts" / "host_time.py"), "--model", "thin_resnet50",
+                              "--steps", "2", "--channels-last", *extra],
+                             capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return {label.strip(): (int(launches), int(allocations)) for label, launches, allocations in re.findall(
+            r"thin_resnet50\s+([\w =]+):\s+[\d.]+ ms per step .*?, (\d+) kernel launches skipped, "
+            r"(\d+) allocations by name", out.stdout)}
+    fused = run("--methods", "none", "division")
+    unfused = run("--methods", "division", "--knobs", "norm_from_codes=false")
+    assert set(fused) == {"none", "division"} and len(unfused) == 1, (fused, unfused)
+    (launches, allocations), = unfused.values()
+    # 53 BatchNorms: forward two encode phases and the statistics, backward three kernels, where the
+    # unfused path encodes the input (at most two launches) and decodes it once
+    assert fused["division"][0] >= launches + 53 * 2, (fused, unfused)
+    assert fused["none"][0] == 0 and fused["division"][1] > allocations > fused["none"][1], (fused, unfused)
+
