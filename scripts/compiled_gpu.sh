@@ -16,6 +16,12 @@
 #                                                 # and with rebuild_conv_input), compile=true
 #   bash scripts/compiled_gpu.sh OUT_DIR breaks   # Dynamo's graph breaks of compiled ResNet-50 with
 #                                                 # fused_norm (scripts/graph_breaks.py, aot_eager, bf16)
+#   bash scripts/compiled_gpu.sh OUT_DIR eager    # eager bf16 channels_last b128 images/s, one run at
+#                                                 # a time: none, division, and division with
+#                                                 # norm_from_codes=false (the BatchNorm unfused: half
+#                                                 # the launches and allocations per step, more bytes
+#                                                 # moved; with the kernels skipped on the CPU, a fifth
+#                                                 # less host work: docs/results.md), group eager_speed
 #
 # Memory runs share the GPU (allocator figures are per process); speed runs never do. Records go to
 # OUT_DIR/store (pack them with ``python -m runners.record pack``); each stage's log to OUT_DIR/NAME.log.
@@ -23,8 +29,8 @@
 # ends by then. SPEED_QUEUE, SPEED_QUEUE_SIZE and SPEED_QUEUE_TIMEOUT share one speed.queue folder with
 # the speed runs of another script started beside this one (scripts/moonshot_gpu.sh's).
 set -uo pipefail
-out=${1:?usage: compiled_gpu.sh OUT_DIR memory|speed|all|breaks}
-what=${2:?usage: compiled_gpu.sh OUT_DIR memory|speed|all|breaks}
+out=${1:?usage: compiled_gpu.sh OUT_DIR memory|speed|all|breaks|eager}
+what=${2:?usage: compiled_gpu.sh OUT_DIR memory|speed|all|breaks|eager}
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.inductor-cache}
 mkdir -p "$out"
 common=(logger=none device=cuda "results_dir=$out/store" train.progress=false)
@@ -81,6 +87,17 @@ if [[ $what == speed || $what == all ]]; then
     stage "speed_compiled_$i" 560 mode=speed "${r50[@]}" "${fast[@]}" ${variants[$i]} speed.warmup=3 \
       group=compiled_speed "speed.queue=$queue" "speed.queue_size=${SPEED_QUEUE_SIZE:-${#only[@]}}" \
       "speed.queue_timeout=${SPEED_QUEUE_TIMEOUT:-420}" &
+  done
+  wait
+fi
+if [[ $what == eager ]]; then
+  queue=$out/eager_queue
+  rm -rf "$queue"
+  eager=("method=none" "method=division" "method=division method.norm_from_codes=false")
+  for i in "${!eager[@]}"; do
+    # shellcheck disable=SC2086
+    stage "speed_eager_$i" 300 mode=speed "${r50[@]}" "${fast[@]}" ${eager[$i]} group=eager_speed \
+      "speed.queue=$queue" "speed.queue_size=${#eager[@]}" speed.queue_timeout=120 &
   done
   wait
 fi

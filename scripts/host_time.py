@@ -3,6 +3,7 @@
     python scripts/host_time.py --model thin_vit --methods none division
     python scripts/host_time.py --model thin_convnext --methods division --profile 30
     python scripts/host_time.py --model thin_vit --methods division --knobs rebuild_conv_input=true
+    python scripts/host_time.py --model thin_resnet50 --channels-last --methods none division
 
 An eager DIVISION step on a GPU can be bound by its host: the Python that chooses a codec for each
 saved tensor, allocates the codes and launches the kernels (``scripts/profile_step.py`` measures it
@@ -14,6 +15,8 @@ kernels. The model is small (``thin_vit``: ViT-B/16's 12 blocks with class token
 ``thin_convnext``: ConvNeXt-T's 3-3-9-3 stages at widths 8 to 64; ``thin_resnet50``: ResNet-50 8x
 narrower; or any torchvision model by name)
 so that its own ops cost little. fp32, the codes are never decoded to real values (no kernel ran).
+``--channels-last`` puts the model and input in channels_last, the layout of the GPU speed runs of
+CNNs: only then do BatchNorms run fused into their inputs' encodes (``method.norm_from_codes``).
 One difference from a GPU: the codec's rounding generator lives on the model's device, so here each
 encode draws its seed with ``torch.randint`` (a few microseconds), on a GPU from Python's generator.
 
