@@ -79,7 +79,7 @@ import torch.nn.functional as F
 
 from .codec import ActivationCodec, Packed, SaveContext
 from .decode_prefetch import take as take_prefetched
-from .exact import (RELU_MASK, _is_channels_last, _restore_format, apply_relu_mask, last_reader,
+from .exact import (RELU_MASK, _is_channels_last, _restore_format, apply_relu_mask, apply_relu_mask_, last_reader,
                     share_decode)
 from .packing import SUPPORTED_BITS, pack_bits, packed_nbytes, unpack_bits
 
@@ -170,7 +170,9 @@ def from_canonical(y: torch.Tensor, geom: Geometry, shape, dtype: torch.dtype,
     """Inverse of ``to_canonical``: the original shape, dtype and memory format."""
     if geom.layout == LAYOUT_SEQUENCE:
         y = y.squeeze(-1).transpose(1, 2)
-    y = y.reshape(shape).to(dtype=dtype, memory_format=torch.contiguous_format)
+    # (``Tensor.to`` returns a tensor of the same dtype as it is, strides and all: a sequence's
+    # transposed view stays one without the ``contiguous``)
+    y = y.reshape(shape).to(dtype=dtype).contiguous()
     return _restore_memory_format(y, memory_format)
 
 
@@ -218,6 +220,20 @@ def upsample(lfc: torch.Tensor, kh: int, kw: int, h: int, w: int) -> torch.Tenso
     n, c, hb, wb = lfc.shape
     big = lfc.float()[:, :, :, None, :, None].expand(n, c, hb, kh, wb, kw)
     return big.reshape(n, c, hb * kh, wb * kw)[:, :, :h, :w]
+
+
+def add_upsampled_(x4: Optional[torch.Tensor], lfc: torch.Tensor, geom: "Geometry") -> torch.Tensor:
+    """``x4 + upsample(lfc)``, added into ``x4`` (a contiguous fp32 (N, C, H, W) tensor the caller
+    owns; None: the upsample alone). Where the blocks tile the map, the LFC is broadcast over
+    each block without materializing its full-size upsample. Addition commutes, so the values
+    are those of ``upsample(lfc) + x4``."""
+    if x4 is None:
+        return upsample(lfc, geom.kh, geom.kw, geom.h, geom.w).contiguous()
+    n, c, hb, wb = lfc.shape
+    if hb * geom.kh == geom.h and wb * geom.kw == geom.w:
+        x4.view(n, c, hb, geom.kh, wb, geom.kw).add_(lfc.float()[:, :, :, None, :, None])
+        return x4
+    return x4.add_(upsample(lfc, geom.kh, geom.kw, geom.h, geom.w))
 
 
 # ---------------------------------------------------------------------------------- the HFC
@@ -395,16 +411,22 @@ class DivisionCodec(ActivationCodec):
         if m.get("simulated"):
             return t["x_hat"] if mask is None else apply_relu_mask(t["x_hat"], mask)
         geom: Geometry = m["geometry"]
+        # One full-size fp32 buffer, written in place: the HFC (mn + code * step, as ``dequantize``
+        # computes it), then the upsampled LFC added into it. A decode of tensor ops made four
+        # full-size temporaries here, all alive inside the backward that asked for it.
         x4 = None
-        if m["has_lfc"]:
-            x4 = upsample(t["lfc"], geom.kh, geom.kw, geom.h, geom.w)
         if m["has_hfc"]:
             codes = unpack_bits(codes_in_nchw_order(t["codes"], m), m["bits"], geom.numel)
-            codes = codes.view(geom.n, geom.c, geom.h, geom.w)
-            hfc = dequantize(codes, t["mn"], t["step"])
-            x4 = hfc if x4 is None else x4 + hfc
+            x4 = codes.view(geom.n, geom.c, geom.h, geom.w).float()
+            del codes
+            torch.addcmul(t["mn"].float()[:, :, None, None], x4, t["step"].float()[:, :, None, None], out=x4)
+        if m["has_lfc"]:
+            x4 = add_upsampled_(x4, t["lfc"], geom)
         out = from_canonical(x4, geom, m["shape"], m["dtype"], m["memory_format"])
-        return out if mask is None else apply_relu_mask(out, mask)
+        if mask is None:
+            return out
+        # ``out`` is this decode's own tensor unless it is x4 viewed (then x4 is ours too)
+        return apply_relu_mask_(out, mask)
 
     # ------------------------------------------------------------------------------------ bytes
     def closed_form_nbytes(self, shape, dtype: torch.dtype) -> int:

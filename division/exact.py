@@ -139,9 +139,16 @@ def relu_mask_bits(mask: Packed, shape, channels_last: bool) -> Optional[torch.T
 def apply_relu_mask(decoded: torch.Tensor, mask: Packed) -> torch.Tensor:
     """``decoded`` with the mask's zeros: 0 where the ReLU's output was 0, at least the dtype's
     smallest positive normal number where it was positive (the reference of the fused decode)."""
-    keep = _unpack(mask, None) > 0
+    keep = _unpack(mask, None, dtype=torch.bool)
     tiny = torch.finfo(decoded.dtype).tiny
     return torch.where(keep, decoded.clamp_min(tiny), decoded.new_zeros(()))
+
+
+def apply_relu_mask_(decoded: torch.Tensor, mask: Packed) -> torch.Tensor:
+    """``apply_relu_mask`` written into ``decoded`` (a tensor the caller owns, e.g. a fresh decode):
+    the same values, with no full-size temporary but the mask's booleans."""
+    keep = _unpack(mask, None, dtype=torch.bool)
+    return decoded.clamp_min_(torch.finfo(decoded.dtype).tiny).masked_fill_(keep.logical_not_(), 0)
 
 
 class DropoutMaskCodec(_ExactCodec):
@@ -188,9 +195,12 @@ def _pack(x: torch.Tensor, nonzero: bool, fast) -> torch.Tensor:
     return bits
 
 
-def _unpack(packed: Packed, fast, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _unpack(packed: Packed, fast, scale: Optional[torch.Tensor] = None,
+            dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The mask as 0 / 1 (times ``scale``) in the stored tensor's dtype, or in ``dtype``."""
     bits, m = packed.tensors["bits"], packed.meta
-    shape, dtype, channels_last = m["shape"], m["dtype"], m["channels_last"]
+    shape, channels_last = m["shape"], m["channels_last"]
+    dtype = m["dtype"] if dtype is None else dtype
     out = fast.unpack(bits, shape, dtype, channels_last, scale) if fast is not None else None
     if out is not None:
         return out

@@ -477,3 +477,54 @@ def test_raw_codec_interplay():
     """RawCodec and DivisionCodec agree on what raw storage costs."""
     x = torch.randn(11)
     assert RawCodec().closed_form_nbytes(x.shape, x.dtype) == DivisionCodec().closed_form_nbytes(x.shape, x.dtype)
+
+
+def _full_size_float_buffers(fn, numel: int) -> int:
+    """How many new floating-point storages of at least ``numel`` elements the tensor ops of
+    ``fn()`` create (an op writing into its own input or an ``out=`` tensor creates none)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.storages = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() >= numel:
+                    self.storages.add(t.untyped_storage().data_ptr())
+            return out
+
+    with Count() as count:
+        fn()
+    return len(count.storages)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_reference_decode_writes_one_full_size_buffer(channels_last):
+    """The tensor-op decode (``method.backend=torch``, and any CPU run) of a ReLU output with its
+    mask: the HFC, the upsampled LFC and the mask's zeros are written into one full-size fp32
+    buffer (plus the channels_last copy of a channels_last map), where it made six (seven) full-size
+    temporaries, all alive in the backward that asked for the decode. The values are those of the
+    formula ``where(mask, max(upsample(lfc) + mn + code * step, tiny), 0)``."""
+    from division.dual_precision import dequantize, upsample, codes_in_nchw_order
+    from division.exact import RELU_MASK, ReluMaskCodec
+    from division.packing import unpack_bits
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 16, 16, 24, generator=g).relu()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    codec = DivisionCodec(block_size=4, bits=2, rounding="nearest")
+    packed = codec.encode(x)
+    packed.meta[RELU_MASK] = ReluMaskCodec(kernels=False).encode(x)
+    decoded = codec.decode(packed)
+    assert _full_size_float_buffers(lambda: codec.decode(packed), x.numel()) == 1 + int(channels_last)
+
+    t, geom = packed.tensors, packed.meta["geometry"]
+    codes = unpack_bits(codes_in_nchw_order(t["codes"], packed.meta), 2, x.numel()).view(x.shape)
+    formula = upsample(t["lfc"], geom.kh, geom.kw, geom.h, geom.w) + dequantize(codes, t["mn"], t["step"])
+    formula = torch.where(x > 0, formula.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+    assert torch.equal(decoded, formula)
+    assert decoded.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
