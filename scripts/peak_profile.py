@@ -217,7 +217,8 @@ def profile(label: str, overrides: list[str], out: Path, steps: int, code: bool 
                     f"held between steps) {floor / gib:.3f} GiB")
     lines = [f"{label}: {' '.join(overrides)}",
              f"{measured}; "
-             f"replayed peak {(floor + best) / gib:.3f} GiB at event {best_at} of {len(trace)} ({phase})",
+             f"replayed peak {(floor + best) / gib:.3f} GiB at event {best_at} of {len(trace)} ({phase}"
+             + (f", in {trace[best_at]['op']}" if trace and trace[best_at].get("op") else "") + ")",
              f"alive at the peak, allocated during the step: {best / gib:.3f} GiB in {len(best_live)} blocks",
              "", f"{'GiB':>8} {'blocks':>6}  allocated at"]
     for where, sizes in sorted(groups.items(), key=lambda kv: -sum(kv[1])):

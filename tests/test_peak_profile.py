@@ -60,7 +60,7 @@ def test_cpu_replay_of_a_training_step(tmp_path):
         assert out.returncode == 0, out.stderr[-2000:]
         text = (tmp_path / f"{method}_peak.txt").read_text()
         above, floor, phase = re.search(r"CPU allocator \(torch.profiler\): ([\d.]+) GiB above the floor; floor "
-                                        r"\(tensors held between steps\) ([\d.]+) GiB; .*\((after \w+)\)", text).groups()
+                                        r"\(tensors held between steps\) ([\d.]+) GiB; .*\((after \w+)[,)]", text).groups()
         found[method] = (float(above), float(floor), phase)
         assert (tmp_path / f"{method}_curve.csv").read_text().count("\n") > 10
         assert re.search(r"\[(aten::\w+|\w+Backward\d*)\]", text), text
