@@ -77,6 +77,19 @@ def _where(block: dict) -> str:
     return frame_label(block.get("frames", [])) + (f" [{op}]" if op else "")
 
 
+def lifetimes(trace: list[dict], blocks: list[dict], after: int) -> list[tuple[int, object]]:
+    """(the event that allocated each of ``blocks``, the first free of its address after event
+    ``after``, or "-" where the trace ends first): which blocks live only inside the op at the
+    peak and which outlive it."""
+    index = {id(event): i for i, event in enumerate(trace)}
+    out = []
+    for block in blocks:
+        freed = next((j for j in range(after + 1, len(trace)) if trace[j]["action"] == "free_completed"
+                      and trace[j]["addr"] == block["addr"]), "-")
+        out.append((index[id(block)], freed))
+    return out
+
+
 def replay(trace: list[dict]):
     """Allocated bytes after every event, the index of the maximum and the blocks alive there."""
     live: dict[int, dict] = {}
@@ -223,9 +236,10 @@ def profile(label: str, overrides: list[str], out: Path, steps: int, code: bool 
              "", f"{'GiB':>8} {'blocks':>6}  allocated at"]
     for where, sizes in sorted(groups.items(), key=lambda kv: -sum(kv[1])):
         lines.append(f"{sum(sizes) / gib:8.3f} {len(sizes):6d}  {where}")
-    lines += ["", "largest blocks alive at the peak (MiB, allocated at):"]
-    for block in sorted(best_live.values(), key=lambda b: -b["size"])[:40]:
-        lines.append(f"{block['size'] / 2 ** 20:10.1f}  {_where(block)}")
+    lines += ["", "largest blocks alive at the peak (MiB, the events that allocated and freed it, allocated at):"]
+    largest = sorted(best_live.values(), key=lambda b: -b["size"])[:40]
+    for block, (made, freed) in zip(largest, lifetimes(trace, largest, best_at)):
+        lines.append(f"{block['size'] / 2 ** 20:10.1f}  {made:>7} {freed:>7}  {_where(block)}")
     (out / f"{label}_peak.txt").write_text("\n".join(lines) + "\n")
     stride = max(1, len(curve) // 2000)
     with open(out / f"{label}_curve.csv", "w", newline="") as f:

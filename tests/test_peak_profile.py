@@ -67,3 +67,8 @@ def test_cpu_replay_of_a_training_step(tmp_path):
     assert found["none"][2] == "after before_backward", found
     assert found["none"][1] == found["division"][1] > 0, found
     assert 0 < 2 * found["division"][0] < found["none"][0], found
+
+
+def test_lifetimes_name_the_events_that_made_and_freed_each_block():
+    trace = [_alloc(1, 100, _TORCH), _alloc(2, 50, _OURS), _free(2, 50), _alloc(2, 60, []), _free(1, 100)]
+    assert peak_profile.lifetimes(trace, [trace[0], trace[3]], 3) == [(0, 4), (3, "-")]
