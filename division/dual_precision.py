@@ -222,6 +222,16 @@ def upsample(lfc: torch.Tensor, kh: int, kw: int, h: int, w: int) -> torch.Tenso
     return big.reshape(n, c, hb * kh, wb * kw)[:, :, :h, :w]
 
 
+def residual(x4: torch.Tensor, lfc: torch.Tensor, geom: "Geometry") -> torch.Tensor:
+    """``x4 - upsample(lfc)`` as a new fp32 (N, C, H, W) tensor. Where the blocks tile the map, the
+    LFC is broadcast over each block, so its full-size upsample is never made."""
+    n, c, hb, wb = lfc.shape
+    if hb * geom.kh == geom.h and wb * geom.kw == geom.w and x4.is_contiguous():
+        blocks = x4.view(n, c, hb, geom.kh, wb, geom.kw) - lfc.float()[:, :, :, None, :, None]
+        return blocks.view(n, c, geom.h, geom.w)
+    return x4 - upsample(lfc, geom.kh, geom.kw, geom.h, geom.w)
+
+
 def add_upsampled_(x4: Optional[torch.Tensor], lfc: torch.Tensor, geom: "Geometry") -> torch.Tensor:
     """``x4 + upsample(lfc)``, added into ``x4`` (a contiguous fp32 (N, C, H, W) tensor the caller
     owns; None: the upsample alone). Where the blocks tile the map, the LFC is broadcast over
@@ -254,7 +264,8 @@ def bf16_directed(x: torch.Tensor, toward: str) -> torch.Tensor:
 
 
 def quantize(hfc: torch.Tensor, bits: int, rounding: str, generator: Optional[torch.Generator],
-             noise: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             noise: Optional[torch.Tensor] = None, owned: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-map uniform quantization of an fp32 (N, C, H, W) tensor to ``bits``-bit codes.
 
     Returns codes (uint8, same shape), mn and step (bf16, (N, C)). mn is rounded down and step up
@@ -262,7 +273,8 @@ def quantize(hfc: torch.Tensor, bits: int, rounding: str, generator: Optional[to
     values, so decode is consistent with encode and nothing needs clamping (the clamp only
     catches fp32 round-off). Stochastic rounding floor(v + u), u ~ U[0, 1), is unbiased for
     v in [0, levels]; nearest uses u = 0.5. ``noise``: the u to use instead of ``torch.rand``
-    (fp32, hfc's shape), for stochastic rounding only.
+    (fp32, hfc's shape), for stochastic rounding only. ``owned``: hfc is the caller's scratch, and
+    the scaled values are computed in it (the same values, one full-size temporary fewer).
     """
     levels = 2 ** bits - 1
     mn, mx = torch.aminmax(hfc.flatten(2), dim=-1)
@@ -272,7 +284,7 @@ def quantize(hfc: torch.Tensor, bits: int, rounding: str, generator: Optional[to
     step_f = step_s.float()[:, :, None, None]
     # A constant map has step 0 (all its values equal mn_s): divide by 1 instead, giving code 0.
     safe_step = torch.where(step_f > 0, step_f, torch.ones_like(step_f))
-    v = (hfc - mn_f) / safe_step
+    v = hfc.sub_(mn_f).div_(safe_step) if owned else (hfc - mn_f) / safe_step
     if rounding == "stochastic" and noise is not None:
         v += noise
     elif rounding == "stochastic":
@@ -382,9 +394,10 @@ class DivisionCodec(ActivationCodec):
             stored["lfc"] = lfc
             if has_hfc:
                 # Residual against the *stored* LFC: its bf16 rounding lands in the HFC.
-                hfc = x4 - upsample(lfc, geom.kh, geom.kw, geom.h, geom.w)
+                hfc = residual(x4, lfc, geom)
         if has_hfc:
-            codes, mn, step = quantize(hfc, self.bits, self.rounding, self.generator)
+            # (without an LFC, hfc is x4: perhaps the activation itself, which stays as it is)
+            codes, mn, step = quantize(hfc, self.bits, self.rounding, self.generator, owned=hfc is not x4)
             stored["codes"] = pack_bits(codes, self.bits)
             stored["mn"] = mn
             stored["step"] = step

@@ -479,9 +479,10 @@ def test_raw_codec_interplay():
     assert RawCodec().closed_form_nbytes(x.shape, x.dtype) == DivisionCodec().closed_form_nbytes(x.shape, x.dtype)
 
 
-def _full_size_float_buffers(fn, numel: int) -> int:
+def _full_size_float_buffers(fn, numel: int, existing: tuple = ()) -> int:
     """How many new floating-point storages of at least ``numel`` elements the tensor ops of
-    ``fn()`` create (an op writing into its own input or an ``out=`` tensor creates none)."""
+    ``fn()`` create (an op writing into its own input or an ``out=`` tensor creates none; views of
+    the ``existing`` tensors are not new)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -498,7 +499,7 @@ def _full_size_float_buffers(fn, numel: int) -> int:
 
     with Count() as count:
         fn()
-    return len(count.storages)
+    return len(count.storages - {t.untyped_storage().data_ptr() for t in existing})
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -528,3 +529,28 @@ def test_reference_decode_writes_one_full_size_buffer(channels_last):
     formula = torch.where(x > 0, formula.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
     assert torch.equal(decoded, formula)
     assert decoded.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+def test_reference_encode_makes_two_full_size_buffers_at_most(rounding):
+    """The tensor-op encode of an fp32 map: the residual against the stored LFC is made in one new
+    buffer (the LFC broadcast over each block, no full-size upsample), scaled to the code grid in
+    place, plus the rounding's uniform draws; it made five (four rounding to nearest) before. The activation
+    itself is left as it was, and the codes are those of the formula."""
+    from division.dual_precision import quantize, upsample
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 16, 16, 24, generator=g)
+    before = x.clone()
+
+    def codec():
+        return DivisionCodec(block_size=4, bits=2, rounding=rounding, generator=torch.Generator().manual_seed(3))
+    assert _full_size_float_buffers(lambda: codec().encode(x), x.numel(), (x,)) == (2 if rounding == "stochastic" else 1)
+    assert torch.equal(x, before)
+    packed = codec().encode(x)
+    lfc = packed.tensors["lfc"]
+    want_codes, want_mn, want_step = quantize(x - upsample(lfc, 4, 4, 16, 24), 2, rounding,
+                                              torch.Generator().manual_seed(3))
+    from division.packing import pack_bits
+    assert torch.equal(packed.tensors["codes"], pack_bits(want_codes, 2))
+    assert torch.equal(packed.tensors["mn"], want_mn) and torch.equal(packed.tensors["step"], want_step)
