@@ -66,7 +66,7 @@ from . import compiled_ops
 from .activations import HardswishKeepingDerivative, hardswish_derivative
 from .exact import MaxPoolIndexCodec, indices_from_offsets, window_offsets
 from .ledger import COMPILED, RECOMPUTED, REBUILT, SHARED, LedgerEntry
-from .dual_precision import (LAYOUT_RAW, Geometry, block_mean, canonical_geometry, dequantize,
+from .dual_precision import (LAYOUT_RAW, Geometry, block_mean, canonical_geometry, dequantize, residual,
                              from_canonical, quantize, to_canonical, upsample)
 from .layouts import CLS_GRID, fit, join_maps, split_maps, split_shape
 from .packing import pack_bits, packed_nbytes, unpack_bits
@@ -156,10 +156,10 @@ class TensorCodec:
             lfc = block_mean(x4, geom.kh, geom.kw).to(torch.bfloat16)
             stored.append(lfc)
             if has_hfc:
-                hfc = x4 - upsample(lfc, geom.kh, geom.kw, geom.h, geom.w)
+                hfc = residual(x4, lfc, geom)
         if has_hfc:
             noise = hash_dither(x4) if self.rounding == "stochastic" else None
-            codes, mn, step = quantize(hfc, self.bits, self.rounding, None, noise)
+            codes, mn, step = quantize(hfc, self.bits, self.rounding, None, noise, owned=hfc is not x4)
             stored += [pack_bits(codes, self.bits), mn, step]
         return tuple(stored)
 

@@ -222,28 +222,34 @@ def upsample(lfc: torch.Tensor, kh: int, kw: int, h: int, w: int) -> torch.Tenso
     return big.reshape(n, c, hb * kh, wb * kw)[:, :, :h, :w]
 
 
-def residual(x4: torch.Tensor, lfc: torch.Tensor, geom: "Geometry") -> torch.Tensor:
-    """``x4 - upsample(lfc)`` as a new fp32 (N, C, H, W) tensor. Where the blocks tile the map, the
-    LFC is broadcast over each block, so its full-size upsample is never made."""
+def _over_blocks(x4: torch.Tensor, lfc: torch.Tensor, geom: "Geometry"):
+    """(x4 as (N, C, Hb, kh, Wb, kw) blocks, the fp32 LFC broadcast over them) where the blocks
+    tile the contiguous map, so that an op with the LFC needs no full-size upsample; else None."""
     n, c, hb, wb = lfc.shape
-    if hb * geom.kh == geom.h and wb * geom.kw == geom.w and x4.is_contiguous():
-        blocks = x4.view(n, c, hb, geom.kh, wb, geom.kw) - lfc.float()[:, :, :, None, :, None]
-        return blocks.view(n, c, geom.h, geom.w)
-    return x4 - upsample(lfc, geom.kh, geom.kw, geom.h, geom.w)
+    if hb * geom.kh != geom.h or wb * geom.kw != geom.w or not x4.is_contiguous():
+        return None
+    return x4.view(n, c, hb, geom.kh, wb, geom.kw), lfc.float()[:, :, :, None, :, None]
+
+
+def residual(x4: torch.Tensor, lfc: torch.Tensor, geom: "Geometry") -> torch.Tensor:
+    """``x4 - upsample(lfc)`` as a new fp32 (N, C, H, W) tensor (see ``_over_blocks``)."""
+    blocks = _over_blocks(x4, lfc, geom)
+    if blocks is None:
+        return x4 - upsample(lfc, geom.kh, geom.kw, geom.h, geom.w)
+    return (blocks[0] - blocks[1]).view(x4.shape)
 
 
 def add_upsampled_(x4: Optional[torch.Tensor], lfc: torch.Tensor, geom: "Geometry") -> torch.Tensor:
     """``x4 + upsample(lfc)``, added into ``x4`` (a contiguous fp32 (N, C, H, W) tensor the caller
-    owns; None: the upsample alone). Where the blocks tile the map, the LFC is broadcast over
-    each block without materializing its full-size upsample. Addition commutes, so the values
-    are those of ``upsample(lfc) + x4``."""
+    owns; None: the upsample alone; see ``_over_blocks``). Addition commutes, so the values are
+    those of ``upsample(lfc) + x4``."""
     if x4 is None:
         return upsample(lfc, geom.kh, geom.kw, geom.h, geom.w).contiguous()
-    n, c, hb, wb = lfc.shape
-    if hb * geom.kh == geom.h and wb * geom.kw == geom.w:
-        x4.view(n, c, hb, geom.kh, wb, geom.kw).add_(lfc.float()[:, :, :, None, :, None])
-        return x4
-    return x4.add_(upsample(lfc, geom.kh, geom.kw, geom.h, geom.w))
+    blocks = _over_blocks(x4, lfc, geom)
+    if blocks is None:
+        return x4.add_(upsample(lfc, geom.kh, geom.kw, geom.h, geom.w))
+    blocks[0].add_(blocks[1])
+    return x4
 
 
 # ---------------------------------------------------------------------------------- the HFC
@@ -306,9 +312,13 @@ def codes_in_nchw_order(codes: torch.Tensor, meta: dict) -> torch.Tensor:
     return codes.view(geom.n, plane_bytes, geom.c).permute(0, 2, 1).reshape(-1)
 
 
-def dequantize(codes: torch.Tensor, mn: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """fp32 mn + code * step for (N, C, H, W) codes and (N, C) stats."""
-    return torch.addcmul(mn.float()[:, :, None, None], codes.float(), step.float()[:, :, None, None])
+def dequantize(codes: torch.Tensor, mn: torch.Tensor, step: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    """fp32 mn + code * step for (N, C, H, W) codes and (N, C) stats. ``in_place``: the codes are
+    fp32 already and are overwritten with the result (no second full-size buffer)."""
+    mn, step = mn.float()[:, :, None, None], step.float()[:, :, None, None]
+    if in_place:
+        return torch.addcmul(mn, codes, step, out=codes)
+    return torch.addcmul(mn, codes.float(), step)
 
 
 # ---------------------------------------------------------------------------------- the codec
@@ -424,15 +434,14 @@ class DivisionCodec(ActivationCodec):
         if m.get("simulated"):
             return t["x_hat"] if mask is None else apply_relu_mask(t["x_hat"], mask)
         geom: Geometry = m["geometry"]
-        # One full-size fp32 buffer, written in place: the HFC (mn + code * step, as ``dequantize``
-        # computes it), then the upsampled LFC added into it. A decode of tensor ops made four
-        # full-size temporaries here, all alive inside the backward that asked for it.
+        # One full-size fp32 buffer, written in place: the HFC, then the upsampled LFC added into
+        # it, then the mask's zeros. This decode made six full-size temporaries before, all alive
+        # inside the backward that asked for it.
         x4 = None
         if m["has_hfc"]:
             codes = unpack_bits(codes_in_nchw_order(t["codes"], m), m["bits"], geom.numel)
-            x4 = codes.view(geom.n, geom.c, geom.h, geom.w).float()
+            x4 = dequantize(codes.view(geom.n, geom.c, geom.h, geom.w).float(), t["mn"], t["step"], in_place=True)
             del codes
-            torch.addcmul(t["mn"].float()[:, :, None, None], x4, t["step"].float()[:, :, None, None], out=x4)
         if m["has_lfc"]:
             x4 = add_upsampled_(x4, t["lfc"], geom)
         out = from_canonical(x4, geom, m["shape"], m["dtype"], m["memory_format"])

@@ -139,14 +139,12 @@ def relu_mask_bits(mask: Packed, shape, channels_last: bool) -> Optional[torch.T
 def apply_relu_mask(decoded: torch.Tensor, mask: Packed) -> torch.Tensor:
     """``decoded`` with the mask's zeros: 0 where the ReLU's output was 0, at least the dtype's
     smallest positive normal number where it was positive (the reference of the fused decode)."""
-    keep = _unpack(mask, None, dtype=torch.bool)
-    tiny = torch.finfo(decoded.dtype).tiny
-    return torch.where(keep, decoded.clamp_min(tiny), decoded.new_zeros(()))
+    return apply_relu_mask_(decoded.clone(), mask)
 
 
 def apply_relu_mask_(decoded: torch.Tensor, mask: Packed) -> torch.Tensor:
     """``apply_relu_mask`` written into ``decoded`` (a tensor the caller owns, e.g. a fresh decode):
-    the same values, with no full-size temporary but the mask's booleans."""
+    no full-size temporary but the mask's booleans."""
     keep = _unpack(mask, None, dtype=torch.bool)
     return decoded.clamp_min_(torch.finfo(decoded.dtype).tiny).masked_fill_(keep.logical_not_(), 0)
 

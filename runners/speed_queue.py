@@ -63,10 +63,11 @@ def leaving_on_failure(cfg) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        folder = cfg.speed.get("queue")
-        if folder and not _mark(Path(str(folder)), "warm").exists():
-            Path(str(folder)).mkdir(parents=True, exist_ok=True)
-            _mark(Path(str(folder)), "gone").touch()
+        queue = cfg.speed.get("queue")
+        folder = Path(str(queue)) if queue else None
+        if folder is not None and not _mark(folder, "warm").exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            _mark(folder, "gone").touch()
         raise
 
 

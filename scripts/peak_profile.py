@@ -25,7 +25,8 @@ On a GPU (``--device cuda``, the default) the trace is the caching allocator's. 
 it is the CPU allocator's, from ``torch.profiler``'s memory events (``cpu_trace``): the same replay,
 the same report, with two differences. The floor is counted from the tensors held between steps
 (parameters, gradients, optimizer state, batch; ``held_bytes``) since the CPU allocator keeps no
-total, and there is no ``max_memory_allocated`` to check against. The method runs its CPU path (the
+total (the last step's gradients are dropped before the recorded step: ``_record_cpu``), and there
+is no ``max_memory_allocated`` to check against. The method runs its CPU path (the
 codec in tensor ops, no fused kernels), so a decode's temporaries are those of the tensor ops, and
 convolutions keep no cuDNN workspace: where the peak falls can differ from the GPU's. ``--code``
 needs a GPU.
@@ -82,12 +83,13 @@ def lifetimes(trace: list[dict], blocks: list[dict], after: int) -> list[tuple[i
     ``after``, or "-" where the trace ends first): which blocks live only inside the op at the
     peak and which outlive it."""
     index = {id(event): i for i, event in enumerate(trace)}
-    out = []
-    for block in blocks:
-        freed = next((j for j in range(after + 1, len(trace)) if trace[j]["action"] == "free_completed"
-                      and trace[j]["addr"] == block["addr"]), "-")
-        out.append((index[id(block)], freed))
-    return out
+    wanted = {block["addr"] for block in blocks}
+    freed: dict[int, int] = {}
+    for j in range(after + 1, len(trace)):
+        addr = trace[j]["addr"]
+        if trace[j]["action"] == "free_completed" and addr in wanted and addr not in freed:
+            freed[addr] = j
+    return [(index[id(block)], freed.get(block["addr"], "-")) for block in blocks]
 
 
 def replay(trace: list[dict]):
@@ -101,8 +103,11 @@ def replay(trace: list[dict]):
                 marks.append(index)
             live[event["addr"]] = event
             level += event["size"]
-        elif action == "free_completed" and event["addr"] in live:
-            level -= live.pop(event["addr"])["size"]
+        elif action == "free_completed":
+            # a block allocated before the recording (the last step's gradients, which zero_grad
+            # frees) lowers the level too: it is part of the floor
+            freed = live.pop(event["addr"], None)
+            level -= event["size"] if freed is None else freed["size"]
         curve.append(level)
         if level > best:
             best, best_at, best_live = level, index, dict(live)
@@ -175,9 +180,15 @@ def _record_cuda(bench, cfg, device: torch.device, mark) -> tuple[list[dict], in
 
 
 def _record_cpu(bench, cfg, device: torch.device, mark) -> tuple[list[dict], int, Optional[int]]:
-    """(the CPU allocator's trace of one step, the tensors held before it, None)."""
+    """(the CPU allocator's trace of one step, the tensors held before it, None).
+
+    The profiler reports no free of a block allocated before it started, so the last step's
+    gradients are dropped first: the step's own ``zero_grad`` drops them before backward anyway,
+    and had they been in the floor, their unseen free would count them twice once backward made
+    the new ones."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
+    bench.optimizer.zero_grad(set_to_none=True)
     gc.collect()
     floor = held_bytes(bench)
     with torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True, with_stack=True) as prof:

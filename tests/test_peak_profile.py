@@ -35,6 +35,16 @@ def test_replay_finds_the_peak_the_blocks_alive_at_it_and_the_marks():
     assert marks == [1, 7]
 
 
+def test_a_block_allocated_before_the_recording_lowers_the_level_when_freed():
+    """The last step's gradients, freed by zero_grad during the recorded step, were allocated before
+    it: their free takes the level below the floor it was counted in, instead of being ignored (which
+    counted them twice once backward made the new ones)."""
+    trace = [_alloc(1, 100, _TORCH), _free(9, 60), _alloc(2, 50, _TORCH)]
+    curve, best, best_at, live, _ = peak_profile.replay(trace)
+    assert curve == [100, 40, 90]
+    assert (best, best_at) == (100, 0)
+
+
 def test_frame_label_names_the_project_frame_first_then_torch():
     assert peak_profile.frame_label(_OURS) == "division/rebuild.py:7 decode"
     assert peak_profile.frame_label(_TORCH) == "torch/nn/modules/conv.py:3 forward"
